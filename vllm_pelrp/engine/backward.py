@@ -1,0 +1,376 @@
+"""Layer-wise PA-LRP backward over a ``ModelWeights`` description.
+
+The backward starts from the saved input of every decoder layer (the residual stream), and
+walks the layers from last to first. For each layer it recomputes that layer's forward from its
+saved input and applies the rules of ``rules.py`` by hand, for all targets (seeds) at once. Peak
+memory beyond the weights is the saved residual stream plus one layer's working set; the T×T
+attention probabilities are recomputed one kv-head group (and one chunk of targets) at a time.
+
+Modes:
+- ``pa-lrp``: the RoPE products follow the uniform rule: half of the relevance of q̃ and k̃
+  goes to that position's cos/sin (the positional relevance), half into q and k.
+- ``attnlrp``: cos/sin are constants; all relevance flows to tokens.
+- ``cp-lrp``: attention probabilities are constants; A·V is linear in V, nothing reaches q/k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import apply_rope, rope_cos_sin, rope_inv_freq, rope_lrp_backward
+from .rules import (
+    attention_score_rule,
+    attention_value_rule,
+    linear_rule,
+    rmsnorm_identity_rule,
+    silu_identity_rule,
+    softmax_rule,
+    uniform_product_rule,
+)
+from .spec import LayerWeights, LlamaSpec, ModelWeights
+
+MODES = ("pa-lrp", "attnlrp", "cp-lrp")
+# Bytes allowed for one (targets × heads × T × T) fp32 block in the attention backward.
+ATTENTION_BLOCK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class LogitSeeds:
+    """Targets of the backward: row b is Σₖ weights[b,k] · logit[positions[b,k], token_ids[b,k]].
+
+    Padding entries have weight 0. All three tensors are (B, K).
+    """
+
+    positions: Tensor
+    token_ids: Tensor
+    weights: Tensor
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[tuple[int, int]]]) -> "LogitSeeds":
+        """Build from, per row, a list of (position, token_id) pairs (each with weight 1)."""
+        if not rows or any(len(row) == 0 for row in rows):
+            raise ValueError("every target row needs at least one (position, token_id) pair")
+        width = max(len(row) for row in rows)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        token_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        weights = torch.zeros(len(rows), width)
+        for b, row in enumerate(rows):
+            for k, (position, token_id) in enumerate(row):
+                positions[b, k], token_ids[b, k], weights[b, k] = position, token_id, 1.0
+        return cls(positions, token_ids, weights)
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.shape[0]
+
+
+@dataclass
+class RelevanceResult:
+    """Raw relevance, fp32, one row per seed: ``token`` (B, T), ``positional_cos/sin`` (B, L, T)."""
+
+    token: Tensor
+    positional_cos: Tensor
+    positional_sin: Tensor
+    target_logit: Tensor
+
+    @property
+    def positional(self) -> Tensor:
+        """Per position: Σ over layers of the cos and sin parts, (B, T)."""
+        return (self.positional_cos + self.positional_sin).sum(1)
+
+
+@dataclass
+class _Rope:
+    positions: Tensor
+    inv_freq: Tensor
+    cos: Tensor
+    sin: Tensor
+    neox_style: bool
+
+
+@dataclass
+class _LayerCache:
+    """Forward quantities of one layer that its backward needs."""
+
+    inv_rms_attn: Tensor
+    queries: Tensor  # (T, Hq, D) before RoPE
+    keys: Tensor  # (T, Hkv, D) before RoPE
+    rotated_queries: Tensor
+    rotated_keys: Tensor
+    values: Tensor
+    inv_rms_mlp: Tensor
+    gate: Tensor
+    up: Tensor
+    silu_gate: Tensor
+
+
+def _rms_norm(x: Tensor, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm as in HF LLaMA: fp32 statistics, cast back, then γ. Returns (y, 1/rms)."""
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return gamma * (x32 * inv_rms).to(x.dtype), inv_rms
+
+
+def _attention_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tensor | None:
+    """Additive mask for sliding-window models; None means plain causal."""
+    if spec.sliding_window is None or length <= spec.sliding_window:
+        return None
+    idx = torch.arange(length, device=device)
+    allowed = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - spec.sliding_window)
+    return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _causal_scores_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tensor:
+    mask = _attention_mask(spec, length, device)
+    if mask is not None:
+        return mask
+    upper = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(length, length, device=device).masked_fill(upper, float("-inf"))
+
+
+def make_rope(spec: LlamaSpec, positions: Tensor, dtype: torch.dtype) -> _Rope:
+    inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling).to(positions.device)
+    cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype)
+    return _Rope(positions, inv_freq, cos, sin, spec.neox_style)
+
+
+def layer_forward(
+    weights: ModelWeights, layer: LayerWeights, x: Tensor, rope: _Rope, keep_cache: bool
+) -> tuple[Tensor, _LayerCache | None]:
+    """One decoder layer, x (T, hidden) → y (T, hidden), optionally keeping what backward needs."""
+    spec = weights.spec
+    length = x.shape[0]
+    normed, inv_rms_attn = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+    queries = (normed @ layer.q_proj.T).view(length, -1, spec.head_dim)
+    keys = (normed @ layer.k_proj.T).view(length, -1, spec.head_dim)
+    values = (normed @ layer.v_proj.T).view(length, -1, spec.head_dim)
+    rotated_queries = apply_rope(queries, rope.cos, rope.sin, rope.neox_style)
+    rotated_keys = apply_rope(keys, rope.cos, rope.sin, rope.neox_style)
+    mask = _attention_mask(spec, length, x.device)
+    attended = F.scaled_dot_product_attention(
+        rotated_queries.transpose(0, 1),
+        rotated_keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=None if mask is None else mask.to(x.dtype),
+        is_causal=mask is None,
+        enable_gqa=True,
+    )
+    attended = attended.transpose(0, 1).reshape(length, -1)
+    hidden = x + weights.reduce(attended @ layer.o_proj.T)
+    normed_mlp, inv_rms_mlp = _rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps)
+    gate = normed_mlp @ layer.gate_proj.T
+    up = normed_mlp @ layer.up_proj.T
+    silu_gate = F.silu(gate)
+    output = hidden + weights.reduce((silu_gate * up) @ layer.down_proj.T)
+    if not keep_cache:
+        return output, None
+    cache = _LayerCache(
+        inv_rms_attn, queries, keys, rotated_queries, rotated_keys, values,
+        inv_rms_mlp, gate, up, silu_gate,
+    )
+    return output, cache
+
+
+def _attention_backward(
+    spec: LlamaSpec, cache: _LayerCache, grad_attended: Tensor, mode: str
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """∂ at the attention output (B, T, Hq, D) → ∂ at q̃ (B,T,Hq,D), k̃ (B,T,Hkv,D), v."""
+    rows, length = grad_attended.shape[:2]
+    group = spec.group_size
+    scale = 1.0 / math.sqrt(spec.head_dim)
+    share = 1.0 if mode == "cp-lrp" else 0.5
+    grad_values = grad_attended.new_zeros(rows, length, spec_kv_heads(cache), spec.head_dim)
+    grad_queries = grad_keys = None
+    if mode != "cp-lrp":
+        grad_queries = torch.zeros_like(grad_attended)
+        grad_keys = torch.zeros_like(grad_values)
+    mask = _causal_scores_mask(spec, length, grad_attended.device)
+    rows_per_block = max(1, ATTENTION_BLOCK_BYTES // (4 * group * length * length))
+    for kv_head in range(spec_kv_heads(cache)):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
+        keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
+        values = cache.values[:, kv_head].float()
+        probs = torch.softmax(scale * queries @ keys.T + mask, dim=-1)  # (G, T, S)
+        for start in range(0, rows, rows_per_block):
+            block = slice(start, start + rows_per_block)
+            grad_out = grad_attended[block, :, heads].transpose(1, 2)  # (b, G, T, D)
+            grad_probs, grad_v = attention_value_rule(grad_out, probs, values, share)
+            grad_values[block, :, kv_head] = grad_v
+            if grad_probs is None:
+                continue
+            grad_scores = softmax_rule(grad_probs, probs)
+            grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
+            grad_queries[block, :, heads] = grad_q.transpose(1, 2)
+            grad_keys[block, :, kv_head] = grad_k
+    return grad_queries, grad_keys, grad_values
+
+
+def spec_kv_heads(cache: _LayerCache) -> int:
+    return cache.keys.shape[1]
+
+
+def _rope_backward(
+    grad_rotated: Tensor, pre_rope: Tensor, rope: _Rope, mode: str, positional: Tensor
+) -> Tensor:
+    """RoPE rule per target row; pa-lrp adds the cos/sin shares into ``positional`` (B, T, 2)."""
+    input_share = 0.5 if mode == "pa-lrp" else 1.0
+    grads = []
+    for row in range(grad_rotated.shape[0]):
+        grad, _ = rope_lrp_backward(
+            grad_rotated[row], pre_rope, rope.positions, rope.inv_freq,
+            input_share=input_share, neox_style=rope.neox_style, positional_out=positional[row],
+        )
+        grads.append(grad)
+    return torch.stack(grads)
+
+
+def layer_backward(
+    weights: ModelWeights,
+    layer: LayerWeights,
+    x: Tensor,
+    cache: _LayerCache,
+    grad_output: Tensor,
+    rope: _Rope,
+    mode: str,
+    positional: Tensor,
+) -> Tensor:
+    """Modified gradient at the layer output (B, T, hidden) fp32 → at its input, fp32."""
+    spec = weights.spec
+    rows, length = grad_output.shape[:2]
+    # MLP: y = h + down(silu(gate) ⊙ up)
+    grad_product = linear_rule(grad_output, layer.down_proj).float()
+    grad_silu, grad_up = uniform_product_rule(grad_product, cache.silu_gate, cache.up)
+    grad_gate = silu_identity_rule(grad_silu, cache.gate, cache.silu_gate)
+    grad_normed = linear_rule(grad_gate, layer.gate_proj).float() + linear_rule(
+        grad_up, layer.up_proj
+    ).float()
+    grad_normed = weights.reduce(grad_normed)
+    grad_hidden = grad_output + rmsnorm_identity_rule(
+        grad_normed, cache.inv_rms_mlp, layer.post_attention_norm
+    )
+    # attention: h = x + o_proj(attention(rope(q), rope(k), v))
+    grad_attended = linear_rule(grad_hidden, layer.o_proj).float()
+    grad_attended = grad_attended.view(rows, length, spec_heads(cache), spec.head_dim)
+    grad_rot_q, grad_rot_k, grad_values = _attention_backward(spec, cache, grad_attended, mode)
+    grad_normed = linear_rule(grad_values.reshape(rows, length, -1), layer.v_proj).float()
+    if grad_rot_q is not None:
+        grad_queries = _rope_backward(grad_rot_q, cache.queries, rope, mode, positional)
+        grad_keys = _rope_backward(grad_rot_k, cache.keys, rope, mode, positional)
+        grad_normed += linear_rule(grad_queries.reshape(rows, length, -1), layer.q_proj).float()
+        grad_normed += linear_rule(grad_keys.reshape(rows, length, -1), layer.k_proj).float()
+    grad_normed = weights.reduce(grad_normed)
+    return grad_hidden + rmsnorm_identity_rule(grad_normed, cache.inv_rms_attn, layer.input_norm)
+
+
+def spec_heads(cache: _LayerCache) -> int:
+    return cache.queries.shape[1]
+
+
+def _seed_gradient(
+    weights: ModelWeights, final_hidden: Tensor, seeds: LogitSeeds
+) -> tuple[Tensor, Tensor]:
+    """Gradient at the last layer's output for each seed row, and the target logits (B,)."""
+    normed, inv_rms = _rms_norm(final_hidden, weights.final_norm, weights.spec.rms_norm_eps)
+    device = final_hidden.device
+    positions = seeds.positions.to(device)
+    token_ids = seeds.token_ids.to(device)
+    seed_weights = seeds.weights.to(device).float()
+    rows_of_head = weights.lm_head[token_ids].float()  # (B, K, hidden)
+    logits = (normed[positions].float() * rows_of_head).sum(-1)  # (B, K)
+    target_logit = (logits * seed_weights).sum(-1)
+    grad_normed = torch.zeros(seeds.num_rows, *final_hidden.shape, device=device)
+    grad_normed.scatter_add_(
+        1, positions[..., None].expand_as(rows_of_head), rows_of_head * seed_weights[..., None]
+    )
+    grad = rmsnorm_identity_rule(grad_normed, inv_rms, weights.final_norm)
+    return grad, target_logit
+
+
+def embed(weights: ModelWeights, input_ids: Tensor) -> Tensor:
+    return weights.embed_tokens[input_ids.to(weights.device)]
+
+
+@torch.no_grad()
+def forward_layer_inputs(
+    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None
+) -> tuple[list[Tensor], Tensor]:
+    """Plain forward: the input of every decoder layer, and the last layer's output."""
+    if positions is None:
+        positions = torch.arange(input_ids.shape[-1], device=weights.device)
+    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    hidden = embed(weights, input_ids)
+    layer_inputs = []
+    for layer in weights.layers:
+        layer_inputs.append(hidden)
+        hidden, _ = layer_forward(weights, layer, hidden, rope, keep_cache=False)
+    return layer_inputs, hidden
+
+
+def final_logits(weights: ModelWeights, final_hidden: Tensor) -> Tensor:
+    """Output logits (T, V) from the last layer's output."""
+    normed, _ = _rms_norm(final_hidden, weights.final_norm, weights.spec.rms_norm_eps)
+    return (normed @ weights.lm_head.T).float()
+
+
+@torch.no_grad()
+def relevance_from_layer_inputs(
+    weights: ModelWeights,
+    layer_inputs: Sequence[Tensor] | Tensor,
+    positions: Tensor,
+    seeds: LogitSeeds,
+    mode: str = "pa-lrp",
+    progress: Callable[[int, int], None] | None = None,
+) -> RelevanceResult:
+    """The engine's core entry point: PA-LRP relevance from the saved residual stream.
+
+    ``layer_inputs[l]`` is the input of decoder layer l, (T, hidden); ``layer_inputs[0]`` is the
+    token embedding, whose relevance is the token relevance. ``positions`` (T,) are the RoPE
+    positions. Returns one relevance row per seed row.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    num_layers = len(weights.layers)
+    if len(layer_inputs) != num_layers:
+        raise ValueError(f"expected {num_layers} layer inputs, got {len(layer_inputs)}")
+    length = layer_inputs[0].shape[0]
+    if positions.shape != (length,):
+        raise ValueError(f"positions must have shape ({length},), got {tuple(positions.shape)}")
+    if seeds.positions.numel() and int(seeds.positions.max()) >= length:
+        raise ValueError("a target position lies beyond the input")
+    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    rows = seeds.num_rows
+    positional = torch.zeros(rows, num_layers, length, 2, device=weights.device)
+    grad = target_logit = None
+    for index in reversed(range(num_layers)):
+        layer = weights.layers[index]
+        x = layer_inputs[index]
+        output, cache = layer_forward(weights, layer, x, rope, keep_cache=True)
+        if grad is None:
+            grad, target_logit = _seed_gradient(weights, output, seeds)
+        grad = layer_backward(weights, layer, x, cache, grad, rope, mode, positional[:, index])
+        del cache, output
+        if progress is not None:
+            progress(num_layers - index, num_layers)
+    token = (layer_inputs[0].float() * grad).sum(-1)
+    positional = weights.reduce(positional)
+    return RelevanceResult(token, positional[..., 0], positional[..., 1], target_logit)
+
+
+def relevance_from_input_ids(
+    weights: ModelWeights,
+    input_ids: Tensor,
+    seeds: LogitSeeds,
+    mode: str = "pa-lrp",
+    progress: Callable[[int, int], None] | None = None,
+) -> RelevanceResult:
+    """Convenience: plain forward to collect the layer inputs, then the layer-wise backward."""
+    positions = torch.arange(input_ids.shape[-1], device=weights.device)
+    layer_inputs, _ = forward_layer_inputs(weights, input_ids, positions)
+    return relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode, progress)

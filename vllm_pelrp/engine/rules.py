@@ -1,0 +1,66 @@
+"""LRP rules in gradient×input form: relevance(x) = x ⊙ modified_gradient(x).
+
+Each function maps the modified gradient at an op's output to the modified gradient at its
+input(s), given the forward quantities it needs. They are linear in the incoming gradient, so a
+leading batch dimension of several targets (seeds) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def linear_rule(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """ε-rule on a bias-free linear z = x Wᵀ equals the plain gradient: ∂ = ∂z · W."""
+    return grad_out.to(weight.dtype) @ weight
+
+
+def rmsnorm_identity_rule(grad_out: Tensor, inv_rms: Tensor, gamma: Tensor) -> Tensor:
+    """Identity rule on RMSNorm: 1/rms held constant, ∂x = ∂y ⊙ γ ⊙ (1/rms(x))."""
+    return grad_out.float() * gamma.float() * inv_rms
+
+
+def silu_identity_rule(grad_out: Tensor, gate: Tensor, silu_gate: Tensor) -> Tensor:
+    """Identity rule on SiLU: ∂x = ∂y ⊙ silu(x)/x (limit ½ at x = 0)."""
+    gate32 = gate.float()
+    ratio = torch.where(gate32 == 0, torch.full_like(gate32, 0.5), silu_gate.float() / gate32)
+    return grad_out * ratio
+
+
+def uniform_product_rule(grad_out: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Uniform rule on y = a ⊙ b: each factor gets half, ∂a = ½ ∂y ⊙ b, ∂b = ½ ∂y ⊙ a."""
+    return 0.5 * grad_out * right.float(), 0.5 * grad_out * left.float()
+
+
+def softmax_rule(grad_out: Tensor, probs: Tensor) -> Tensor:
+    """AttnLRP softmax rule = plain softmax gradient: ∂x = s ⊙ (∂s − Σⱼ s ⊙ ∂s)."""
+    return probs * (grad_out - (probs * grad_out).sum(-1, keepdim=True))
+
+
+def attention_value_rule(
+    grad_out: Tensor, probs: Tensor, values: Tensor, share: float
+) -> tuple[Tensor | None, Tensor]:
+    """Uniform rule on o = A·V (share ½): ∂A = ½ ∂o Vᵀ, ∂V = ½ Aᵀ ∂o; share 1 holds A constant.
+
+    Shapes: grad_out (B, G, T, D) for the G query heads sharing one kv head, probs (G, T, S),
+    values (S, D). ∂V is summed over the G heads (GQA: repeated kv heads are summed back).
+    """
+    grad_values = share * torch.einsum("gts,bgtd->bsd", probs, grad_out)
+    if share == 1.0:
+        return None, grad_values
+    grad_probs = (1.0 - share) * torch.einsum("bgtd,sd->bgts", grad_out, values)
+    return grad_probs, grad_values
+
+
+def attention_score_rule(
+    grad_scores: Tensor, queries: Tensor, keys: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Uniform rule on S = scale·Q̃K̃ᵀ: ∂Q̃ = ½·scale·∂S K̃, ∂K̃ = ½·scale·∂Sᵀ Q̃ (summed over G).
+
+    Shapes: grad_scores (B, G, T, S), queries (G, T, D), keys (S, D).
+    """
+    half = 0.5 * scale
+    grad_queries = half * torch.einsum("bgts,sd->bgtd", grad_scores, keys)
+    grad_keys = half * torch.einsum("bgts,gtd->bsd", grad_scores, queries)
+    return grad_queries, grad_keys

@@ -1,0 +1,135 @@
+"""The public result types. ``Explanation`` is a pydantic model; its JSON is the wire format.
+
+Conventions (documented in docs/wire-format.md):
+- every relevance list is indexed by token position, ``len == len(tokens)``;
+- relevance is in logit units: ``sum(token_relevance) + sum(positional_relevance)`` approximates
+  ``target_logit`` (see ``conservation``);
+- ``combined_relevance`` is max-normalised to [-1, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
+MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
+
+
+class SpanTarget(BaseModel):
+    """Sum of the logits of completion tokens ``span[0] <= k < span[1]`` (completion indices)."""
+
+    model_config = ConfigDict(extra="forbid")
+    span: tuple[int, int]
+
+
+class TokenIdTarget(BaseModel):
+    """The logit of token ``token_id`` at the last input position ("why this and not that")."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_id: int
+
+
+TargetSpec = Union[Literal["next", "completion", "per_token"], SpanTarget, TokenIdTarget]
+
+
+class Token(BaseModel):
+    """One input token. ``start``/``end`` are character offsets into ``Explanation.text``."""
+
+    index: int
+    id: int
+    text: str
+    start: int
+    end: int
+    role: Literal["prompt", "completion"]
+
+
+class ResolvedTarget(BaseModel):
+    """What the backward started from: the sum of ``logit[position, token_id]`` over ``logits``."""
+
+    kind: Literal["next", "completion", "span", "per_token_row", "token_id"]
+    description: str
+    positions: list[int] = Field(description="Positions whose output logits are summed.")
+    token_ids: list[int] = Field(description="The token whose logit is taken at each position.")
+    span: tuple[int, int] | None = Field(
+        None, description="Completion-token span [start, end) for 'completion', 'span' and rows."
+    )
+
+
+class LayerPositionalRelevance(BaseModel):
+    """Relevance of one layer's RoPE inputs, per position: its cos part and its sin part."""
+
+    layer: int
+    cos: list[float]
+    sin: list[float]
+
+
+class Conservation(BaseModel):
+    """How much of the target logit reached the inputs (tokens and positions)."""
+
+    target_logit: float
+    token_sum: float
+    positional_sum: float
+    relative_error: float = Field(
+        description="|token_sum + positional_sum - target_logit| / |target_logit|"
+    )
+
+
+class RelevanceRow(BaseModel):
+    """Relevance for one target."""
+
+    target: ResolvedTarget
+    target_logit: float
+    token_relevance: list[float] = Field(description="Signed relevance of each token (embedding).")
+    positional_relevance: list[float] = Field(
+        description="Relevance of each position: sum over layers of its cos and sin relevance."
+    )
+    positional_relevance_per_layer: list[LayerPositionalRelevance] | None = Field(
+        None, description="Per layer, cos and sin parts; present when asked (per_layer=True)."
+    )
+    combined_relevance: list[float] = Field(
+        description="(token + sum over layers of |cos| + |sin|) / max |.|: the paper's single-norm."
+    )
+    conservation: Conservation
+
+
+class Explanation(RelevanceRow):
+    """Attribution of a model output to its input position-token pairs (PA-LRP)."""
+
+    model: str
+    mode: Mode
+    text: str = Field(description="Decoded prompt + completion; token offsets index into it.")
+    prompt_length: int = Field(description="Number of prompt tokens; the rest are completion.")
+    tokens: list[Token]
+    rows: list[RelevanceRow] | None = Field(
+        None,
+        description=(
+            "For target 'per_token': one row per completion token (its own logit as target). "
+            "The top-level fields then hold the 'completion' target, which equals the rows' sum."
+        ),
+    )
+
+    # --- convenience -------------------------------------------------------------------------
+    def top_tokens(self, k: int = 10, by: str = "combined_relevance") -> list[tuple[Token, float]]:
+        values = getattr(self, by)
+        order = sorted(range(len(values)), key=lambda i: -abs(values[i]))[:k]
+        return [(self.tokens[i], values[i]) for i in order]
+
+    @property
+    def positional_share(self) -> float:
+        """Share of the absolute relevance that lands on positions rather than tokens."""
+        token = sum(abs(v) for v in self.token_relevance)
+        positional = sum(abs(v) for v in self.positional_relevance)
+        total = token + positional
+        return positional / total if total else 0.0
+
+    def to_html(self) -> str:
+        from .render import explanation_html
+
+        return explanation_html(self)
+
+    def print(self, console=None) -> None:
+        from .render import print_explanation
+
+        print_explanation(self, console=console)
