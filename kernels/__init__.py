@@ -1,0 +1,35 @@
+"""Kernels for PA-LRP: RoPE helpers, the RoPE-LRP backward reference and its Triton kernel."""
+
+from .rope import (
+    SUPPORTED_ROPE_TYPES,
+    apply_rope,
+    rope_angles,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate,
+    rotate_transpose,
+)
+from .rope_lrp import (
+    HAS_TRITON,
+    MAX_HEAD_DIM,
+    rope_lrp_backward,
+    rope_lrp_backward_triton,
+    triton_available_for,
+)
+from .rope_lrp_reference import rope_lrp_backward_reference
+
+__all__ = [
+    "SUPPORTED_ROPE_TYPES",
+    "apply_rope",
+    "rope_angles",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "rotate",
+    "rotate_transpose",
+    "HAS_TRITON",
+    "MAX_HEAD_DIM",
+    "rope_lrp_backward",
+    "rope_lrp_backward_triton",
+    "rope_lrp_backward_reference",
+    "triton_available_for",
+]

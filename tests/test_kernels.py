@@ -1,0 +1,249 @@
+"""Tests for vllm_pelrp.kernels: RoPE helpers, the RoPE-LRP reference and the Triton kernel.
+
+The Triton kernel is checked under the Triton interpreter in a subprocess (TRITON_INTERPRET must
+be set before triton is imported, which a shared pytest process cannot guarantee); see
+tests/_kernel_interp_check.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _kernel_interp_check as interp  # noqa: E402
+
+K = interp.load_kernels()
+
+LLAMA3 = interp.LLAMA3
+
+
+def _inputs(T=6, H=5, D=32, seed=0, max_pos=5000, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, D, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(T, H, D, generator=gen, dtype=torch.float64).to(dtype)
+    pos = torch.randint(0, max_pos, (T,), generator=gen)
+    return q, g, pos
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rope_inv_freq_default_and_linear():
+    inv = K.rope_inv_freq(64, 10000.0)
+    assert inv.dtype == torch.float32 and inv.shape == (32,)
+    expected = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    assert torch.equal(inv, expected)
+    assert torch.equal(K.rope_inv_freq(64, 10000.0, {"rope_type": "default"}), expected)
+    assert torch.equal(K.rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4.0}), expected / 4.0)
+
+
+def test_rope_inv_freq_unsupported():
+    with pytest.raises(ValueError, match="llama3"):
+        K.rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError):
+        K.rope_inv_freq(63, 10000.0)
+
+
+def test_rope_matches_transformers():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    rp = dict(LLAMA3, rope_theta=500000.0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters=rp,
+    )
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    mine = K.rope_inv_freq(128, 500000.0, LLAMA3)
+    assert torch.equal(hf_inv, mine)
+
+    emb = LlamaRotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 7, 8191, 100000]])
+    x = torch.randn(1, 5, 10, 128)
+    cos, sin = emb(x, pos)
+    c, s = K.rope_cos_sin(pos[0], mine)
+    assert torch.equal(cos[0], c) and torch.equal(sin[0], s)
+
+    q = torch.randn(1, 2, 5, 128)
+    k = torch.randn(1, 1, 5, 128)
+    qe, ke = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(K.apply_rope(q[0].transpose(0, 1), c, s), qe[0].transpose(0, 1))
+    torch.testing.assert_close(K.apply_rope(k[0].transpose(0, 1), c, s), ke[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rope_is_pairwise_rotation(neox):
+    """x̃ is a rotation of each (x1, x2) pair by the angle; norms are preserved; rot∘rot = −id."""
+    q, _, pos = _inputs(T=4, H=3, D=16)
+    inv = K.rope_inv_freq(16, 10000.0)
+    c, s = K.rope_cos_sin(pos, inv, neox_style=neox)
+    out = K.apply_rope(q, c, s, neox_style=neox)
+    torch.testing.assert_close(out.norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(K.rotate(K.rotate(q, neox), neox), -q)
+    ang = K.rope_angles(pos, inv)
+    x1, x2 = (q[..., :8], q[..., 8:]) if neox else (q[..., 0::2], q[..., 1::2])
+    o1, o2 = (out[..., :8], out[..., 8:]) if neox else (out[..., 0::2], out[..., 1::2])
+    ca, sa = ang.cos()[:, None], ang.sin()[:, None]
+    torch.testing.assert_close(o1, x1 * ca - x2 * sa)
+    torch.testing.assert_close(o2, x2 * ca + x1 * sa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference backward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("share", [0.5, 1.0, 0.25])
+@pytest.mark.parametrize("scaling", [None, LLAMA3])
+def test_reference_matches_autograd(neox, share, scaling):
+    T, H, D = 7, 5, 32
+    q, g, pos = _inputs(T, H, D, max_pos=40000)
+    inv = K.rope_inv_freq(D, 500000.0, scaling)
+    cos, sin = K.rope_cos_sin(pos, inv, neox_style=neox)
+    q_leaf = q.clone().requires_grad_(True)
+    cos_leaf = cos.clone().requires_grad_(True)
+    sin_leaf = sin.clone().requires_grad_(True)
+    K.apply_rope(q_leaf, cos_leaf, sin_leaf, neox_style=neox).backward(g)
+
+    grad, positional = K.rope_lrp_backward_reference(
+        g, q, pos, inv, input_share=share, neox_style=neox
+    )
+    assert grad.shape == (T, H, D) and grad.dtype == torch.float32
+    assert positional.shape == (T, 2) and positional.dtype == torch.float32
+    torch.testing.assert_close(grad, share * q_leaf.grad, rtol=1e-5, atol=1e-5)
+    cos_part = (1 - share) * (cos * cos_leaf.grad).sum(-1)
+    sin_part = (1 - share) * (sin * sin_leaf.grad).sum(-1)
+    torch.testing.assert_close(positional[:, 0], cos_part, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(positional[:, 1], sin_part, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_reference_conservation(neox, share):
+    T, H, D = 9, 4, 64
+    q, g, pos = _inputs(T, H, D, seed=3, max_pos=30000, dtype=torch.float64)
+    q32, g32 = q.float(), g.float()
+    inv = K.rope_inv_freq(D, 500000.0, LLAMA3)
+    grad, positional = K.rope_lrp_backward_reference(
+        g32, q32, pos, inv, input_share=share, neox_style=neox
+    )
+    cos, sin = K.rope_cos_sin(pos, inv, neox_style=neox, dtype=torch.float64)
+    q_rot = K.apply_rope(q, cos, sin, neox_style=neox)
+    total = (q_rot * g).sum(dim=(1, 2))  # per position Σ q̃⊙g
+    # gradient×input: grad already carries the factor s (grad = s·Rᵀg, so Σ q⊙grad = s·Σ q̃⊙g)
+    lhs = (q * grad.double()).sum(dim=(1, 2)) + positional.double().sum(-1)
+    torch.testing.assert_close(lhs, total, rtol=1e-5, atol=1e-4)
+    # positional parts sum to (1 − s)·Σ q̃⊙g
+    torch.testing.assert_close(
+        positional.double().sum(-1), (1 - share) * total, rtol=1e-5, atol=1e-4
+    )
+
+
+def test_reference_strided_accumulate_and_dtype():
+    T, H, Hkv, D = 5, 6, 2, 32
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+    g = torch.randn(H, T, D, dtype=torch.bfloat16).transpose(0, 1)
+    gk = torch.randn(T, Hkv, D, dtype=torch.bfloat16)
+    pos = torch.arange(T)
+    inv = K.rope_inv_freq(D, 10000.0)
+    base = torch.randn(T, 2)
+    acc = base.clone()
+    grad_q, out = K.rope_lrp_backward_reference(g, q, pos, inv, input_share=0.5, positional_out=acc)
+    assert out is acc and grad_q.dtype == torch.bfloat16
+    grad_k, out = K.rope_lrp_backward_reference(gk, k, pos, inv, input_share=0.5, positional_out=acc)
+    assert out is acc and grad_k.shape == (T, Hkv, D)
+    _, pq = K.rope_lrp_backward_reference(g.contiguous(), q.contiguous(), pos, inv, input_share=0.5)
+    _, pk = K.rope_lrp_backward_reference(gk, k.contiguous(), pos, inv, input_share=0.5)
+    torch.testing.assert_close(acc, base + pq + pk)
+
+
+def test_argument_validation():
+    q, g, pos = _inputs(T=4, H=2, D=8)
+    inv = K.rope_inv_freq(8, 10000.0)
+    for fn in (K.rope_lrp_backward_reference, K.rope_lrp_backward_triton, K.rope_lrp_backward):
+        with pytest.raises(ValueError, match="pre_rope shape"):
+            fn(g, q[:, :1], pos, inv, input_share=0.5)
+        with pytest.raises(ValueError, match="positions"):
+            fn(g, q, pos[:3], inv, input_share=0.5)
+        with pytest.raises(ValueError, match="integer"):
+            fn(g, q, pos.float(), inv, input_share=0.5)
+        with pytest.raises(ValueError, match="inv_freq"):
+            fn(g, q, pos, inv[:3], input_share=0.5)
+        with pytest.raises(ValueError, match="float32"):
+            fn(g, q, pos, inv.double(), input_share=0.5)
+        with pytest.raises(ValueError, match="positional_out"):
+            fn(g, q, pos, inv, input_share=0.5, positional_out=torch.zeros(4, 3))
+        with pytest.raises(ValueError, match="input_share"):
+            fn(g, q, pos, inv, input_share=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        K.rope_lrp_backward(g, q, pos, inv, input_share=0.5, backend="cuda")
+
+
+def test_triton_launcher_rejects_cpu_without_interpreter():
+    if not K.HAS_TRITON:
+        pytest.skip("triton not installed")
+    from vllm_pelrp.kernels import rope_lrp
+
+    if rope_lrp._kernel_is_interpreted():
+        pytest.skip("this process already runs the Triton interpreter")
+    q, g, pos = _inputs(T=4, H=2, D=8)
+    inv = K.rope_inv_freq(8, 10000.0)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        K.rope_lrp_backward_triton(g, q, pos, inv, input_share=0.5)
+    q512 = torch.randn(2, 1, 512)
+    with pytest.raises(ValueError, match="exceeds"):
+        K.rope_lrp_backward_triton(q512, q512, pos[:2], K.rope_inv_freq(512, 1e4), input_share=0.5)
+    # auto dispatch on CPU without the interpreter goes to the reference
+    grad, positional = K.rope_lrp_backward(g, q, pos, inv, input_share=0.5)
+    ref = K.rope_lrp_backward_reference(g, q, pos, inv, input_share=0.5)
+    assert torch.equal(grad, ref[0]) and torch.equal(positional, ref[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel vs reference (interpreter, subprocess)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", VLLM_PELRP_FORCE_TRITON="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(interp.__file__))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(interp.REPO_ROOT),
+    )
+    assert proc.returncode == 0, f"interpreter check failed:\n{proc.stdout}\n{proc.stderr}"
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON from interpreter check:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1])["results"]
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in interp.CASES])
+def test_triton_interpreter_matches_reference(interp_results, case):
+    res = interp_results[case]
+    assert res["ok"], f"{case}: {res}"
