@@ -308,7 +308,7 @@ class Explainer:
         text, tokens = self.tokens(ids, prompt_length)
         rows = [
             _row(target, result.token[b], result.positional_cos[b], result.positional_sin[b],
-                 float(result.target_logit[b]), per_layer)
+                 float(result.target_logit[b]), float(result.softmax_absorbed[b].sum()), per_layer)
             for b, target in enumerate(targets)
         ]
         if per_token:
@@ -316,7 +316,7 @@ class Explainer:
             summary = _row(
                 self._span_target(0, count, prompt_length, list(ids[prompt_length:]), "completion"),
                 result.token.sum(0), result.positional_cos.sum(0), result.positional_sin.sum(0),
-                float(result.target_logit.sum()), per_layer,
+                float(result.target_logit.sum()), float(result.softmax_absorbed.sum()), per_layer,
             )
         else:
             summary, rows = rows[0], None
@@ -333,14 +333,18 @@ def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return combined / peak if peak > 0 else combined
 
 
-def _row(target, token, cos, sin, target_logit, per_layer) -> RelevanceRow:
+def _row(target, token, cos, sin, target_logit, absorbed, per_layer) -> RelevanceRow:
     token_sum = float(token.sum())
     positional_sum = float((cos + sin).sum())
+    scale = max(abs(target_logit), 1e-12)
     conservation = Conservation(
         target_logit=target_logit,
         token_sum=token_sum,
         positional_sum=positional_sum,
-        relative_error=abs(token_sum + positional_sum - target_logit) / max(abs(target_logit), 1e-12),
+        relative_error=abs(token_sum + positional_sum - target_logit) / scale,
+        softmax_absorbed=absorbed,
+        relative_error_excluding_softmax=abs(token_sum + positional_sum + absorbed - target_logit)
+        / scale,
     )
     layers = None
     if per_layer:

@@ -74,6 +74,13 @@ class Conservation(BaseModel):
     relative_error: float = Field(
         description="|token_sum + positional_sum - target_logit| / |target_logit|"
     )
+    softmax_absorbed: float = Field(
+        description="Relevance the softmax rule drops (not conservative), summed over layers."
+    )
+    relative_error_excluding_softmax: float = Field(
+        description="|token_sum + positional_sum + softmax_absorbed - target_logit| / |target_logit|:"
+        " what every other rule loses (ε stabilisers, rounding)."
+    )
 
 
 class RelevanceRow(BaseModel):

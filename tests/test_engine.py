@@ -1,0 +1,208 @@
+"""The engine against the independent explicit reference, conservation, targets and adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explicit_reference import explicit_relevance
+from vllm_pelrp import Explainer
+from vllm_pelrp.adapters.hf import spec_from_config, weights_from_hf
+from vllm_pelrp.adapters.vllm_layout import weights_from_vllm_state
+from vllm_pelrp.engine.backward import (
+    LogitSeeds,
+    forward_layer_inputs,
+    relevance_from_input_ids,
+    relevance_from_layer_inputs,
+)
+from vllm_pelrp.engine.spec import UnsupportedModelError
+
+MODES = ["pa-lrp", "attnlrp", "cp-lrp"]
+PROMPT = "The capital of France is Paris, and the capital of Italy is"
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+def engine_and_reference(model, input_ids, positions, token_ids, mode):
+    weights = weights_from_hf(model)
+    seeds = LogitSeeds.from_rows([list(zip(positions, token_ids))])
+    result = relevance_from_input_ids(weights, torch.tensor(input_ids), seeds, mode)
+    reference = explicit_relevance(model, input_ids, positions, token_ids, mode=mode)
+    return result, reference
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
+    """Random LLaMA with GQA 4/2 and llama3 scaling; a sum of three logits as target."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 101, (19,)).tolist()
+    positions, token_ids = [5, 11, 18], [3, 50, 77]
+    result, reference = engine_and_reference(tiny_llama, input_ids, positions, token_ids, mode)
+    assert float(result.target_logit[0]) == pytest.approx(reference["target_logit"], rel=1e-5)
+    assert relative_l2(result.token[0], reference["token_relevance"]) < 1e-4
+    if mode == "pa-lrp":
+        assert reference["positional_cos"].abs().sum() > 0
+        assert relative_l2(result.positional_cos[0], reference["positional_cos"]) < 1e-4
+        assert relative_l2(result.positional_sin[0], reference["positional_sin"]) < 1e-4
+    else:
+        assert result.positional_cos.abs().max() == 0 and result.positional_sin.abs().max() == 0
+    # the softmax rule's loss, per layer, matches the reference's bookkeeping
+    assert torch.allclose(result.softmax_absorbed[0].double(), reference["softmax_absorbed"],
+                          rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pa-lrp", "attnlrp"])
+def test_smollm2_matches_explicit_reference(smollm2: Explainer, mode):
+    input_ids = smollm2.encode_prompt(PROMPT, chat=False)
+    last = len(input_ids) - 1
+    rome = smollm2.encode_completion(" Rome")[0]
+    result, reference = engine_and_reference(smollm2.hf_model, input_ids, [last], [rome], mode)
+    assert float(result.target_logit[0]) == pytest.approx(reference["target_logit"], rel=1e-5)
+    assert relative_l2(result.token[0], reference["token_relevance"]) < 1e-3
+    if mode == "pa-lrp":
+        assert relative_l2(result.positional_cos[0], reference["positional_cos"]) < 1e-3
+        assert relative_l2(result.positional_sin[0], reference["positional_sin"]) < 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conservation_on_default_model(smollm2: Explainer, mode):
+    """Σ token + Σ positional vs the target logit, fp32, on SmolLM2 (numbers in the README).
+
+    Every rule but softmax is conservative: adding back what the softmax rule absorbs closes
+    the budget to rounding. The softmax rule alone loses ~60% of the logit on this prompt.
+    """
+    explanation = smollm2.explain(PROMPT, target="next", mode=mode)
+    conservation = explanation.conservation
+    assert conservation.relative_error_excluding_softmax < 1e-4
+    if mode == "cp-lrp":  # attention held constant: no softmax rule at all
+        assert conservation.softmax_absorbed == 0
+        assert conservation.relative_error < 1e-4
+    else:
+        assert 0.45 < conservation.relative_error < 0.75
+        assert conservation.softmax_absorbed > 0
+    if mode == "pa-lrp":
+        assert explanation.positional_share > 0.05
+
+
+def test_pa_lrp_splits_relevance_between_tokens_and_positions(smollm2: Explainer):
+    """Above the first RoPE the two modes agree; PA-LRP moves mass from tokens to positions."""
+    pa = smollm2.explain(PROMPT, target="next", mode="pa-lrp")
+    attn = smollm2.explain(PROMPT, target="next", mode="attnlrp")
+    assert pa.target == attn.target and pa.target_logit == attn.target_logit
+    assert pa.token_relevance != attn.token_relevance
+    assert any(abs(v) > 1e-3 for v in pa.positional_relevance)
+    assert all(v == 0 for v in attn.positional_relevance)
+
+
+def test_per_token_rows_equal_single_target_explanations(smollm2: Explainer):
+    prompt = smollm2.encode_prompt("Name a colour.")
+    completion = smollm2.generate(prompt, max_new_tokens=6)
+    batched = smollm2.explain(input_ids=prompt, completion=completion, target="per_token",
+                              per_layer=True)
+    assert batched.rows is not None and len(batched.rows) == len(completion)
+    for k, row in enumerate(batched.rows):
+        single = smollm2.explain(input_ids=prompt, completion=completion,
+                                 target={"span": [k, k + 1]}, per_layer=True)
+        assert row.target.positions == single.target.positions
+        assert row.target_logit == pytest.approx(single.target_logit, rel=1e-5)
+        assert relative_l2(torch.tensor(row.token_relevance),
+                           torch.tensor(single.token_relevance)) < 1e-5
+        assert relative_l2(torch.tensor(row.positional_relevance),
+                           torch.tensor(single.positional_relevance)) < 1e-5
+    # the top level is the completion target, i.e. the rows' sum (the backward is linear)
+    whole = smollm2.explain(input_ids=prompt, completion=completion, target="completion")
+    assert relative_l2(torch.tensor(batched.token_relevance),
+                       torch.tensor(whole.token_relevance)) < 1e-5
+    assert batched.target_logit == pytest.approx(whole.target_logit, rel=1e-5)
+
+
+def test_targets_and_wire_format(smollm2: Explainer):
+    prompt = smollm2.encode_prompt(PROMPT, chat=False)
+    completion = smollm2.encode_completion(" Rome, of course.")
+    explanation = smollm2.explain(input_ids=prompt, completion=completion,
+                                  target={"span": [1, 3]}, per_layer=True)
+    assert explanation.target.positions == [len(prompt), len(prompt) + 1]
+    assert explanation.target.token_ids == completion[1:3]
+    assert len(explanation.tokens) == len(prompt) + len(completion)
+    assert explanation.text == "".join(t.text for t in explanation.tokens)
+    assert all(explanation.text[t.start:t.end] == t.text for t in explanation.tokens)
+    assert explanation.tokens[len(prompt)].role == "completion"
+    layers = explanation.positional_relevance_per_layer
+    assert layers is not None and len(layers) == 30
+    summed = [sum(layer.cos[t] + layer.sin[t] for layer in layers) for t in range(len(layers[0].cos))]
+    assert summed == pytest.approx(explanation.positional_relevance, rel=1e-4, abs=1e-6)
+    assert max(abs(v) for v in explanation.combined_relevance) == pytest.approx(1.0)
+    again = type(explanation).model_validate_json(explanation.model_dump_json())
+    assert again == explanation
+    # "why this and not that": any token id at the last position
+    other = smollm2.explain(input_ids=prompt, target={"token_id": 100})
+    assert other.target.token_ids == [100] and other.target.positions == [len(prompt) - 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target": "completion"}, "needs a completion"),
+        ({"target": {"span": [0, 9]}, "completion": [28, 29]}, "out of range"),
+        ({"target": {"token_id": 10**7}}, "out of range"),
+        ({"target": "everything"}, "allowed"),
+        ({"mode": "lrp-magic"}, "allowed: pa-lrp, attnlrp, cp-lrp"),
+        ({"target": "per_token", "completion": list(range(30, 40)), "max_per_token_rows": 4},
+         "exceed the cap"),
+    ],
+)
+def test_bad_requests_get_clear_errors(smollm2: Explainer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        smollm2.explain(input_ids=[1, 2, 3], **kwargs)
+
+
+def test_vllm_fused_layout_gives_the_same_relevance(tiny_llama):
+    """The vLLM adapter (fused qkv_proj / gate_up_proj views) equals the HF adapter."""
+    state = {}
+    for name, tensor in tiny_llama.state_dict().items():
+        state[name] = tensor
+    for index in range(tiny_llama.config.num_hidden_layers):
+        p = f"model.layers.{index}."
+        state[p + "self_attn.qkv_proj.weight"] = torch.cat(
+            [state.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat(
+            [state.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+    fused = weights_from_vllm_state(state, spec_from_config(tiny_llama.config))
+    plain = weights_from_hf(tiny_llama)
+    input_ids = torch.randint(0, 101, (12,))
+    seeds = LogitSeeds.from_rows([[(11, 7)], [(4, 9), (8, 2)]])
+    expected = relevance_from_input_ids(plain, input_ids, seeds)
+    layer_inputs, _ = forward_layer_inputs(fused, input_ids)
+    actual = relevance_from_layer_inputs(fused, layer_inputs, torch.arange(12), seeds)
+    assert torch.allclose(actual.token, expected.token, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(actual.positional_cos, expected.positional_cos, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM"):
+        spec_from_config(GPT2Config(architectures=["GPT2LMHeadModel"]))
+    from vllm_pelrp import load_explainer
+
+    config = GPT2Config(architectures=["GPT2LMHeadModel"], n_layer=1, n_embd=8, n_head=2)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel is not supported"):
+        load_explainer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        load_explainer("meta-llama/Llama-3.2-1B")
+
+
+def test_bfloat16_model_runs_in_its_dtype(tiny_llama):
+    """bf16 weights: the engine works in bf16 with fp32 accumulation and stays close to fp32."""
+    import copy
+
+    model16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    input_ids = torch.randint(0, 101, (16,))
+    seeds = LogitSeeds.from_rows([[(15, 5)]])
+    result16 = relevance_from_input_ids(weights_from_hf(model16), input_ids, seeds)
+    result32 = relevance_from_input_ids(weights_from_hf(tiny_llama), input_ids, seeds)
+    assert result16.token.dtype == torch.float32
+    assert relative_l2(result16.token, result32.token) < 0.1
