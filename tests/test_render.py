@@ -1,0 +1,378 @@
+"""Rendering (terminal + HTML) and CLI argument parsing, on a synthetic Explanation (no model)."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+from rich.console import Console
+
+from vllm_pelrp import cli
+from vllm_pelrp.explanation import (
+    Conservation,
+    Explanation,
+    LayerPositionalRelevance,
+    RelevanceRow,
+    ResolvedTarget,
+    Token,
+)
+from vllm_pelrp.render import (
+    display_token,
+    explanation_html,
+    format_number,
+    format_share,
+    print_explanation,
+)
+
+PROMPT_PIECES = ["<|im_start|>", "user", "\n", "if a < b", " & c", "</script>", "<|im_end|>\n"]
+COMPLETION_PIECES = [" Paris", " <b>bold</b>", "\n\n", "."]
+N_LAYERS = 3
+
+
+def _normalise(values):
+    top = max(abs(v) for v in values) or 1.0
+    return [v / top for v in values]
+
+
+def _row(target, token, positional, per_layer=None):
+    combined = _normalise(
+        [t + sum(abs(c) + abs(s) for c, s in zip(
+            [lr.cos[i] for lr in per_layer], [lr.sin[i] for lr in per_layer]))
+         if per_layer else t + abs(p) for i, (t, p) in enumerate(zip(token, positional))]
+    )
+    logit = sum(token) + sum(positional) + 0.01
+    return dict(
+        target=target,
+        target_logit=logit,
+        token_relevance=token,
+        positional_relevance=positional,
+        positional_relevance_per_layer=per_layer,
+        combined_relevance=combined,
+        conservation=Conservation(
+            target_logit=logit,
+            token_sum=sum(token),
+            positional_sum=sum(positional),
+            relative_error=0.01 / abs(logit),
+        ),
+    )
+
+
+def make_explanation(*, per_layer: bool = True, rows: bool = True) -> Explanation:
+    pieces = PROMPT_PIECES + COMPLETION_PIECES
+    tokens, text, offset = [], "", 0
+    for i, piece in enumerate(pieces):
+        role = "prompt" if i < len(PROMPT_PIECES) else "completion"
+        tokens.append(Token(index=i, id=100 + i, text=piece, start=offset, end=offset + len(piece),
+                            role=role))
+        text += piece
+        offset += len(piece)
+    n = len(tokens)
+    token_rel = [0.5 * ((-1) ** i) * (i + 1) / n for i in range(n)]
+    token_rel[5] = 2.0  # "</script>" is the most relevant token
+    layers = [
+        LayerPositionalRelevance(
+            layer=layer,
+            cos=[0.01 * (layer + 1) * ((-1) ** i) for i in range(n)],
+            sin=[0.005 * (layer + 1) for _ in range(n)],
+        )
+        for layer in range(N_LAYERS)
+    ]
+    positional = [sum(lr.cos[i] + lr.sin[i] for lr in layers) for i in range(n)]
+    p = len(PROMPT_PIECES)
+    top = _row(
+        ResolvedTarget(kind="completion", description="completion tokens 0:4",
+                       positions=[p - 1, p, p + 1, p + 2], token_ids=[100 + p + k for k in range(4)],
+                       span=(0, 4)),
+        token_rel, positional, layers if per_layer else None,
+    )
+    row_list = None
+    if rows:
+        row_list = []
+        for k in range(len(COMPLETION_PIECES)):
+            pos = p - 1 + k
+            tok = [v if i <= pos else 0.0 for i, v in enumerate(token_rel)]
+            posr = [v if i <= pos else 0.0 for i, v in enumerate(positional)]
+            target = ResolvedTarget(kind="per_token_row", description=f"completion token {k}",
+                                    positions=[pos], token_ids=[100 + p + k], span=(k, k + 1))
+            row_list.append(RelevanceRow(**_row(target, tok, posr)))
+    return Explanation(
+        model="test-model <&>",
+        mode="pa-lrp",
+        text=text,
+        prompt_length=p,
+        tokens=tokens,
+        rows=row_list,
+        **top,
+    )
+
+
+# --- terminal -------------------------------------------------------------------------------
+def _render(explanation, **kwargs) -> str:
+    console = Console(record=True, width=100, color_system="truecolor", force_terminal=True)
+    print_explanation(explanation, console, **kwargs)
+    return console.export_text()
+
+
+def test_print_explanation_contains_tokens_and_summary():
+    ex = make_explanation()
+    out = _render(ex)
+    for piece in PROMPT_PIECES + COMPLETION_PIECES:
+        for line in display_token(piece).split("\n"):
+            assert line in out, line
+    assert "⏎" in out
+    assert "completion" in out and "prompt" in out
+    c = ex.conservation
+    for number in (ex.target_logit, c.token_sum, c.positional_sum, c.relative_error):
+        assert format_number(number) in out
+    assert format_share(ex.positional_share) in out
+    assert ex.mode in out
+    assert ex.target.description in out
+    # Top-k table lists the most relevant token with its token relevance.
+    assert format_number(ex.token_relevance[5]) in out
+
+
+def test_print_explanation_per_layer_and_rows():
+    ex = make_explanation()
+    out = _render(ex)
+    assert "per layer" in out
+    assert "Σ|cos|" in out and "Σ|sin|" in out
+    layer = ex.positional_relevance_per_layer[-1]
+    assert format_number(sum(abs(v) for v in layer.cos)) in out
+    assert "per-token targets" in out
+    assert "Paris" in out
+
+
+def test_print_explanation_fields_and_minimal():
+    ex = make_explanation(per_layer=False, rows=False)
+    for field in ("token", "positional_relevance", "combined"):
+        out = _render(ex, field=field, top_k=3)
+        assert "per layer" not in out and "per-token targets" not in out
+    with pytest.raises(ValueError):
+        _render(ex, field="nonsense")
+    # Also fine without a colour terminal and through the model's convenience method.
+    console = Console(record=True, width=100)
+    ex.print(console=console)
+    assert "Paris" in console.export_text()
+
+
+def test_display_token():
+    assert display_token("a\nb") == "a⏎\nb"
+    assert display_token("\r\n") == "⏎\n"
+    assert display_token("\t") == "⇥"
+    assert display_token("") == "∅"
+    assert display_token("\x00") == "\\x00"
+
+
+# --- HTML -----------------------------------------------------------------------------------
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.token_spans = []
+        self.urls = []
+        self._in_tok = 0
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if attrs.get(key):
+                self.urls.append(attrs[key])
+        if tag == "span" and attrs.get("class") == "tok":
+            self.token_spans.append(attrs)
+            self._in_tok += 1
+            self._text.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._in_tok:
+            self._in_tok -= 1
+
+    def handle_data(self, data):
+        if self._in_tok:
+            self._text[-1] += data
+
+
+def _embedded_json(page: str) -> str:
+    match = re.search(r'<script type="application/json" id="explanation">(.*?)</script>', page, re.S)
+    assert match, "embedded JSON missing"
+    return match.group(1)
+
+
+def test_html_self_contained_and_escaped():
+    ex = make_explanation()
+    page = explanation_html(ex)
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, re.I)
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "@import" not in page
+
+    parser = _Collector()
+    parser.feed(page)
+    assert parser.urls == []
+    assert len(parser.token_spans) == len(ex.tokens)
+    assert page.count('<span class="tok"') == len(ex.tokens)
+    # Span text is the (escaped, then unescaped by the parser) visible token text.
+    assert parser._text == [display_token(t.text) for t in ex.tokens]
+    # Raw markup from tokens never reaches the page unescaped.
+    assert "if a &lt; b" in page and " &amp; c" in page and "&lt;/script&gt;" in page
+    assert "<b>bold</b>" not in page.split('<script type="application/json"')[0]
+    assert page.count("</script>") == 2  # the JSON block and the inline JS
+    # Tooltips carry id and relevance numbers.
+    title = parser.token_spans[5]["title"]
+    assert "id 105" in title and format_number(ex.token_relevance[5]) in title
+    assert format_number(ex.positional_relevance[5]) in title
+    # Summary numbers, view selector, SVG plots and the rows table.
+    assert format_number(ex.target_logit) in page
+    assert format_share(ex.positional_share) in page
+    for view in ("combined", "token", "positional"):
+        assert f'value="{view}"' in page
+    assert 'id="positional-bars"' in page and 'id="layer-heatmap"' in page
+    assert page.count('<tr class="row"') == len(ex.rows)
+    assert "test-model &lt;&amp;&gt;" in page
+
+
+def test_html_embedded_json_round_trips():
+    ex = make_explanation()
+    payload = _embedded_json(explanation_html(ex))
+    assert "</" not in payload
+    assert Explanation.model_validate_json(payload) == ex
+    assert json.loads(payload)["tokens"][5]["text"] == "</script>"
+
+
+def test_html_minimal_explanation():
+    ex = make_explanation(per_layer=False, rows=False)
+    page = explanation_html(ex)
+    assert 'id="layer-heatmap"' not in page and '<tr class="row"' not in page
+    assert Explanation.model_validate_json(_embedded_json(page)) == ex
+    assert ex.to_html() == page
+
+
+# --- CLI ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("next", "next"),
+        ("completion", "completion"),
+        ("per_token", "per_token"),
+        ("per-token", "per_token"),
+        ("span:1:3", {"span": [1, 3]}),
+        ("span:0:1", {"span": [0, 1]}),
+        ("token:42", {"token_id": 42}),
+    ],
+)
+def test_parse_target(value, expected):
+    assert cli.parse_target(value) == expected
+
+
+@pytest.mark.parametrize("value", ["span:3:1", "span:1", "span:a:b", "span:1:2:3", "token:x",
+                                   "token:-1", "tokens", "last", "span:-1:2", ""])
+def test_parse_target_rejects(value):
+    with pytest.raises(ValueError, match="target"):
+        cli.parse_target(value)
+
+
+def test_parser_target_and_defaults():
+    args = cli.build_parser().parse_args(["explain", "hi", "--target", "span:1:3"])
+    assert args.target == {"span": [1, 3]}
+    args = cli.build_parser().parse_args(["explain", "hi", "--target", "token:42", "--json"])
+    assert args.target == {"token_id": 42} and args.json == "-"
+    args = cli.build_parser().parse_args(["explain", "hi"])
+    assert args.target is None and args.max_new_tokens == 32 and args.mode == "pa-lrp"
+    assert args.json is None and args.dtype == "float32" and not args.per_layer
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["explain", "hi", "--target", "span:a:b"],
+        ["explain", "hi", "--target", "token:x"],
+        ["explain", "hi", "--mode", "gradcam"],
+        ["explain", "hi", "--dtype", "int8"],
+        ["explain", "hi", "--max-new-tokens", "-1"],
+        ["explain"],  # no prompt
+        ["explain", "hi", "--max-new-tokens", "0", "--target", "completion"],
+        [],
+    ],
+)
+def test_cli_errors_exit_2_without_loading(argv, capsys, monkeypatch):
+    def boom(**kwargs):  # pragma: no cover - must not be reached
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(cli, "load_explainer", boom)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "Traceback" not in err
+
+
+class _FakeExplainer:
+    def __init__(self, fail: Exception | None = None):
+        self.fail = fail
+        self.calls = {}
+
+    def encode_prompt(self, text=None, *, messages=None, chat=None):
+        self.calls["prompt"] = (text, messages, chat)
+        return [100 + i for i in range(len(PROMPT_PIECES))]
+
+    def generate(self, prompt_ids, max_new_tokens=32):
+        self.calls["generate"] = max_new_tokens
+        return [100 + len(PROMPT_PIECES) + k for k in range(len(COMPLETION_PIECES))]
+
+    def encode_completion(self, text):
+        self.calls["completion"] = text
+        return self.generate([], 4)
+
+    def explain(self, *, input_ids, completion, target, mode, per_layer):
+        self.calls["explain"] = dict(target=target, mode=mode, per_layer=per_layer,
+                                     completion=completion)
+        if self.fail:
+            raise self.fail
+        return make_explanation()
+
+
+def test_cli_explain_with_fake_explainer(tmp_path, capsys, monkeypatch):
+    fake = _FakeExplainer()
+    monkeypatch.setattr(cli, "load_explainer", lambda **kw: fake)
+    html_path, json_path = tmp_path / "out.html", tmp_path / "out.json"
+    code = cli.main(["explain", "hello", "--per-layer", "--html", str(html_path),
+                     "--json", str(json_path), "--no-chat"])
+    assert code == 0
+    assert fake.calls["explain"]["target"] == "completion"
+    assert fake.calls["explain"]["per_layer"] is True
+    assert fake.calls["prompt"] == ("hello", None, False)
+    assert Explanation.model_validate_json(json_path.read_text()) == make_explanation()
+    assert html_path.read_text().startswith("<!DOCTYPE html>")
+    assert "Paris" in capsys.readouterr().out
+
+    # --json to stdout prints only the JSON; next-token default without a completion.
+    assert cli.main(["explain", "hello", "--max-new-tokens", "0", "--json"]) == 0
+    assert fake.calls["explain"]["target"] == "next"
+    assert Explanation.model_validate_json(capsys.readouterr().out) == make_explanation()
+
+
+def test_cli_messages_json(tmp_path, capsys, monkeypatch):
+    fake = _FakeExplainer()
+    monkeypatch.setattr(cli, "load_explainer", lambda **kw: fake)
+    path = tmp_path / "chat.json"
+    messages = [{"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"messages": messages}))
+    assert cli.main(["explain", "--messages-json", str(path), "--completion", "Paris",
+                     "--target", "per_token", "--json"]) == 0
+    assert fake.calls["prompt"] == (None, messages, None)
+    assert fake.calls["completion"] == "Paris"
+    assert fake.calls["explain"]["target"] == "per_token"
+    capsys.readouterr()
+    path.write_text("[1, 2]")
+    assert cli.main(["explain", "--messages-json", str(path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc", [ValueError("unsupported architecture 'GPT2LMHeadModel'"),
+                                 FileNotFoundError("no checkpoint at /nope")])
+def test_cli_api_errors_are_one_line(exc, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_explainer", lambda **kw: _FakeExplainer(fail=exc))
+    assert cli.main(["explain", "hello", "--completion", "x"]) == 2
+    err = capsys.readouterr().err
+    assert str(exc) in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1

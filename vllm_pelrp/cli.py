@@ -1,0 +1,282 @@
+"""The ``pelrp`` command line.
+
+    pelrp explain "The capital of France is" --max-new-tokens 8
+    pelrp explain - --target per_token --html out.html < prompt.txt
+    pelrp explain --messages-json chat.json --completion "Paris." --json out.json
+
+Subcommands are argparse subparsers; ``main`` returns the exit status (2 for usage and input
+errors, which are printed as one red line without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .explanation import MODES
+
+TARGET_HELP = "next | completion | per_token | span:I:J | token:ID"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+    """A user error: printed as one red line, exit status 2."""
+
+
+def parse_target(value: str) -> str | dict[str, Any]:
+    """Parse ``--target``: ``next``, ``completion``, ``per_token`` (or ``per-token``),
+    ``span:I:J`` -> ``{"span": [I, J]}`` (completion tokens I <= k < J), ``token:ID`` ->
+    ``{"token_id": ID}``. Raises ``ValueError`` with a readable message otherwise."""
+    raw = value
+    value = value.strip()
+    low = value.lower()
+    if low in ("next", "completion"):
+        return low
+    if low in ("per_token", "per-token", "pertoken"):
+        return "per_token"
+    kind, sep, rest = value.partition(":")
+    kind = kind.strip().lower()
+    if sep and kind == "span":
+        parts = rest.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            start, end = (int(p.strip()) for p in parts)
+        except ValueError:
+            raise ValueError(f"bad span target {raw!r}: expected span:I:J with integers I < J") from None
+        if start < 0 or end <= start:
+            raise ValueError(f"bad span target {raw!r}: need 0 <= I < J (completion token indices)")
+        return {"span": [start, end]}
+    if sep and kind in ("token", "token_id", "id"):
+        try:
+            token_id = int(rest.strip())
+        except ValueError:
+            raise ValueError(f"bad token target {raw!r}: expected token:ID with an integer ID") from None
+        if token_id < 0:
+            raise ValueError(f"bad token target {raw!r}: the token id must be >= 0")
+        return {"token_id": token_id}
+    raise ValueError(f"unknown target {raw!r}: expected {TARGET_HELP}")
+
+
+def _target_type(value: str) -> str | dict[str, Any]:
+    try:
+        return parse_target(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def print_error(message: str) -> None:
+    from rich.markup import escape
+
+    message = " ".join(str(message).split()) or "error"
+    _err_console().print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one red line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pelrp",
+        description="Positional-aware LRP (PA-LRP) explanations for LLaMA models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    ex = sub.add_parser(
+        "explain",
+        help="explain a prompt (and its completion) with token and positional relevance",
+        description="Explain a model output: relevance of each input token and of each position.",
+    )
+    ex.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text, or '-' to read stdin")
+    ex.add_argument("--messages-json", metavar="FILE",
+                    help="chat messages as JSON: a list of {role, content} (or {\"messages\": [...]});"
+                         " '-' for stdin")
+    ex.add_argument("--completion", metavar="TEXT",
+                    help="explain this completion instead of generating one")
+    ex.add_argument("--max-new-tokens", type=_non_negative_int, default=32, metavar="N",
+                    help="tokens to generate greedily when no --completion is given (default 32; "
+                         "0 = explain the next-token prediction)")
+    ex.add_argument("--target", type=_target_type, default=None, metavar="TARGET",
+                    help=f"{TARGET_HELP} (default: completion if there is one, else next)")
+    ex.add_argument("--mode", choices=MODES, default="pa-lrp", help="attribution rules (default pa-lrp)")
+    ex.add_argument("--per-layer", action="store_true",
+                    help="also return the positional relevance of every layer (cos and sin parts)")
+    ex.add_argument("--model", metavar="PATH", default=None,
+                    help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    ex.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    ex.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ex.add_argument("--no-chat", action="store_true",
+                    help="do not apply the tokenizer's chat template to the prompt")
+    ex.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                    help="write the explanation JSON to FILE (no FILE or '-': print only the JSON "
+                         "to stdout; put --json after PROMPT)")
+    ex.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
+    ex.add_argument("--top-k", type=_non_negative_int, default=10, metavar="N",
+                    help="tokens in the top-relevance table (default 10)")
+    ex.add_argument("--show", choices=("combined", "token", "positional"), default="combined",
+                    help="relevance shown in the terminal heatmap (default combined)")
+    ex.set_defaults(func=cmd_explain)
+    return parser
+
+
+# --- explain --------------------------------------------------------------------------------
+def load_explainer(model: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Indirection so tests can substitute a fake explainer."""
+    from . import load_explainer as _load
+
+    return _load(model=model, dtype=dtype, device=device)
+
+
+def _read_messages(path: str) -> list[dict[str, Any]]:
+    try:
+        raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"messages file not found: {path}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--messages-json {path}: invalid JSON ({exc})") from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in data
+    ) or not data:
+        raise CliError(f"--messages-json {path}: expected a non-empty list of "
+                       "{\"role\": ..., \"content\": ...} objects")
+    return data
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.prompt is None and args.messages_json is None:
+        hint = ""
+        if args.json not in (None, "-"):
+            hint = f" (--json took {args.json!r} as its FILE: put --json after PROMPT)"
+        raise CliError("no prompt: give PROMPT, '-' to read stdin, or --messages-json FILE" + hint)
+    if args.prompt is not None and args.messages_json is not None:
+        raise CliError("give either PROMPT or --messages-json, not both")
+    if args.prompt == "-" and args.messages_json == "-":
+        raise CliError("only one of PROMPT and --messages-json can read stdin")
+    has_completion = args.completion is not None or args.max_new_tokens > 0
+    needs_completion = args.target == "completion" or args.target == "per_token" or (
+        isinstance(args.target, dict) and "span" in args.target)
+    if needs_completion and not has_completion:
+        raise CliError("this target needs a completion: give --completion TEXT or --max-new-tokens > 0")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .render import explanation_html, print_explanation
+
+    _check_args(args)
+    json_to_stdout = args.json == "-"
+    err = _err_console()
+    messages = _read_messages(args.messages_json) if args.messages_json is not None else None
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    chat = False if args.no_chat else None
+
+    with err.status("[bold]loading model…", spinner="dots") as status:
+        explainer = load_explainer(model=args.model, dtype=args.dtype, device=args.device)
+        prompt_ids = explainer.encode_prompt(prompt, messages=messages, chat=chat)
+        if args.completion is not None:
+            completion_ids = explainer.encode_completion(args.completion)
+        elif args.max_new_tokens > 0:
+            status.update(f"[bold]generating up to {args.max_new_tokens} tokens…")
+            completion_ids = explainer.generate(prompt_ids, max_new_tokens=args.max_new_tokens)
+        else:
+            completion_ids = []
+        target = args.target
+        if target is None:
+            target = "completion" if completion_ids else "next"
+        status.update(f"[bold]explaining ({args.mode}, target {_describe_target(target)})…")
+        explanation = explainer.explain(
+            input_ids=prompt_ids,
+            completion=completion_ids,
+            target=target,
+            mode=args.mode,
+            per_layer=args.per_layer,
+        )
+
+    if json_to_stdout:
+        sys.stdout.write(explanation.model_dump_json(indent=2) + "\n")
+        sys.stdout.flush()
+    else:
+        print_explanation(explanation, Console(), field=args.show, top_k=args.top_k)
+    written = []
+    if args.json not in (None, "-"):
+        _write(args.json, explanation.model_dump_json(indent=2) + "\n")
+        written.append(args.json)
+    if args.html:
+        _write(args.html, explanation_html(explanation, top_k=args.top_k))
+        written.append(args.html)
+    for path in written:
+        err.print(f"[green]wrote[/green] {path}", highlight=False)
+    return 0
+
+
+def _describe_target(target: str | dict[str, Any]) -> str:
+    if isinstance(target, dict):
+        if "span" in target:
+            return f"span {target['span'][0]}:{target['span'][1]}"
+        return f"token id {target['token_id']}"
+    return target
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        out = Path(path)
+        if out.parent and not out.parent.exists():
+            raise CliError(f"cannot write {path}: directory {out.parent} does not exist")
+        out.write_text(text, encoding="utf-8")
+    except IsADirectoryError:
+        raise CliError(f"cannot write {path}: it is a directory") from None
+    except PermissionError:
+        raise CliError(f"cannot write {path}: permission denied") from None
+
+
+# --- entry point ----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 usage/input error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except (CliError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print_error(str(exc) or type(exc).__name__)
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

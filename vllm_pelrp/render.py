@@ -1,0 +1,671 @@
+"""Human-readable views of an :class:`~vllm_pelrp.explanation.Explanation`.
+
+- :func:`print_explanation`: a coloured token heatmap plus summary tables in the terminal (rich).
+- :func:`explanation_html`: a self-contained HTML page (inline CSS/JS/SVG, no network access),
+  with the explanation JSON embedded in ``<script type="application/json" id="explanation">``.
+
+Colours: red for positive relevance, blue for negative, white for zero; the intensity is
+``|value| / max |value|`` over the tokens shown.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from .explanation import Explanation, RelevanceRow, Token
+
+FIELDS: dict[str, str] = {
+    "combined": "combined_relevance",
+    "token": "token_relevance",
+    "positional": "positional_relevance",
+}
+"""Short view names and the relevance field each one shows."""
+
+POSITIVE_RGB = (220, 38, 38)
+NEGATIVE_RGB = (37, 99, 235)
+_WHITE = (255, 255, 255)
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+# --- helpers --------------------------------------------------------------------------------
+def resolve_field(field: str) -> str:
+    """Accept ``combined`` / ``token`` / ``positional`` or the full ``*_relevance`` field name."""
+    if field in FIELDS:
+        return FIELDS[field]
+    if field in FIELDS.values():
+        return field
+    choices = ", ".join(list(FIELDS) + list(FIELDS.values()))
+    raise ValueError(f"unknown relevance field {field!r} (choose from {choices})")
+
+
+def format_number(x: float | None) -> str:
+    """Compact, fixed formatting used for every number shown (terminal and HTML)."""
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if 1e-3 <= a < 1e5:
+        return f"{x:.4f}"
+    return f"{x:.3e}"
+
+
+def format_share(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _max_abs(values: Sequence[float]) -> float:
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    return max(finite, default=0.0)
+
+
+def _intensity(value: float | None, max_abs: float) -> float:
+    if value is None or not math.isfinite(value) or max_abs <= 0:
+        return 0.0
+    return min(1.0, abs(value) / max_abs)
+
+
+def heat_rgb(value: float | None, max_abs: float) -> tuple[int, int, int]:
+    """White -> red for positive values, white -> blue for negative ones."""
+    t = _intensity(value, max_abs)
+    base = NEGATIVE_RGB if (value or 0.0) < 0 else POSITIVE_RGB
+    return tuple(round(w + (b - w) * t) for w, b in zip(_WHITE, base))  # type: ignore[return-value]
+
+
+def _fg_for(value: float | None, max_abs: float) -> str:
+    return "#ffffff" if _intensity(value, max_abs) > 0.55 else "#111111"
+
+
+def display_token(text: str) -> str:
+    """Token text made visible: newlines become ``⏎`` + a line break, tabs ``⇥``, other control
+    characters ``\\xNN``; an empty token is shown as ``∅``."""
+    if text == "":
+        return "∅"
+    out = []
+    for ch in text.replace("\r\n", "\n"):
+        if ch == "\n":
+            out.append("⏎\n")
+        elif ch == "\t":
+            out.append("⇥")
+        elif ch == "\r":
+            out.append("↵")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def short_token(text: str, limit: int = 24) -> str:
+    """One-line token text for tables (``repr``-like, without the quotes' escaping noise)."""
+    shown = display_token(text).replace("\n", "")
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return shown
+
+
+def _sparkline(values: Sequence[float]) -> str:
+    top = _max_abs(values)
+    if top <= 0:
+        return _SPARKS[0] * len(values)
+    return "".join(_SPARKS[min(len(_SPARKS) - 1, int(abs(v) / top * (len(_SPARKS) - 1) + 0.5))]
+                   for v in values)
+
+
+def _row_target_token(explanation: Explanation, row: RelevanceRow) -> tuple[str, int | None]:
+    """(text, id) of the token whose logit is the row's target."""
+    target = row.target
+    token_id = target.token_ids[0] if target.token_ids else None
+    if target.span is not None:
+        index = explanation.prompt_length + target.span[0]
+        if 0 <= index < len(explanation.tokens) and explanation.tokens[index].id == token_id:
+            return explanation.tokens[index].text, token_id
+    for tok in explanation.tokens[explanation.prompt_length:]:
+        if tok.id == token_id:
+            return tok.text, token_id
+    return f"<id {token_id}>", token_id
+
+
+def _row_top_inputs(
+    explanation: Explanation, row: RelevanceRow, field: str, k: int = 3
+) -> list[tuple[Token, float]]:
+    values = getattr(row, field)
+    limit = max(row.target.positions, default=len(values) - 1) + 1  # inputs the target can see
+    order = sorted(range(min(limit, len(values))), key=lambda i: -abs(values[i]))[:k]
+    return [(explanation.tokens[i], values[i]) for i in order]
+
+
+def _layer_sums(explanation: Explanation) -> list[tuple[int, float, float]]:
+    layers = explanation.positional_relevance_per_layer or []
+    return [(lr.layer, sum(abs(v) for v in lr.cos), sum(abs(v) for v in lr.sin)) for lr in layers]
+
+
+# --- terminal -------------------------------------------------------------------------------
+def print_explanation(
+    explanation: Explanation,
+    console: Console | None = None,
+    *,
+    field: str = "combined_relevance",
+    top_k: int = 10,
+) -> None:
+    """Print a token heatmap of ``field`` and summary tables to ``console`` (default: stdout)."""
+    from rich import box
+    from rich.color import Color
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.rule import Rule
+    from rich.style import Style
+    from rich.table import Table
+    from rich.text import Text
+
+    field = resolve_field(field)
+    console = console or Console()
+    values = getattr(explanation, field)
+    max_abs = _max_abs(values)
+    view = next(k for k, v in FIELDS.items() if v == field)
+
+    def heat_text(tokens: Sequence[Token]) -> Text:
+        text = Text()
+        for tok in tokens:
+            value = values[tok.index] if tok.index < len(values) else None
+            style = Style(
+                bgcolor=Color.from_rgb(*heat_rgb(value, max_abs)),
+                color=Color.parse(_fg_for(value, max_abs)),
+            )
+            shown = display_token(tok.text)
+            # Style each visual line separately so the line break itself carries no background.
+            parts = shown.split("\n")
+            for j, part in enumerate(parts):
+                if part:
+                    text.append(part, style=style)
+                if j < len(parts) - 1:
+                    text.append("\n")
+        if text.plain.endswith("\n"):  # the section break already ends the line
+            text.right_crop(1)
+        return text
+
+    prompt = [t for t in explanation.tokens if t.role == "prompt"]
+    completion = [t for t in explanation.tokens if t.role == "completion"]
+    parts: list = [Text("prompt", style="bold cyan"), heat_text(prompt)]
+    if completion:
+        parts += [Rule("completion", style="magenta", characters="╌"), heat_text(completion)]
+    legend = Text("  −max ")
+    for t in (-1.0, -0.66, -0.33, 0.0, 0.33, 0.66, 1.0):
+        legend.append("  ", style=Style(bgcolor=Color.from_rgb(*heat_rgb(t, 1.0))))
+    legend.append(f" +max   (max |{view}| = {format_number(max_abs)})", style="dim")
+    console.print(
+        Panel(
+            Group(*parts),
+            title=f"[bold]{view} relevance[/bold]",
+            subtitle=legend,
+            border_style="grey50",
+        )
+    )
+
+    # Summary.
+    c = explanation.conservation
+    rel_style = "green" if c.relative_error <= 0.05 else ("yellow" if c.relative_error <= 0.2 else "red")
+    head = Text()
+    head.append("summary  ", style="bold")
+    for j, (key, value) in enumerate((("model", explanation.model), ("mode", explanation.mode),
+                                      ("target", explanation.target.description))):
+        if j:
+            head.append(" · ", style="dim")
+        head.append(f"{key} ", style="dim")
+        head.append(value, style="bold")
+    console.print(head)
+    summary = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for style in ("dim", "", "dim", ""):
+        summary.add_column(style=style, no_wrap=True)
+    n_completion = len(explanation.tokens) - explanation.prompt_length
+    pairs = [
+        ("target logit", Text(format_number(explanation.target_logit))),
+        ("tokens", Text(f"{explanation.prompt_length} prompt + {n_completion} completion")),
+        ("Σ token relevance", Text(format_number(c.token_sum))),
+        ("Σ positional relevance", Text(format_number(c.positional_sum))),
+        ("positional share", Text(format_share(explanation.positional_share))),
+        ("conservation rel. error", Text(format_number(c.relative_error), style=rel_style)),
+    ]
+    for i in range(0, len(pairs), 2):
+        (k1, v1), (k2, v2) = pairs[i], pairs[i + 1]
+        summary.add_row(k1, v1, "  " + k2, v2)
+    console.print(summary)
+    console.print()
+
+    # Top-k tokens.
+    if top_k > 0 and explanation.tokens:
+        top = Table(box=box.SIMPLE_HEAD, title=f"top {top_k} tokens by |{view}|",
+                    title_justify="left", title_style="bold", pad_edge=False)
+        for name, kw in (("#", {"justify": "right"}), ("pos", {"justify": "right"}), ("role", {}),
+                         ("token", {}), (view, {"justify": "right"}),
+                         ("token rel.", {"justify": "right"}), ("positional rel.", {"justify": "right"})):
+            top.add_column(name, **kw)
+        for rank, (tok, value) in enumerate(explanation.top_tokens(top_k, by=field), 1):
+            cell = Text(short_token(tok.text), style=Style(
+                bgcolor=Color.from_rgb(*heat_rgb(value, max_abs)),
+                color=Color.parse(_fg_for(value, max_abs))))
+            top.add_row(str(rank), str(tok.index), tok.role, cell, format_number(value),
+                        format_number(explanation.token_relevance[tok.index]),
+                        format_number(explanation.positional_relevance[tok.index]))
+        console.print(top)
+
+    # Per-layer positional relevance: a sparkline, then the sums in side-by-side column groups.
+    sums = _layer_sums(explanation)
+    if sums:
+        totals = [cs + ss for _, cs, ss in sums]
+        title = Text()
+        title.append("positional relevance per layer (Σ|cos|+Σ|sin|)  ", style="bold")
+        title.append(_sparkline(totals), style="magenta")
+        console.print(title)
+        groups = max(1, min(math.ceil(len(sums) / 10), max(1, console.width // 26)))
+        per_group = math.ceil(len(sums) / groups)
+        layers = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for g in range(groups):
+            layers.add_column("layer", justify="right", style="dim" if g else None)
+            layers.add_column("Σ|cos|", justify="right")
+            layers.add_column("Σ|sin|", justify="right")
+        for r in range(per_group):
+            cells = []
+            for g in range(groups):
+                k = g * per_group + r
+                if k < len(sums):
+                    layer, cs, ss = sums[k]
+                    cells += [str(layer), format_number(cs), format_number(ss)]
+                else:
+                    cells += ["", "", ""]
+            layers.add_row(*cells)
+        console.print(layers)
+
+    # Per-token rows.
+    if explanation.rows:
+        rows = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="per-token targets",
+                     title_justify="left", title_style="bold")
+        rows.add_column("row", justify="right")
+        rows.add_column("pos", justify="right")
+        rows.add_column("target token")
+        rows.add_column("logit", justify="right")
+        rows.add_column(f"top 3 input tokens by |{view}|")
+        for k, row in enumerate(explanation.rows):
+            text, _ = _row_target_token(explanation, row)
+            row_values = getattr(row, field)
+            row_max = _max_abs(row_values)
+            cell = Text()
+            for j, (tok, value) in enumerate(_row_top_inputs(explanation, row, field)):
+                if j:
+                    cell.append("  ")
+                cell.append(short_token(tok.text, 16), style=Style(
+                    bgcolor=Color.from_rgb(*heat_rgb(value, row_max)),
+                    color=Color.parse(_fg_for(value, row_max))))
+                cell.append(f" {format_number(value)}", style="dim")
+            pos = ",".join(str(p) for p in row.target.positions)
+            rows.add_row(str(k), pos, short_token(text), format_number(row.target_logit), cell)
+        console.print(rows)
+
+
+# --- HTML -----------------------------------------------------------------------------------
+_CSS = """
+:root { --pos: rgb(220,38,38); --neg: rgb(37,99,235); --fg: #1f2328; --muted: #656d76;
+        --border: #d0d7de; --bg: #ffffff; --panel: #f6f8fa; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 24px 32px 48px; font: 14px/1.5 system-ui, -apple-system, "Segoe UI",
+       Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--fg); background: var(--bg); }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 16px; margin: 28px 0 8px; }
+.meta { color: var(--muted); }
+.meta b { color: var(--fg); font-weight: 600; }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin-top: 16px; }
+.card { background: var(--panel); border: 1px solid var(--border); border-radius: 8px;
+        padding: 8px 14px; min-width: 150px; }
+.card .k { color: var(--muted); font-size: 12px; }
+.card .v { font: 600 17px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.good { color: #1a7f37; } .warn { color: #9a6700; } .bad { color: #cf222e; }
+.controls { display: flex; flex-wrap: wrap; align-items: center; gap: 16px; margin: 8px 0; }
+.seg { display: inline-flex; border: 1px solid var(--border); border-radius: 6px; overflow: hidden; }
+.seg label { padding: 4px 12px; cursor: pointer; border-left: 1px solid var(--border); user-select: none; }
+.seg label:first-of-type { border-left: 0; }
+.seg input { display: none; }
+.seg input:checked + span { font-weight: 600; }
+.seg label:has(input:checked) { background: #ddf4ff; }
+.legend { display: inline-flex; align-items: center; gap: 6px; color: var(--muted); font-size: 12px; }
+.legend .bar { width: 160px; height: 12px; border: 1px solid var(--border); border-radius: 3px;
+  background: linear-gradient(to right, rgb(37,99,235), #fff 50%, rgb(220,38,38)); }
+.heat { border: 1px solid var(--border); border-radius: 8px; overflow: hidden; }
+.heat .label { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted);
+  background: var(--panel); padding: 3px 12px; border-bottom: 1px solid var(--border); }
+.heat .label.completion { border-top: 2px dashed #8250df; color: #8250df; }
+.tokens { padding: 10px 12px; white-space: pre-wrap; word-break: break-word;
+  font: 14px/1.9 ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace; }
+.tok { border-radius: 3px; padding: 1px 0; cursor: default; }
+.tok:hover, .tok.hl { outline: 2px solid #8250df; outline-offset: 0; }
+#info { min-height: 1.6em; font: 12px/1.6 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  color: var(--muted); margin: 6px 2px; }
+svg { display: block; width: 100%; height: auto; border: 1px solid var(--border); border-radius: 8px;
+  background: #fff; }
+svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
+svg .bar:hover { opacity: .7; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border-bottom: 1px solid var(--border); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--panel); font-weight: 600; }
+td.num { text-align: right; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.chip { display: inline-block; border-radius: 3px; padding: 0 4px; margin: 1px 4px 1px 0;
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre; }
+tr.row { cursor: pointer; } tr.row:hover { background: #f6f8fa; } tr.row.sel { background: #ddf4ff; }
+.note { color: var(--muted); font-size: 12px; }
+"""
+
+_JS = """
+(function () {
+  var data = JSON.parse(document.getElementById('explanation').textContent);
+  var FIELDS = {combined: 'combined_relevance', token: 'token_relevance', positional: 'positional_relevance'};
+  var state = {view: 'combined', row: -1};
+  var spans = Array.prototype.slice.call(document.querySelectorAll('span.tok'));
+  var info = document.getElementById('info');
+  var rowLabel = document.getElementById('row-label');
+  function fmt(x) {
+    if (x === null || x === undefined || !isFinite(x)) return String(x);
+    var a = Math.abs(x);
+    if (a === 0) return '0';
+    if (a >= 1e-3 && a < 1e5) return x.toFixed(4);
+    return x.toExponential(3);
+  }
+  function rgb(v, m) {
+    var t = (m > 0 && v !== null && isFinite(v)) ? Math.min(1, Math.abs(v) / m) : 0;
+    var b = v < 0 ? [37, 99, 235] : [220, 38, 38];
+    var c = [0, 1, 2].map(function (i) { return Math.round(255 + (b[i] - 255) * t); });
+    return {bg: 'rgb(' + c.join(',') + ')', fg: t > 0.55 ? '#ffffff' : '#111111'};
+  }
+  function source() { return state.row < 0 ? data : data.rows[state.row]; }
+  function values() { return source()[FIELDS[state.view]] || []; }
+  function paint() {
+    var vals = values(), m = 0;
+    vals.forEach(function (v) { if (v !== null && isFinite(v)) m = Math.max(m, Math.abs(v)); });
+    spans.forEach(function (s) {
+      var c = rgb(vals[+s.dataset.i], m);
+      s.style.background = c.bg; s.style.color = c.fg;
+    });
+    document.getElementById('max-abs').textContent = fmt(m);
+    if (rowLabel) rowLabel.textContent = state.row < 0 ? 'summed target (' + data.target.description + ')'
+                                                     : 'row ' + state.row + ': ' + data.rows[state.row].target.description;
+    document.querySelectorAll('tr.row').forEach(function (tr) {
+      tr.classList.toggle('sel', +tr.dataset.row === state.row);
+    });
+  }
+  document.querySelectorAll('input[name=view]').forEach(function (el) {
+    el.addEventListener('change', function () { state.view = el.value; paint(); });
+  });
+  document.querySelectorAll('tr.row').forEach(function (tr) {
+    tr.addEventListener('click', function () {
+      var r = +tr.dataset.row; state.row = state.row === r ? -1 : r; paint();
+    });
+  });
+  var reset = document.getElementById('row-reset');
+  if (reset) reset.addEventListener('click', function () { state.row = -1; paint(); });
+  function show(i) {
+    var t = data.tokens[i], src = source();
+    info.textContent = '#' + i + ' ' + t.role + '  ' + JSON.stringify(t.text) + '  id ' + t.id +
+      '  token ' + fmt(src.token_relevance[i]) + '  positional ' + fmt(src.positional_relevance[i]) +
+      '  combined ' + fmt(src.combined_relevance[i]);
+  }
+  function highlight(i, on) { if (spans[i]) spans[i].classList.toggle('hl', on); }
+  spans.forEach(function (s) {
+    s.addEventListener('mouseenter', function () { show(+s.dataset.i); });
+  });
+  document.querySelectorAll('svg [data-i]').forEach(function (el) {
+    el.addEventListener('mouseenter', function () { show(+el.dataset.i); highlight(+el.dataset.i, true); });
+    el.addEventListener('mouseleave', function () { highlight(+el.dataset.i, false); });
+  });
+  paint();
+})();
+"""
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _embedded_json(explanation: Explanation) -> str:
+    """The explanation JSON, safe inside a ``<script>`` element (still valid JSON)."""
+    return explanation.model_dump_json().replace("</", "<\\/").replace("<!--", "<\\u0021--")
+
+
+def _bar_svg(explanation: Explanation) -> str:
+    values = explanation.positional_relevance
+    n = len(values)
+    width, height, left, pad = 1000.0, 180.0, 56.0, 14.0
+    plot_w = width - left - 8
+    mid = height / 2
+    half = mid - pad
+    top = _max_abs(values)
+    bw = plot_w / max(n, 1)
+    parts = [
+        f'<svg id="positional-bars" viewBox="0 0 {width:g} {height:g}" role="img" '
+        f'aria-label="positional relevance per position">',
+        f'<line x1="{left:g}" y1="{mid:g}" x2="{width - 8:g}" y2="{mid:g}" stroke="#8c959f" '
+        f'stroke-width="1"/>',
+        f'<text x="{left - 6:g}" y="{pad + 4:g}" text-anchor="end">{_e(format_number(top))}</text>',
+        f'<text x="{left - 6:g}" y="{mid + 4:g}" text-anchor="end">0</text>',
+        f'<text x="{left - 6:g}" y="{height - pad + 4:g}" text-anchor="end">'
+        f'{_e(format_number(-top))}</text>',
+    ]
+    for i, v in enumerate(values):
+        tok = explanation.tokens[i] if i < len(explanation.tokens) else None
+        h = _intensity(v, top) * half
+        if h <= 0:
+            h = 0.0
+        y = mid - h if (v or 0) >= 0 else mid
+        r, g, b = POSITIVE_RGB if (v or 0) >= 0 else NEGATIVE_RGB
+        label = f"#{i} {short_token(tok.text) if tok else ''}: positional {format_number(v)}"
+        parts.append(
+            f'<rect class="bar" data-i="{i}" x="{left + i * bw:.2f}" y="{y:.2f}" '
+            f'width="{max(bw * 0.85, 0.5):.2f}" height="{max(h, 0.5):.2f}" fill="rgb({r},{g},{b})">'
+            f"<title>{_e(label)}</title></rect>"
+        )
+    if 0 < explanation.prompt_length < n:
+        x = left + explanation.prompt_length * bw - bw * 0.075
+        parts.append(
+            f'<line x1="{x:.2f}" y1="4" x2="{x:.2f}" y2="{height - 4:g}" stroke="#8250df" '
+            f'stroke-dasharray="4 3"/><text x="{x + 4:.2f}" y="12">completion →</text>'
+        )
+    parts.append(f'<text x="{left:g}" y="{height - 2:g}">0</text>')
+    parts.append(f'<text x="{width - 8:g}" y="{height - 2:g}" text-anchor="end">{n - 1}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _layer_svg(explanation: Explanation) -> str:
+    layers = explanation.positional_relevance_per_layer or []
+    n = len(explanation.tokens)
+    cell_h = max(6.0, min(14.0, 300.0 / max(len(layers), 1)))
+    left, width = 56.0, 1000.0
+    plot_w = width - left - 8
+    cw = plot_w / max(n, 1)
+    height = cell_h * len(layers) + 24
+    signed = [[(c or 0.0) + (s or 0.0) for c, s in zip(lr.cos, lr.sin)] for lr in layers]
+    top = max((_max_abs(r) for r in signed), default=0.0)
+    every = max(1, math.ceil(len(layers) / 15))
+    parts = [
+        f'<svg id="layer-heatmap" viewBox="0 0 {width:g} {height:g}" role="img" '
+        f'aria-label="positional relevance per layer and position">'
+    ]
+    for row, (lr, vals) in enumerate(zip(layers, signed)):
+        y = 6 + row * cell_h
+        if row % every == 0:
+            parts.append(f'<text x="{left - 6:g}" y="{y + cell_h - 3:g}" text-anchor="end">'
+                         f"L{lr.layer}</text>")
+        for i, v in enumerate(vals):
+            if v == 0:
+                continue
+            r, g, b = heat_rgb(v, top)
+            label = (f"layer {lr.layer}, #{i}: cos {format_number(lr.cos[i])}, "
+                     f"sin {format_number(lr.sin[i])}")
+            parts.append(
+                f'<rect data-i="{i}" x="{left + i * cw:.2f}" y="{y:g}" width="{cw:.2f}" '
+                f'height="{cell_h:g}" fill="rgb({r},{g},{b})"><title>{_e(label)}</title></rect>'
+            )
+    if 0 < explanation.prompt_length < n:
+        x = left + explanation.prompt_length * cw
+        parts.append(f'<line x1="{x:.2f}" y1="2" x2="{x:.2f}" y2="{height - 16:g}" '
+                     f'stroke="#8250df" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{left:g}" y="{height - 4:g}">position 0</text>')
+    parts.append(f'<text x="{width - 8:g}" y="{height - 4:g}" text-anchor="end">{n - 1}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _token_span(explanation: Explanation, tok: Token, field: str, max_abs: float) -> str:
+    i = tok.index
+    values = getattr(explanation, field)
+    value = values[i] if i < len(values) else None
+    r, g, b = heat_rgb(value, max_abs)
+    title = "\n".join([
+        f"#{i} ({tok.role}) {tok.text!r}",
+        f"id {tok.id}",
+        f"token relevance {format_number(explanation.token_relevance[i])}",
+        f"positional relevance {format_number(explanation.positional_relevance[i])}",
+        f"combined {format_number(explanation.combined_relevance[i])}",
+    ])
+    return (
+        f'<span class="tok" data-i="{i}" style="background:rgb({r},{g},{b});'
+        f'color:{_fg_for(value, max_abs)}" title="{_e(title)}">{_e(display_token(tok.text))}</span>'
+    )
+
+
+def _chip(text: str, value: float, max_abs: float, note: str = "") -> str:
+    r, g, b = heat_rgb(value, max_abs)
+    extra = f' title="{_e(note)}"' if note else ""
+    return (f'<span class="chip" style="background:rgb({r},{g},{b});color:{_fg_for(value, max_abs)}"'
+            f"{extra}>{_e(short_token(text, 20))}</span>")
+
+
+def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
+    """A self-contained HTML page (inline CSS, JS and SVG; nothing is fetched)."""
+    field = "combined_relevance"
+    values = explanation.combined_relevance
+    max_abs = _max_abs(values)
+    c = explanation.conservation
+    n_completion = len(explanation.tokens) - explanation.prompt_length
+
+    prompt = [t for t in explanation.tokens if t.role == "prompt"]
+    completion = [t for t in explanation.tokens if t.role == "completion"]
+    heat = ['<div class="heat"><div class="label">prompt</div><div class="tokens" id="prompt-tokens">']
+    heat += [_token_span(explanation, t, field, max_abs) for t in prompt]
+    heat.append("</div>")
+    if completion:
+        heat.append('<div class="label completion">completion</div>'
+                    '<div class="tokens" id="completion-tokens">')
+        heat += [_token_span(explanation, t, field, max_abs) for t in completion]
+        heat.append("</div>")
+    heat.append("</div>")
+
+    err_class = "good" if c.relative_error <= 0.05 else ("warn" if c.relative_error <= 0.2 else "bad")
+    cards = [
+        ("target logit", format_number(explanation.target_logit), ""),
+        ("Σ token relevance", format_number(c.token_sum), ""),
+        ("Σ positional relevance", format_number(c.positional_sum), ""),
+        ("positional share", format_share(explanation.positional_share), ""),
+        ("conservation rel. error", format_number(c.relative_error), err_class),
+        ("tokens", f"{explanation.prompt_length} + {n_completion}", ""),
+    ]
+    cards_html = "".join(
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div></div>'
+        for k, v, cls in cards
+    )
+
+    views = "".join(
+        f'<label><input type="radio" name="view" value="{name}"{" checked" if name == "combined" else ""}>'
+        f"<span>{name}</span></label>"
+        for name in FIELDS
+    )
+
+    top_rows = []
+    for rank, (tok, value) in enumerate(explanation.top_tokens(max(top_k, 0), by=field), 1):
+        top_rows.append(
+            f'<tr><td class="num">{rank}</td><td class="num">{tok.index}</td><td>{_e(tok.role)}</td>'
+            f"<td>{_chip(tok.text, value, max_abs)}</td><td class=\"num\">{_e(format_number(value))}</td>"
+            f'<td class="num">{_e(format_number(explanation.token_relevance[tok.index]))}</td>'
+            f'<td class="num">{_e(format_number(explanation.positional_relevance[tok.index]))}</td></tr>'
+        )
+
+    sections = []
+    if top_rows:
+        sections.append(
+            f"<h2>Top {top_k} tokens by |combined relevance|</h2>"
+            '<table><thead><tr><th>#</th><th>pos</th><th>role</th><th>token</th><th>combined</th>'
+            "<th>token rel.</th><th>positional rel.</th></tr></thead><tbody>"
+            + "".join(top_rows) + "</tbody></table>"
+        )
+    sections += [
+        "<h2>Positional relevance per position</h2>"
+        '<p class="note">Sum over layers of the cos and sin relevance of each position\'s RoPE '
+        "inputs (summed target). Hover a bar to find its token.</p>" + _bar_svg(explanation),
+    ]
+    if explanation.positional_relevance_per_layer:
+        sums = _layer_sums(explanation)
+        layer_rows = "".join(
+            f'<tr><td class="num">{layer}</td><td class="num">{_e(format_number(cs))}</td>'
+            f'<td class="num">{_e(format_number(ss))}</td></tr>'
+            for layer, cs, ss in sums
+        )
+        sections.append(
+            "<h2>Positional relevance per layer</h2>"
+            '<p class="note">Rows are layers, columns positions; colour is cos + sin relevance '
+            "(red positive, blue negative).</p>" + _layer_svg(explanation)
+            + '<details><summary class="note">per-layer sums</summary><table><thead><tr><th>layer</th>'
+            "<th>Σ|cos|</th><th>Σ|sin|</th></tr></thead><tbody>" + layer_rows + "</tbody></table></details>"
+        )
+    if explanation.rows:
+        body = []
+        for k, row in enumerate(explanation.rows):
+            text, token_id = _row_target_token(explanation, row)
+            row_max = _max_abs(row.combined_relevance)
+            chips = "".join(
+                _chip(tok.text, value, row_max, f"#{tok.index} combined {format_number(value)}")
+                for tok, value in _row_top_inputs(explanation, row, field)
+            )
+            pos = ",".join(str(p) for p in row.target.positions)
+            body.append(
+                f'<tr class="row" data-row="{k}"><td class="num">{k}</td><td class="num">{_e(pos)}</td>'
+                f"<td>{_chip(text, 0.0, 1.0)} <span class=\"note\">id {_e(token_id)}</span></td>"
+                f'<td class="num">{_e(format_number(row.target_logit))}</td>'
+                f'<td class="num">{_e(format_number(row.conservation.relative_error))}</td>'
+                f"<td>{chips}</td></tr>"
+            )
+        sections.append(
+            "<h2>Per-token targets</h2>"
+            '<p class="note">One row per completion token (its own logit as target). Click a row to '
+            'show its relevance in the heatmap; click again or <button id="row-reset" type="button">'
+            "reset</button> to go back to the summed target.</p>"
+            "<table><thead><tr><th>row</th><th>pos</th><th>target token</th><th>logit</th>"
+            "<th>rel. error</th><th>top 3 input tokens (combined)</th></tr></thead><tbody>"
+            + "".join(body) + "</tbody></table>"
+        )
+
+    row_label = (
+        '<span class="note">showing: <b id="row-label"></b></span>' if explanation.rows else ""
+    )
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>PA-LRP explanation — {_e(explanation.model)}</title><style>{_CSS}</style></head><body>",
+        "<h1>PA-LRP explanation</h1>",
+        f'<div class="meta">model <b>{_e(explanation.model)}</b> · mode <b>{_e(explanation.mode)}</b>'
+        f" · target <b>{_e(explanation.target.description)}</b></div>",
+        f'<div class="cards">{cards_html}</div>',
+        "<h2>Token heatmap</h2>",
+        f'<div class="controls"><div class="seg" role="radiogroup" aria-label="relevance">{views}</div>'
+        '<span class="legend">−max <span class="bar"></span> +max · max |value| = '
+        f'<b id="max-abs">{_e(format_number(max_abs))}</b></span>{row_label}</div>',
+        "".join(heat),
+        '<div id="info">hover a token for details</div>',
+        *sections,
+        f'<script type="application/json" id="explanation">{_embedded_json(explanation)}</script>',
+        f"<script>{_JS}</script></body></html>\n",
+    ])
