@@ -55,6 +55,8 @@ def _row(target, token, positional, per_layer=None):
             token_sum=sum(token),
             positional_sum=sum(positional),
             relative_error=0.01 / abs(logit),
+            softmax_absorbed=0.5,
+            relative_error_excluding_softmax=0.002,
         ),
     )
 

@@ -212,7 +212,9 @@ def print_explanation(
 
     # Summary.
     c = explanation.conservation
-    rel_style = "green" if c.relative_error <= 0.05 else ("yellow" if c.relative_error <= 0.2 else "red")
+    # The softmax rule is not conservative by design (AttnLRP): judge the other rules' closure.
+    closure = c.relative_error_excluding_softmax
+    rel_style = "green" if closure <= 1e-3 else ("yellow" if closure <= 1e-2 else "red")
     head = Text()
     head.append("summary  ", style="bold")
     for j, (key, value) in enumerate((("model", explanation.model), ("mode", explanation.mode),
@@ -232,8 +234,14 @@ def print_explanation(
         ("Σ token relevance", Text(format_number(c.token_sum))),
         ("Σ positional relevance", Text(format_number(c.positional_sum))),
         ("positional share", Text(format_share(explanation.positional_share))),
-        ("conservation rel. error", Text(format_number(c.relative_error), style=rel_style)),
+        ("reached inputs", Text(format_share((c.token_sum + c.positional_sum) / c.target_logit)
+                                if c.target_logit else "–")),
+        ("softmax rule absorbed", Text(format_number(c.softmax_absorbed))),
+        ("conservation rel. error", Text(format_number(c.relative_error))),
+        ("error excl. softmax", Text(format_number(closure), style=rel_style)),
     ]
+    if len(pairs) % 2:
+        pairs.append(("", Text("")))
     for i in range(0, len(pairs), 2):
         (k1, v1), (k2, v2) = pairs[i], pairs[i + 1]
         summary.add_row(k1, v1, "  " + k2, v2)
@@ -565,13 +573,16 @@ def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
         heat.append("</div>")
     heat.append("</div>")
 
-    err_class = "good" if c.relative_error <= 0.05 else ("warn" if c.relative_error <= 0.2 else "bad")
+    closure = c.relative_error_excluding_softmax
+    err_class = "good" if closure <= 1e-3 else ("warn" if closure <= 1e-2 else "bad")
     cards = [
         ("target logit", format_number(explanation.target_logit), ""),
         ("Σ token relevance", format_number(c.token_sum), ""),
         ("Σ positional relevance", format_number(c.positional_sum), ""),
         ("positional share", format_share(explanation.positional_share), ""),
-        ("conservation rel. error", format_number(c.relative_error), err_class),
+        ("conservation rel. error", format_number(c.relative_error), ""),
+        ("softmax rule absorbed", format_number(c.softmax_absorbed), ""),
+        ("error excl. softmax", format_number(closure), err_class),
         ("tokens", f"{explanation.prompt_length} + {n_completion}", ""),
     ]
     cards_html = "".join(

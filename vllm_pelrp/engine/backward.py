@@ -78,6 +78,7 @@ class RelevanceResult:
     positional_cos: Tensor
     positional_sin: Tensor
     target_logit: Tensor
+    softmax_absorbed: Tensor  # (B, L): relevance the softmax rule drops, Σ R(probs) − Σ R(scores)
 
     @property
     def positional(self) -> Tensor:
@@ -178,9 +179,12 @@ def layer_forward(
 
 
 def _attention_backward(
-    spec: LlamaSpec, cache: _LayerCache, grad_attended: Tensor, mode: str
+    spec: LlamaSpec, cache: _LayerCache, grad_attended: Tensor, mode: str, absorbed: Tensor
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """∂ at the attention output (B, T, Hq, D) → ∂ at q̃ (B,T,Hq,D), k̃ (B,T,Hkv,D), v."""
+    """∂ at the attention output (B, T, Hq, D) → ∂ at q̃ (B,T,Hq,D), k̃ (B,T,Hkv,D), v.
+
+    Adds into ``absorbed`` (B,) what the (non-conservative) softmax rule drops.
+    """
     rows, length = grad_attended.shape[:2]
     group = spec.group_size
     scale = 1.0 / math.sqrt(spec.head_dim)
@@ -197,7 +201,8 @@ def _attention_backward(
         queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
         keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
         values = cache.values[:, kv_head].float()
-        probs = torch.softmax(scale * queries @ keys.T + mask, dim=-1)  # (G, T, S)
+        scores = scale * queries @ keys.T  # (G, T, S), before the mask
+        probs = torch.softmax(scores + mask, dim=-1)
         for start in range(0, rows, rows_per_block):
             block = slice(start, start + rows_per_block)
             grad_out = grad_attended[block, :, heads].transpose(1, 2)  # (b, G, T, D)
@@ -206,6 +211,9 @@ def _attention_backward(
             if grad_probs is None:
                 continue
             grad_scores = softmax_rule(grad_probs, probs)
+            absorbed[block] += (probs * grad_probs).sum((1, 2, 3)) - (scores * grad_scores).sum(
+                (1, 2, 3)
+            )
             grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
             grad_queries[block, :, heads] = grad_q.transpose(1, 2)
             grad_keys[block, :, kv_head] = grad_k
@@ -240,6 +248,7 @@ def layer_backward(
     rope: _Rope,
     mode: str,
     positional: Tensor,
+    absorbed: Tensor,
 ) -> Tensor:
     """Modified gradient at the layer output (B, T, hidden) fp32 → at its input, fp32."""
     spec = weights.spec
@@ -258,7 +267,9 @@ def layer_backward(
     # attention: h = x + o_proj(attention(rope(q), rope(k), v))
     grad_attended = linear_rule(grad_hidden, layer.o_proj).float()
     grad_attended = grad_attended.view(rows, length, spec_heads(cache), spec.head_dim)
-    grad_rot_q, grad_rot_k, grad_values = _attention_backward(spec, cache, grad_attended, mode)
+    grad_rot_q, grad_rot_k, grad_values = _attention_backward(
+        spec, cache, grad_attended, mode, absorbed
+    )
     grad_normed = linear_rule(grad_values.reshape(rows, length, -1), layer.v_proj).float()
     if grad_rot_q is not None:
         grad_queries = _rope_backward(grad_rot_q, cache.queries, rope, mode, positional)
@@ -320,6 +331,17 @@ def final_logits(weights: ModelWeights, final_hidden: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def argmax_next_token(
+    weights: ModelWeights, layer_inputs: Sequence[Tensor], positions: Tensor
+) -> int:
+    """The model's argmax token after the last position, from the saved layer inputs."""
+    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    final_hidden, _ = layer_forward(weights, weights.layers[-1], layer_inputs[-1], rope,
+                                    keep_cache=False)
+    return int(final_logits(weights, final_hidden[-1:])[0].argmax())
+
+
+@torch.no_grad()
 def relevance_from_layer_inputs(
     weights: ModelWeights,
     layer_inputs: Sequence[Tensor] | Tensor,
@@ -347,6 +369,7 @@ def relevance_from_layer_inputs(
     rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
     rows = seeds.num_rows
     positional = torch.zeros(rows, num_layers, length, 2, device=weights.device)
+    absorbed = torch.zeros(rows, num_layers, device=weights.device)
     grad = target_logit = None
     for index in reversed(range(num_layers)):
         layer = weights.layers[index]
@@ -354,13 +377,16 @@ def relevance_from_layer_inputs(
         output, cache = layer_forward(weights, layer, x, rope, keep_cache=True)
         if grad is None:
             grad, target_logit = _seed_gradient(weights, output, seeds)
-        grad = layer_backward(weights, layer, x, cache, grad, rope, mode, positional[:, index])
+        grad = layer_backward(
+            weights, layer, x, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
+        )
         del cache, output
         if progress is not None:
             progress(num_layers - index, num_layers)
     token = (layer_inputs[0].float() * grad).sum(-1)
     positional = weights.reduce(positional)
-    return RelevanceResult(token, positional[..., 0], positional[..., 1], target_logit)
+    absorbed = weights.reduce(absorbed)
+    return RelevanceResult(token, positional[..., 0], positional[..., 1], target_logit, absorbed)
 
 
 def relevance_from_input_ids(

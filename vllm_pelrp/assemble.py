@@ -1,0 +1,211 @@
+"""From raw engine relevance to the wire-format ``Explanation``: target resolution and assembly.
+
+Pure functions of token ids, a tokenizer and numbers, with no model: the offline ``Explainer``
+and the vLLM plugin's HTTP side both call them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .engine.backward import MODES, LogitSeeds, RelevanceResult
+from .explanation import (
+    Conservation,
+    Explanation,
+    LayerPositionalRelevance,
+    RelevanceRow,
+    ResolvedTarget,
+    SpanTarget,
+    Token,
+    TokenIdTarget,
+)
+
+# Per-token targets run as one batched backward; rows beyond this need an explicit, larger cap
+# (memory grows linearly in the number of rows: rows × T × hidden fp32 per layer).
+MAX_PER_TOKEN_ROWS = 64
+TARGET_HELP = "'next', 'completion', 'per_token', {'span': [i, j]} or {'token_id': k}"
+DECODE_WINDOW = 6  # earlier tokens decoded alongside each token, for spaces and byte merges
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    return mode
+
+
+def parse_target(target: Any) -> str | SpanTarget | TokenIdTarget:
+    """Validate a target given as a string, a dict or a target model."""
+    if isinstance(target, (SpanTarget, TokenIdTarget)):
+        return target
+    if target in ("next", "completion", "per_token"):
+        return target
+    if isinstance(target, dict):
+        try:
+            if set(target) == {"span"}:
+                return SpanTarget(span=tuple(target["span"]))
+            if set(target) == {"token_id"}:
+                return TokenIdTarget(token_id=int(target["token_id"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"malformed target {target!r}; allowed: {TARGET_HELP}") from error
+    raise ValueError(f"unknown target {target!r}; allowed: {TARGET_HELP}")
+
+
+def span_target(start: int, end: int, prompt_length: int, completion_ids: Sequence[int],
+                kind: str) -> ResolvedTarget:
+    """Completion tokens [start, end): token k is predicted at position prompt_length - 1 + k."""
+    positions = [prompt_length - 1 + k for k in range(start, end)]
+    token_ids = [int(t) for t in completion_ids[start:end]]
+    description = (
+        f"sum of the logits of completion tokens [{start}, {end})"
+        if end - start > 1 else f"logit of completion token {start} (id {token_ids[0]})"
+    )
+    return ResolvedTarget(kind=kind, positions=positions, token_ids=token_ids,
+                          span=(start, end), description=description)
+
+
+def needs_next_token(target: Any) -> bool:
+    return target == "next"
+
+
+def resolve_targets(
+    target: str | SpanTarget | TokenIdTarget,
+    prompt_length: int,
+    completion_ids: Sequence[int],
+    vocab_size: int,
+    next_token_id: int | None = None,
+    max_per_token_rows: int = MAX_PER_TOKEN_ROWS,
+) -> list[ResolvedTarget]:
+    """The logits each target row sums. 'next' needs the argmax ``next_token_id``."""
+    count = len(completion_ids)
+    last = prompt_length + count - 1
+    if target == "next":
+        if next_token_id is None:
+            raise ValueError("target 'next' needs the argmax next token id")
+        return [ResolvedTarget(kind="next", positions=[last], token_ids=[int(next_token_id)],
+                               description=f"argmax next token {next_token_id} after position {last}")]
+    if isinstance(target, TokenIdTarget):
+        if not 0 <= target.token_id < vocab_size:
+            raise ValueError(f"token_id {target.token_id} out of range [0, {vocab_size})")
+        return [ResolvedTarget(kind="token_id", positions=[last], token_ids=[target.token_id],
+                               description=f"logit of token {target.token_id} at position {last}")]
+    if count == 0:
+        raise ValueError(f"target {target!r} needs a completion; none was given")
+    if target == "per_token":
+        if count > max_per_token_rows:
+            raise ValueError(
+                f"per_token target: {count} completion tokens exceed the cap of "
+                f"{max_per_token_rows} rows per explanation; use a span, or raise the cap"
+            )
+        return [span_target(k, k + 1, prompt_length, completion_ids, "per_token_row")
+                for k in range(count)]
+    if target == "completion":
+        return [span_target(0, count, prompt_length, completion_ids, "completion")]
+    start, end = target.span
+    if not (0 <= start < end <= count):
+        raise ValueError(
+            f"span [{start}, {end}) is out of range: the completion has {count} tokens, "
+            f"so 0 <= i < j <= {count} is allowed"
+        )
+    return [span_target(start, end, prompt_length, completion_ids, "span")]
+
+
+def seeds_for(targets: Sequence[ResolvedTarget]) -> LogitSeeds:
+    return LogitSeeds.from_rows([list(zip(t.positions, t.token_ids)) for t in targets])
+
+
+def token_spans(tokenizer: Any, ids: Sequence[int], prompt_length: int) -> tuple[str, list[Token]]:
+    """Decoded text and each token's text with character offsets into it."""
+    pieces: list[str] = []
+    for index in range(len(ids)):
+        context = list(ids[max(0, index - DECODE_WINDOW) : index])
+        before = tokenizer.decode(context) if context else ""
+        both = tokenizer.decode(context + [ids[index]])
+        if both.startswith(before):
+            pieces.append(both[len(before) :])
+        else:  # a multi-byte character split across tokens: fall back to the lone token
+            pieces.append(tokenizer.decode([ids[index]]))
+    tokens, offset = [], 0
+    for index, (token_id, piece) in enumerate(zip(ids, pieces)):
+        role = "prompt" if index < prompt_length else "completion"
+        tokens.append(Token(index=index, id=int(token_id), text=piece, start=offset,
+                            end=offset + len(piece), role=role))
+        offset += len(piece)
+    return "".join(pieces), tokens
+
+
+def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The paper's single-norm combination: (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max_t |·|."""
+    combined = token + cos.abs().sum(0) + sin.abs().sum(0)
+    peak = combined.abs().max()
+    return combined / peak if peak > 0 else combined
+
+
+def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, target_logit: float, absorbed: float,
+                  per_layer: bool) -> RelevanceRow:
+    """One row from token relevance (T,), cos/sin relevance (L, T) and the bookkeeping."""
+    token_sum = float(token.sum())
+    positional_sum = float((cos + sin).sum())
+    scale = max(abs(target_logit), 1e-12)
+    conservation = Conservation(
+        target_logit=target_logit,
+        token_sum=token_sum,
+        positional_sum=positional_sum,
+        relative_error=abs(token_sum + positional_sum - target_logit) / scale,
+        softmax_absorbed=absorbed,
+        relative_error_excluding_softmax=abs(token_sum + positional_sum + absorbed - target_logit)
+        / scale,
+    )
+    layers = None
+    if per_layer:
+        layers = [LayerPositionalRelevance(layer=index, cos=cos[index].tolist(), sin=sin[index].tolist())
+                  for index in range(cos.shape[0])]
+    return RelevanceRow(
+        target=target,
+        target_logit=target_logit,
+        token_relevance=token.tolist(),
+        positional_relevance=(cos + sin).sum(0).tolist(),
+        positional_relevance_per_layer=layers,
+        combined_relevance=combine_relevance(token, cos, sin).tolist(),
+        conservation=conservation,
+    )
+
+
+def build_explanation(
+    result: RelevanceResult,
+    targets: Sequence[ResolvedTarget],
+    ids: Sequence[int],
+    prompt_length: int,
+    tokenizer: Any,
+    *,
+    model: str,
+    mode: str,
+    per_layer: bool = False,
+    per_token: bool = False,
+) -> Explanation:
+    """Assemble the wire-format ``Explanation`` from the engine's raw relevance (one row per target).
+
+    With ``per_token`` the rows are kept and the top level is the whole completion, i.e. the
+    rows' sum (the modified backward is linear in its seed).
+    """
+    text, tokens = token_spans(tokenizer, ids, prompt_length)
+    cpu = {name: getattr(result, name).detach().float().cpu()
+           for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed")}
+    rows = [
+        relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
+                      float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer)
+        for b, target in enumerate(targets)
+    ]
+    if per_token:
+        summary = relevance_row(
+            span_target(0, len(ids) - prompt_length, prompt_length, list(ids[prompt_length:]),
+                        "completion"),
+            cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
+            float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
+        )
+    else:
+        summary, rows = rows[0], None
+    return Explanation(**summary.model_dump(), model=model, mode=mode, text=text,
+                       prompt_length=prompt_length, tokens=tokens, rows=rows)
