@@ -21,7 +21,13 @@ from .assemble import (
     seeds_for,
     token_spans,
 )
-from .engine.backward import argmax_next_token, forward_layer_inputs, relevance_from_layer_inputs
+from .engine.backward import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    argmax_next_token,
+    final_logits,
+    relevance_from_layer_inputs,
+    run_forward,
+)
 from .engine.spec import ModelWeights
 from .explanation import Explanation, Token
 
@@ -176,17 +182,22 @@ class Explainer:
             raise ValueError(f"token ids must lie in [0, {vocab})")
         device = self.weights.device
         positions = torch.arange(len(ids), device=device)
-        if layer_inputs is None:
-            layer_inputs, _ = forward_layer_inputs(self.weights, torch.tensor(ids, device=device),
-                                                   positions)
         parsed = parse_target(target)
+        forward = None
+        if layer_inputs is None:
+            forward = run_forward(self.weights, torch.tensor(ids, device=device), positions,
+                                  DEFAULT_CACHE_BUDGET_BYTES)
+            layer_inputs = forward.layer_inputs
         next_token_id = None
         if needs_next_token(parsed):
-            next_token_id = argmax_next_token(self.weights, layer_inputs, positions)
+            if forward is not None:
+                next_token_id = int(final_logits(self.weights, forward.final_hidden[-1:])[0].argmax())
+            else:
+                next_token_id = argmax_next_token(self.weights, layer_inputs, positions)
         targets = resolve_targets(parsed, len(prompt_ids), completion_ids, vocab,
                                   next_token_id, max_per_token_rows)
         result = relevance_from_layer_inputs(self.weights, layer_inputs, positions,
-                                             seeds_for(targets), mode)
+                                             seeds_for(targets), mode, forward=forward)
         return build_explanation(result, targets, ids, len(prompt_ids), self.tokenizer,
                                  model=self.name, mode=mode, per_layer=per_layer,
                                  per_token=parsed == "per_token")

@@ -38,6 +38,9 @@ from .spec import LayerWeights, LlamaSpec, ModelWeights
 MODES = ("pa-lrp", "attnlrp", "cp-lrp")
 # Bytes allowed for one (targets × heads × T × T) fp32 block in the attention backward.
 ATTENTION_BLOCK_BYTES = 256 * 2**20
+# Starting from token ids, the forward's per-layer caches are kept if all of them fit in this
+# budget (short inputs); beyond it the backward recomputes each layer from its saved input.
+DEFAULT_CACHE_BUDGET_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -308,20 +311,51 @@ def embed(weights: ModelWeights, input_ids: Tensor) -> Tensor:
     return weights.embed_tokens[input_ids.to(weights.device)]
 
 
+@dataclass
+class ForwardPass:
+    """What a plain forward leaves: every layer's input, the last layer's output, and, when
+    they fit the budget, each layer's backward cache (so the backward need not recompute)."""
+
+    layer_inputs: list[Tensor]
+    final_hidden: Tensor
+    layer_caches: list[_LayerCache] | None = None
+
+
+def _cache_bytes(cache: _LayerCache) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(cache).values())
+
+
 @torch.no_grad()
-def forward_layer_inputs(
-    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None
-) -> tuple[list[Tensor], Tensor]:
-    """Plain forward: the input of every decoder layer, and the last layer's output."""
+def run_forward(
+    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None,
+    cache_budget_bytes: int = 0,
+) -> ForwardPass:
+    """Plain forward. Keeps the per-layer backward caches only if all of them together fit
+    in ``cache_budget_bytes`` (judged after the first layer); otherwise the backward
+    recomputes each layer from its input, and memory stays at the residual stream."""
     if positions is None:
         positions = torch.arange(input_ids.shape[-1], device=weights.device)
     rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
     hidden = embed(weights, input_ids)
-    layer_inputs = []
+    layer_inputs: list[Tensor] = []
+    caches: list[_LayerCache] | None = [] if cache_budget_bytes > 0 else None
     for layer in weights.layers:
         layer_inputs.append(hidden)
-        hidden, _ = layer_forward(weights, layer, hidden, rope, keep_cache=False)
-    return layer_inputs, hidden
+        hidden, cache = layer_forward(weights, layer, hidden, rope, keep_cache=caches is not None)
+        if caches is not None:
+            if len(caches) == 0 and _cache_bytes(cache) * len(weights.layers) > cache_budget_bytes:
+                caches = None
+            else:
+                caches.append(cache)
+    return ForwardPass(layer_inputs, hidden, caches)
+
+
+def forward_layer_inputs(
+    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None
+) -> tuple[list[Tensor], Tensor]:
+    """Plain forward: the input of every decoder layer, and the last layer's output."""
+    forward = run_forward(weights, input_ids, positions)
+    return forward.layer_inputs, forward.final_hidden
 
 
 def final_logits(weights: ModelWeights, final_hidden: Tensor) -> Tensor:
@@ -349,12 +383,15 @@ def relevance_from_layer_inputs(
     seeds: LogitSeeds,
     mode: str = "pa-lrp",
     progress: Callable[[int, int], None] | None = None,
+    *,
+    forward: ForwardPass | None = None,
 ) -> RelevanceResult:
     """The engine's core entry point: PA-LRP relevance from the saved residual stream.
 
     ``layer_inputs[l]`` is the input of decoder layer l, (T, hidden); ``layer_inputs[0]`` is the
     token embedding, whose relevance is the token relevance. ``positions`` (T,) are the RoPE
-    positions. Returns one relevance row per seed row.
+    positions. Returns one relevance row per seed row. ``forward`` (from ``run_forward`` on the
+    same input) lets the backward reuse its caches instead of recomputing each layer.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -374,7 +411,11 @@ def relevance_from_layer_inputs(
     for index in reversed(range(num_layers)):
         layer = weights.layers[index]
         x = layer_inputs[index]
-        output, cache = layer_forward(weights, layer, x, rope, keep_cache=True)
+        if forward is not None and forward.layer_caches is not None:
+            output, cache = forward.final_hidden, forward.layer_caches[index]
+            forward.layer_caches[index] = None  # free as we go
+        else:
+            output, cache = layer_forward(weights, layer, x, rope, keep_cache=True)
         if grad is None:
             grad, target_logit = _seed_gradient(weights, output, seeds)
         grad = layer_backward(
@@ -395,8 +436,11 @@ def relevance_from_input_ids(
     seeds: LogitSeeds,
     mode: str = "pa-lrp",
     progress: Callable[[int, int], None] | None = None,
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> RelevanceResult:
-    """Convenience: plain forward to collect the layer inputs, then the layer-wise backward."""
+    """From token ids: plain forward (keeping layer caches within budget), then the backward."""
     positions = torch.arange(input_ids.shape[-1], device=weights.device)
-    layer_inputs, _ = forward_layer_inputs(weights, input_ids, positions)
-    return relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode, progress)
+    forward = run_forward(weights, input_ids, positions, cache_budget_bytes)
+    return relevance_from_layer_inputs(
+        weights, forward.layer_inputs, positions, seeds, mode, progress, forward=forward
+    )
