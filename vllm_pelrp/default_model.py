@@ -107,3 +107,7 @@ def _convert(source: Path, target: Path, progress: bool) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(target)
         bar.update(task, advance=1, description=f"Converted default model into {target}")
+
+
+if __name__ == "__main__":
+    print(ensure_default_checkpoint())

