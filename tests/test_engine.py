@@ -206,3 +206,43 @@ def test_bfloat16_model_runs_in_its_dtype(tiny_llama):
     result32 = relevance_from_input_ids(weights_from_hf(tiny_llama), input_ids, seeds)
     assert result16.token.dtype == torch.float32
     assert relative_l2(result16.token, result32.token) < 0.1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_blocked_attention_backward_equals_unblocked(tiny_llama, monkeypatch, mode):
+    """Long inputs split the T×T attention work into row and query blocks: same result."""
+    from vllm_pelrp.engine import backward
+
+    weights = weights_from_hf(tiny_llama)
+    input_ids = torch.randint(0, 101, (150,))
+    seeds = LogitSeeds.from_rows([[(149, 3)], [(70, 9)], [(100, 1), (120, 2)]])
+    layer_inputs, _ = forward_layer_inputs(weights, input_ids)
+    positions = torch.arange(150)
+    whole = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
+    monkeypatch.setattr(backward, "ATTENTION_BLOCK_BYTES", 4 * 2 * 150 * 64)  # 64-query blocks
+    blocked = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
+    assert torch.allclose(blocked.token, whole.token, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(blocked.positional_cos, whole.positional_cos, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(blocked.softmax_absorbed, whole.softmax_absorbed, rtol=1e-5, atol=1e-6)
+
+
+def test_mistral_sliding_window_forward_matches_hf():
+    """Sliding-window attention (Mistral): the engine's forward equals transformers'."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, sliding_window=6, architectures=["MistralForCausalLM"])
+    model = MistralForCausalLM(config).eval()
+    input_ids = torch.randint(0, 97, (20,))
+    weights = weights_from_hf(model)
+    from vllm_pelrp.engine.backward import final_logits
+
+    _, final_hidden = forward_layer_inputs(weights, input_ids)
+    with torch.no_grad():
+        expected = model(input_ids[None]).logits[0]
+    assert torch.allclose(final_logits(weights, final_hidden), expected, atol=1e-4)
+    # and the backward runs with the window's mask, conserving in cp-lrp
+    result = relevance_from_input_ids(weights, input_ids, LogitSeeds.from_rows([[(19, 5)]]), "cp-lrp")
+    assert float(result.token.sum()) == pytest.approx(float(result.target_logit[0]), rel=1e-4)

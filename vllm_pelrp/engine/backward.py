@@ -130,12 +130,14 @@ def _attention_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tenso
     return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _causal_scores_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tensor:
-    mask = _attention_mask(spec, length, device)
-    if mask is not None:
-        return mask
-    upper = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(length, length, device=device).masked_fill(upper, float("-inf"))
+def _block_mask(spec: LlamaSpec, q0: int, q1: int, keys: int, device: torch.device) -> Tensor:
+    """Additive causal (and sliding-window) mask for queries q0..q1-1 against keys 0..keys-1."""
+    query_index = torch.arange(q0, q1, device=device)[:, None]
+    key_index = torch.arange(keys, device=device)[None, :]
+    blocked = key_index > query_index
+    if spec.sliding_window is not None:
+        blocked |= key_index <= query_index - spec.sliding_window
+    return torch.zeros(q1 - q0, keys, device=device).masked_fill(blocked, float("-inf"))
 
 
 def make_rope(spec: LlamaSpec, positions: Tensor, dtype: torch.dtype) -> _Rope:
@@ -197,29 +199,37 @@ def _attention_backward(
     if mode != "cp-lrp":
         grad_queries = torch.zeros_like(grad_attended)
         grad_keys = torch.zeros_like(grad_values)
-    mask = _causal_scores_mask(spec, length, grad_attended.device)
-    rows_per_block = max(1, ATTENTION_BLOCK_BYTES // (4 * group * length * length))
+    # Blocks of target rows × query rows, so one (rows, G, queries, keys) fp32 block stays
+    # within ATTENTION_BLOCK_BYTES; causal: a query block only needs the keys up to its end.
+    full_row_bytes = 4 * group * length * length
+    rows_per_block = max(1, min(rows, ATTENTION_BLOCK_BYTES // full_row_bytes))
+    query_block = length if full_row_bytes <= ATTENTION_BLOCK_BYTES else max(
+        64, ATTENTION_BLOCK_BYTES // (4 * group * length)
+    )
     for kv_head in range(spec_kv_heads(cache)):
         heads = slice(kv_head * group, (kv_head + 1) * group)
-        queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
-        keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
-        values = cache.values[:, kv_head].float()
-        scores = scale * queries @ keys.T  # (G, T, S), before the mask
-        probs = torch.softmax(scores + mask, dim=-1)
-        for start in range(0, rows, rows_per_block):
-            block = slice(start, start + rows_per_block)
-            grad_out = grad_attended[block, :, heads].transpose(1, 2)  # (b, G, T, D)
-            grad_probs, grad_v = attention_value_rule(grad_out, probs, values, share)
-            grad_values[block, :, kv_head] = grad_v
-            if grad_probs is None:
-                continue
-            grad_scores = softmax_rule(grad_probs, probs)
-            absorbed[block] += (probs * grad_probs).sum((1, 2, 3)) - (scores * grad_scores).sum(
-                (1, 2, 3)
-            )
-            grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
-            grad_queries[block, :, heads] = grad_q.transpose(1, 2)
-            grad_keys[block, :, kv_head] = grad_k
+        all_queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
+        all_keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
+        all_values = cache.values[:, kv_head].float()
+        for q0 in range(0, length, query_block):
+            q1 = min(length, q0 + query_block)
+            queries, keys, values = all_queries[:, q0:q1], all_keys[:q1], all_values[:q1]
+            scores = scale * queries @ keys.T  # (G, tq, S), before the mask
+            probs = torch.softmax(scores + _block_mask(spec, q0, q1, q1, keys.device), dim=-1)
+            for start in range(0, rows, rows_per_block):
+                block = slice(start, start + rows_per_block)
+                grad_out = grad_attended[block, q0:q1, heads].transpose(1, 2)  # (b, G, tq, D)
+                grad_probs, grad_v = attention_value_rule(grad_out, probs, values, share)
+                grad_values[block, :q1, kv_head] += grad_v
+                if grad_probs is None:
+                    continue
+                grad_scores = softmax_rule(grad_probs, probs)
+                absorbed[block] += (probs * grad_probs).sum((1, 2, 3)) - (
+                    scores * grad_scores
+                ).sum((1, 2, 3))
+                grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
+                grad_queries[block, q0:q1, heads] = grad_q.transpose(1, 2)
+                grad_keys[block, :q1, kv_head] += grad_k
     return grad_queries, grad_keys, grad_values
 
 
