@@ -113,6 +113,15 @@ class _LayerCache:
     up: Tensor
     silu_gate: Tensor
 
+    @property
+    def num_heads(self) -> int:
+        """Query heads on this rank."""
+        return self.queries.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
 
 def _rms_norm(x: Tensor, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm as in HF LLaMA: fp32 statistics, cast back, then γ. Returns (y, 1/rms)."""
@@ -194,7 +203,7 @@ def _attention_backward(
     group = spec.group_size
     scale = 1.0 / math.sqrt(spec.head_dim)
     share = 1.0 if mode == "cp-lrp" else 0.5
-    grad_values = grad_attended.new_zeros(rows, length, spec_kv_heads(cache), spec.head_dim)
+    grad_values = grad_attended.new_zeros(rows, length, cache.num_kv_heads, spec.head_dim)
     grad_queries = grad_keys = None
     if mode != "cp-lrp":
         grad_queries = torch.zeros_like(grad_attended)
@@ -206,7 +215,7 @@ def _attention_backward(
     query_block = length if full_row_bytes <= ATTENTION_BLOCK_BYTES else max(
         64, ATTENTION_BLOCK_BYTES // (4 * group * length)
     )
-    for kv_head in range(spec_kv_heads(cache)):
+    for kv_head in range(cache.num_kv_heads):
         heads = slice(kv_head * group, (kv_head + 1) * group)
         all_queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
         all_keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
@@ -233,10 +242,6 @@ def _attention_backward(
     return grad_queries, grad_keys, grad_values
 
 
-def spec_kv_heads(cache: _LayerCache) -> int:
-    return cache.keys.shape[1]
-
-
 def _rope_backward(
     grad_rotated: Tensor, pre_rope: Tensor, rope: _Rope, mode: str, positional: Tensor
 ) -> Tensor:
@@ -255,7 +260,6 @@ def _rope_backward(
 def layer_backward(
     weights: ModelWeights,
     layer: LayerWeights,
-    x: Tensor,
     cache: _LayerCache,
     grad_output: Tensor,
     rope: _Rope,
@@ -279,7 +283,7 @@ def layer_backward(
     )
     # attention: h = x + o_proj(attention(rope(q), rope(k), v))
     grad_attended = linear_rule(grad_hidden, layer.o_proj).float()
-    grad_attended = grad_attended.view(rows, length, spec_heads(cache), spec.head_dim)
+    grad_attended = grad_attended.view(rows, length, cache.num_heads, spec.head_dim)
     grad_rot_q, grad_rot_k, grad_values = _attention_backward(
         spec, cache, grad_attended, mode, absorbed
     )
@@ -291,10 +295,6 @@ def layer_backward(
         grad_normed += linear_rule(grad_keys.reshape(rows, length, -1), layer.k_proj).float()
     grad_normed = weights.reduce(grad_normed)
     return grad_hidden + rmsnorm_identity_rule(grad_normed, cache.inv_rms_attn, layer.input_norm)
-
-
-def spec_heads(cache: _LayerCache) -> int:
-    return cache.queries.shape[1]
 
 
 def _seed_gradient(
@@ -429,7 +429,7 @@ def relevance_from_layer_inputs(
         if grad is None:
             grad, target_logit = _seed_gradient(weights, output, seeds)
         grad = layer_backward(
-            weights, layer, x, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
+            weights, layer, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
         )
         del cache, output
         if progress is not None:
