@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""LXT AttnLRP (efficient mode) for every case, timed; runs inside ``.venv-lxt``.
+
+Reuses ``bench/lxt_reference.py`` (model loading with the transformers-4 config fix, LXT's
+monkey patch, one explanation = forward + backward from the target logit with seed 1, token
+relevance = Σ_dim embeddings ⊙ grad). One warm-up explanation, then each case once, timed.
+
+    .venv-lxt/bin/python bench/faithfulness/lxt_worker.py IN.json OUT.json
+
+IN.json: {"model": DIR, "threads": int|null,
+          "cases": [{"input_ids": [...], "target_position": int, "target_token_id": int}]}
+OUT.json: {"versions": {...}, "cases": [{"relevance": [...], "logit": float, "time_s": float}]}
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/
+
+import torch  # noqa: E402
+import lxt_reference as ref  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    source, target = argv
+    with open(source) as f:
+        spec = json.load(f)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    ref.apply_patch("attnlrp")
+    model, _ = ref.load_model(spec["model"])
+    out = []
+    for index, case in enumerate(spec["cases"]):
+        ids = torch.tensor([case["input_ids"]])
+        pos, tok = int(case["target_position"]), int(case["target_token_id"])
+        if index == 0:  # warm-up
+            ref.explain(model, ids, pos, tok)
+        start = time.perf_counter()
+        relevance, logit = ref.explain(model, ids, pos, tok)
+        elapsed = time.perf_counter() - start
+        out.append({"relevance": relevance.double().tolist(), "logit": logit, "time_s": elapsed})
+    with open(target, "w") as f:
+        json.dump({"versions": ref._versions(), "cases": out}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""Faithfulness benchmark (bench/faithfulness): the flipping protocol, the metrics, the shipped
+tasks, and one real check on the default model: on fixed dev cases PA-LRP's token flipping
+score beats random and gradient×input by a stated margin. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.faithfulness.methods import COMBINATIONS, DEFAULT_COMBINATION, combine, pa_lrp_variants  # noqa: E402
+from bench.faithfulness.protocol import (  # noqa: E402
+    CURVES,
+    FRACTIONS,
+    CaseCurves,
+    Reading,
+    ReadingCache,
+    curve_inputs,
+    n_flipped,
+    summarise,
+    trapezoid_auc,
+)
+from bench.faithfulness.tasks import DATA, TASKS, load_items  # noqa: E402
+
+NEUTRAL = 7
+
+
+# ---- protocol ---------------------------------------------------------------------------------
+def test_fractions_and_counts():
+    assert np.allclose(FRACTIONS, np.arange(11) / 10)
+    assert [n_flipped(f, 30) for f in FRACTIONS] == list(range(0, 31, 3))  # no 0.3·30 = 9.000…1 → 10
+    assert [n_flipped(f, 7) for f in FRACTIONS] == [0, 1, 1, 2, 3, 4, 4, 5, 6, 6, 7]
+
+
+def test_flipping_is_in_place_and_ordered():
+    ids = list(range(100, 112))
+    mutable = list(range(2, 11))  # first two and last one fixed
+    relevance = np.array([0.5, -1.0, 3.0, 0.0, 2.0, -2.0, 1.0, 0.1, -0.5])
+    inputs = curve_inputs(ids, mutable, relevance, NEUTRAL)
+    for name in CURVES:
+        seqs = inputs[name]
+        assert len(seqs) == len(FRACTIONS)
+        for f, seq in zip(FRACTIONS, seqs):
+            assert len(seq) == len(ids)  # positions unchanged: same length, no shifting
+            for i in range(len(ids)):
+                assert seq[i] in (ids[i], NEUTRAL)  # each position holds its own token or neutral
+                if i not in mutable:
+                    assert seq[i] == ids[i]
+            replaced = sum(s == NEUTRAL for s in seq)
+            n = n_flipped(f, len(mutable))
+            assert replaced == (n if name.startswith("deletion") else len(mutable) - n)
+    order = [mutable[i] for i in np.argsort(-relevance)]  # most relevant (signed) first
+    deleted = inputs["deletion_morf"][1]  # 10% of 9 → 1 token
+    assert deleted[order[0]] == NEUTRAL and sum(s == NEUTRAL for s in deleted) == 1
+    inserted = inputs["insertion_morf"][2]  # 20% of 9 → 2 tokens restored
+    assert inserted[order[0]] == ids[order[0]] and inserted[order[1]] == ids[order[1]]
+    lerf = inputs["deletion_lerf"][1]
+    assert lerf[order[-1]] == NEUTRAL  # least relevant = most negative
+    # endpoints: deletion starts from the input, insertion ends at it; all-neutral at the other end
+    assert inputs["deletion_morf"][0] == tuple(ids) == inputs["insertion_lerf"][-1]
+    assert inputs["deletion_lerf"][-1] == inputs["insertion_morf"][0]
+    # deleting the top n = inserting the bottom N − n (exact when f·N never ends in .5)
+    even = curve_inputs(ids, list(range(2, 12)), np.arange(10.0), NEUTRAL)
+    assert even["deletion_morf"][::-1] == even["insertion_lerf"]
+    assert even["deletion_lerf"][::-1] == even["insertion_morf"]
+
+
+def test_auc_and_gaps():
+    assert trapezoid_auc([1.0] * 11) == pytest.approx(1.0)
+    assert trapezoid_auc(FRACTIONS) == pytest.approx(0.5)
+    curves = {name: {"logit": [0.0] * 11, "prob": [0.0] * 11, "sqdrop": [0.0] * 11} for name in CURVES}
+    curves["deletion_lerf"]["prob"] = [1.0] * 11
+    curves["insertion_morf"]["prob"] = list(FRACTIONS)
+    aucs = summarise(curves)
+    assert aucs["deletion_gap_prob"] == pytest.approx(1.0)
+    assert aucs["insertion_gap_prob"] == pytest.approx(0.5)
+    assert aucs["score_prob"] == pytest.approx(0.75)
+    assert aucs["paper_generate_AU_AC"] == pytest.approx(0.5)
+    assert aucs["paper_pruning_AU_AC"] == pytest.approx(1.0)
+
+
+def test_readings_are_deduplicated_and_squared_drop():
+    calls = []
+
+    def read_batch(seqs):
+        calls.append(len(seqs))
+        return [Reading(logit=float(sum(s)), prob=0.5) for s in seqs]
+
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    inputs = curve_inputs(ids, list(range(10)), np.arange(10.0), 0)
+    cache = ReadingCache(read_batch, batch_size=4)
+    wanted = [tuple(ids)] + [s for seqs in inputs.values() for s in seqs]
+    read = cache.read(wanted)
+    assert cache.evaluated == len(set(wanted)) < len(wanted)
+    curves = CaseCurves.from_readings(inputs, read, read[tuple(ids)])
+    assert curves.curves["deletion_morf"]["sqdrop"][0] == 0.0
+    assert curves.curves["deletion_morf"]["sqdrop"][-1] == pytest.approx(55.0**2)
+
+
+# ---- combinations ------------------------------------------------------------------------------
+def test_combinations():
+    token = np.array([1.0, -2.0, 0.5])
+    cos = np.array([[0.1, -0.3, 0.0], [0.0, 0.2, -0.1]])
+    sin = np.zeros_like(cos)
+    single_abs = combine(token, cos, sin, signed=False, per_part=False)
+    expected = token + np.abs(cos).sum(0)
+    assert np.allclose(single_abs, expected / np.abs(expected).max())
+    signed = combine(token, cos, sin, signed=True, per_part=False)
+    expected = token + cos.sum(0)
+    assert np.allclose(signed, expected / np.abs(expected).max())
+    variants = pa_lrp_variants(token, cos, sin)
+    assert set(COMBINATIONS) <= set(variants) and DEFAULT_COMBINATION in COMBINATIONS
+    assert np.allclose(variants["pa-lrp token-only"], token)
+    assert (variants["pa-lrp position-only"] >= 0).all()
+
+
+# ---- data --------------------------------------------------------------------------------------
+def test_shipped_tasks():
+    assert (DATA / "SOURCES.md").is_file()
+    for task in TASKS:
+        items = load_items(task)
+        assert len(items) > 300
+        ids = [item["id"] for item in items]
+        assert len(set(ids)) == len(ids)
+        splits = {item["split"] for item in items}
+        assert splits == {"dev", "test"}
+    for item in load_items("quiz"):
+        assert len(item["choices"]) == 4 and 0 <= item["answer"] < 4
+        assert len(set(item["choices"])) == 4
+    json.dumps(load_items("nexttoken")[0])
+
+
+# ---- the real check on the default model --------------------------------------------------------
+# Fixed cases: the first CHECK_CASES dev items of each task (never the test split), PA-LRP with
+# the default combination. Measured on SmolLM2-135M-Instruct, fp32 (mean probability score over
+# the 6 cases): PA-LRP 0.232, random 0.003, grad-x-input -0.054, i.e. leads of 0.23 and 0.29.
+CHECK_CASES = 3
+MARGIN_OVER_RANDOM = 0.10  # probability score (mean of the deletion and insertion gaps)
+MARGIN_OVER_GRAD_X_INPUT = 0.10
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_pa_lrp_beats_random_and_gradient_x_input(smollm2, one_thread):
+    from bench.faithfulness.methods import Methods
+    from bench.faithfulness.run import PALRP, resolve_target, run_split
+    from bench.faithfulness.tasks import load_cases, neutral_token_id
+
+    neutral_id, _ = neutral_token_id(smollm2.tokenizer)
+    methods = Methods(smollm2, neutral_id)
+    scores = {}
+    for task in TASKS:
+        cases = [resolve_target(smollm2.hf_model, c)
+                 for c in load_cases(task, "dev", CHECK_CASES, smollm2.tokenizer, length=30)]
+        per_case, _ = run_split(smollm2, methods, cases, [PALRP, "grad-x-input", "random"],
+                                neutral_id, DEFAULT_COMBINATION, None, 8, "check")
+        for name, curves in per_case.items():
+            scores.setdefault(name, []).extend(c.aucs["score_prob"] for c in curves)
+    mean = {name: float(np.mean(v)) for name, v in scores.items()}
+    print("probability scores on the fixed cases:", mean)
+    assert mean[PALRP] - mean["random"] >= MARGIN_OVER_RANDOM, mean
+    assert mean[PALRP] - mean["grad-x-input"] >= MARGIN_OVER_GRAD_X_INPUT, mean
