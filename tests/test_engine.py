@@ -246,3 +246,25 @@ def test_mistral_sliding_window_forward_matches_hf():
     # and the backward runs with the window's mask, conserving in cp-lrp
     result = relevance_from_input_ids(weights, input_ids, LogitSeeds.from_rows([[(19, 5)]]), "cp-lrp")
     assert float(result.token.sum()) == pytest.approx(float(result.target_logit[0]), rel=1e-4)
+
+
+def test_combinations_follow_their_formulas(smollm2: Explainer):
+    """combined_relevance: the default (signed-per-part) and the paper's abs-single, by hand."""
+    prompt = smollm2.encode_prompt(PROMPT, chat=False)
+    default = smollm2.explain(input_ids=prompt, per_layer=True)
+    paper = smollm2.explain(input_ids=prompt, per_layer=True, combination="abs-single")
+    assert default.combination == "signed-per-part" and paper.combination == "abs-single"
+    token = torch.tensor(default.token_relevance, dtype=torch.float64)
+    cos = torch.tensor([layer.cos for layer in default.positional_relevance_per_layer], dtype=torch.float64)
+    sin = torch.tensor([layer.sin for layer in default.positional_relevance_per_layer], dtype=torch.float64)
+
+    def normalise(x):
+        return x / x.abs().max()
+
+    expected_paper = normalise(token + cos.abs().sum(0) + sin.abs().sum(0))
+    positional = sum(normalise(layer) for layer in torch.cat([cos, sin]))
+    expected_default = normalise(normalise(token) + normalise(positional))
+    assert torch.allclose(torch.tensor(paper.combined_relevance, dtype=torch.float64), expected_paper, atol=1e-5)
+    assert torch.allclose(torch.tensor(default.combined_relevance, dtype=torch.float64), expected_default, atol=1e-5)
+    with pytest.raises(ValueError, match="allowed: signed-per-part"):
+        smollm2.explain(input_ids=prompt, combination="best")

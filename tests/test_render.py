@@ -325,9 +325,9 @@ class _FakeExplainer:
         self.calls["completion"] = text
         return self.generate([], 4)
 
-    def explain(self, *, input_ids, completion, target, mode, per_layer):
+    def explain(self, *, input_ids, completion, target, mode, per_layer, combination):
         self.calls["explain"] = dict(target=target, mode=mode, per_layer=per_layer,
-                                     completion=completion)
+                                     completion=completion, combination=combination)
         if self.fail:
             raise self.fail
         return make_explanation()

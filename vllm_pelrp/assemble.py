@@ -135,16 +135,44 @@ def token_spans(tokenizer: Any, ids: Sequence[int], prompt_length: int) -> tuple
     return "".join(pieces), tokens
 
 
-def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The paper's single-norm combination: (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max_t |·|."""
-    combined = token + cos.abs().sum(0) + sin.abs().sum(0)
-    peak = combined.abs().max()
-    return combined / peak if peak > 0 else combined
+# How token and positional relevance combine into ``combined_relevance``: per layer, each cos
+# and sin part is kept signed or made absolute; "single" normalises the sum once (the paper's
+# --single-norm), "per-part" max-normalises the token part, each layer's cos and sin part and
+# the positional sum before adding. The default is the faithfulness benchmark's dev winner
+# (docs/faithfulness.md); "abs-single" is the paper's code.
+COMBINATIONS = ("signed-per-part", "signed-single", "abs-per-part", "abs-single")
+DEFAULT_COMBINATION = "signed-per-part"
+PAPER_COMBINATION = "abs-single"
+
+
+def _max_normalise(x: torch.Tensor) -> torch.Tensor:
+    peak = x.abs().max()
+    return x / peak if peak > 0 else x
+
+
+def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      combination: str = DEFAULT_COMBINATION) -> torch.Tensor:
+    """Combined relevance (T,) from token (T,) and per-layer cos/sin (L, T), max-normalised.
+
+    abs-single (the paper): (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max|·|.
+    signed-per-part: R_tok/max|R_tok| + P/max|P|, P = Σ_l R_cos,l/max|R_cos,l| + R_sin,l/max|R_sin,l|.
+    """
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}")
+    signed, per_part = combination.startswith("signed"), combination.endswith("per-part")
+    positional = torch.zeros_like(token)
+    for part in (cos, sin):
+        for layer in part:
+            value = layer if signed else layer.abs()
+            positional = positional + (_max_normalise(value) if per_part else value)
+    if per_part:
+        token, positional = _max_normalise(token), _max_normalise(positional)
+    return _max_normalise(token + positional)
 
 
 def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, target_logit: float, absorbed: float,
-                  per_layer: bool) -> RelevanceRow:
+                  per_layer: bool, combination: str = DEFAULT_COMBINATION) -> RelevanceRow:
     """One row from token relevance (T,), cos/sin relevance (L, T) and the bookkeeping."""
     token_sum = float(token.sum())
     positional_sum = float((cos + sin).sum())
@@ -168,7 +196,7 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
         token_relevance=token.tolist(),
         positional_relevance=(cos + sin).sum(0).tolist(),
         positional_relevance_per_layer=layers,
-        combined_relevance=combine_relevance(token, cos, sin).tolist(),
+        combined_relevance=combine_relevance(token, cos, sin, combination).tolist(),
         conservation=conservation,
     )
 
@@ -184,6 +212,7 @@ def build_explanation(
     mode: str,
     per_layer: bool = False,
     per_token: bool = False,
+    combination: str = DEFAULT_COMBINATION,
 ) -> Explanation:
     """Assemble the wire-format ``Explanation`` from the engine's raw relevance (one row per target).
 
@@ -195,7 +224,8 @@ def build_explanation(
            for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed")}
     rows = [
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
-                      float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer)
+                      float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer,
+                      combination)
         for b, target in enumerate(targets)
     ]
     if per_token:
@@ -204,8 +234,9 @@ def build_explanation(
                         "completion"),
             cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
             float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
+            combination,
         )
     else:
         summary, rows = rows[0], None
-    return Explanation(**summary.model_dump(), model=model, mode=mode, text=text,
-                       prompt_length=prompt_length, tokens=tokens, rows=rows)
+    return Explanation(**summary.model_dump(), model=model, mode=mode, combination=combination,
+                       text=text, prompt_length=prompt_length, tokens=tokens, rows=rows)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .assemble import COMBINATIONS, DEFAULT_COMBINATION
 from .explanation import MODES
 
 TARGET_HELP = "next | completion | per_token | span:I:J | token:ID"
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", type=_target_type, default=None, metavar="TARGET",
                     help=f"{TARGET_HELP} (default: completion if there is one, else next)")
     ex.add_argument("--mode", choices=MODES, default="pa-lrp", help="attribution rules (default pa-lrp)")
+    ex.add_argument("--combination", choices=COMBINATIONS, default=DEFAULT_COMBINATION,
+                    help="how token and positional relevance combine (default "
+                    f"{DEFAULT_COMBINATION}; abs-single is the paper's)")
     ex.add_argument("--per-layer", action="store_true",
                     help="also return the positional relevance of every layer (cos and sin parts)")
     ex.add_argument("--model", metavar="PATH", default=None,
@@ -243,6 +247,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             target=target,
             mode=args.mode,
             per_layer=args.per_layer,
+            combination=args.combination,
         )
 
     if json_to_stdout:

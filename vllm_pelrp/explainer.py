@@ -12,6 +12,8 @@ import torch
 
 from .adapters.hf import check_architecture, weights_from_hf
 from .assemble import (
+    COMBINATIONS,
+    DEFAULT_COMBINATION,
     MAX_PER_TOKEN_ROWS,
     build_explanation,
     check_mode,
@@ -150,6 +152,7 @@ class Explainer:
         per_layer: bool = False,
         max_per_token_rows: int = MAX_PER_TOKEN_ROWS,
         layer_inputs: Sequence[torch.Tensor] | None = None,
+        combination: str = DEFAULT_COMBINATION,
     ) -> Explanation:
         """Explain a target logit of the model on prompt (+ completion).
 
@@ -159,8 +162,13 @@ class Explainer:
         tokens' logits), 'per_token' (one row per completion token, batched), {'span': [i, j]}
         (completion tokens i..j-1) or {'token_id': k} (logit of k at the last position).
         ``layer_inputs`` (saved residual stream, e.g. recorded by vLLM) skips the forward pass.
+        ``combination`` picks how ``combined_relevance`` is formed (``assemble.COMBINATIONS``).
         """
         check_mode(mode)
+        if combination not in COMBINATIONS:
+            raise ValueError(
+                f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}"
+            )
         given = [x is not None for x in (text, input_ids, messages)]
         if sum(given) != 1:
             raise ValueError("give exactly one of text, input_ids or messages as the prompt")
@@ -200,4 +208,4 @@ class Explainer:
                                              seeds_for(targets), mode, forward=forward)
         return build_explanation(result, targets, ids, len(prompt_ids), self.tokenizer,
                                  model=self.name, mode=mode, per_layer=per_layer,
-                                 per_token=parsed == "per_token")
+                                 per_token=parsed == "per_token", combination=combination)

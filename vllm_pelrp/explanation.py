@@ -4,7 +4,7 @@ Conventions (documented in docs/wire-format.md):
 - every relevance list is indexed by token position, ``len == len(tokens)``;
 - relevance is in logit units: ``sum(token_relevance) + sum(positional_relevance)`` approximates
   ``target_logit`` (see ``conservation``);
-- ``combined_relevance`` is max-normalised to [-1, 1].
+- ``combined_relevance`` is max-normalised to [-1, 1]; ``combination`` names how it was formed.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class RelevanceRow(BaseModel):
         None, description="Per layer, cos and sin parts; present when asked (per_layer=True)."
     )
     combined_relevance: list[float] = Field(
-        description="(token + sum over layers of |cos| + |sin|) / max |.|: the paper's single-norm."
+        description="Token and positional relevance combined as `combination` says, max-normalised."
     )
     conservation: Conservation
 
@@ -106,6 +106,11 @@ class Explanation(RelevanceRow):
 
     model: str
     mode: Mode
+    combination: str = Field(
+        "signed-per-part",
+        description="How combined_relevance was formed: signed-per-part (default), signed-single, "
+        "abs-per-part or abs-single (the paper's code). See docs/wire-format.md.",
+    )
     text: str = Field(description="Decoded prompt + completion; token offsets index into it.")
     prompt_length: int = Field(description="Number of prompt tokens; the rest are completion.")
     tokens: list[Token]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vllm_pelrp.assemble import combine_relevance
 from vllm_pelrp.engine.backward import LogitSeeds, relevance_from_input_ids
 
 from .tasks import Case
@@ -38,37 +39,24 @@ COMBINATIONS = {
     "pa-lrp[signed,single]": dict(signed=True, per_part=False),
     "pa-lrp[signed,per-part]": dict(signed=True, per_part=True),
 }
-PAPER_DEFAULT = "pa-lrp[abs,single]"  # what vllm_pelrp.assemble.combine_relevance does now
-# The dev split's winner in the default run (docs/faithfulness.md); the CI check uses it.
+PAPER_DEFAULT = "pa-lrp[abs,single]"  # the paper's code (assemble.PAPER_COMBINATION)
+# The dev split's winner in the default run (docs/faithfulness.md), the library's default
+# (assemble.DEFAULT_COMBINATION); the CI check uses it.
 DEFAULT_COMBINATION = "pa-lrp[signed,per-part]"
-
-
-def _max_normalise(x: np.ndarray) -> np.ndarray:
-    peak = np.abs(x).max()
-    return x / peak if peak > 0 else x
-
-
-def positional_part(cos: np.ndarray, sin: np.ndarray, signed: bool, per_part: bool) -> np.ndarray:
-    """Σ over layers of the cos and sin parts (L, T) → (T,)."""
-    total = np.zeros(cos.shape[1])
-    for part in (cos, sin):
-        for layer in part:
-            value = layer if signed else np.abs(layer)
-            total += _max_normalise(value) if per_part else value
-    return _max_normalise(total) if per_part else total
 
 
 def combine(token: np.ndarray, cos: np.ndarray, sin: np.ndarray, signed: bool,
             per_part: bool) -> np.ndarray:
-    """Combined relevance, max-normalised (the normalisation does not change the ranking)."""
-    tok = _max_normalise(token) if per_part else token
-    return _max_normalise(tok + positional_part(cos, sin, signed, per_part))
+    """Combined relevance, max-normalised: the library's own ``combine_relevance``."""
+    name = f"{'signed' if signed else 'abs'}-{'per-part' if per_part else 'single'}"
+    return combine_relevance(torch.from_numpy(token), torch.from_numpy(cos),
+                             torch.from_numpy(sin), name).numpy()
 
 
 def pa_lrp_variants(token: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
     out = {name: combine(token, cos, sin, **kw) for name, kw in COMBINATIONS.items()}
     out["pa-lrp token-only"] = token
-    out["pa-lrp position-only"] = positional_part(cos, sin, signed=False, per_part=False)
+    out["pa-lrp position-only"] = np.abs(cos).sum(0) + np.abs(sin).sum(0)
     return out
 
 
