@@ -184,6 +184,8 @@ def main() -> None:
             lxt = None if args.no_lxt else run_lxt(length, repeats, timing["target"])
             progress.advance(task)
             results[length] = {"time_s": times, "peak_bytes_beyond_weights": memory, "lxt": lxt}
+            args.json.parent.mkdir(parents=True, exist_ok=True)  # partial results survive
+            args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 
     table = Table(title="CPU, SmolLM2-135M fp32: ratio to gradient×input (same run)")
     for column in ("tokens", "method", "time ratio", "memory ratio", "time s", "peak MiB"):
