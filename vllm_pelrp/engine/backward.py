@@ -15,6 +15,7 @@ Modes:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -141,11 +142,16 @@ def _attention_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tenso
 
 def _block_mask(spec: LlamaSpec, q0: int, q1: int, keys: int, device: torch.device) -> Tensor:
     """Additive causal (and sliding-window) mask for queries q0..q1-1 against keys 0..keys-1."""
+    return _cached_block_mask(spec.sliding_window, q0, q1, keys, str(device))
+
+
+@functools.lru_cache(maxsize=4)  # the same blocks recur for every layer and kv head
+def _cached_block_mask(window: int | None, q0: int, q1: int, keys: int, device: str) -> Tensor:
     query_index = torch.arange(q0, q1, device=device)[:, None]
     key_index = torch.arange(keys, device=device)[None, :]
     blocked = key_index > query_index
-    if spec.sliding_window is not None:
-        blocked |= key_index <= query_index - spec.sliding_window
+    if window is not None:
+        blocked |= key_index <= query_index - window
     return torch.zeros(q1 - q0, keys, device=device).masked_fill(blocked, float("-inf"))
 
 
@@ -198,6 +204,7 @@ def _attention_backward(
     """∂ at the attention output (B, T, Hq, D) → ∂ at q̃ (B,T,Hq,D), k̃ (B,T,Hkv,D), v.
 
     Adds into ``absorbed`` (B,) what the (non-conservative) softmax rule drops.
+    The grads are fp32: (B, T, Hq, D) for q̃ and (B, T, Hkv, D) for k̃ and v.
     """
     rows, length = grad_attended.shape[:2]
     group = spec.group_size
@@ -223,8 +230,9 @@ def _attention_backward(
         for q0 in range(0, length, query_block):
             q1 = min(length, q0 + query_block)
             queries, keys, values = all_queries[:, q0:q1], all_keys[:q1], all_values[:q1]
-            scores = scale * queries @ keys.T  # (G, tq, S), before the mask
-            probs = torch.softmax(scores + _block_mask(spec, q0, q1, q1, keys.device), dim=-1)
+            scores = (queries @ keys.T).mul_(scale).add_(_block_mask(spec, q0, q1, q1, keys.device))
+            probs = torch.softmax(scores, dim=-1)  # (G, tq, S)
+            del scores
             for start in range(0, rows, rows_per_block):
                 block = slice(start, start + rows_per_block)
                 grad_out = grad_attended[block, q0:q1, heads].transpose(1, 2)  # (b, G, tq, D)
@@ -233,12 +241,18 @@ def _attention_backward(
                 if grad_probs is None:
                     continue
                 grad_scores = softmax_rule(grad_probs, probs)
-                absorbed[block] += (probs * grad_probs).sum((1, 2, 3)) - (
-                    scores * grad_scores
-                ).sum((1, 2, 3))
                 grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
                 grad_queries[block, q0:q1, heads] = grad_q.transpose(1, 2)
                 grad_keys[block, :q1, kv_head] += grad_k
+    if grad_queries is not None:
+        # What the softmax rule drops, Σ R(probs) − Σ R(scores), from the uniform rules'
+        # conservation: Σ R(probs) = Σ v ⊙ ∂v (A·V) and Σ R(scores) = Σ q̃ ⊙ ∂q̃ + k̃ ⊙ ∂k̃ (QKᵀ),
+        # so no extra pass over the T×T blocks is needed.
+        absorbed += (
+            (grad_values * cache.values.float()).sum((1, 2, 3))
+            - (grad_queries * cache.rotated_queries.float()).sum((1, 2, 3))
+            - (grad_keys * cache.rotated_keys.float()).sum((1, 2, 3))
+        )
     return grad_queries, grad_keys, grad_values
 
 
@@ -273,7 +287,7 @@ def layer_backward(
     # MLP: y = h + down(silu(gate) ⊙ up)
     grad_product = linear_rule(grad_output, layer.down_proj).float()
     grad_silu, grad_up = uniform_product_rule(grad_product, cache.silu_gate, cache.up)
-    grad_gate = silu_identity_rule(grad_silu, cache.gate, cache.silu_gate)
+    grad_gate = silu_identity_rule(grad_silu, cache.gate)
     grad_normed = linear_rule(grad_gate, layer.gate_proj).float() + linear_rule(
         grad_up, layer.up_proj
     ).float()

@@ -21,11 +21,9 @@ def rmsnorm_identity_rule(grad_out: Tensor, inv_rms: Tensor, gamma: Tensor) -> T
     return grad_out.float() * gamma.float() * inv_rms
 
 
-def silu_identity_rule(grad_out: Tensor, gate: Tensor, silu_gate: Tensor) -> Tensor:
-    """Identity rule on SiLU: ∂x = ∂y ⊙ silu(x)/x (limit ½ at x = 0)."""
-    gate32 = gate.float()
-    ratio = torch.where(gate32 == 0, torch.full_like(gate32, 0.5), silu_gate.float() / gate32)
-    return grad_out * ratio
+def silu_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
+    """Identity rule on SiLU: ∂x = ∂y ⊙ silu(x)/x = ∂y ⊙ sigmoid(x) (½ at x = 0)."""
+    return grad_out * torch.sigmoid(gate.float())
 
 
 def uniform_product_rule(grad_out: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,7 +47,8 @@ def attention_value_rule(
     grad_values = share * torch.einsum("gts,bgtd->bsd", probs, grad_out)
     if share == 1.0:
         return None, grad_values
-    grad_probs = (1.0 - share) * torch.einsum("bgtd,sd->bgts", grad_out, values)
+    # scale the small (…, D) factor, not the (…, T, S) product
+    grad_probs = torch.einsum("bgtd,sd->bgts", grad_out * (1.0 - share), values)
     return grad_probs, grad_values
 
 
