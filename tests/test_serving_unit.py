@@ -1,0 +1,231 @@
+"""The plugin's HTTP layer and recorder without a server: a fake engine answers collective_rpc.
+Fast; covers what a real server on the default model cannot show (an unsupported architecture)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from vllm_pelrp.serving.api import PelrpEndpointPlugin  # noqa: E402
+from vllm_pelrp.serving.protocol import extract_explain, parse_explain  # noqa: E402
+from vllm_pelrp.serving.service import ExplainService  # noqa: E402
+
+
+class FakeEngine:
+    def __init__(self, info):
+        self.info = info
+        self.calls = []
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(method)
+        if method == "pelrp_setup":
+            return [self.info]
+        if method == "pelrp_stats":
+            return [{"bytes": 0, "recordings": 0}]
+        return [0]
+
+
+def make_app(info) -> tuple[TestClient, FakeEngine]:
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def original(request: dict, raw_request: Request):  # stands in for vLLM's handler
+        return JSONResponse({"choices": [{"index": 0, "text": "ok"}]})
+
+    plugin = PelrpEndpointPlugin()
+    plugin.attach_router(app)
+    # as vLLM's attach_endpoint_plugins does: the plugin's route replaces the original one
+    first = app.router.routes.index(next(r for r in app.router.routes
+                                         if getattr(r, "endpoint", None) is original))
+    del app.router.routes[first]
+    engine = FakeEngine(info)
+    service = ExplainService(engine, tokenizer=None, model_name="m")
+    asyncio.run(service.setup())
+    app.state.pelrp_service = service
+    return TestClient(app), engine
+
+
+UNSUPPORTED = ("UnsupportedModelError: architecture GPT2LMHeadModel is not supported by the "
+               "PA-LRP engine; supported: LlamaForCausalLM, MistralForCausalLM")
+
+
+def test_unsupported_architecture_is_a_clear_400_and_plain_requests_still_work():
+    client, engine = make_app({"error": UNSUPPORTED})
+    reply = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "explain": {}})
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert "GPT2LMHeadModel is not supported" in message and "LlamaForCausalLM" in message
+    assert "pelrp_submit" not in engine.calls  # nothing was generated or explained
+    plain = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == "ok"
+
+
+def test_worker_reports_unsupported_architecture():
+    from transformers import GPT2Config
+
+    from vllm_pelrp.adapters.hf import spec_from_config
+    from vllm_pelrp.engine.spec import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM"):
+        spec_from_config(GPT2Config(architectures=["GPT2LMHeadModel"]))
+
+
+def test_cap_is_checked_before_generation():
+    info = {"error": None, "bytes_per_token": 1000, "cap_bytes": 10_000, "max_model_len": 64,
+            "vocab_size": 100}
+    client, engine = make_app(info)
+    reply = client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3],
+                                                 "max_tokens": 20, "explain": {}})
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert "23 tokens" in message and "cap" in message
+    assert engine.calls == ["pelrp_setup"]
+
+
+def test_explain_options_parsing():
+    assert parse_explain({}).mode == "pa-lrp"
+    assert parse_explain('{"mode": "cp-lrp", "target": {"span": [0, 2]}}').target.span == (0, 2)
+    with pytest.raises(ValueError, match="unknown mode 'x'"):
+        parse_explain({"mode": "x"})
+    with pytest.raises(ValueError, match="target"):
+        parse_explain({"target": "everything"})
+    with pytest.raises(ValueError, match="top_k"):
+        parse_explain({"top_k": 0})
+    options, body = extract_explain({"prompt": "p", "vllm_xargs": {"explain": json.dumps({}),
+                                                                   "other": 1}})
+    assert options is not None and body["vllm_xargs"] == {"other": 1}
+    assert extract_explain({"prompt": "p"})[0] is None
+
+
+# --- the recorder on a fake model runner: rows map to requests -------------------------------
+class _Layer(__import__("torch").nn.Module):
+    def forward(self, positions, hidden, residual):
+        residual = hidden if residual is None else hidden + residual
+        return hidden * 0.5 + 1.0, residual
+
+
+def _runner(requests):
+    import types
+
+    import numpy as np
+
+    runner = types.SimpleNamespace(requests=requests,
+                                   input_batch=types.SimpleNamespace(req_ids=[], num_reqs=0),
+                                   query_start_loc=types.SimpleNamespace(np=np.zeros(8, int)))
+    return runner
+
+
+def _request(key, prompt, max_tokens=4):
+    import types
+
+    params = types.SimpleNamespace(extra_args={"pelrp_key": key} if key else None,
+                                   max_tokens=max_tokens)
+    return types.SimpleNamespace(sampling_params=params, prompt_token_ids=prompt,
+                                 output_token_ids=[])
+
+
+def _step(runner, layers, batch):
+    """Run the fake model on a batch [(req_id, first_position, rows)]; returns each request's
+    (positions, layer inputs) as the model saw them."""
+    import torch
+
+    runner.input_batch.req_ids = [r for r, _, _ in batch]
+    runner.input_batch.num_reqs = len(batch)
+    starts = [0]
+    for _, _, n in batch:
+        starts.append(starts[-1] + n)
+    runner.query_start_loc.np[: len(starts)] = starts
+    positions = torch.cat([torch.arange(p, p + n) for _, p, n in batch])
+    hidden = torch.randn(len(positions), 8)
+    residual = None
+    seen = []
+    for layer in layers:
+        seen.append(hidden.clone() if residual is None else hidden + residual)
+        hidden, residual = layer(positions, hidden, residual)
+    return {req: (p, [s[starts[i]:starts[i + 1]] for s in seen])
+            for i, (req, p, _) in enumerate(batch)}
+
+
+def test_recorder_maps_rows_to_requests_across_chunks_and_decode():
+    import torch
+
+    from vllm_pelrp.serving.recorder import Recorder
+
+    layers = [_Layer() for _ in range(3)]
+    requests = {"a": _request("K", [1, 2, 3, 4, 5, 6]), "b": _request(None, [7, 8, 9]),
+                "c": _request("K2", [1, 2, 3, 4, 5, 6, 7, 8])}
+    runner = _runner(requests)
+    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64)
+    recorder.install()
+    expected = {"a": {}, "c": {}}
+    steps = [
+        [("a", 0, 4), ("b", 0, 3)],             # chunked prefill of a, b's prompt
+        [("b", 3, 1), ("a", 4, 2), ("c", 5, 3)],  # a's last chunk; c starts at 5 (cached prefix)
+        [("a", 6, 1), ("c", 8, 1)],             # decode steps
+    ]
+    for batch in steps:
+        for req, (first, inputs) in _step(runner, layers, batch).items():
+            if req in expected:
+                for offset in range(inputs[0].shape[0]):
+                    expected[req][first + offset] = [x[offset] for x in inputs]
+    assert "b" not in recorder.recordings  # did not ask: nothing recorded
+    for req, rows in expected.items():
+        recording = recorder.recordings[req]
+        assert recording.first_position == min(rows) and recording.end_position == max(rows) + 1
+        for position, per_layer in rows.items():
+            for layer, row in enumerate(per_layer):
+                torch.testing.assert_close(recording.buffer[layer, position], row)
+    # capacity = prompt + max_tokens: a 6 + 4, c 8 + 4 positions; 3 layers x 8 floats each
+    assert recorder.stats()["bytes"] == 3 * ((6 + 4) + (8 + 4)) * 8 * 4
+    assert recorder.release("K") > 0 and "a" not in recorder.recordings
+    assert recorder.used_bytes == recorder.recordings["c"].nbytes
+
+
+def test_recorder_refuses_over_the_cap():
+    import torch
+
+    from vllm_pelrp.serving.recorder import Recorder
+
+    layers = [_Layer() for _ in range(2)]
+    runner = _runner({"a": _request("K", list(range(10)), max_tokens=10)})
+    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=100, max_model_len=64)
+    recorder.install()
+    _step(runner, layers, [("a", 0, 10)])
+    recording = recorder.recordings["a"]
+    assert recording.buffer is None and "cap" in recording.error and "needs" in recording.error
+
+
+def test_pelrp_serve_command_passes_vllm_arguments_through(monkeypatch, tmp_path):
+    from vllm_pelrp import cli
+
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    (tmp_path / "config.json").write_text("{}")
+    parser = cli.build_parser()
+    args, unknown = parser.parse_known_args(
+        ["serve", "--model", str(tmp_path), "--port", "8123", "--record-cap-mb", "64",
+         "--dtype", "float32", "--max-model-len", "4096"])
+    args.vllm_args = unknown
+    command, env = cli.serve_command(args)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[command.index("--model") + 1] == str(tmp_path)
+    assert command[command.index("--port") + 1] == "8123"
+    assert command[command.index("--dtype") + 1] == "float32"
+    assert command.count("--max-model-len") == 1 and "4096" in command  # the user's value wins
+    assert env["VLLM_PLUGINS"] == "other,pelrp" and env["VLLM_PELRP_MAX_RECORD_MB"] == "64.0"
+    assert cli.main(["explain", "x", "--not-an-option"]) == 2  # other commands stay strict
+
+
+def test_general_plugin_is_inert_without_vllm_plugins(monkeypatch):
+    from vllm_pelrp.serving import plugin
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    assert not plugin.enabled()
+    monkeypatch.setenv("VLLM_PLUGINS", "a, pelrp")
+    assert plugin.enabled()

