@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-torch = pytest.importorskip("torch")
+import vllm
+import openai
+import httpx
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -328,8 +328,7 @@ def test_span_beyond_a_short_completion(servers):
     reply = httpx.post(servers["plugin"] + "/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": "Say yes:", "max_tokens": 8, "stop": [" ", "\n", "."],
         "explain": {"target": {"span": [6, 8]}}})
-    if reply.status_code == 200:  # the model happened to produce 8 tokens without a stop
-        pytest.skip("completion was not shorter than the span")
+    # greedy and deterministic: the default model stops well before 8 tokens here
     assert reply.status_code == 400 and "out of range" in reply.json()["error"]["message"]
 
 

@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
-httpx = pytest.importorskip("httpx")
+import vllm  # noqa: F401  (scripts/test.sh installs it)
+import torch
+import httpx
 
 from test_serving import REL_TOL, _rel, _start_command, _stop, _wait  # noqa: E402
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: F401  (scripts/test.sh installs it)
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
