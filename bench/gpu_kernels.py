@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +30,12 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def load_kernels():
-    """``vllm_pelrp.kernels`` if importable, else ``<repo>/kernels`` loaded under that name."""
-    try:
-        return importlib.import_module("vllm_pelrp.kernels")
-    except Exception:
-        pass
-    for name in [m for m in sys.modules if m == "vllm_pelrp" or m.startswith("vllm_pelrp.")]:
-        del sys.modules[name]
-    parent = types.ModuleType("vllm_pelrp")
-    parent.__path__ = []  # type: ignore[attr-defined]
-    sys.modules["vllm_pelrp"] = parent
-    kdir = REPO_ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "vllm_pelrp.kernels", kdir / "__init__.py", submodule_search_locations=[str(kdir)]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_pelrp.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``vllm_pelrp.kernels``, installed or loaded from ``<repo>/kernels`` (bench/_standalone.py)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from _standalone import ensure_package
+
+    ensure_package()
+    return importlib.import_module("vllm_pelrp.kernels")
 
 
 LLAMA3 = {
