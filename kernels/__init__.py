@@ -1,5 +1,8 @@
-"""Kernels for PA-LRP: RoPE helpers, the RoPE-LRP backward reference and its Triton kernel."""
+"""Kernels for PA-LRP: RoPE helpers, the RoPE-LRP backward (Triton kernel and reference) and
+the attention-LRP backward (fused through PyTorch's flash attention, and its T×T reference)."""
 
+from .attention_lrp import attention_forward_for_lrp, attention_lrp_backward
+from .attention_lrp_reference import attention_lrp_backward_reference
 from .rope import (
     SUPPORTED_ROPE_TYPES,
     apply_rope,
@@ -19,6 +22,9 @@ from .rope_lrp import (
 from .rope_lrp_reference import rope_lrp_backward_reference
 
 __all__ = [
+    "attention_forward_for_lrp",
+    "attention_lrp_backward",
+    "attention_lrp_backward_reference",
     "SUPPORTED_ROPE_TYPES",
     "apply_rope",
     "rope_angles",

@@ -209,21 +209,27 @@ def test_bfloat16_model_runs_in_its_dtype(tiny_llama):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_blocked_attention_backward_equals_unblocked(tiny_llama, monkeypatch, mode):
-    """Long inputs split the T×T attention work into row and query blocks: same result."""
+@pytest.mark.parametrize("block_bytes", [None, 4 * 2 * 150 * 64])  # whole, 64-query blocks
+def test_fused_attention_backward_equals_reference(tiny_llama, monkeypatch, mode, block_bytes):
+    """The fused (flash) attention backward equals the rules applied on explicit T×T blocks,
+    whole and split into row and query blocks, for several target rows at once."""
     from vllm_pelrp.engine import backward
+    from vllm_pelrp.kernels import attention_lrp_reference
 
     weights = weights_from_hf(tiny_llama)
     input_ids = torch.randint(0, 101, (150,))
     seeds = LogitSeeds.from_rows([[(149, 3)], [(70, 9)], [(100, 1), (120, 2)]])
     layer_inputs, _ = forward_layer_inputs(weights, input_ids)
     positions = torch.arange(150)
-    whole = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
-    monkeypatch.setattr(backward, "ATTENTION_BLOCK_BYTES", 4 * 2 * 150 * 64)  # 64-query blocks
-    blocked = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
-    assert torch.allclose(blocked.token, whole.token, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(blocked.positional_cos, whole.positional_cos, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(blocked.softmax_absorbed, whole.softmax_absorbed, rtol=1e-5, atol=1e-6)
+    fused = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
+    monkeypatch.setattr(backward, "ATTENTION_BACKWARD", "reference")
+    if block_bytes is not None:
+        monkeypatch.setattr(attention_lrp_reference, "BLOCK_BYTES", block_bytes)
+    reference = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
+    for name in ("token", "positional_cos", "positional_sin", "softmax_absorbed"):
+        assert torch.allclose(getattr(fused, name), getattr(reference, name),
+                              rtol=1e-4, atol=1e-5), name
+    assert relative_l2(fused.token, reference.token) < 1e-5
 
 
 def test_mistral_sliding_window_forward_matches_hf():

@@ -197,6 +197,63 @@ def test_argument_validation():
         K.rope_lrp_backward(g, q, pos, inv, input_share=0.5, backend="cuda")
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention-LRP backward: fused (flash) vs explicit T×T reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_explicit_autograd(q, k, v, grad, value_share):
+    """Independent check of the reference: autograd on a hand-written attention with the rules'
+    factors (½ on each product, the plain softmax gradient), via detach tricks."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("thd,shd->hts", q, kr) / D**0.5
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    probs = torch.softmax(scores, -1)
+    # uniform rule on A·V: half of the gradient to each factor
+    s = value_share
+    mixed = s * torch.einsum("hts,shd->thd", probs.detach(), vr) + (1 - s) * torch.einsum(
+        "hts,shd->thd", probs, vr.detach())
+    grads = torch.autograd.grad(mixed, (q, k, v), grad.double(), allow_unused=True)
+    # uniform rule on QKᵀ: half of the score gradient to q and to k
+    return 0.5 * grads[0], 0.5 * grads[1], grads[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value_share", [0.5, 1.0])
+def test_fused_attention_lrp_matches_reference(dtype, value_share):
+    from vllm_pelrp.kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
+    from vllm_pelrp.kernels.attention_lrp_reference import attention_lrp_backward_reference
+
+    gen = torch.Generator().manual_seed(3)
+    T, Hq, Hkv, D, rows = 70, 6, 2, 16, 3
+    q, k, v = (torch.randn(T, h, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(rows, T, Hq, D, generator=gen)
+    output, logsumexp = attention_forward_for_lrp(q, k, v)
+    fused = attention_lrp_backward(q, k, v, grad, value_share, output=output, logsumexp=logsumexp)
+    recomputed = attention_lrp_backward(q, k, v, grad, value_share)
+    reference = attention_lrp_backward_reference(  # 20-query blocks
+        q, k, v, grad, value_share, block_bytes=4 * 3 * T * 20
+    )
+    tolerance = 1e-5 if dtype != torch.bfloat16 else 2e-3
+    for a, b, c in zip(fused, recomputed, reference):
+        if c is None:
+            assert a is None and b is None
+            continue
+        assert a.shape == c.shape
+        assert a.dtype == torch.float32 and c.dtype == torch.float32
+        torch.testing.assert_close(a.float(), c.float(), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(b.float(), c.float(), rtol=tolerance, atol=tolerance)
+    # the reference itself against autograd with the rules' factors (row 1)
+    explicit = _attention_explicit_autograd(q, k, v, grad[1], value_share)
+    torch.testing.assert_close(reference[2][1].double(), explicit[2], rtol=1e-4, atol=1e-5)
+    if value_share != 1.0:
+        torch.testing.assert_close(reference[0][1].double(), explicit[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reference[1][1].double(), explicit[1], rtol=1e-4, atol=1e-5)
+
+
 def test_triton_launcher_rejects_cpu_without_interpreter():
     if not K.HAS_TRITON:
         pytest.skip("triton not installed")

@@ -3,8 +3,9 @@
 The backward starts from the saved input of every decoder layer (the residual stream), and
 walks the layers from last to first. For each layer it recomputes that layer's forward from its
 saved input and applies the rules of ``rules.py`` by hand, for all targets (seeds) at once. Peak
-memory beyond the weights is the saved residual stream plus one layer's working set; the T×T
-attention probabilities are recomputed one kv-head group (and one chunk of targets) at a time.
+memory beyond the weights is the saved residual stream plus one layer's working set: the
+attention rules run through a fused attention backward (``kernels/attention_lrp.py``) that
+never materialises the T×T probabilities.
 
 Modes:
 - ``pa-lrp``: the RoPE products follow the uniform rule: half of the relevance of q̃ and k̃
@@ -15,8 +16,6 @@ Modes:
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,20 +24,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import apply_rope, rope_cos_sin, rope_inv_freq, rope_lrp_backward
+from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
+from ..kernels.attention_lrp_reference import attention_lrp_backward_reference
 from .rules import (
-    attention_score_rule,
-    attention_value_rule,
     linear_rule,
     rmsnorm_identity_rule,
     silu_identity_rule,
-    softmax_rule,
     uniform_product_rule,
 )
 from .spec import LayerWeights, LlamaSpec, ModelWeights
 
 MODES = ("pa-lrp", "attnlrp", "cp-lrp")
-# Bytes allowed for one (targets × heads × T × T) fp32 block in the attention backward.
-ATTENTION_BLOCK_BYTES = 256 * 2**20
+# "fused": the attention rules through PyTorch's fused (flash) attention backward, no T×T
+# tensor; "reference": the rules applied one by one on explicit T×T blocks (for the tests).
+ATTENTION_BACKWARD = "fused"
 # Starting from token ids, the forward's per-layer caches are kept if all of them fit in this
 # budget (short inputs); beyond it the backward recomputes each layer from its saved input.
 DEFAULT_CACHE_BUDGET_BYTES = 512 * 2**20
@@ -109,6 +108,8 @@ class _LayerCache:
     rotated_queries: Tensor
     rotated_keys: Tensor
     values: Tensor
+    attention_output: Tensor  # (T, Hq, D)
+    attention_logsumexp: Tensor | None  # per query row, kept by the CPU flash kernel
     inv_rms_mlp: Tensor
     gate: Tensor
     up: Tensor
@@ -140,21 +141,6 @@ def _attention_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tenso
     return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _block_mask(spec: LlamaSpec, q0: int, q1: int, keys: int, device: torch.device) -> Tensor:
-    """Additive causal (and sliding-window) mask for queries q0..q1-1 against keys 0..keys-1."""
-    return _cached_block_mask(spec.sliding_window, q0, q1, keys, str(device))
-
-
-@functools.lru_cache(maxsize=4)  # the same blocks recur for every layer and kv head
-def _cached_block_mask(window: int | None, q0: int, q1: int, keys: int, device: str) -> Tensor:
-    query_index = torch.arange(q0, q1, device=device)[:, None]
-    key_index = torch.arange(keys, device=device)[None, :]
-    blocked = key_index > query_index
-    if window is not None:
-        blocked |= key_index <= query_index - window
-    return torch.zeros(q1 - q0, keys, device=device).masked_fill(blocked, float("-inf"))
-
-
 def make_rope(spec: LlamaSpec, positions: Tensor, dtype: torch.dtype) -> _Rope:
     inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling).to(positions.device)
     cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype)
@@ -174,15 +160,19 @@ def layer_forward(
     rotated_queries = apply_rope(queries, rope.cos, rope.sin, rope.neox_style)
     rotated_keys = apply_rope(keys, rope.cos, rope.sin, rope.neox_style)
     mask = _attention_mask(spec, length, x.device)
-    attended = F.scaled_dot_product_attention(
-        rotated_queries.transpose(0, 1),
-        rotated_keys.transpose(0, 1),
-        values.transpose(0, 1),
-        attn_mask=None if mask is None else mask.to(x.dtype),
-        is_causal=mask is None,
-        enable_gqa=True,
-    )
-    attended = attended.transpose(0, 1).reshape(length, -1)
+    if mask is None:
+        attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values)
+    else:
+        logsumexp = None
+        attended = F.scaled_dot_product_attention(
+            rotated_queries.transpose(0, 1),
+            rotated_keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask.to(x.dtype),
+            enable_gqa=True,
+        ).transpose(0, 1)
+    attention_output = attended
+    attended = attended.reshape(length, -1)
     hidden = x + weights.reduce(attended @ layer.o_proj.T)
     normed_mlp, inv_rms_mlp = _rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps)
     gate = normed_mlp @ layer.gate_proj.T
@@ -193,7 +183,7 @@ def layer_forward(
         return output, None
     cache = _LayerCache(
         inv_rms_attn, queries, keys, rotated_queries, rotated_keys, values,
-        inv_rms_mlp, gate, up, silu_gate,
+        attention_output, logsumexp, inv_rms_mlp, gate, up, silu_gate,
     )
     return output, cache
 
@@ -206,48 +196,22 @@ def _attention_backward(
     Adds into ``absorbed`` (B,) what the (non-conservative) softmax rule drops.
     The grads are fp32: (B, T, Hq, D) for q̃ and (B, T, Hkv, D) for k̃ and v.
     """
-    rows, length = grad_attended.shape[:2]
-    group = spec.group_size
-    scale = 1.0 / math.sqrt(spec.head_dim)
-    share = 1.0 if mode == "cp-lrp" else 0.5
-    grad_values = grad_attended.new_zeros(rows, length, cache.num_kv_heads, spec.head_dim)
-    grad_queries = grad_keys = None
-    if mode != "cp-lrp":
-        grad_queries = torch.zeros_like(grad_attended)
-        grad_keys = torch.zeros_like(grad_values)
-    # Blocks of target rows × query rows, so one (rows, G, queries, keys) fp32 block stays
-    # within ATTENTION_BLOCK_BYTES; causal: a query block only needs the keys up to its end.
-    full_row_bytes = 4 * group * length * length
-    rows_per_block = max(1, min(rows, ATTENTION_BLOCK_BYTES // full_row_bytes))
-    query_block = length if full_row_bytes <= ATTENTION_BLOCK_BYTES else max(
-        64, ATTENTION_BLOCK_BYTES // (4 * group * length)
-    )
-    for kv_head in range(cache.num_kv_heads):
-        heads = slice(kv_head * group, (kv_head + 1) * group)
-        all_queries = cache.rotated_queries[:, heads].transpose(0, 1).float()  # (G, T, D)
-        all_keys = cache.rotated_keys[:, kv_head].float()  # (S, D)
-        all_values = cache.values[:, kv_head].float()
-        for q0 in range(0, length, query_block):
-            q1 = min(length, q0 + query_block)
-            queries, keys, values = all_queries[:, q0:q1], all_keys[:q1], all_values[:q1]
-            scores = (queries @ keys.T).mul_(scale).add_(_block_mask(spec, q0, q1, q1, keys.device))
-            probs = torch.softmax(scores, dim=-1)  # (G, tq, S)
-            del scores
-            for start in range(0, rows, rows_per_block):
-                block = slice(start, start + rows_per_block)
-                grad_out = grad_attended[block, q0:q1, heads].transpose(1, 2)  # (b, G, tq, D)
-                grad_probs, grad_v = attention_value_rule(grad_out, probs, values, share)
-                grad_values[block, :q1, kv_head] += grad_v
-                if grad_probs is None:
-                    continue
-                grad_scores = softmax_rule(grad_probs, probs)
-                grad_q, grad_k = attention_score_rule(grad_scores, queries, keys, scale)
-                grad_queries[block, q0:q1, heads] = grad_q.transpose(1, 2)
-                grad_keys[block, :q1, kv_head] += grad_k
+    value_share = 1.0 if mode == "cp-lrp" else 0.5
+    if ATTENTION_BACKWARD == "reference":
+        grad_queries, grad_keys, grad_values = attention_lrp_backward_reference(
+            cache.rotated_queries, cache.rotated_keys, cache.values, grad_attended, value_share,
+            sliding_window=spec.sliding_window,
+        )
+    else:
+        grad_queries, grad_keys, grad_values = attention_lrp_backward(
+            cache.rotated_queries, cache.rotated_keys, cache.values, grad_attended, value_share,
+            sliding_window=spec.sliding_window, output=cache.attention_output,
+            logsumexp=cache.attention_logsumexp,
+        )
     if grad_queries is not None:
         # What the softmax rule drops, Σ R(probs) − Σ R(scores), from the uniform rules'
         # conservation: Σ R(probs) = Σ v ⊙ ∂v (A·V) and Σ R(scores) = Σ q̃ ⊙ ∂q̃ + k̃ ⊙ ∂k̃ (QKᵀ),
-        # so no extra pass over the T×T blocks is needed.
+        # so no pass over the T×T probabilities is needed.
         absorbed += (
             (grad_values * cache.values.float()).sum((1, 2, 3))
             - (grad_queries * cache.rotated_queries.float()).sum((1, 2, 3))
@@ -346,7 +310,7 @@ class ForwardPass:
 
 
 def _cache_bytes(cache: _LayerCache) -> int:
-    return sum(t.numel() * t.element_size() for t in vars(cache).values())
+    return sum(t.numel() * t.element_size() for t in vars(cache).values() if t is not None)
 
 
 @torch.no_grad()
