@@ -168,6 +168,35 @@ def bench(torch, K, T, dtype, warmup, reps):
     return row
 
 
+def attention_check(torch, K, T, warmup, reps):
+    """Fused attention-LRP backward vs its explicit T×T reference (Llama-3-8B heads, bf16 q/k/v,
+    one target row): error, and time of each against a plain bf16 SDPA forward + backward."""
+    gen = torch.Generator(device=DEVICE).manual_seed(T)
+    q, k, v = (torch.randn(T, h, D, device=DEVICE, generator=gen).bfloat16()
+               for h in (H, H_KV, H_KV))
+    grad = torch.randn(1, T, H, D, device=DEVICE, generator=gen)
+    fused = K.attention_lrp_backward(q, k, v, grad, 0.5)
+    reference = K.attention_lrp_backward_reference(q, k, v, grad, 0.5)
+    row = {"T": T}
+    for name, a, b in zip(("q", "k", "v"), fused, reference):
+        row[f"d{name}_rel_err"] = ((a - b).norm() / b.norm()).item()
+    row["ok"] = all(row[f"d{n}_rel_err"] < 2e-2 for n in "qkv")
+
+    def plain():
+        leaves = [x.transpose(0, 1)[None].detach().requires_grad_() for x in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True,
+                                                               enable_gqa=True)
+        out.backward(grad.transpose(1, 2).bfloat16())
+
+    for name, fn in (("fused", lambda: K.attention_lrp_backward(q, k, v, grad, 0.5)),
+                     ("reference", lambda: K.attention_lrp_backward_reference(q, k, v, grad, 0.5)),
+                     ("sdpa_fwd_bwd", plain)):
+        row[f"{name}_ms"], _ = time_fn(torch, fn, warmup, reps)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="4096,16384,32768")
@@ -248,11 +277,27 @@ def main() -> int:
         print(f"| {r['T']} | {r['triton_ms']:.4f} | {r['triton_GBps']:.0f} | "
               f"{r['reference_ms']:.3f} | {r['reference_GBps']:.0f} | {r['speedup']:.1f}x |")
 
+    report["attention"] = []
+    for T in [t for t in sizes if t <= 8192] or sizes[:1]:
+        try:
+            report["attention"].append(attention_check(torch, K, T, 2, max(3, args.reps // 4)))
+        except Exception as exc:
+            traceback.print_exc()
+            report["errors"].append(f"attention T={T}: {type(exc).__name__}: {exc}")
+    print("\n## Attention-LRP backward: fused vs T×T reference (bf16 q/k/v, H=32/8, D=128)\n")
+    print("| T | dq rel | dk rel | dv rel | fused ms | reference ms | plain SDPA fwd+bwd ms | ok |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["attention"]:
+        print(f"| {r['T']} | {r['dq_rel_err']:.2g} | {r['dk_rel_err']:.2g} | "
+              f"{r['dv_rel_err']:.2g} | {r['fused_ms']:.2f} | {r['reference_ms']:.2f} | "
+              f"{r['sdpa_fwd_bwd_ms']:.2f} | {r['ok']} |")
+
     # Only the libdevice (default) path gates the exit status; tl.cos is informational.
     report["env"]["libdevice_trig_failed"] = bool(K.rope_lrp._precise_trig_failed)
     if report["env"]["libdevice_trig_failed"]:
         print("\nWARNING: libdevice cos/sin failed to build; 'libdevice' rows used tl.cos/tl.sin")
     all_ok = all(r["ok"] for r in report["checks"] if r.get("trig") == "libdevice")
+    all_ok = all_ok and all(r["ok"] for r in report["attention"])
     report["all_ok"] = all_ok
     report["seconds"] = time.time() - t_start
     print(f"\nall checks ok: {all_ok}  ({report['seconds']:.1f} s)")
