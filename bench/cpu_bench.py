@@ -91,14 +91,17 @@ def child_time(length: int, repeats: int) -> dict:
     methods, prepare, _, target = _runner(length)
     prepare()
     times = {name: [] for name in methods}
+    cpu_times = {name: [] for name in methods}
     for name, run in methods.items():  # warm-up
         run()
     for _ in range(repeats):
         for name, run in methods.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     return {"times": {name: statistics.median(values) for name, values in times.items()},
+            "cpu_times": {name: statistics.median(v) for name, v in cpu_times.items()},
             "target": target}
 
 
@@ -156,8 +159,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-lxt", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "cpu_bench.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's). With 1, the process CPU time is "
+                             "a fair measure even on a loaded machine")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["PELRP_BENCH_THREADS"] = str(args.threads)  # children inherit it
+    elif os.environ.get("PELRP_BENCH_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["PELRP_BENCH_THREADS"]))
     if args.child:
         kind, length = args.child[0], int(args.child[1])
         result = (child_time(length, int(args.child[2])) if kind == "time"
@@ -186,22 +201,28 @@ def main() -> None:
                 progress.advance(task)
             lxt = None if args.no_lxt else run_lxt(length, repeats, timing["target"])
             progress.advance(task)
-            results[length] = {"time_s": times, "peak_bytes_beyond_weights": memory, "lxt": lxt}
+            results[length] = {"time_s": times, "cpu_time_s": timing["cpu_times"],
+                               "peak_bytes_beyond_weights": memory, "lxt": lxt,
+                               "threads": args.threads}
             args.json.parent.mkdir(parents=True, exist_ok=True)  # partial results survive
             args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 
     table = Table(title="CPU, SmolLM2-135M fp32: ratio to gradient×input (same run)")
-    for column in ("tokens", "method", "time ratio", "memory ratio", "time s", "peak MiB"):
+    for column in ("tokens", "method", "time ratio", "CPU-time ratio", "memory ratio", "time s",
+                   "peak MiB"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for length, entry in results.items():
         base_time = entry["time_s"]["gradxinput"]
+        base_cpu = entry["cpu_time_s"]["gradxinput"]
         base_memory = entry["peak_bytes_beyond_weights"]["gradxinput"]
-        rows = [(m, entry["time_s"][m], entry["peak_bytes_beyond_weights"][m]) for m in METHODS]
+        rows = [(m, entry["time_s"][m], entry["cpu_time_s"][m],
+                 entry["peak_bytes_beyond_weights"][m]) for m in METHODS]
         if entry["lxt"]:
-            rows.append(("LXT AttnLRP (own env, eager)", entry["lxt"]["time_s"],
+            rows.append(("LXT AttnLRP (own env, eager)", entry["lxt"]["time_s"], None,
                          entry["lxt"]["peak_bytes_beyond_weights"]))
-        for method, seconds, peak in rows:
-            table.add_row(str(length), method, f"{seconds / base_time:.2f}×",
+        for method, seconds, cpu_seconds, peak in rows:
+            cpu_ratio = "–" if cpu_seconds is None else f"{cpu_seconds / base_cpu:.2f}×"
+            table.add_row(str(length), method, f"{seconds / base_time:.2f}×", cpu_ratio,
                           f"{peak / base_memory:.2f}×", f"{seconds:.2f}", f"{peak / 2**20:.0f}")
     console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
