@@ -14,7 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..engine.rules import attention_score_rule, attention_value_rule, softmax_rule
+# absolute: a server started from the repo root may also import this folder as `kernels`
+from vllm_pelrp.engine.rules import attention_score_rule, attention_value_rule, softmax_rule
 
 BLOCK_BYTES = 256 * 2**20
 

@@ -222,6 +222,24 @@ def test_pelrp_serve_command_passes_vllm_arguments_through(monkeypatch, tmp_path
     assert cli.main(["explain", "x", "--not-an-option"]) == 2  # other commands stay strict
 
 
+def test_pelrp_serve_is_compiled_by_default_and_eager_on_request(monkeypatch, tmp_path):
+    from vllm_pelrp import cli
+    from vllm_pelrp.serving import plugin
+
+    (tmp_path / "config.json").write_text("{}")
+    parser = cli.build_parser()
+    for argv, eager in (([], False), (["--eager"], True)):
+        args, unknown = parser.parse_known_args(["serve", "--model", str(tmp_path), *argv])
+        args.vllm_args = unknown
+        command, env = cli.serve_command(args)
+        assert ("--enforce-eager" in command) == eager
+        assert env.get("VLLM_PELRP_COMPILED") == ("0" if eager else None)
+    monkeypatch.delenv("VLLM_PELRP_COMPILED", raising=False)
+    assert plugin.compiled_recording()  # the default keeps vLLM's torch.compile
+    monkeypatch.setenv("VLLM_PELRP_COMPILED", "0")
+    assert not plugin.compiled_recording()
+
+
 def test_general_plugin_is_inert_without_vllm_plugins(monkeypatch):
     from vllm_pelrp.serving import plugin
 
