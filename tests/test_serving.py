@@ -53,9 +53,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# PELRP_TEST_COMPILED=1: both servers keep vLLM's torch.compile; the plugin then records
-# through its custom op (VLLM_PELRP_COMPILED=1) instead of eager hooks. Startup is slower.
-COMPILED = os.environ.get("PELRP_TEST_COMPILED") == "1"
+# Both servers keep vLLM's torch.compile, the deployment default: the plugin records through
+# its custom op. PELRP_TEST_EAGER=1 runs both eager instead (the plugin then records with
+# Python hooks; startup is faster).
+COMPILED = os.environ.get("PELRP_TEST_EAGER") != "1"
 
 
 def _start_command(args: list[str], log: Path, env_extra: dict | None = None):
@@ -63,10 +64,9 @@ def _start_command(args: list[str], log: Path, env_extra: dict | None = None):
     port = _free_port()
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
-    if COMPILED:
-        env["VLLM_PELRP_COMPILED"] = "1"
     env.update(env_extra or {})
-    command = [sys.executable, "-m", "vllm_pelrp.cli", "serve", "--port", str(port), *args]
+    command = [sys.executable, "-m", "vllm_pelrp.cli", "serve", "--port", str(port),
+               *([] if COMPILED else ["--eager"]), *args]
     process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     return process, f"http://127.0.0.1:{port}"

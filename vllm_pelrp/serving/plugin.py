@@ -7,8 +7,12 @@ When the plugin is allowed explicitly (``VLLM_PLUGINS`` names ``pelrp``) it
   backward runs on the served weights;
 - sets ``worker_extension_cls`` to :class:`vllm_pelrp.serving.worker.PelrpWorkerExtension`
   (unless the user set another one) so ``collective_rpc("pelrp_…")`` reaches the worker;
-- turns on ``enforce_eager``: the recording hooks are Python forward pre-hooks, which a
-  ``torch.compile``d model would not run.
+- keeps vLLM's ``torch.compile``: right after the model is loaded, and before vLLM compiles
+  it, it puts a pre-hook calling the recording op ``pelrp::record_layer_input`` on every
+  decoder layer (``compiled.py``), so the op sits in the compiled graph. With
+  ``--enforce-eager`` (or ``VLLM_PELRP_COMPILED=0``) the worker records with plain Python
+  pre-hooks instead. CUDA graphs replay kernels without the op's Python, so on CUDA the
+  plugin turns them off (``cudagraph_mode=NONE``).
 
 With ``VLLM_PLUGINS`` unset (vLLM then loads every general plugin) it changes nothing, so merely
 installing the package never alters a vLLM deployment.
@@ -44,9 +48,9 @@ def register() -> None:
 
 
 def compiled_recording() -> bool:
-    """``VLLM_PELRP_COMPILED=1``: keep vLLM's torch.compile and record through the
-    ``pelrp::record_layer_input`` op (``compiled.py``) instead of forcing eager mode."""
-    return os.environ.get("VLLM_PELRP_COMPILED", "0").lower() in ("1", "true", "yes")
+    """Default: keep vLLM's torch.compile and record through the ``pelrp::record_layer_input``
+    op (``compiled.py``). ``VLLM_PELRP_COMPILED=0`` forces eager mode and Python hooks."""
+    return os.environ.get("VLLM_PELRP_COMPILED", "1").lower() not in ("0", "false", "no")
 
 
 def _hook_compiled_models() -> None:
@@ -110,9 +114,24 @@ def _patch_engine_args() -> None:
             logger.warning("worker_extension_cls=%s is set: vllm-pelrp explanations need %s",
                            self.worker_extension_cls, EXTENSION)
         if not self.enforce_eager and not compiled_recording():
-            logger.info("vllm-pelrp: enforce_eager=True (recording hooks need an eager model)")
+            logger.info("vllm-pelrp: enforce_eager=True (VLLM_PELRP_COMPILED=0)")
             self.enforce_eager = True
+        if not self.enforce_eager:
+            _disable_cuda_graphs(self.compilation_config)
         return original(self, *args, **kwargs)
 
     create_engine_config._pelrp_wrapped = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _disable_cuda_graphs(compilation) -> None:
+    """A captured CUDA graph replays kernels without running the recording op's Python."""
+    try:
+        from vllm.config import CUDAGraphMode
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(compilation, dict):
+        compilation["cudagraph_mode"] = CUDAGraphMode.NONE
+    elif getattr(compilation, "cudagraph_mode", None) != CUDAGraphMode.NONE:
+        logger.info("vllm-pelrp: cudagraph_mode=NONE (graph replay would skip recording)")
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
