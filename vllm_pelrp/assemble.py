@@ -6,7 +6,7 @@ and the vLLM plugin's HTTP side both call them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -21,6 +21,10 @@ from .explanation import (
     Token,
     TokenIdTarget,
 )
+
+if TYPE_CHECKING:
+    from .explanation import Grounding
+    from .grounding import GroundingPlan
 
 # Per-token targets run as one batched backward; rows beyond this need an explicit, larger cap
 # (memory grows linearly in the number of rows: rows × T × hidden fp32 per layer).
@@ -213,14 +217,17 @@ def build_explanation(
     per_layer: bool = False,
     per_token: bool = False,
     combination: str = DEFAULT_COMBINATION,
+    spans: tuple[str, list[Token]] | None = None,
 ) -> Explanation:
     """Assemble the wire-format ``Explanation`` from the engine's raw relevance (one row per target).
 
     With ``per_token`` the rows are kept and the top level is the whole completion, i.e. the
-    rows' sum (the modified backward is linear in its seed).
+    rows' sum (the modified backward is linear in its seed). ``spans``: ``token_spans``' result
+    when the caller already has it. Rows beyond ``targets`` (e.g. grounding's sentence rows) are
+    ignored here.
     """
-    text, tokens = token_spans(tokenizer, ids, prompt_length)
-    cpu = {name: getattr(result, name).detach().float().cpu()
+    text, tokens = spans if spans is not None else token_spans(tokenizer, ids, prompt_length)
+    cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)]
            for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed")}
     rows = [
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
@@ -240,3 +247,19 @@ def build_explanation(
         summary, rows = rows[0], None
     return Explanation(**summary.model_dump(), model=model, mode=mode, combination=combination,
                        text=text, prompt_length=prompt_length, tokens=tokens, rows=rows)
+
+
+def ground(explanation: Explanation, result: RelevanceResult, plan: "GroundingPlan",
+           sentence_row: Sequence[int]) -> "Grounding":
+    """The explanation's ``Grounding``: the main target is the explanation's top level, each
+    sentence is row ``sentence_row[s]`` of the batched backward's ``result``."""
+    from .grounding import SentenceRelevance, build_grounding
+
+    token = result.token.detach().float().cpu()
+    positional = result.positional.detach().float().cpu()
+    logits = result.target_logit.detach().float().cpu()
+    rows = [SentenceRelevance(token[b].tolist(), positional[b].tolist(), float(logits[b]))
+            for b in sentence_row]
+    return build_grounding(plan.sources, explanation.token_relevance,
+                           explanation.positional_relevance, explanation.prompt_length,
+                           plan.sentences, rows, plan.threshold, plan.sentences_truncated)

@@ -17,6 +17,7 @@ from .assemble import (
     MAX_PER_TOKEN_ROWS,
     build_explanation,
     check_mode,
+    ground,
     needs_next_token,
     parse_target,
     resolve_targets,
@@ -32,6 +33,16 @@ from .engine.backward import (
 )
 from .engine.spec import ModelWeights
 from .explanation import Explanation, Token
+from .grounding import (
+    DEFAULT_GROUNDING_THRESHOLD,
+    SourceSpec,
+    check_threshold,
+    documents_into_messages,
+    parse_sources,
+    plan_grounding,
+    render_documents,
+    sentence_rows,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,11 +108,15 @@ class Explainer:
         *,
         messages: Sequence[dict] | None = None,
         chat: bool | None = None,
+        documents: Sequence[str] | None = None,
     ) -> list[int]:
         """Prompt token ids. ``messages`` always use the chat template; ``text`` uses it when
-        ``chat`` is True, or when ``chat`` is None and the tokenizer has one."""
+        ``chat`` is True, or when ``chat`` is None and the tokenizer has one. ``documents`` are
+        rendered into the prompt (``grounding.render_documents``): into the last user message,
+        or around ``text``."""
         if (text is None) == (messages is None):
             raise ValueError("give exactly one of text or messages")
+        text, messages = with_documents(text, messages, documents)
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if messages is None and (chat is True or (chat is None and has_template)):
             messages = [{"role": "user", "content": text}]
@@ -153,6 +168,10 @@ class Explainer:
         max_per_token_rows: int = MAX_PER_TOKEN_ROWS,
         layer_inputs: Sequence[torch.Tensor] | None = None,
         combination: str = DEFAULT_COMBINATION,
+        documents: Sequence[str] | None = None,
+        sources: Sequence[SourceSpec | dict] | None = None,
+        grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD,
+        sentences: bool = True,
     ) -> Explanation:
         """Explain a target logit of the model on prompt (+ completion).
 
@@ -163,6 +182,14 @@ class Explainer:
         (completion tokens i..j-1) or {'token_id': k} (logit of k at the last position).
         ``layer_inputs`` (saved residual stream, e.g. recorded by vLLM) skips the forward pass.
         ``combination`` picks how ``combined_relevance`` is formed (``assemble.COMBINATIONS``).
+
+        Grounding (``explanation.grounding``, None unless sources are declared): ``documents``
+        are rendered into the prompt with the documented template (into the last user message
+        of ``messages``, or around ``text``) and become sources "document 1"…; ``sources``
+        marks parts of the prompt ({'message': i}, {'text': '...'}, {'chars': [a, b]}, each with
+        an optional 'name'). Each completion sentence is explained as a span target in the same
+        batched backward (``sentences=False`` skips them). ``grounding_threshold`` sets
+        ``Grounding.low_grounding``.
         """
         check_mode(mode)
         if combination not in COMBINATIONS:
@@ -172,6 +199,14 @@ class Explainer:
         given = [x is not None for x in (text, input_ids, messages)]
         if sum(given) != 1:
             raise ValueError("give exactly one of text, input_ids or messages as the prompt")
+        specs = parse_sources(sources)
+        grounded = bool(documents) or bool(specs)
+        if documents is not None:
+            if input_ids is not None:
+                raise ValueError("documents are rendered into a text or messages prompt; with "
+                                 "input_ids, mark the sources with sources=[{'chars': [a, b]}]")
+            text, messages = with_documents(text, messages, documents)
+        threshold = check_threshold(grounding_threshold)
         if input_ids is not None:
             prompt_ids = [int(i) for i in input_ids]
         elif messages is not None:
@@ -204,8 +239,32 @@ class Explainer:
                 next_token_id = argmax_next_token(self.weights, layer_inputs, positions)
         targets = resolve_targets(parsed, len(prompt_ids), completion_ids, vocab,
                                   next_token_id, max_per_token_rows)
+        spans = token_spans(self.tokenizer, ids, len(prompt_ids))
+        plan, rows, sentence_row = None, targets, []
+        if grounded:
+            contents = ([m.get("content") if isinstance(m.get("content"), str) else None
+                         for m in messages] if messages is not None else None)
+            plan = plan_grounding(*spans, len(prompt_ids), specs=specs, documents=documents,
+                                  message_contents=contents,
+                                  skip_token_ids=self.tokenizer.all_special_ids,
+                                  threshold=threshold, sentences=sentences)
+            rows, sentence_row = sentence_rows(targets, plan, len(prompt_ids), completion_ids)
         result = relevance_from_layer_inputs(self.weights, layer_inputs, positions,
-                                             seeds_for(targets), mode, forward=forward)
-        return build_explanation(result, targets, ids, len(prompt_ids), self.tokenizer,
-                                 model=self.name, mode=mode, per_layer=per_layer,
-                                 per_token=parsed == "per_token", combination=combination)
+                                             seeds_for(rows), mode, forward=forward)
+        explanation = build_explanation(result, targets, ids, len(prompt_ids), self.tokenizer,
+                                        model=self.name, mode=mode, per_layer=per_layer,
+                                        per_token=parsed == "per_token", combination=combination,
+                                        spans=spans)
+        if plan is not None:
+            explanation.grounding = ground(explanation, result, plan, sentence_row)
+        return explanation
+
+
+def with_documents(text: str | None, messages: Sequence[dict] | None,
+                   documents: Sequence[str] | None) -> tuple[str | None, list[dict] | None]:
+    """The prompt with ``documents`` rendered in: into the last user message, or around text."""
+    if documents is None:
+        return text, (list(messages) if messages is not None else None)
+    if messages is not None:
+        return None, documents_into_messages(messages, documents)
+    return render_documents(text, documents)[0], None

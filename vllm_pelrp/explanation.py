@@ -101,6 +101,69 @@ class RelevanceRow(BaseModel):
     conservation: Conservation
 
 
+class SourceRelevance(BaseModel):
+    """One declared source (a document, a chat message or a span of the prompt) and its share of
+    the prompt's relevance mass for the main target (docs/wire-format.md, "Grounding")."""
+
+    index: int
+    name: str = Field(description="'document 1'…, 'message i', 'span k' or the caller's name.")
+    kind: Literal["document", "message", "span"]
+    token_start: int = Field(description="First prompt token of the source (index into tokens).")
+    token_end: int = Field(description="One past its last token: tokens [token_start, token_end).")
+    char_start: int = Field(description="Character span [char_start, char_end) in `text`.")
+    char_end: int
+    token_relevance: float = Field(description="Signed Σ token_relevance over its tokens.")
+    positional_relevance: float = Field(description="Signed Σ positional_relevance over its positions.")
+    share: float = Field(description="(token mass + positional mass on its tokens) / prompt mass.")
+    token_share: float = Field(description="Token part of `share`.")
+    positional_share: float = Field(description="Positional part of `share`.")
+
+
+class SentenceSupport(BaseModel):
+    """One completion sentence, explained as a span target: which sources support it."""
+
+    index: int
+    text: str
+    span: tuple[int, int] = Field(description="Completion-token span [i, j) of the sentence.")
+    char_start: int = Field(description="Character span [char_start, char_end) in `text`.")
+    char_end: int
+    target_logit: float = Field(description="Σ of the sentence tokens' logits.")
+    source_shares: list[float] = Field(
+        description="Per source (order of Grounding.sources): its share of the prompt mass for "
+        "this sentence.")
+    source_relevance: list[float] = Field(
+        default_factory=list,
+        description="Per source: its signed token + positional relevance for this sentence.")
+    supporting_sources: list[int] = Field(
+        description="Indices of the sources that support the sentence, strongest first: positive "
+        "signed relevance and a share at least half the strongest source's.")
+    grounding_score: float = Field(description="Σ source_shares, in [0, 1].")
+
+
+class Grounding(BaseModel):
+    """How much an output rests on the declared sources rather than on instructions, question
+    and positional structure. Shares: Σ sources[].share + instruction_share + positional_share = 1."""
+
+    sources: list[SourceRelevance]
+    grounding_score: float = Field(description="Σ of the sources' shares, in [0, 1].")
+    instruction_share: float = Field(
+        description="Token mass on prompt tokens outside every source (instructions, question, "
+        "chat template), / prompt mass.")
+    positional_share: float = Field(
+        description="Positional mass on prompt positions outside every source, / prompt mass.")
+    threshold: float = Field(description="grounding_score below this is low grounding.")
+    low_grounding: bool = Field(description="grounding_score < threshold.")
+    supporting_sources: list[int] = Field(
+        default_factory=list,
+        description="Sources that support the whole target, strongest first (rule as for "
+        "sentences).")
+    sentences: list[SentenceSupport] = Field(
+        description="One per completion sentence, all explained in the main target's batched "
+        "backward.")
+    sentences_truncated: bool = Field(
+        False, description="The completion had more sentences than were explained (the cap).")
+
+
 class Explanation(RelevanceRow):
     """Attribution of a model output to its input position-token pairs (PA-LRP)."""
 
@@ -121,6 +184,12 @@ class Explanation(RelevanceRow):
             "The top-level fields then hold the 'completion' target, which equals the rows' sum."
         ),
     )
+
+    grounding: Grounding | None = Field(
+        None, description="Per-source attribution and grounding score; present when the request "
+        "declared sources (documents, messages or spans).")
+    id: str | None = Field(
+        None, description="Set by the server ('expl-<hex>'): reopens this explanation later.")
 
     # --- convenience -------------------------------------------------------------------------
     def top_tokens(self, k: int = 10, by: str = "combined_relevance") -> list[tuple[Token, float]]:

@@ -324,6 +324,62 @@ def print_explanation(
             rows.add_row(str(k), pos, short_token(text), format_number(row.target_logit), cell)
         console.print(rows)
 
+    if explanation.grounding is not None:
+        _print_grounding(console, explanation)
+
+
+def _share_bar(share: float, width: int = 20) -> str:
+    filled = max(0, min(width, round(share * width)))
+    return "█" * filled + "·" * (width - filled)
+
+
+def _print_grounding(console: Console, explanation: Explanation) -> None:
+    """Per-source shares, the grounding score and the sentences' supporting sources."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    grounding = explanation.grounding
+    head = Text()
+    head.append("grounding score ", style="bold")
+    head.append(format_share(grounding.grounding_score), style="bold")
+    if grounding.low_grounding:
+        head.append(f"  LOW (threshold {format_share(grounding.threshold)})", style="bold red")
+    else:
+        head.append(f"  grounded (threshold {format_share(grounding.threshold)})", style="green")
+    console.print(head)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in (("source", "left"), ("kind", "left"), ("tokens", "right"),
+                          ("share", "left"), ("token", "right"), ("positional", "right"),
+                          ("signed rel.", "right")):
+        table.add_column(name, justify=justify)
+    for source in grounding.sources:
+        table.add_row(
+            short_token(source.name, 28), source.kind, f"{source.token_start}–{source.token_end}",
+            f"{_share_bar(source.share)} {format_share(source.share)}",
+            format_share(source.token_share), format_share(source.positional_share),
+            format_number(source.token_relevance + source.positional_relevance))
+    table.add_row("[dim]outside: instructions, question[/dim]", "", "",
+                  f"{_share_bar(grounding.instruction_share)} "
+                  f"{format_share(grounding.instruction_share)}", "", "", "")
+    table.add_row("[dim]outside: positions[/dim]", "", "",
+                  f"{_share_bar(grounding.positional_share)} "
+                  f"{format_share(grounding.positional_share)}", "", "", "")
+    console.print(table)
+    if grounding.sentences:
+        names = [s.name for s in grounding.sources]
+        sentences = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="completion sentences",
+                          title_justify="left", title_style="bold")
+        sentences.add_column("#", justify="right")
+        sentences.add_column("sentence")
+        sentences.add_column("supported by")
+        sentences.add_column("score", justify="right")
+        for sentence in grounding.sentences:
+            support = ", ".join(names[i] for i in sentence.supporting_sources) or "—"
+            sentences.add_row(str(sentence.index), short_token(sentence.text, 60), support,
+                              format_share(sentence.grounding_score))
+        console.print(sentences)
+
 
 # --- HTML -----------------------------------------------------------------------------------
 _CSS = """
@@ -342,6 +398,9 @@ h2 { font-size: 16px; margin: 28px 0 8px; }
 .card .k { color: var(--muted); font-size: 12px; }
 .card .v { font: 600 17px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .good { color: #1a7f37; } .warn { color: #9a6700; } .bad { color: #cf222e; }
+.gbar { display: flex; width: 220px; height: 10px; background: var(--panel);
+        border: 1px solid var(--border); border-radius: 3px; overflow: hidden; }
+.gbar .gtok { background: rgb(180,83,9); } .gbar .gpos { background: rgba(180,83,9,0.35); }
 .controls { display: flex; flex-wrap: wrap; align-items: center; gap: 16px; margin: 8px 0; }
 .seg { display: inline-flex; border: 1px solid var(--border); border-radius: 6px; overflow: hidden; }
 .seg label { padding: 4px 12px; cursor: pointer; border-left: 1px solid var(--border); user-select: none; }
@@ -560,6 +619,55 @@ def _chip(text: str, value: float, max_abs: float, note: str = "") -> str:
             f"{extra}>{_e(short_token(text, 20))}</span>")
 
 
+def _share_bar_html(token_share: float, positional_share: float) -> str:
+    return (f'<div class="gbar"><span class="gtok" style="width:{100 * token_share:.2f}%"></span>'
+            f'<span class="gpos" style="width:{100 * positional_share:.2f}%"></span></div>')
+
+
+def _grounding_html(explanation: Explanation) -> str:
+    grounding = explanation.grounding
+    verdict = ('<span class="bad">low grounding</span>' if grounding.low_grounding
+               else '<span class="good">grounded</span>')
+    rows = []
+    for source in grounding.sources:
+        rows.append(
+            f'<tr><td>{_e(source.name)}</td><td>{_e(source.kind)}</td>'
+            f'<td class="num">{source.token_start}–{source.token_end}</td>'
+            f"<td>{_share_bar_html(source.token_share, source.positional_share)}</td>"
+            f'<td class="num">{_e(format_share(source.share))}</td>'
+            f'<td class="num">{_e(format_share(source.token_share))}</td>'
+            f'<td class="num">{_e(format_share(source.positional_share))}</td>'
+            f'<td class="num">{_e(format_number(source.token_relevance + source.positional_relevance))}'
+            "</td></tr>")
+    for label, token_share, positional_share in (
+            ("outside: instructions, question", grounding.instruction_share, 0.0),
+            ("outside: positions", 0.0, grounding.positional_share)):
+        rows.append(
+            f'<tr class="note"><td>{label}</td><td></td><td></td>'
+            f"<td>{_share_bar_html(token_share, positional_share)}</td>"
+            f'<td class="num">{_e(format_share(token_share + positional_share))}</td>'
+            "<td></td><td></td><td></td></tr>")
+    names = [s.name for s in grounding.sources]
+    sentences = "".join(
+        f'<tr><td class="num">{s.index}</td><td>{_e(s.text)}</td>'
+        f'<td>{_e(", ".join(names[i] for i in s.supporting_sources) or "—")}</td>'
+        f'<td class="num">{_e(format_share(s.grounding_score))}</td></tr>'
+        for s in grounding.sentences)
+    html_ = (
+        f"<h2>Grounding: {_e(format_share(grounding.grounding_score))} · {verdict}</h2>"
+        f'<p class="note">Share of the prompt\'s relevance mass (|token| + |positional| '
+        f"relevance) on each source; threshold {_e(format_share(grounding.threshold))}. Dark: "
+        "token share, light: positional share.</p>"
+        '<table id="grounding-sources"><thead><tr><th>source</th><th>kind</th><th>tokens</th>'
+        "<th></th><th>share</th><th>token</th><th>positional</th><th>signed rel.</th></tr>"
+        "</thead><tbody>" + "".join(rows) + "</tbody></table>")
+    if sentences:
+        html_ += ('<table id="grounding-sentences"><thead><tr><th>#</th><th>completion sentence'
+                  "</th><th>supported by</th><th>score</th></tr></thead><tbody>" + sentences
+                  + "</tbody></table>")
+    return html_
+
+
 def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
     """A self-contained HTML page (inline CSS, JS and SVG; nothing is fetched)."""
     field = "combined_relevance"
@@ -665,6 +773,9 @@ def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
             "<th>rel. error</th><th>top 3 input tokens (combined)</th></tr></thead><tbody>"
             + "".join(body) + "</tbody></table>"
         )
+
+    if explanation.grounding is not None:
+        sections.insert(0, _grounding_html(explanation))
 
     row_label = (
         '<span class="note">showing: <b id="row-label"></b></span>' if explanation.rows else ""
