@@ -31,4 +31,14 @@ echo "[setup] installing $VLLM_SPEC and vllm-pelrp into $VENV (first run: a few 
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 "$VENV/bin/python" -m vllm_pelrp.default_model
+
+# The web view's browser test (tests/test_webview.py) drives Debian's Chromium through the
+# playwright Python package; `playwright install` would download a browser, so it is never run.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing Debian's chromium (browser test of the web view)"
+  SUDO=(); [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends \
+    chromium fonts-dejavu-core
+fi
 echo "[setup] done: $VENV/bin/pelrp is ready"

@@ -104,12 +104,11 @@ def _wait(process: subprocess.Popen, base: str, log: Path, deadline: float | Non
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """Stop the server's whole process group (API server, engine core, workers): killing only
+    the API server would leave the engine processes running when startup timed out."""
+    from _live_server import _stop as stop_process_group
+
+    stop_process_group(process)
 
 
 @pytest.fixture(scope="module")

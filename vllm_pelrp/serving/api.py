@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 from argparse import Namespace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -43,7 +43,10 @@ from .protocol import (
     ExplainRequest,
     parse_explain,
 )
-from .service import Choice, ExplainError, ExplainService
+from ..grounding import documents_into_messages, render_documents
+from .service import GROUNDING_ERROR, Choice, ExplainError, ExplainService
+from . import webview
+from .metrics import get_metrics, refresh_activation_gauges
 
 logger = logging.getLogger("vllm_pelrp.serving")
 
@@ -187,6 +190,7 @@ class PelrpEndpointPlugin:
             return JSONResponse(await service.stats())
 
         app.include_router(router)
+        webview.attach(app)  # GET /pelrp and /v1/explanations (serving/webview.py)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -203,6 +207,9 @@ class PelrpEndpointPlugin:
         service = ExplainService(engine_client, tokenizer, name)
         await service.setup()
         state.pelrp_service = service
+        get_metrics()  # the pelrp_* metrics on vLLM's /metrics (serving/metrics.py)
+        state.pelrp_gauges = asyncio.get_running_loop().create_task(
+            refresh_activation_gauges(service))
 
     # ---- /v1/completions and /v1/chat/completions ---------------------------------------------
     async def handle(self, request, raw_request: Request, path: str):
@@ -220,6 +227,7 @@ class PelrpEndpointPlugin:
                 raise ExplainError("explain does not support beam search", param="explain")
             max_tokens = _max_tokens(request, chat)
             service.check_span(options, max_tokens)
+            message_contents = _apply_sources(request, options, service.tokenizer, chat)
             lengths = self._prompt_lengths(request, service, chat)
             tokens = service.recording_tokens(lengths, max_tokens, request.n or 1)
             key = service.new_key()
@@ -241,7 +249,7 @@ class PelrpEndpointPlugin:
             return None
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._stream(response.body_iterator, service, key,
-                                                  options, chat, wants_ids)
+                                                  options, chat, wants_ids, message_contents)
             return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             await service.release(key)
@@ -252,7 +260,7 @@ class PelrpEndpointPlugin:
             prompt = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or []
             choices.append(Choice(choice["index"], list(prompt), list(choice.get("token_ids") or [])))
         try:
-            explained = await service.explain_choices(key, choices, options)
+            explained = await service.explain_choices(key, choices, options, message_contents)
         except asyncio.CancelledError:  # the client went away while explaining
             service.release_soon(key)
             raise
@@ -260,7 +268,8 @@ class PelrpEndpointPlugin:
             return error_response(error.message, error.status, error.param)
         errors = [e["error"] for e in explained.values() if "error" in e]
         if errors and len(errors) == len(explained) and _is_user_error(options, errors[0]):
-            return error_response(errors[0], 400, "explain.target")
+            return error_response(errors[0], 400, "explain.sources" if errors[0].startswith(
+                GROUNDING_ERROR) else "explain.target")
         for choice in body.get("choices", []):
             choice["explanation"] = explained.get(choice["index"])
             if not wants_ids:
@@ -268,8 +277,10 @@ class PelrpEndpointPlugin:
                 choice.pop("prompt_token_ids", None)
         if not wants_ids:
             body.pop("prompt_token_ids", None)
-        return JSONResponse(body, headers={k: v for k, v in response.headers.items()
-                                           if k.lower() not in ("content-length", "content-type")})
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower() not in ("content-length", "content-type")}
+        headers.update(low_grounding_header(explained.values()))
+        return JSONResponse(body, headers=headers)
 
     @staticmethod
     def _prompt_lengths(request, service: ExplainService, chat: bool) -> list[int]:
@@ -296,7 +307,8 @@ class PelrpEndpointPlugin:
         return [service.max_model_len or 0]
 
     async def _stream(self, body: AsyncIterator, service: ExplainService, key: str,
-                      options: ExplainOptions, chat: bool, wants_ids: bool):
+                      options: ExplainOptions, chat: bool, wants_ids: bool,
+                      message_contents: list[str | None] | None = None):
         prompts: dict[int, list[int]] = {}
         completions: dict[int, list[int]] = {}
         shared_prompt: list[int] = []
@@ -316,7 +328,8 @@ class PelrpEndpointPlugin:
                     if payload == "[DONE]":
                         choices = [Choice(i, prompts.get(i) or shared_prompt, completions.get(i, []))
                                    for i in sorted(set(prompts) | set(completions))]
-                        explained = await service.explain_choices(key, choices, options)
+                        explained = await service.explain_choices(key, choices, options,
+                                                                  message_contents)
                         finished = True
                         out.append("data: " + json.dumps(_final_chunk(last, explained, chat)) + "\n\n")
                         out.append("data: [DONE]\n\n")
@@ -356,14 +369,29 @@ class PelrpEndpointPlugin:
             given = [request.prompt is not None, request.messages is not None]
             if sum(given) != 1:
                 raise ExplainError("give exactly one of prompt or messages", param="prompt")
+            message_contents = None
+            if request.documents is not None and isinstance(request.prompt, list):
+                raise ExplainError("documents are rendered into a text prompt or messages; with "
+                                   "prompt token ids, mark the sources with sources=[{'chars': "
+                                   "[a, b]}]", param="documents")
             if request.messages is not None:
-                ids = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                messages = request.messages
+                if request.documents is not None:
+                    try:
+                        messages = documents_into_messages(messages, request.documents)
+                    except ValueError as error:
+                        raise ExplainError(str(error), param="documents") from None
+                message_contents = _contents(messages)
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                     tokenize=True, return_dict=False)
                 if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                     ids = ids["input_ids"]
                 prompt_ids = [int(i) for i in ids]
             elif isinstance(request.prompt, str):
-                prompt_ids = [int(i) for i in tokenizer(request.prompt)["input_ids"]]
+                prompt = request.prompt
+                if request.documents is not None:
+                    prompt = render_documents(prompt, request.documents)[0]
+                prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
             else:
                 prompt_ids = [int(i) for i in request.prompt]
             if isinstance(request.completion, str):
@@ -375,13 +403,21 @@ class PelrpEndpointPlugin:
             if target != "next" and not completion_ids:
                 raise ExplainError(f"target {target!r} needs a completion; give completion, or "
                                    "use target 'next'", param="target")
+            if message_contents is None and any(s.message is not None
+                                                for s in request.sources or []):
+                raise ExplainError("sources: 'message' needs messages; with a prompt, mark the "
+                                   "sources with 'text' or 'chars'", param="sources")
             options = ExplainOptions(mode=request.mode, per_layer=request.per_layer,
                                      top_k=request.top_k,
-                                     target="completion" if target == "next" else target)
-            result = await service.explain_tokens(prompt_ids, completion_ids, options, target)
+                                     target="completion" if target == "next" else target,
+                                     documents=request.documents, sources=request.sources,
+                                     grounding_threshold=request.grounding_threshold,
+                                     sentences=request.sentences)
+            result = await service.explain_tokens(prompt_ids, completion_ids, options, target,
+                                                  message_contents)
         except ExplainError as error:
             return error_response(error.message, error.status, error.param)
-        return JSONResponse(result)
+        return JSONResponse(result, headers=low_grounding_header([result]))
 
 
 def _max_tokens(request, chat: bool) -> int | None:
@@ -391,7 +427,97 @@ def _max_tokens(request, chat: bool) -> int | None:
 
 
 def _is_user_error(options: ExplainOptions, message: str) -> bool:
-    return "out of range" in message or "exceed the cap" in message
+    return ("out of range" in message or "exceed the cap" in message
+            or message.startswith(GROUNDING_ERROR))
+
+
+LOW_GROUNDING_HEADER = "x-pelrp-low-grounding"
+
+
+def low_grounding_header(explanations: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """``x-pelrp-low-grounding: true`` when any explanation's grounding is low, ``false`` when
+    all grounded ones are fine, nothing when none has grounding."""
+    flags = [bool(e["grounding"].get("low_grounding")) for e in explanations
+             if isinstance(e, dict) and isinstance(e.get("grounding"), dict)]
+    return {LOW_GROUNDING_HEADER: "true" if any(flags) else "false"} if flags else {}
+
+
+def _contents(messages: list[Any]) -> list[str | None]:
+    """Each message's content when it is a string (what ``message`` sources point at)."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else getattr(
+            message, "content", None)
+        out.append(content if isinstance(content, str) else None)
+    return out
+
+
+def _apply_sources(request, options: ExplainOptions, tokenizer: Any,
+                   chat: bool) -> list[str | None] | None:
+    """Render ``explain.documents`` into the request's prompt (before generation) and check what
+    can be checked of ``explain.sources`` now; returns the messages' contents (chat)."""
+    sources = options.sources or []
+    if chat:
+        messages = [m if isinstance(m, dict) else m.model_dump() for m in request.messages]
+        if options.documents:
+            try:
+                messages = documents_into_messages(messages, options.documents)
+            except ValueError as error:
+                raise ExplainError(f"explain.documents: {error}", param="explain.documents") \
+                    from None
+            request.messages = messages
+        contents = _contents(messages)
+        for number, source in enumerate(sources):
+            if source.message is not None and source.message >= len(contents):
+                raise ExplainError(
+                    f"explain.sources[{number}]: message {source.message} does not exist; the "
+                    f"request has {len(contents)} messages (0..{len(contents) - 1})",
+                    param="explain.sources")
+            if source.message is not None and contents[source.message] is None:
+                raise ExplainError(
+                    f"explain.sources[{number}]: message {source.message} has no text content "
+                    "(a string) to attribute to", param="explain.sources")
+        try:
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=False)
+        except Exception:  # noqa: BLE001 - the check below is skipped, the later one still runs
+            rendered = None
+        texts = [rendered] if isinstance(rendered, str) else None
+    else:
+        if options.documents:
+            prompt = request.prompt
+            if isinstance(prompt, str):
+                request.prompt = render_documents(prompt, options.documents)[0]
+            elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                request.prompt = [render_documents(p, options.documents)[0] for p in prompt]
+            else:
+                raise ExplainError(
+                    "explain.documents are rendered before the prompt text, so the prompt must "
+                    "be text; with prompt token ids, mark the sources with explain.sources="
+                    "[{'chars': [a, b]}]", param="explain.documents")
+        for number, source in enumerate(sources):
+            if source.message is not None:
+                raise ExplainError(
+                    f"explain.sources[{number}]: 'message' sources need /v1/chat/completions; "
+                    "with a prompt, use 'text' or 'chars'", param="explain.sources")
+        contents = None
+        prompt = request.prompt
+        texts = [prompt] if isinstance(prompt, str) else (
+            prompt if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
+            else None)
+    if texts is not None:
+        for number, source in enumerate(sources):
+            if source.text is not None and source.message is None and not all(
+                    source.text in text for text in texts):
+                raise ExplainError(
+                    f"explain.sources[{number}]: text {source.text[:40]!r} does not occur in the "
+                    "prompt; 'text' must be an exact substring of it", param="explain.sources")
+            if source.text is not None and source.message is not None and \
+                    source.text not in contents[source.message]:
+                raise ExplainError(
+                    f"explain.sources[{number}]: text {source.text[:40]!r} does not occur in "
+                    f"message {source.message}", param="explain.sources")
+    return contents
 
 
 def _final_chunk(last: dict[str, Any], explained: dict[int, dict[str, Any]], chat: bool):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..explanation import MODES, Conservation, SpanTarget
+from ..explanation import MODES, Conservation, Grounding, SpanTarget
+from ..grounding import MAX_DOCUMENTS, MAX_SOURCES, SourceSpec, check_documents
 
 EXPLAIN_TARGETS = "'completion', 'per_token' or {'span': [i, j]}"
 
@@ -40,6 +41,35 @@ class ExplainOptions(BaseModel):
         description="Compact form: instead of the full Explanation, return its top_k tokens by "
         "|combined relevance| (a CompactExplanation).",
     )
+    documents: list[str] | None = Field(
+        None, min_length=1, max_length=MAX_DOCUMENTS,
+        description="Retrieved documents. The server renders them into the prompt before "
+        "generation with the documented template (chat: into the last user message; completions: "
+        "before the prompt text) and reports each one's share in `explanation.grounding`.",
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, max_length=MAX_SOURCES,
+        description="Sources already in the prompt: {'message': i} (a chat message), {'text': "
+        "'...'} (an exact substring), {'chars': [a, b]} (characters of the prompt as "
+        "`explanation.text` shows it), optionally with 'name'; message + text/chars searches "
+        "inside that message.",
+    )
+    grounding_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="`grounding.low_grounding` is set when the grounding score is below this "
+        "(default: the server's --grounding-threshold, 0.3).",
+    )
+    sentences: bool = Field(
+        True, description="With sources: explain each completion sentence as a span target (in "
+        "the same batched backward) and list the sources that support it.",
+    )
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            check_documents(value)
+        return value
 
 
 class ExplainRequest(BaseModel):
@@ -65,6 +95,23 @@ class ExplainRequest(BaseModel):
     )
     per_layer: bool = False
     top_k: int | None = Field(None, ge=1, le=4096)
+    documents: list[str] | None = Field(
+        None, min_length=1, max_length=MAX_DOCUMENTS,
+        description="As in `explain.documents`: rendered into the last user message, or before "
+        "the prompt text (not with prompt token ids).",
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, max_length=MAX_SOURCES, description="As in `explain.sources`.")
+    grounding_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="As in `explain.grounding_threshold`.")
+    sentences: bool = Field(True, description="As in `explain.sentences`.")
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            check_documents(value)
+        return value
 
 
 class TopToken(BaseModel):
@@ -89,6 +136,8 @@ class CompactExplanation(BaseModel):
     positional_share: float
     conservation: Conservation
     top_tokens: list[TopToken] = Field(description="top_k tokens by |combined_relevance|.")
+    grounding: Grounding | None = Field(
+        None, description="As in the full Explanation: present when sources were declared.")
 
 
 def parse_explain(value: Any, where: str = "explain") -> ExplainOptions:
@@ -121,7 +170,8 @@ def validation_message(error: ValidationError, targets: str) -> str:
         if loc.startswith("target"):
             parts.append(f"target: expected {targets}")
         else:
-            parts.append(f"{loc}: {item['msg']}" if loc else item["msg"])
+            message = str(item["msg"]).removeprefix("Value error, ")
+            parts.append(f"{loc}: {message}" if loc else message)
     return "; ".join(dict.fromkeys(parts))
 
 

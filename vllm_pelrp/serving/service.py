@@ -12,12 +12,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..assemble import MAX_PER_TOKEN_ROWS, build_explanation, resolve_targets
+from ..assemble import MAX_PER_TOKEN_ROWS, build_explanation, ground, resolve_targets, token_spans
 from ..explanation import Explanation, SpanTarget
+from ..grounding import GroundingPlan, grounding_threshold_from_env, plan_grounding, sentence_rows
+from .metrics import observed
 from .protocol import CompactExplanation, ExplainOptions, TopToken
 
 logger = logging.getLogger("vllm_pelrp.serving")
 POLL_SECONDS = 0.02
+GROUNDING_ERROR = "sources: "  # starts the error of a choice whose sources cannot be placed
 
 
 class ExplainError(Exception):
@@ -46,6 +49,8 @@ class ExplainService:
         self.model_name = model_name
         self.info: dict[str, Any] = {"error": "not initialised"}
         self.reserved: dict[str, int] = {}
+        # explain.grounding_threshold's default (pelrp serve --grounding-threshold)
+        self.grounding_threshold = grounding_threshold_from_env()
         self._tasks: set[asyncio.Task] = set()
 
     async def setup(self) -> None:
@@ -166,10 +171,15 @@ class ExplainService:
             raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
         return reply["results"]
 
+    @observed  # metrics, ids and the web view's store (serving/metrics.py)
     async def explain_choices(self, key: str | None, choices: list[Choice],
-                              options: ExplainOptions) -> dict[int, dict[str, Any]]:
+                              options: ExplainOptions,
+                              message_contents: Sequence[str | None] | None = None,
+                              ) -> dict[int, dict[str, Any]]:
         """Explanations (wire dicts) by choice index; a choice that cannot be explained gets
-        ``{"error": ...}``. Always frees ``key``'s recordings."""
+        ``{"error": ...}`` (sources that cannot be placed: starting with ``GROUNDING_ERROR``).
+        ``message_contents``: the chat messages' contents as rendered (for ``message`` sources).
+        Always frees ``key``'s recordings."""
         out: dict[int, dict[str, Any]] = {}
         jobs, pending = [], []
         try:
@@ -182,21 +192,26 @@ class ExplainService:
                 except ValueError as error:
                     out[choice.index] = {"error": str(error)}
                     continue
+                try:
+                    prepared = self.prepare(choice, targets, options, message_contents)
+                except ValueError as error:
+                    out[choice.index] = {"error": GROUNDING_ERROR + str(error)}
+                    continue
                 jobs.append({
                     "key": key,
                     "token_ids": choice.prompt_ids + choice.completion_ids,
                     "prompt_length": len(choice.prompt_ids),
-                    "seeds": [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets],
+                    "seeds": _seeds(prepared.rows),
                     "mode": options.mode,
                 })
-                pending.append((choice, targets))
+                pending.append((choice, prepared))
             if jobs:
                 results = await self.run_jobs(jobs)
-                for (choice, targets), result in zip(pending, results):
+                for (choice, prepared), result in zip(pending, results):
                     if "error" in result:
                         out[choice.index] = {"error": result["error"]}
                         continue
-                    out[choice.index] = self.to_wire(result, targets, choice, options)
+                    out[choice.index] = self.to_wire(result, prepared, choice, options)
         finally:
             if key is not None:
                 self.unreserve(key)
@@ -204,8 +219,11 @@ class ExplainService:
                     await self.release(key)
         return out
 
+    @observed  # metrics, ids and the web view's store (serving/metrics.py)
     async def explain_tokens(self, prompt_ids: list[int], completion_ids: list[int],
-                             options: ExplainOptions, target: Any) -> dict[str, Any]:
+                             options: ExplainOptions, target: Any,
+                             message_contents: Sequence[str | None] | None = None,
+                             ) -> dict[str, Any]:
         """``/v1/explain``: no recording; the worker runs a plain forward for the layer inputs."""
         vocab = int(self.info.get("vocab_size", 0))
         ids = prompt_ids + completion_ids
@@ -220,38 +238,70 @@ class ExplainService:
         try:
             choice = Choice(0, prompt_ids, completion_ids)
             if target == "next":
-                job = {"token_ids": ids, "prompt_length": len(prompt_ids), "seeds": None,
-                       "mode": options.mode, "next": True}
+                # the worker puts the argmax next-token row first, then these (sentence) rows
+                try:
+                    prepared = self.prepare(choice, [], options, message_contents)
+                except ValueError as error:
+                    raise ExplainError(GROUNDING_ERROR + str(error), param="sources") from None
+                job = {"token_ids": ids, "prompt_length": len(prompt_ids),
+                       "seeds": _seeds(prepared.rows) or None, "mode": options.mode, "next": True}
                 result = (await self.run_jobs([job]))[0]
                 if "error" in result:
                     raise ExplainError(result["error"], status=500)
                 targets = resolve_targets("next", len(prompt_ids), completion_ids, vocab,
                                           result["next_token_id"], MAX_PER_TOKEN_ROWS)
-                return self.to_wire(result, targets, choice, options)
+                prepared.targets = targets
+                prepared.rows = targets + prepared.rows
+                prepared.sentence_row = [b + 1 for b in prepared.sentence_row]
+                return self.to_wire(result, prepared, choice, options)
             try:
                 targets = resolve_targets(target, len(prompt_ids), completion_ids, vocab, None,
                                           MAX_PER_TOKEN_ROWS)
             except ValueError as error:
                 raise ExplainError(str(error), param="target") from None
+            try:
+                prepared = self.prepare(choice, targets, options, message_contents)
+            except ValueError as error:
+                raise ExplainError(GROUNDING_ERROR + str(error), param="sources") from None
             job = {"token_ids": ids, "prompt_length": len(prompt_ids), "mode": options.mode,
-                   "seeds": [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets]}
+                   "seeds": _seeds(prepared.rows)}
             result = (await self.run_jobs([job]))[0]
             if "error" in result:
                 raise ExplainError(result["error"], status=500)
-            return self.to_wire(result, targets, choice, options)
+            return self.to_wire(result, prepared, choice, options)
         finally:
             self.unreserve(key)
 
-    def to_wire(self, result: dict[str, Any], targets, choice: Choice,
+    def prepare(self, choice: Choice, targets: list, options: ExplainOptions,
+                message_contents: Sequence[str | None] | None = None) -> "Prepared":
+        """Decoded tokens and, when the request declares sources, the grounding plan and its
+        sentence rows (appended to the targets: one batched backward). ``ValueError`` when a
+        source cannot be placed."""
+        prompt_length = len(choice.prompt_ids)
+        spans = token_spans(self.tokenizer, choice.prompt_ids + choice.completion_ids,
+                            prompt_length)
+        if not (options.documents or options.sources):
+            return Prepared(targets, list(targets), [], None, spans)
+        threshold = (options.grounding_threshold if options.grounding_threshold is not None
+                     else self.grounding_threshold)
+        plan = plan_grounding(*spans, prompt_length, specs=options.sources or (),
+                              documents=options.documents, message_contents=message_contents,
+                              skip_token_ids=self.tokenizer.all_special_ids,
+                              threshold=threshold, sentences=options.sentences)
+        rows, sentence_row = sentence_rows(targets, plan, prompt_length, choice.completion_ids)
+        return Prepared(targets, rows, sentence_row, plan, spans)
+
+    def to_wire(self, result: dict[str, Any], prepared: "Prepared", choice: Choice,
                 options: ExplainOptions) -> dict[str, Any]:
-        explanation = assemble(result, targets, choice, options, self.tokenizer, self.model_name)
+        explanation = assemble(result, prepared, choice, options, self.tokenizer,
+                               self.model_name)
         if options.top_k:
             return compact(explanation, options.top_k).model_dump(mode="json")
         return explanation.model_dump(mode="json")
 
 
-def assemble(result: dict[str, Any], targets, choice: Choice, options: ExplainOptions,
-             tokenizer: Any, model_name: str) -> Explanation:
+def assemble(result: dict[str, Any], prepared: "Prepared", choice: Choice,
+             options: ExplainOptions, tokenizer: Any, model_name: str) -> Explanation:
     import torch
 
     from ..engine.backward import RelevanceResult
@@ -264,9 +314,30 @@ def assemble(result: dict[str, Any], targets, choice: Choice, options: ExplainOp
         softmax_absorbed=torch.tensor(result["softmax_absorbed"]),
     )
     ids = choice.prompt_ids + choice.completion_ids
-    return build_explanation(relevance, targets, ids, len(choice.prompt_ids), tokenizer,
-                             model=model_name, mode=options.mode, per_layer=options.per_layer,
-                             per_token=options.target == "per_token")
+    explanation = build_explanation(relevance, prepared.targets, ids, len(choice.prompt_ids),
+                                    tokenizer, model=model_name, mode=options.mode,
+                                    per_layer=options.per_layer,
+                                    per_token=options.target == "per_token", spans=prepared.spans)
+    if prepared.plan is not None:
+        explanation.grounding = ground(explanation, relevance, prepared.plan,
+                                       prepared.sentence_row)
+    return explanation
+
+
+@dataclass
+class Prepared:
+    """One choice ready for the worker: its main targets, every row of the batched backward
+    (main targets first), the row of each sentence, the grounding plan and decoded tokens."""
+
+    targets: list
+    rows: list
+    sentence_row: list[int]
+    plan: GroundingPlan | None
+    spans: tuple[str, list]
+
+
+def _seeds(targets) -> list[list[list[int]]]:
+    return [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets]
 
 
 def compact(explanation: Explanation, k: int) -> CompactExplanation:
@@ -283,5 +354,5 @@ def compact(explanation: Explanation, k: int) -> CompactExplanation:
         target=explanation.target.model_dump(mode="json"),
         target_logit=explanation.target_logit, prompt_length=explanation.prompt_length,
         num_tokens=len(explanation.tokens), positional_share=explanation.positional_share,
-        conservation=explanation.conservation, top_tokens=top,
+        conservation=explanation.conservation, top_tokens=top, grounding=explanation.grounding,
     )

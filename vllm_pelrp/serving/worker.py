@@ -283,7 +283,8 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None) -> di
     a plain forward when nothing was recorded), then the engine's backward.
 
     job: ``token_ids`` (prompt + completion), ``prompt_length``, ``seeds`` (per target row, a
-    list of [position, token_id]), ``mode``, ``next`` (also return the argmax next token),
+    list of [position, token_id]), ``mode``, ``next`` (the argmax next token's row goes first,
+    before the ``seeds`` rows, and its id is returned),
     ``key`` (recordings to use; absent for /v1/explain).
     """
     from ..engine.backward import (
@@ -330,11 +331,10 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None) -> di
     next_token_id = None
     if job.get("next"):
         next_token_id = argmax_next_token(weights, layer_inputs, positions)
-    if job.get("seeds"):
-        rows = [[(int(p), int(t)) for p, t in row] for row in job["seeds"]]
-    elif next_token_id is not None:  # target 'next': its seed is known only now
-        rows = [[(needed - 1, next_token_id)]]
-    else:
+    rows = [[(int(p), int(t)) for p, t in row] for row in job.get("seeds") or []]
+    if next_token_id is not None:  # target 'next': its seed is known only now; it comes first
+        rows = [[(needed - 1, next_token_id)]] + rows
+    if not rows:
         raise ValueError("the job has no targets")
     seeds = LogitSeeds.from_rows(rows)
     if next_token_id is not None:

@@ -1,0 +1,107 @@
+"""One real ``pelrp serve`` (default model, float32, loopback, a port in 18500-18599) shared by
+``test_metrics.py`` and ``test_webview.py``: started on first use, stopped when the pytest session
+ends (``config.add_cleanup``), so the two modules pay one server start between them.
+``PELRP_TEST_SERVER=http://127.0.0.1:PORT`` uses a server already running instead (started
+with the arguments below)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+PORTS = range(18500, 18600)
+STARTUP_SECONDS = 600
+# --eager: no torch.compile (1-2 min less startup); recording under compilation is
+# tests/test_serving.py's business, these tests look at what the API process does with results
+SERVER_ARGS = ["--eager", "--record-cap-mb", "96", "--dtype", "float32", "--max-model-len",
+               "2048", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(256 << 20),
+               "--seed", "0"]
+_KEY = pytest.StashKey[str]()
+# two Debian package descriptions and a question whose answer is in the first
+DOCUMENTS = [
+    "gcal: a program for calculating and printing calendars. Gcal displays hybrid and "
+    "proleptic Julian and Gregorian calendar sheets, and can list holidays for many countries.",
+    "htop: interactive processes viewer. Htop is an ncurses-based process viewer similar to "
+    "top, but it lets you scroll the list vertically and horizontally.",
+]
+QUESTION = "Which package prints calendars?"
+
+
+def _free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (API server, engine core, workers), then
+    SIGKILL after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Base URL of the shared plugin server (started by the first test module that asks)."""
+    if _KEY in config.stash:
+        if config.stash[_KEY].startswith("failed: "):  # one start per session, not per module
+            raise RuntimeError(config.stash[_KEY])
+        return config.stash[_KEY]
+    if os.environ.get("PELRP_TEST_SERVER"):  # a server already running (while developing)
+        config.stash[_KEY] = os.environ["PELRP_TEST_SERVER"].rstrip("/")
+        return config.stash[_KEY]
+    from vllm_pelrp.default_model import ensure_default_checkpoint
+
+    ensure_default_checkpoint()
+    log = Path(tmp_path_factory.mktemp("live_server")) / "server.log"
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("VLLM_PLUGINS", None)
+    command = [sys.executable, "-m", "vllm_pelrp.cli", "serve", "--host", "127.0.0.1", "--port",
+               str(port), *SERVER_ARGS]
+    # cwd outside the checkout: `python -m` puts the cwd on sys.path, and the repo's top-level
+    # kernels/ folder (shipped as vllm_pelrp.kernels) must not be importable as `kernels`
+    # (transformers probes that name for the Hugging Face kernels package)
+    process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=log.parent)
+    config.add_cleanup(lambda: _stop(process))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            config.stash[_KEY] = f"failed: server exited ({process.returncode}), log {log}"
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            _stop(process)
+            config.stash[_KEY] = f"failed: server did not start in {STARTUP_SECONDS}s, log {log}"
+            raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n"
+                               f"{log.read_text()[-4000:]}")
+        time.sleep(1)
+    config.stash[_KEY] = base
+    return base

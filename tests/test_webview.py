@@ -1,0 +1,220 @@
+"""The web view (vllm_pelrp/serving/webview.py and serving/static/).
+
+Unit part: the bounded store of recent explanations and the routes on a bare FastAPI app. Browser
+part: a real server (tests/_live_server.py) and Debian's Chromium (``/usr/bin/chromium``,
+headless) driven by Playwright's Python package: type a prompt and two documents, submit, and
+check the page against the explanation the server returned; reopen it by id; the page may make
+no request to any other host. The screenshot goes to tests/artifacts/webview.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from vllm_pelrp.serving import webview
+from vllm_pelrp.serving.webview import ID_PATTERN, STATIC_DIR, RecentExplanations
+
+from _live_server import DOCUMENTS, QUESTION, shared_server
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _explanation(text: str = "Hi there", tokens: int = 3, **extra) -> dict:
+    return {"model": "m", "mode": "pa-lrp", "text": text, "prompt_length": 1,
+            "target": {"description": "completion"},
+            "tokens": [{"index": i, "id": i, "text": "x", "start": i, "end": i + 1,
+                        "role": "prompt" if i == 0 else "completion"} for i in range(tokens)],
+            **extra}
+
+
+# --- unit: store ----------------------------------------------------------------------------------
+def test_store_gives_ids_and_keeps_the_last_ones():
+    store = RecentExplanations(capacity=3)
+    ids = [store.add(_explanation()) for _ in range(5)]
+    assert all(ID_PATTERN.match(i) for i in ids)
+    assert len(set(ids)) == 5
+    assert [s["id"] for s in store.summaries()] == ids[:1:-1]  # newest first, the last 3
+    assert store.get(ids[0]) is None
+    assert json.loads(store.get(ids[-1]))["id"] == ids[-1]
+    given = _explanation(id="expl-" + "a" * 32)
+    assert store.add(given) == "expl-" + "a" * 32  # an id already set is kept
+    compact = {"top_tokens": [], "num_tokens": 3}
+    assert store.add(compact) is None and "id" not in compact
+
+
+def test_store_is_bounded_in_bytes():
+    one = len(json.dumps(_explanation(id="expl-" + "0" * 32), separators=(",", ":")))
+    store = RecentExplanations(capacity=100, max_bytes=int(2.5 * one))
+    for _ in range(6):
+        store.add(_explanation())
+    assert len(store) == 2
+    assert store.bytes <= store.max_bytes
+
+
+def test_summary_shows_prompt_completion_and_grounding():
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhich one?<|im_end|>\n"
+            "<|im_start|>assistant\nThe first.")
+    explanation = _explanation(text=text, tokens=3, grounding={
+        "grounding_score": 0.4, "low_grounding": False, "sources": [{}, {}]})
+    explanation["tokens"][1]["start"] = text.index("The")
+    RecentExplanations().add(explanation)
+    summary = webview.summarize(explanation, 0.0)
+    assert summary["prompt"] == "Which one?"  # the last message, without template markers
+    assert summary["completion"] == "The first."
+    assert (summary["grounding_score"], summary["num_sources"]) == (0.4, 2)
+
+
+# --- unit: routes -----------------------------------------------------------------------------------
+@pytest.fixture
+def app_client():
+    app = FastAPI()
+    store = RecentExplanations(capacity=4)
+    webview.attach(app, store)
+    return TestClient(app), store
+
+
+def test_routes_serve_the_page_and_explanations(app_client):
+    client, store = app_client
+    for path in ("/pelrp", "/pelrp/"):
+        page = client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script src="/pelrp/static/pelrp.js">' in page.text
+    assert client.get("/pelrp/static/pelrp.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/pelrp/static/pelrp.css").status_code == 200
+    missing = client.get("/pelrp/static/webview.py")
+    assert missing.status_code == 404 and "pelrp.css, pelrp.js" in missing.json()["error"]["message"]
+
+    key = store.add(_explanation())
+    assert client.get(f"/v1/explanations/{key}").json()["id"] == key
+    listed = client.get("/v1/explanations").json()
+    assert [item["id"] for item in listed["data"]] == [key]
+
+    unknown = client.get("/v1/explanations/expl-" + "f" * 32)
+    assert unknown.status_code == 404
+    assert "keeps only the last 4 explanations" in unknown.json()["error"]["message"]
+    malformed = client.get("/v1/explanations/42")
+    assert malformed.status_code == 404
+    assert "not an explanation id" in malformed.json()["error"]["message"]
+
+
+def test_static_files_reference_no_other_host():
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text()
+        # the SVG namespace is a name, not a request
+        urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", text)) - {"http://www.w3.org"}
+        assert not urls, (path.name, urls)
+        assert "@import" not in text and "@font-face" not in text
+
+
+# --- browser ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    return shared_server(request.config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/setup.sh"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.mark.slow
+def test_page_explains_a_prompt_with_documents(server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(server + "/pelrp")
+    page.wait_for_function("document.getElementById('model-name').textContent.length > 0")
+
+    page.fill("#prompt", QUESTION)
+    for text in DOCUMENTS:
+        page.click("#add-document")
+        page.locator(".document textarea").last.fill(text)
+    page.click("#add-document")  # one more, then removed again
+    page.locator(".remove-document").last.click()
+    assert page.locator(".document").count() == len(DOCUMENTS)
+    page.click("#more summary")
+    page.fill("#max-tokens", "16")
+    with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions"),
+                              timeout=600_000) as answer:
+        page.click("#submit")
+    body = answer.value.json()
+    explanation = body["choices"][0]["explanation"]
+    page.wait_for_selector("#result[data-state=done]", timeout=30_000)
+
+    # the page shows exactly what the server returned
+    assert page.locator("#heatmap .tok").count() == len(explanation["tokens"])
+    assert page.locator("#heatmap [data-part=completion] .tok").count() == (
+        len(explanation["tokens"]) - explanation["prompt_length"])
+    grounding = explanation["grounding"]
+    assert len(grounding["sources"]) == len(DOCUMENTS)
+    assert page.locator(".source-bar").count() == len(DOCUMENTS)
+    assert page.inner_text("#grounding-score") == f"{grounding['grounding_score']:.2f}"
+    assert page.locator("#positional-plot svg .pos-bars rect").count() == len(explanation["tokens"])
+    assert page.inner_text("#result-id") == explanation["id"]
+    in_sources = sum(s["token_end"] - s["token_start"] for s in grounding["sources"])
+    assert page.locator("#heatmap .tok.in-source").count() == in_sources
+
+    # hover: the tooltip shows the token's values
+    strongest = max(range(len(explanation["tokens"])),
+                    key=lambda i: abs(explanation["combined_relevance"][i]))
+    page.hover(f'#heatmap .tok[data-index="{strongest}"]')
+    tip = page.inner_text("#tooltip")
+    assert f"#{strongest}" in tip
+    assert f"{explanation['token_relevance'][strongest]:.4f}" in tip
+    assert f"{explanation['positional_relevance'][strongest]:.4f}" in tip
+
+    # the screenshot shows the hover on the completion token with the largest |combined|
+    answer = max(range(explanation["prompt_length"], len(explanation["tokens"])),
+                 key=lambda i: abs(explanation["combined_relevance"][i]))
+    page.hover(f'#heatmap .tok[data-index="{answer}"]')
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webview.png"), full_page=True)
+
+    # reopen by id, as a link would; the recent list shows it
+    page.goto(f"{server}/pelrp?id={explanation['id']}")
+    page.wait_for_selector("#result[data-state=done]")
+    assert page.inner_text("#result-id") == explanation["id"]
+    assert page.locator("#heatmap .tok").count() == len(explanation["tokens"])
+    page.wait_for_selector(f'#recent-list a:text("{explanation["id"]}")')
+
+    # a given completion goes to /v1/explain (nothing generated), documents and all
+    page.fill("#prompt", QUESTION)
+    page.click("#add-document")
+    page.locator(".document textarea").last.fill(DOCUMENTS[0])
+    page.click("#more summary")
+    page.fill("#completion", "gcal prints calendars.")
+    with page.expect_response(lambda r: r.url.endswith("/v1/explain"), timeout=600_000) as given:
+        page.click("#submit")
+    given_explanation = given.value.json()
+    page.wait_for_selector(f'#result-id:text("{given_explanation["id"]}")', timeout=30_000)
+    assert page.locator("#heatmap .tok").count() == len(given_explanation["tokens"])
+    assert page.locator(".source-bar").count() == 1
+    assert given_explanation["text"].endswith("gcal prints calendars.")
+
+    # an unknown id: the server's 404 message on the page
+    page.fill("#open-id", "expl-" + "0" * 32)
+    page.click("#open-form button")
+    page.wait_for_selector("#status.error")
+    assert "404" in page.inner_text("#status")
+
+    origin = urlsplit(server)
+    others = [url for url in requested if urlsplit(url)[:2] != origin[:2]]
+    assert not others, others
+    assert any(url.endswith("/pelrp/static/pelrp.js") for url in requested)
+    page.close()

@@ -1,0 +1,169 @@
+"""Prometheus metrics of the explanations, served on vLLM's own ``/metrics``.
+
+vLLM 0.32 mounts ``prometheus_client.make_asgi_app(registry=get_prometheus_registry())`` at
+``/metrics`` of the API server: the default ``REGISTRY`` with one API server, a
+``MultiProcessCollector`` over ``PROMETHEUS_MULTIPROC_DIR`` when ``--api-server-count > 1``.
+Metrics created here register in the default registry and, in multiprocess mode, write the
+shared files like vLLM's own, so they appear on that same endpoint in both cases.
+
+| metric | type | labels | what |
+|---|---|---|---|
+| ``pelrp_explanations_total`` | counter | mode, outcome | explained choices: ``ok`` or ``error`` |
+| ``pelrp_explanation_seconds`` | histogram | mode | latency of one explain call (all choices of a request, backward and assembly) |
+| ``pelrp_grounding_score`` | histogram | | grounding score of each explanation with sources |
+| ``pelrp_low_grounding_total`` | counter | | explanations whose grounding score is below their threshold |
+| ``pelrp_recorded_activation_bytes`` | gauge | | activations recorded on the workers now (all ranks) |
+| ``pelrp_reserved_activation_bytes`` | gauge | | recording memory reserved by the API process now |
+
+The recorded-bytes gauge is refreshed by ``refresh_activation_gauges`` (a task of the API
+process): every ``interval`` seconds while explained requests are in flight, and once more after
+the last one; a scrape never waits for a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from typing import Any, Awaitable, Callable, Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from ..explanation import MODES
+
+logger = logging.getLogger("vllm_pelrp.serving")
+
+GROUNDING_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class PelrpMetrics:
+    """The plugin's metrics in one registry (the default one in the server; a fresh one in unit
+    tests)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.explanations = Counter(
+            "pelrp_explanations", "Explained choices, by attribution mode and outcome (ok, error).",
+            ["mode", "outcome"], registry=registry)
+        self.latency = Histogram(
+            "pelrp_explanation_seconds",
+            "Latency of one explain call (every choice of a request: worker backward and "
+            "assembly), by attribution mode.", ["mode"], buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.grounding = Histogram(
+            "pelrp_grounding_score",
+            "Grounding score (share of the prompt's relevance on the declared sources) of each "
+            "explanation with sources.", buckets=GROUNDING_BUCKETS, registry=registry)
+        self.low_grounding = Counter(
+            "pelrp_low_grounding",
+            "Explanations whose grounding score is below their threshold "
+            "(explain.grounding_threshold, or the server's --grounding-threshold).",
+            registry=registry)
+        self.recorded_bytes = Gauge(
+            "pelrp_recorded_activation_bytes",
+            "Bytes of activations recorded on the workers now (all ranks).",
+            multiprocess_mode="livemostrecent", registry=registry)
+        self.reserved_bytes = Gauge(
+            "pelrp_reserved_activation_bytes",
+            "Recording memory reserved now by the API process for explained requests in flight.",
+            multiprocess_mode="livesum", registry=registry)
+        for mode in MODES:  # every series exists (at 0) before the first explanation
+            self.latency.labels(mode=mode)
+            for outcome in ("ok", "error"):
+                self.explanations.labels(mode=mode, outcome=outcome)
+
+    def observe(self, mode: str, seconds: float, explanations: Iterable[dict[str, Any]]) -> None:
+        """Record one explain call: its latency and each explanation (wire dict) it returned."""
+        self.latency.labels(mode=mode).observe(seconds)
+        for explanation in explanations:
+            if not isinstance(explanation, dict) or "error" in explanation:
+                self.explanations.labels(mode=mode, outcome="error").inc()
+                continue
+            self.explanations.labels(mode=mode, outcome="ok").inc()
+            grounding = explanation.get("grounding")
+            if grounding:
+                self.grounding.observe(grounding["grounding_score"])
+                if grounding.get("low_grounding"):
+                    self.low_grounding.inc()
+
+
+_metrics: PelrpMetrics | None = None
+
+
+def get_metrics() -> PelrpMetrics:
+    """The process's metrics (created in the default registry on first use)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = PelrpMetrics()
+    return _metrics
+
+
+# Called with every explanation (wire dict) an explain call returned; the web view's store of
+# recent explanations registers here (it gives each explanation its id).
+ExplanationSink = Callable[[dict[str, Any]], None]
+_sinks: list[ExplanationSink] = []
+
+
+def add_explanation_sink(sink: ExplanationSink) -> None:
+    if sink not in _sinks:
+        _sinks.append(sink)
+
+
+def _returned_explanations(result: Any) -> list[dict[str, Any]]:
+    """The explanations in what ``explain_choices`` (dict by choice index) or
+    ``explain_tokens`` (one explanation) returned."""
+    if isinstance(result, dict) and all(isinstance(k, int) for k in result):
+        return list(result.values())
+    return [result] if isinstance(result, dict) else []
+
+
+def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Decorates ``ExplainService.explain_choices`` / ``explain_tokens``: times the call, records
+    its latency and its explanations in the metrics, and hands each explanation to the sinks
+    (the recent-explanations store). A call that raises counts as one error, without latency."""
+    signature = inspect.signature(explain)
+
+    @functools.wraps(explain)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = signature.bind(*args, **kwargs).arguments.get("options")
+        mode = getattr(options, "mode", None) or "pa-lrp"
+        started = time.perf_counter()
+        try:
+            result = await explain(*args, **kwargs)
+        except Exception:  # a refused request (ExplainError) or a failed backward: no latency
+            get_metrics().explanations.labels(mode=mode, outcome="error").inc()
+            raise
+        explanations = _returned_explanations(result)
+        get_metrics().observe(mode, time.perf_counter() - started, explanations)
+        for explanation in explanations:
+            if isinstance(explanation, dict) and "error" not in explanation:
+                for sink in _sinks:
+                    try:
+                        sink(explanation)
+                    except Exception:  # noqa: BLE001 - a sink never breaks a response
+                        logger.exception("vllm-pelrp: explanation sink failed")
+        return result
+
+    return wrapper
+
+
+async def refresh_activation_gauges(service: Any, interval: float = 0.5) -> None:
+    """Keep the activation gauges current without a worker call per scrape: the reserved bytes
+    (API process) every ``interval`` s; the recorded bytes (``pelrp_stats`` on the workers) every
+    ``interval`` s while anything is reserved or the last reading was not 0. Idle servers make no
+    worker calls. Runs until cancelled."""
+    metrics = get_metrics()
+    last: int | None = None
+    while True:
+        reserved = sum(service.reserved.values())
+        metrics.reserved_bytes.set(reserved)
+        if reserved or last != 0:
+            try:
+                stats = await service.engine.collective_rpc("pelrp_stats")
+                last = sum(int(worker.get("bytes", 0)) for worker in stats)
+                metrics.recorded_bytes.set(last)
+            except Exception:  # noqa: BLE001 - the engine is shutting down or not ready
+                logger.debug("vllm-pelrp: pelrp_stats failed", exc_info=True)
+        await asyncio.sleep(interval)

@@ -1,0 +1,488 @@
+// vllm-pelrp web view: ask for an explained completion, draw the explanation, reopen recent
+// ones by id. Plain browser JavaScript, no build step, no outside requests: it talks only to
+// the server that served it (/v1/models, /v1/chat/completions, /v1/explain, /v1/explanations).
+"use strict";
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const SVG = "http://www.w3.org/2000/svg";
+  // source colours (documents 1, 2, ...): distinct on white, readable as thin underlines
+  const PALETTE = ["#1a7f37", "#8250df", "#bc4c00", "#0969da", "#bf3989", "#4d2d00", "#1b7c83", "#9a6700"];
+  const POS = [220, 38, 38];
+  const NEG = [37, 99, 235];
+
+  let modelName = null;
+  let current = null;  // the explanation on screen
+
+  // ---- talking to the server --------------------------------------------------------------
+  async function request(path, body) {
+    const init = body === undefined ? {} : {
+      method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body)};
+    const response = await fetch(path, init);
+    let data = null;
+    try { data = await response.json(); } catch (e) { /* not JSON */ }
+    if (!response.ok) {
+      const message = data && data.error ? (data.error.message || JSON.stringify(data.error))
+        : (data && data.detail ? JSON.stringify(data.detail) : response.statusText);
+      throw new Error(`${response.status}: ${message}`);
+    }
+    return data;
+  }
+
+  async function servedModel() {
+    if (modelName === null) {
+      const models = await request("/v1/models");
+      modelName = models.data[0].id;
+      $("model-name").textContent = modelName;
+    }
+    return modelName;
+  }
+
+  async function explainFromForm() {
+    const prompt = $("prompt").value.trim();
+    const documents = Array.from(document.querySelectorAll(".document textarea"))
+      .map((area) => area.value.trim()).filter((text) => text.length > 0);
+    const completion = $("completion").value;
+    const threshold = $("threshold").value.trim();
+    const mode = $("mode").value;
+    const model = await servedModel();
+    const messages = [{role: "user", content: prompt}];
+    const grounding = {};
+    if (documents.length) grounding.documents = documents;
+    if (threshold !== "") grounding.grounding_threshold = Number(threshold);
+
+    if (completion.trim() !== "") {  // explain the given answer: nothing generated
+      return request("/v1/explain", {model, messages, completion, mode, ...grounding});
+    }
+    const data = await request("/v1/chat/completions", {
+      model, messages, temperature: 0,
+      max_tokens: Number($("max-tokens").value) || 40,
+      explain: {mode, ...grounding},
+    });
+    const explanation = data.choices[0].explanation;
+    if (!explanation || explanation.error) {
+      throw new Error(explanation ? explanation.error : "the response carries no explanation");
+    }
+    return explanation;
+  }
+
+  // ---- the form -----------------------------------------------------------------------------
+  function addDocument(text) {
+    const box = document.createElement("div");
+    box.className = "document";
+    const head = document.createElement("div");
+    head.className = "doc-head";
+    const label = document.createElement("label");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove-document";
+    remove.textContent = "Remove";
+    remove.addEventListener("click", () => { box.remove(); numberDocuments(); });
+    const area = document.createElement("textarea");
+    area.rows = 3;
+    area.placeholder = "Document text (rendered into the prompt as a source)";
+    area.value = text || "";
+    head.append(label, remove);
+    box.append(head, area);
+    $("documents").append(box);
+    numberDocuments();
+    area.focus();
+  }
+
+  function numberDocuments() {
+    document.querySelectorAll(".document").forEach((box, i) => {
+      const id = `document-${i + 1}`;
+      box.style.setProperty("--doc-colour", PALETTE[i % PALETTE.length]);
+      box.querySelector("label").textContent = `Document ${i + 1}`;
+      box.querySelector("label").htmlFor = id;
+      box.querySelector("textarea").id = id;
+    });
+  }
+
+  function setBusy(busy, message) {
+    $("submit").disabled = busy;
+    $("status").className = "muted";
+    $("status").textContent = message || "";
+  }
+
+  function showError(error) {
+    $("status").className = "error";
+    $("status").textContent = error.message || String(error);
+  }
+
+  async function onSubmit(event) {
+    event.preventDefault();
+    const started = performance.now();
+    setBusy(true, "Explaining…");
+    const timer = setInterval(() => {
+      $("status").textContent = `Explaining… ${((performance.now() - started) / 1000).toFixed(0)} s`;
+    }, 1000);
+    try {
+      const explanation = await explainFromForm();
+      render(explanation);
+      if (explanation.id) history.pushState(null, "", `?id=${encodeURIComponent(explanation.id)}`);
+      setBusy(false, `Done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+      loadRecent();
+    } catch (error) {
+      setBusy(false);
+      showError(error);
+    } finally {
+      clearInterval(timer);
+    }
+  }
+
+  // ---- recent explanations ----------------------------------------------------------------
+  async function loadRecent() {
+    let data;
+    try { data = await request("/v1/explanations"); } catch (error) { return; }
+    const list = $("recent-list");
+    list.replaceChildren();
+    if (!data.data.length) {
+      const empty = document.createElement("li");
+      empty.className = "muted";
+      empty.textContent = "None yet: explanations this server returns are listed here.";
+      list.append(empty);
+    }
+    for (const item of data.data) {
+      const li = document.createElement("li");
+      if (current && current.id === item.id) li.className = "current";
+      const link = document.createElement("a");
+      link.href = `?id=${encodeURIComponent(item.id)}`;
+      link.textContent = item.id;
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        history.pushState(null, "", link.href);
+        openById(item.id);
+      });
+      const preview = document.createElement("span");
+      preview.className = "preview";
+      preview.textContent = `${item.prompt} → ${item.completion}`;
+      preview.title = preview.textContent;
+      const meta = document.createElement("span");
+      meta.className = "muted";
+      const when = new Date(item.created * 1000).toLocaleTimeString();
+      const grounded = item.grounding_score === null ? ""
+        : ` · grounding ${item.grounding_score.toFixed(2)}${item.low_grounding ? " (low)" : ""}`;
+      meta.textContent = `${when} · ${item.mode} · ${item.num_tokens} tokens${grounded}`;
+      li.append(link, preview, meta);
+      list.append(li);
+    }
+  }
+
+  async function openById(id) {
+    id = id.trim();
+    if (!id) return;
+    setBusy(true, `Opening ${id}…`);
+    try {
+      render(await request(`/v1/explanations/${encodeURIComponent(id)}`));
+      setBusy(false);
+      loadRecent();
+    } catch (error) {
+      setBusy(false);
+      showError(error);
+    }
+  }
+
+  // ---- drawing ------------------------------------------------------------------------------
+  function colour(value, strength) {
+    const rgb = value >= 0 ? POS : NEG;
+    const alpha = Math.min(1, Math.abs(value)) * (strength === undefined ? 0.85 : strength);
+    return `rgba(${rgb[0]}, ${rgb[1]}, ${rgb[2]}, ${alpha.toFixed(3)})`;
+  }
+
+  const number = (v, digits) => (v === null || v === undefined) ? "–" : Number(v).toFixed(digits === undefined ? 4 : digits);
+  const percent = (v) => `${(100 * v).toFixed(1)} %`;
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // source index of each token position (-1: none)
+  function sourceOfToken(explanation) {
+    const owner = new Array(explanation.tokens.length).fill(-1);
+    const grounding = explanation.grounding;
+    if (grounding) {
+      grounding.sources.forEach((source, k) => {
+        for (let i = source.token_start; i < source.token_end && i < owner.length; i++) owner[i] = k;
+      });
+    }
+    return owner;
+  }
+
+  function render(explanation) {
+    current = explanation;
+    const section = $("result");
+    section.hidden = false;
+    section.dataset.state = "rendering";
+    $("result-id").textContent = explanation.id || "";
+    const completionTokens = explanation.tokens.length - explanation.prompt_length;
+    $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · ` +
+      `${explanation.target.description} · ${explanation.prompt_length} prompt + ` +
+      `${completionTokens} completion tokens · target logit ${number(explanation.target_logit, 3)}`;
+    renderGrounding(explanation);
+    renderHeatmap(explanation);
+    renderPositional(explanation);
+    renderConservation(explanation);
+    section.dataset.state = "done";
+    section.dataset.explanationId = explanation.id || "";
+  }
+
+  function renderHeatmap(explanation) {
+    const owner = sourceOfToken(explanation);
+    const sources = explanation.grounding ? explanation.grounding.sources : [];
+    const box = $("heatmap");
+    box.replaceChildren();
+    const parts = [["Prompt", 0, explanation.prompt_length],
+                   ["Completion", explanation.prompt_length, explanation.tokens.length]];
+    for (const [name, start, end] of parts) {
+      box.append(element("div", "part-label", `${name} · tokens ${start}–${Math.max(start, end - 1)}`));
+      const flow = element("div", "tokens");
+      flow.dataset.part = name.toLowerCase();
+      for (let i = start; i < end; i++) {
+        const token = explanation.tokens[i];
+        const span = element("span", "tok", token.text === "" ? "∅" : token.text);
+        span.dataset.index = String(i);
+        span.style.backgroundColor = colour(explanation.combined_relevance[i]);
+        if (/^<\|.*\|>$/.test(token.text)) span.classList.add("special");
+        if (owner[i] >= 0) {
+          span.classList.add("in-source");
+          span.style.setProperty("--src-colour", PALETTE[owner[i] % PALETTE.length]);
+          span.dataset.source = sources[owner[i]].name;
+        }
+        flow.append(span);
+      }
+      box.append(flow);
+    }
+  }
+
+  function renderGrounding(explanation) {
+    const grounding = explanation.grounding;
+    const box = $("grounding");
+    box.hidden = !grounding;
+    const bars = $("source-bars");
+    bars.replaceChildren();
+    $("sentences").replaceChildren();
+    if (!grounding) return;
+    $("grounding-score").textContent = grounding.grounding_score.toFixed(2);
+    const badge = $("grounding-badge");
+    badge.className = `badge ${grounding.low_grounding ? "low" : "ok"}`;
+    badge.textContent = grounding.low_grounding ? "low grounding" : "grounded";
+    $("grounding-threshold").textContent =
+      `share of the prompt's relevance on the sources · threshold ${grounding.threshold}`;
+
+    const addBar = (label, colourCss, tokenShare, positionalShare, value, extraClass) => {
+      const name = element("div", `bar-label ${extraClass || ""}`);
+      const dot = element("span", "dot");
+      dot.style.background = colourCss;
+      name.append(dot, document.createTextNode(label));
+      name.title = label;
+      const track = element("div", `bar-track ${extraClass || ""}`);
+      const tokenPart = element("div", "bar-token");
+      tokenPart.style.width = `${Math.max(0, 100 * tokenShare)}%`;
+      tokenPart.style.background = colourCss;
+      const positionalPart = element("div", "bar-positional");
+      positionalPart.style.width = `${Math.max(0, 100 * positionalShare)}%`;
+      positionalPart.style.background = colourCss;
+      track.append(tokenPart, positionalPart);
+      track.title = `token ${percent(tokenShare)} + positional ${percent(positionalShare)}`;
+      bars.append(name, track, element("div", `bar-value ${extraClass || ""}`, value));
+      return track;
+    };
+    grounding.sources.forEach((source, k) => {
+      const track = addBar(source.name, PALETTE[k % PALETTE.length], source.token_share,
+        source.positional_share, `${percent(source.share)} (token ${percent(source.token_share)}, ` +
+        `positional ${percent(source.positional_share)})`, "");
+      track.classList.add("source-bar");
+      track.dataset.source = String(source.index);
+    });
+    addBar("instructions & question", "#8c959f", grounding.instruction_share, 0,
+      `${percent(grounding.instruction_share)} (tokens outside the sources)`, "bar-other");
+    addBar("positional structure", "#57606a", 0, grounding.positional_share,
+      `${percent(grounding.positional_share)} (positions outside the sources)`, "bar-other");
+
+    if (grounding.sentences && grounding.sentences.length) {
+      const table = element("table");
+      const head = element("tr");
+      for (const title of ["completion sentence", "grounding", "supported by"]) head.append(element("th", "", title));
+      table.append(head);
+      for (const sentence of grounding.sentences) {
+        const row = element("tr");
+        const names = sentence.supporting_sources.map((k) => grounding.sources[k].name).join(", ");
+        row.append(element("td", "", sentence.text.trim()),
+                   element("td", "num", sentence.grounding_score.toFixed(2)),
+                   element("td", "", names || "none"));
+        table.append(row);
+      }
+      $("sentences").append(table);
+    }
+  }
+
+  function renderPositional(explanation) {
+    const values = explanation.positional_relevance;
+    const count = values.length;
+    const box = $("positional-plot");
+    box.replaceChildren();
+    const width = Math.max(300, box.clientWidth || 1000);
+    const height = 170, left = 48, right = 8, top = 10, bottom = 22;
+    const plotWidth = width - left - right, middle = top + (height - top - bottom) / 2;
+    const half = (height - top - bottom) / 2;
+    // scale: the largest |value|; when one position dwarfs all others (often position 0, the
+    // attention sink) the scale follows the runner-up and that bar is clipped and labelled
+    const sizes = values.map(Math.abs).sort((a, b) => b - a);
+    const clipped = sizes.length > 1 && sizes[0] > 4 * sizes[1] && sizes[1] > 0;
+    const largest = Math.max(1e-12, clipped ? 1.25 * sizes[1] : sizes[0]);
+    const step = plotWidth / Math.max(1, count);
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", "positional relevance per position");
+    const add = (tag, attributes, text) => {
+      const node = document.createElementNS(SVG, tag);
+      for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+      if (text !== undefined) node.textContent = text;
+      svg.append(node);
+      return node;
+    };
+    // background bands: each source, and the completion
+    if (explanation.grounding) {
+      explanation.grounding.sources.forEach((source, k) => {
+        add("rect", {x: left + source.token_start * step, y: top, height: height - top - bottom,
+          width: (source.token_end - source.token_start) * step,
+          fill: PALETTE[k % PALETTE.length], "fill-opacity": 0.1});
+      });
+    }
+    add("rect", {x: left + explanation.prompt_length * step, y: top, height: height - top - bottom,
+      width: (count - explanation.prompt_length) * step, fill: "#8c959f", "fill-opacity": 0.12});
+    add("line", {class: "axis", x1: left, x2: width - right, y1: middle, y2: middle});
+    const bars = add("g", {class: "pos-bars"});
+    values.forEach((value, i) => {
+      const size = Math.min(1, Math.abs(value) / largest) * half;
+      const bar = document.createElementNS(SVG, "rect");
+      bar.setAttribute("x", left + i * step);
+      bar.setAttribute("width", Math.max(0.6, step * 0.85));
+      bar.setAttribute("y", value >= 0 ? middle - size : middle);
+      bar.setAttribute("height", Math.max(0.5, size));
+      bar.setAttribute("fill", colour(value >= 0 ? 1 : -1, 0.85));
+      bar.dataset.index = String(i);
+      bars.append(bar);
+      if (Math.abs(value) > largest) {  // clipped: say how large it really is
+        add("text", {class: "axis-label clip-label", x: left + i * step + Math.max(4, step),
+          y: value >= 0 ? top + 10 : height - bottom - 3}, `${value.toPrecision(3)} (clipped)`);
+      }
+    });
+    add("text", {class: "axis-label", x: left - 4, y: top + 9, "text-anchor": "end"}, `+${largest.toPrecision(2)}`);
+    add("text", {class: "axis-label", x: left - 4, y: middle + 4, "text-anchor": "end"}, "0");
+    add("text", {class: "axis-label", x: left - 4, y: height - bottom, "text-anchor": "end"}, `−${largest.toPrecision(2)}`);
+    add("text", {class: "axis-label", x: left, y: height - 6}, "position 0");
+    add("text", {class: "axis-label", x: left + explanation.prompt_length * step + 3, y: top + 10},
+        `completion from ${explanation.prompt_length}`);
+    add("text", {class: "axis-label", x: width - right, y: height - 6, "text-anchor": "end"}, String(count - 1));
+    add("line", {class: "cursor", id: "plot-cursor", x1: -10, x2: -10, y1: top, y2: height - bottom});
+    svg.addEventListener("mousemove", (event) => {
+      const box = svg.getBoundingClientRect();
+      const x = (event.clientX - box.left) * (width / box.width);
+      const index = Math.floor((x - left) / step);
+      if (index >= 0 && index < count) showTip(index, event); else hideTip();
+    });
+    svg.addEventListener("mouseleave", hideTip);
+    box.append(svg);
+    svg.dataset.step = String(step);
+    svg.dataset.left = String(left);
+  }
+
+  function renderConservation(explanation) {
+    const c = explanation.conservation;
+    const rows = [
+      ["target logit", number(c.target_logit)],
+      ["Σ token relevance", number(c.token_sum)],
+      ["Σ positional relevance", number(c.positional_sum)],
+      ["relative error |Σ − logit| / |logit|", number(c.relative_error)],
+      ["absorbed by the softmax rule", number(c.softmax_absorbed)],
+      ["relative error without the softmax part", number(c.relative_error_excluding_softmax)],
+    ];
+    const table = $("conservation");
+    table.replaceChildren();
+    for (const [name, value] of rows) {
+      const row = element("tr");
+      row.append(element("td", "", name), element("td", "num", value));
+      table.append(row);
+    }
+  }
+
+  // ---- hover --------------------------------------------------------------------------------
+  function showTip(index, event) {
+    if (!current) return;
+    const token = current.tokens[index];
+    const tip = $("tooltip");
+    tip.replaceChildren();
+    const rows = [
+      ["token", `#${index} · ${token.role}`],
+      ["text", null],
+      ["token relevance", number(current.token_relevance[index])],
+      ["positional relevance", number(current.positional_relevance[index])],
+      ["combined", number(current.combined_relevance[index], 3)],
+    ];
+    const owner = sourceOfToken(current)[index];
+    if (owner >= 0) rows.push(["source", current.grounding.sources[owner].name]);
+    const table = element("table");
+    for (const [name, value] of rows) {
+      const row = element("tr");
+      const cell = element("td");
+      if (value === null) cell.append(element("span", "tip-text", JSON.stringify(token.text)));
+      else cell.textContent = value;
+      row.append(element("td", "", name), cell);
+      table.append(row);
+    }
+    tip.append(table);
+    tip.hidden = false;
+    const x = Math.min(event.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+    const y = event.clientY + 16 + tip.offsetHeight > window.innerHeight
+      ? event.clientY - tip.offsetHeight - 10 : event.clientY + 16;
+    tip.style.left = `${x}px`;
+    tip.style.top = `${y}px`;
+    document.querySelectorAll(".tok.active").forEach((n) => n.classList.remove("active"));
+    const span = document.querySelector(`.tok[data-index="${index}"]`);
+    if (span) span.classList.add("active");
+    const svg = document.querySelector("#positional-plot svg");
+    const cursor = document.getElementById("plot-cursor");
+    if (svg && cursor) {
+      const x0 = Number(svg.dataset.left) + (index + 0.4) * Number(svg.dataset.step);
+      cursor.setAttribute("x1", x0);
+      cursor.setAttribute("x2", x0);
+    }
+  }
+
+  function hideTip() {
+    $("tooltip").hidden = true;
+    document.querySelectorAll(".tok.active").forEach((n) => n.classList.remove("active"));
+    const cursor = document.getElementById("plot-cursor");
+    if (cursor) { cursor.setAttribute("x1", -10); cursor.setAttribute("x2", -10); }
+  }
+
+  // ---- start --------------------------------------------------------------------------------
+  function openFromLocation() {
+    const id = new URLSearchParams(location.search).get("id");
+    if (id) openById(id);
+  }
+
+  $("ask-form").addEventListener("submit", onSubmit);
+  $("add-document").addEventListener("click", () => addDocument(""));
+  $("open-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = $("open-id").value.trim();
+    if (!id) return;
+    history.pushState(null, "", `?id=${encodeURIComponent(id)}`);
+    openById(id);
+  });
+  $("heatmap").addEventListener("mouseover", (event) => {
+    const span = event.target.closest(".tok");
+    if (span) showTip(Number(span.dataset.index), event);
+  });
+  $("heatmap").addEventListener("mouseleave", hideTip);
+  window.addEventListener("popstate", openFromLocation);
+  servedModel().catch(() => {});
+  loadRecent();
+  openFromLocation();
+})();
