@@ -254,6 +254,21 @@ def test_fused_attention_lrp_matches_reference(dtype, value_share):
         torch.testing.assert_close(reference[1][1].double(), explicit[1], rtol=1e-4, atol=1e-5)
 
 
+def test_attention_lrp_autograd_path_matches_flash_path():
+    """The device-generic path (autograd through SDPA, used on CUDA) equals the CPU flash one."""
+    from vllm_pelrp.kernels import attention_lrp
+
+    gen = torch.Generator().manual_seed(5)
+    T, Hq, Hkv, D, rows = 40, 6, 3, 16, 2
+    q, k, v = (torch.randn(1, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(rows, Hq, T, D, generator=gen)
+    generic = attention_lrp._sdpa_backward_autograd(q, k, v, grad)
+    flash = attention_lrp._flash_backward_cpu(q, k, v, grad, None, None, torch.float32)
+    for a, b in zip(generic, flash):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_launcher_rejects_cpu_without_interpreter():
     if not K.HAS_TRITON:
         pytest.skip("triton not installed")
