@@ -166,8 +166,9 @@ def main() -> None:
         results[length] = entry
         if CUDA:
             torch.cuda.empty_cache()
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(results, indent=2))
+        if os.environ.get("OUT"):  # after every length, so a run cut short keeps what it measured
+            report = {"device": device_name, "layers": args.layers, "results": results}
+            Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
