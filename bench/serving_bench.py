@@ -5,10 +5,13 @@
    eager), so the ratio is the plugin's cost: the recording op in the graph and the
    recorder's per-step check. Target >= 0.97x.
 2. Latency: one 128-token completion of a 512-token prompt, explained vs unexplained, on the
-   plugin server (sequential, temperature 0, ignore_eos). Target <= 1.5x on CPU.
+   plugin server (sequential, temperature 0, ignore_eos). Target <= 1.5x on CPU. "cold": each
+   request has a prompt of its own; "warm": the explained request repeats the unexplained
+   one's prompt, so its prompt comes from vLLM's prefix cache and the worker recomputes those
+   rows (docs/serving.md, "Prefix caching").
 3. Memory: recorded bytes per token (num_layers x hidden x dtype bytes) and the worker's peak.
 
-    .venv/bin/python bench/serving_bench.py [--requests 16] [--concurrency 8] [--json out.json]
+    .venv/bin/python bench/serving_bench.py [--requests 32] [--concurrency 8] [--json out.json]
 
 Both servers run at once and the measurements alternate (median of --rounds), so load from
 other processes on a shared machine affects both sides alike.
@@ -20,6 +23,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -89,6 +93,10 @@ def completion(base: str, prompt, max_tokens: int, explain: dict | None = None) 
     return reply.json()
 
 
+def worker_stats(base: str) -> dict:
+    return httpx.get(base + "/v1/explain/stats", timeout=60).json()["workers"][0]
+
+
 def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> float:
     prompts = [f"Request {i}: write a short note about the number {i}." for i in range(requests)]
     completion(base, "warm up", 4)
@@ -102,7 +110,7 @@ def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3,
@@ -129,31 +137,71 @@ def main() -> None:
     try:
         ours, theirs = [], []
         for _ in range(args.rounds):
-            ours.append(throughput(plugin_url, args.requests, args.concurrency, args.max_tokens))
-            theirs.append(throughput(plain_url, args.requests, args.concurrency, args.max_tokens))
+            # alternate which server goes first, so a drift within a round hits both alike
+            measure = lambda url: throughput(url, args.requests, args.concurrency,  # noqa: E731
+                                             args.max_tokens)
+            if len(ours) % 2 == 0:
+                ours.append(measure(plugin_url))
+                theirs.append(measure(plain_url))
+            else:
+                theirs.append(measure(plain_url))
+                ours.append(measure(plugin_url))
         results["throughput_plugin_tok_s"] = statistics.median(ours)
         results["throughput_plain_tok_s"] = statistics.median(theirs)
         results["throughput_rounds"] = {"plugin": ours, "plain": theirs}
         results["throughput_ratio_plugin_vs_plain"] = (
             results["throughput_plugin_tok_s"] / results["throughput_plain_tok_s"])
+        # each round measures both servers back to back: the median of the per-round ratios
+        # pairs them under the same outside load
+        results["throughput_ratio_median_of_rounds"] = statistics.median(
+            o / t for o, t in zip(ours, theirs))
 
-        # exactly --prompt-tokens prompt tokens (ids), --completion-tokens generated
-        prompt = [(1000 + 7 * i) % 40000 + 100 for i in range(args.prompt_tokens)]
-        unexplained, explained = [], []
-        for _ in range(max(1, args.rounds - 1)):
+        # Latency, exactly --prompt-tokens prompt tokens (ids) and --completion-tokens generated.
+        # cold: every request has a prompt of its own (no prefix-cache hit for either side), so
+        #   the ratio is what explaining costs a new request.
+        # warm: the explained request repeats the unexplained one's prompt, so vLLM serves the
+        #   prompt's full blocks from its prefix cache (the unexplained request of the next
+        #   round does too) and the worker recomputes the skipped rows before the backward.
+        def prompt_ids(seed: int) -> list[int]:
+            rng = random.Random(seed)
+            return [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)]
+
+        def timed(prompt, explain):
             started = time.perf_counter()
-            plain_out = completion(plugin_url, prompt, args.completion_tokens)
-            unexplained.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            explained_out = completion(plugin_url, prompt, args.completion_tokens,
-                                       {"mode": args.mode})
-            explained.append(time.perf_counter() - started)
+            out = completion(plugin_url, prompt, args.completion_tokens, explain)
+            return time.perf_counter() - started, out
+
+        latency = {name: [] for name in ("cold_unexplained", "cold_explained",
+                                         "warm_unexplained", "warm_explained")}
+        recomputed = {"cold": [], "warm": []}
+        explain = {"mode": args.mode}
+        for round_index in range(max(1, args.rounds - 1)):
+            seconds, _ = timed(prompt_ids(3 * round_index), None)
+            latency["cold_unexplained"].append(seconds)
+            before = worker_stats(plugin_url)["recomputed_rows"]
+            seconds, out = timed(prompt_ids(3 * round_index + 1), explain)
+            latency["cold_explained"].append(seconds)
+            assert "error" not in out["choices"][0]["explanation"], out["choices"][0]["explanation"]
+            recomputed["cold"].append(worker_stats(plugin_url)["recomputed_rows"] - before)
+            warm_prompt = [(1000 + 7 * i) % 40000 + 100 for i in range(args.prompt_tokens)]
+            seconds, plain_out = timed(warm_prompt, None)
+            latency["warm_unexplained"].append(seconds)
+            before = worker_stats(plugin_url)["recomputed_rows"]
+            seconds, explained_out = timed(warm_prompt, explain)
+            latency["warm_explained"].append(seconds)
+            recomputed["warm"].append(worker_stats(plugin_url)["recomputed_rows"] - before)
             assert explained_out["choices"][0]["text"] == plain_out["choices"][0]["text"]
-        results["latency_unexplained_s"] = statistics.median(unexplained)
-        results["latency_explained_s"] = statistics.median(explained)
-        results["latency_rounds"] = {"unexplained": unexplained, "explained": explained}
-        results["latency_ratio_explained_vs_unexplained"] = (
-            results["latency_explained_s"] / results["latency_unexplained_s"])
+        results["latency_rounds"] = latency
+        results["latency_recomputed_rows"] = recomputed
+        for case in ("cold", "warm"):
+            unexplained = statistics.median(latency[f"{case}_unexplained"])
+            explained = statistics.median(latency[f"{case}_explained"])
+            results[f"latency_{case}_unexplained_s"] = unexplained
+            results[f"latency_{case}_explained_s"] = explained
+            results[f"latency_{case}_ratio_explained_vs_unexplained"] = explained / unexplained
+            results[f"latency_{case}_ratio_median_of_rounds"] = statistics.median(
+                e / u for e, u in zip(latency[f"{case}_explained"],
+                                      latency[f"{case}_unexplained"]))
         stats = httpx.get(plugin_url + "/v1/explain/stats", timeout=60).json()
         worker = stats["workers"][0]
         results["recorded_bytes_per_token"] = worker["bytes_per_token"]
