@@ -15,6 +15,12 @@ number and reads the top-1 and top-2 removal drops, under two removal operations
 
 Oracle = the best single / pair by exhaustive removal. Only the dev split is read: the test
 split stays for the benchmark's report.
+
+    python -m bench.grounding.score_study --two-pass-from score_study.json
+
+checks a greedy second pass on the saved cases: explain the same answer again with the
+top-``share`` document removed (renumbered), take the top of that pass as the second source,
+and compare its top-2 drop with the one-pass ranking's.
 """
 
 from __future__ import annotations
@@ -105,9 +111,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-dev", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None, help="write every case as JSON here")
+    parser.add_argument("--two-pass-from", type=Path, default=None,
+                        help="a saved --out file: check the greedy second pass on its cases")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ex = load_explainer()
+    if args.two_pass_from:
+        two_pass(ex, json.loads(args.two_pass_from.read_text()))
+        return
     operations = {"renumbered": lambda e, c, kept: prompt_for(e, c, kept),
                   "numbers kept": prompt_numbers_kept}
     records = []
@@ -135,6 +146,38 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(records))
     report(records, list(operations))
+
+
+def two_pass(ex, records: list[dict]) -> None:
+    cases = {case.case_id: case for case in load_cases("dev", 10_000)}
+    one, two, oracle = [], [], []
+    for record in records:
+        case = cases[record["case"]]
+        answer = generate_answer(ex, prompt_for(ex, case, range(len(case.documents))), 16)
+        share = record["scores"]["share (library)"]
+        order = [int(i) for i in np.argsort(-np.asarray(share), kind="stable")]
+        kept = order[1:]
+        kept.sort()
+        again = ex.explain(messages=[{"role": "user", "content": case.question}],
+                           documents=[case.documents[i] for i in kept], completion=answer,
+                           target="completion", sentences=False)
+        second = kept[int(np.argmax([s.share for s in again.grounding.sources]))]
+        table = record["removals"]["renumbered"]
+        full = table[""]
+
+        def drop(pair):
+            return full - table[",".join(map(str, sorted(pair)))]
+
+        one.append(drop(order[:2]))
+        two.append(drop([order[0], second]))
+        oracle.append(max(drop(p) for p in itertools.combinations(range(len(share)), 2)))
+        print(f"{record['case']}: one pass {one[-1]:.2f}, two passes {two[-1]:.2f}, "
+              f"oracle {oracle[-1]:.2f}", flush=True)
+    diff = np.asarray(two) - np.asarray(one)
+    print(f"\ntop-2 drop over {len(one)} dev cases (renumbered removal): one pass "
+          f"{np.mean(one):.2f}, greedy two passes {np.mean(two):.2f} (paired "
+          f"{diff.mean():+.2f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.2f}), oracle "
+          f"{np.mean(oracle):.2f}")
 
 
 def report(records: list[dict], operations: list[str]) -> None:
