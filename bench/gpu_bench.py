@@ -86,24 +86,13 @@ def peak_beyond(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def random_llama(layers: int, max_length: int):
+    """The Llama-3-8B-shaped model with random bf16 weights (tiny shapes for a CPU dry run),
+    frozen, seeded."""
     from transformers import LlamaForCausalLM
 
-    from vllm_pelrp.adapters.hf import weights_from_hf
-    from vllm_pelrp.engine.backward import (
-        LogitSeeds,
-        forward_layer_inputs,
-        relevance_from_input_ids,
-        relevance_from_layer_inputs,
-    )
-
     torch.manual_seed(0)
-    config = llama3_8b_config(args.layers, max(args.lengths))
+    config = llama3_8b_config(layers, max_length)
     if not CUDA:
         config.hidden_size, config.intermediate_size, config.vocab_size = 256, 512, 1000
         config.head_dim, config.num_attention_heads, config.num_key_value_heads = 32, 8, 2
@@ -112,7 +101,25 @@ def main() -> None:
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02) if param.dim() > 1 else param.fill_(1.0)
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from vllm_pelrp.adapters.hf import weights_from_hf
+    from vllm_pelrp.engine.backward import (
+        LogitSeeds,
+        forward_layer_inputs,
+        relevance_from_input_ids,
+        relevance_from_layer_inputs,
+    )
+
+    model = random_llama(args.layers, max(args.lengths))
+    config = model.config
     weights = weights_from_hf(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     device_name = torch.cuda.get_device_name() if CUDA else "CPU dry run"

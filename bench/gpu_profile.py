@@ -28,8 +28,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    from transformers import LlamaForCausalLM
-
     from vllm_pelrp.adapters.hf import weights_from_hf
     from vllm_pelrp.engine.backward import (
         LogitSeeds,
@@ -38,18 +36,9 @@ def main() -> None:
         relevance_from_layer_inputs,
     )
 
-    torch.manual_seed(0)
-    config = gpu_bench.llama3_8b_config(args.layers, args.length)
+    model = gpu_bench.random_llama(args.layers, args.length)
+    config = model.config
     device = gpu_bench.DEVICE
-    if device == "cpu":  # dry run of the script itself
-        config.hidden_size, config.intermediate_size, config.vocab_size = 256, 512, 1000
-        config.head_dim, config.num_attention_heads, config.num_key_value_heads = 32, 8, 2
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02) if param.dim() > 1 else param.fill_(1.0)
-    model.requires_grad_(False)
     weights = weights_from_hf(model)
     ids = torch.randint(0, config.vocab_size, (args.length,), device=device)
     seeds = LogitSeeds.from_rows([[(args.length - 1, 0)]])
