@@ -17,6 +17,13 @@ from ..grounding import MAX_DOCUMENTS, MAX_SOURCES, SourceSpec, check_documents
 EXPLAIN_TARGETS = "'completion', 'per_token' or {'span': [i, j]}"
 
 
+def _checked_documents(value: list[str] | None) -> list[str] | None:
+    """The ``documents`` field of both request models: each document a non-empty string."""
+    if value is not None:
+        check_documents(value)
+    return value
+
+
 class ExplainOptions(BaseModel):
     """Ask for a PA-LRP explanation of each choice (``extra_body={"explain": {...}}``)."""
 
@@ -64,12 +71,7 @@ class ExplainOptions(BaseModel):
         "the same batched backward) and list the sources that support it.",
     )
 
-    @field_validator("documents")
-    @classmethod
-    def _documents(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            check_documents(value)
-        return value
+    _documents = field_validator("documents")(_checked_documents)
 
 
 class ExplainRequest(BaseModel):
@@ -106,12 +108,7 @@ class ExplainRequest(BaseModel):
         None, ge=0.0, le=1.0, description="As in `explain.grounding_threshold`.")
     sentences: bool = Field(True, description="As in `explain.sentences`.")
 
-    @field_validator("documents")
-    @classmethod
-    def _documents(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            check_documents(value)
-        return value
+    _documents = field_validator("documents")(_checked_documents)
 
 
 class TopToken(BaseModel):
