@@ -5,7 +5,9 @@ walks the layers from last to first. For each layer it recomputes that layer's f
 saved input and applies the rules of ``rules.py`` by hand, for all targets (seeds) at once. Peak
 memory beyond the weights is the saved residual stream plus one layer's working set: the
 attention rules run through a fused attention backward (``kernels/attention_lrp.py``) that
-never materialises the T×T probabilities.
+never materialises the T×T probabilities. The recompute skips each layer's down projection
+(only the layer's output needs it, and that is the next layer's saved input), and it can run
+one layer ahead on another thread (``recompute_executor``), since it needs no relevance.
 
 Modes:
 - ``pa-lrp``: the RoPE products follow the uniform rule: half of the relevance of q̃ and k̃
@@ -16,6 +18,7 @@ Modes:
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -148,9 +151,15 @@ def make_rope(spec: LlamaSpec, positions: Tensor, dtype: torch.dtype) -> _Rope:
 
 
 def layer_forward(
-    weights: ModelWeights, layer: LayerWeights, x: Tensor, rope: _Rope, keep_cache: bool
-) -> tuple[Tensor, _LayerCache | None]:
-    """One decoder layer, x (T, hidden) → y (T, hidden), optionally keeping what backward needs."""
+    weights: ModelWeights, layer: LayerWeights, x: Tensor, rope: _Rope, keep_cache: bool,
+    output_needed: bool = True,
+) -> tuple[Tensor | None, _LayerCache | None]:
+    """One decoder layer, x (T, hidden) → y (T, hidden), optionally keeping what backward needs.
+
+    ``output_needed=False`` (with ``keep_cache``) skips the down projection, which only y needs:
+    the backward of a layer whose output is already known (the next layer's saved input) runs
+    on the cache alone, so its recompute runs six of the layer's seven matrix products.
+    """
     spec = weights.spec
     length = x.shape[0]
     normed, inv_rms_attn = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
@@ -178,7 +187,10 @@ def layer_forward(
     gate = normed_mlp @ layer.gate_proj.T
     up = normed_mlp @ layer.up_proj.T
     silu_gate = F.silu(gate)
-    output = hidden + weights.reduce((silu_gate * up) @ layer.down_proj.T)
+    if output_needed or not keep_cache:
+        output = hidden + weights.reduce((silu_gate * up) @ layer.down_proj.T)
+    else:
+        output = None
     if not keep_cache:
         return output, None
     cache = _LayerCache(
@@ -373,6 +385,7 @@ def relevance_from_layer_inputs(
     progress: Callable[[int, int], None] | None = None,
     *,
     forward: ForwardPass | None = None,
+    recompute_executor: Executor | None = None,
 ) -> RelevanceResult:
     """The engine's core entry point: PA-LRP relevance from the saved residual stream.
 
@@ -380,6 +393,11 @@ def relevance_from_layer_inputs(
     token embedding, whose relevance is the token relevance. ``positions`` (T,) are the RoPE
     positions. Returns one relevance row per seed row. ``forward`` (from ``run_forward`` on the
     same input) lets the backward reuse its caches instead of recomputing each layer.
+
+    ``recompute_executor``: recompute layer l−1's forward there while layer l's backward runs
+    here (a two-stage pipeline; one more layer cache alive at a time). The recompute needs no
+    relevance, so the result is the same bit for bit; on another core the backward is faster.
+    Not for tensor parallelism: the recompute's all-reduces would interleave with the backward's.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -395,23 +413,41 @@ def relevance_from_layer_inputs(
     rows = seeds.num_rows
     positional = torch.zeros(rows, num_layers, length, 2, device=weights.device)
     absorbed = torch.zeros(rows, num_layers, device=weights.device)
+    cached = forward is not None and forward.layer_caches is not None
+
+    @torch.no_grad()  # grad mode is per thread: the executor's thread needs it too
+    def recompute(index: int) -> tuple[Tensor | None, _LayerCache]:
+        # only the last layer's output is needed (for the seeds); every other layer's is the
+        # next layer's saved input, which the backward does not read
+        return layer_forward(weights, weights.layers[index], layer_inputs[index], rope,
+                             keep_cache=True, output_needed=index == num_layers - 1)
+
     grad = target_logit = None
-    for index in reversed(range(num_layers)):
-        layer = weights.layers[index]
-        x = layer_inputs[index]
-        if forward is not None and forward.layer_caches is not None:
-            output, cache = forward.final_hidden, forward.layer_caches[index]
-            forward.layer_caches[index] = None  # free as we go
-        else:
-            output, cache = layer_forward(weights, layer, x, rope, keep_cache=True)
-        if grad is None:
-            grad, target_logit = _seed_gradient(weights, output, seeds)
-        grad = layer_backward(
-            weights, layer, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
-        )
-        del cache, output
-        if progress is not None:
-            progress(num_layers - index, num_layers)
+    pending: Future | None = None
+    try:
+        for index in reversed(range(num_layers)):
+            layer = weights.layers[index]
+            if cached:
+                output, cache = forward.final_hidden, forward.layer_caches[index]
+                forward.layer_caches[index] = None  # free as we go
+            elif pending is not None:
+                output, cache = pending.result()
+            else:
+                output, cache = recompute(index)
+            pending = None
+            if not cached and recompute_executor is not None and index > 0:
+                pending = recompute_executor.submit(recompute, index - 1)
+            if grad is None:
+                grad, target_logit = _seed_gradient(weights, output, seeds)
+            grad = layer_backward(
+                weights, layer, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
+            )
+            del cache, output
+            if progress is not None:
+                progress(num_layers - index, num_layers)
+    finally:
+        if pending is not None and not pending.cancel():  # stopped early (progress raised)
+            pending.exception()  # wait for the recompute; the loop's own error is the one raised
     token = (layer_inputs[0].float() * grad).sum(-1)
     positional = weights.reduce(positional)
     absorbed = weights.reduce(absorbed)
