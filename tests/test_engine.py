@@ -274,3 +274,50 @@ def test_combinations_follow_their_formulas(smollm2: Explainer):
     assert torch.allclose(torch.tensor(default.combined_relevance, dtype=torch.float64), expected_default, atol=1e-5)
     with pytest.raises(ValueError, match="allowed: signed-per-part"):
         smollm2.explain(input_ids=prompt, combination="best")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pipelined_recompute_gives_the_same_bits(smollm2: Explainer, mode):
+    """Recomputing layer l-1 on another thread while layer l's backward runs changes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = smollm2.weights
+    ids = torch.tensor(smollm2.encode_prompt(PROMPT))
+    positions = torch.arange(len(ids))
+    inputs, _ = forward_layer_inputs(weights, ids, positions)
+    seeds = LogitSeeds.from_rows([[(len(ids) - 1, 4444)], [(len(ids) - 3, 1234), (2, 99)]])
+    serial = relevance_from_layer_inputs(weights, inputs, positions, seeds, mode)
+    submitted = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(args)
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(1) as executor:
+        pipelined = relevance_from_layer_inputs(weights, inputs, positions, seeds, mode,
+                                                recompute_executor=executor)
+    assert submitted == [(index,) for index in reversed(range(len(weights.layers) - 1))]
+    for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed"):
+        assert torch.equal(getattr(pipelined, name), getattr(serial, name)), name
+
+
+def test_pipelined_recompute_stops_with_the_backward(smollm2: Explainer):
+    """A backward stopped between layers (a cancelled request) waits for the recompute in flight
+    and raises its own error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = smollm2.weights
+    ids = torch.tensor(smollm2.encode_prompt(PROMPT))
+    positions = torch.arange(len(ids))
+    inputs, _ = forward_layer_inputs(weights, ids, positions)
+    seeds = LogitSeeds.from_rows([[(len(ids) - 1, 4444)]])
+
+    def stop(done, total):
+        if done == 2:
+            raise KeyboardInterrupt("stop")
+
+    with ThreadPoolExecutor(1) as executor:
+        with pytest.raises(KeyboardInterrupt, match="stop"):
+            relevance_from_layer_inputs(weights, inputs, positions, seeds, progress=stop,
+                                        recompute_executor=executor)
