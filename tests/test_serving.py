@@ -191,6 +191,27 @@ def test_completion_explanation_equals_offline(client, smollm2, servers):
     assert _wait_freed(servers)["workers"][0]["bytes"] == 0
 
 
+def test_idle_engine_lends_its_core_to_the_backward(client, smollm2, servers):
+    """With no request generating, the backward's layer recomputes run on the core vLLM keeps
+    for its scheduler (where the worker has one OpenMP thread and a core is left over), and the
+    explanation still equals the offline engine's."""
+    stats = _stats(servers)
+    spare = stats["info"]["spare_cores"]
+    before = stats["workers"][0]
+    response = client.completions.create(
+        model=MODEL, prompt="A short story about a lighthouse keeper:", max_tokens=12,
+        temperature=0, extra_body={"explain": {"mode": "pa-lrp"}})
+    assert_matches_offline(smollm2, response.choices[0].model_extra["explanation"])
+    after = _stats(servers)["workers"][0]
+    offloaded = after["recomputes_on_spare_cores"] - before["recomputes_on_spare_cores"]
+    inline = after["recomputes_inline"] - before["recomputes_inline"]
+    if spare:
+        assert offloaded + inline == 29  # every layer below the last (30 layers)
+        assert offloaded > 0, (offloaded, inline)
+    else:
+        assert offloaded == inline == 0
+
+
 def test_chat_per_token_via_vllm_xargs(client, smollm2):
     response = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a primary color."}],

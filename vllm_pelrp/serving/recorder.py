@@ -76,6 +76,7 @@ class Recorder:
         self._handles = []
         self.steps_recorded = 0
         self.peak_bytes = 0
+        self.last_step = 0.0  # time.monotonic() of the last model step (any request)
 
     # ---- hooks ------------------------------------------------------------------------------
     def install(self) -> None:
@@ -99,6 +100,7 @@ class Recorder:
         """Called with each decoder layer's arguments before it runs (from an eager pre-hook,
         or from the ``pelrp::record_layer_input`` op inside a compiled model)."""
         if index == 0:
+            self.last_step = time.monotonic()
             self._plan = self._build_plan(positions)
         if self._plan:
             self._copy(index, hidden, residual)

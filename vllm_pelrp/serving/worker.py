@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .recorder import Recorder, RecordingError
+from .spare_cores import SpareCoreExecutor, spare_cores
 
 DEFAULT_CAP_MB = 2048
 
@@ -54,6 +55,7 @@ class _State:
         self.error: str | None = None
         self.info: dict[str, Any] = {}
         self.pool: ThreadPoolExecutor | None = None
+        self.recompute_executor: SpareCoreExecutor | None = None
         self.tickets: dict[str, Future] = {}
         self.cancelled: set[str] = set()
         self.recomputed_rows = 0
@@ -149,6 +151,12 @@ class PelrpWorkerExtension:
             state.recorder.install()
         state.info["compiled"] = compiled
         state.pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-backward") if tp == 1 else None
+        # CPU only: on a GPU the recompute and the backward share the device anyway
+        cores = spare_cores() if tp == 1 and state.weights.device.type == "cpu" else set()
+        if cores:
+            recorder = state.recorder
+            state.recompute_executor = SpareCoreExecutor(cores, lambda: recorder.last_step)
+        state.info["spare_cores"] = sorted(cores)
         state.info.update(
             num_layers=spec.num_layers, hidden_size=spec.hidden_size,
             vocab_size=spec.vocab_size, bytes_per_token=state.recorder.bytes_per_token,
@@ -210,8 +218,11 @@ class PelrpWorkerExtension:
         if state.recorder is None:
             return {"error": state.error, "bytes": 0, "recordings": 0}
         state.recorder.collect_garbage()
+        executor = state.recompute_executor
         return dict(state.recorder.stats(), pending_jobs=len(state.tickets),
-                    recomputed_rows=state.recomputed_rows)
+                    recomputed_rows=state.recomputed_rows,
+                    recomputes_on_spare_cores=executor.offloaded if executor else 0,
+                    recomputes_inline=executor.inline if executor else 0)
 
     def _pelrp_claim(self, jobs: list[dict[str, Any]]) -> dict[str, list]:
         """Take the recordings of the jobs' keys out of the recorder (on the engine thread)."""
@@ -239,7 +250,8 @@ class PelrpWorkerExtension:
         for job in jobs:
             available = claimed.get(job.get("key"), [])
             try:
-                result = run_job(state.weights, job, available, progress)
+                result = run_job(state.weights, job, available, progress,
+                                 state.recompute_executor)
                 state.recomputed_rows += result.get("recomputed_rows", 0)
                 results.append(result)
             except JobCancelled:
@@ -278,7 +290,8 @@ def _pick(recordings: list, token_ids: list[int], prompt_length: int):
 
 
 @torch.no_grad()
-def run_job(weights, job: dict[str, Any], recordings: list, progress=None) -> dict[str, Any]:
+def run_job(weights, job: dict[str, Any], recordings: list, progress=None,
+            recompute_executor=None) -> dict[str, Any]:
     """One explanation: layer inputs (recorded rows, plus recomputed rows for a cached prefix, or
     a plain forward when nothing was recorded), then the engine's backward.
 
@@ -340,7 +353,8 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None) -> di
     if next_token_id is not None:
         forward = None  # argmax_next_token ran the last layer; keep the backward simple
     result = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, job["mode"],
-                                         progress=progress, forward=forward)
+                                         progress=progress, forward=forward,
+                                         recompute_executor=recompute_executor)
     out: dict[str, Any] = {}
     pad = total - needed
     for name in ("token", "positional_cos", "positional_sin"):
