@@ -39,3 +39,13 @@ def test_spare_cores_are_the_engine_process_cores_the_worker_is_not_bound_to(mon
     monkeypatch.delenv(sc.ENV)
     monkeypatch.setattr(sc.torch, "get_num_threads", lambda: 4)  # worker has several threads
     assert sc.spare_cores() == set()
+
+
+def test_a_refused_pinning_leaves_the_executor_working():
+    """Cores the thread may not use (a cpuset) must not break the backward."""
+    executor = sc.SpareCoreExecutor({10_000}, lambda: 0.0, idle_seconds=0)
+    try:
+        assert executor.submit(lambda: 42).result() == 42
+        assert executor.offloaded == 1
+    finally:
+        executor.shutdown()

@@ -48,6 +48,15 @@ def spare_cores() -> set[int]:
     return engine - worker
 
 
+def _pin_this_thread(cores: set[int]) -> None:
+    """Bind the calling thread to ``cores``; if that is refused, it stays where it is (slower,
+    not wrong: a failing initializer would break the pool and every backward with it)."""
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError:
+        pass
+
+
 class SpareCoreExecutor(Executor):
     """``submit`` runs on a thread pinned to ``cores`` while ``last_step()`` is older than
     ``idle_seconds``; otherwise it runs the call at once and returns a finished future."""
@@ -60,7 +69,7 @@ class SpareCoreExecutor(Executor):
         self.offloaded = 0
         self.inline = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-recompute",
-                                        initializer=os.sched_setaffinity, initargs=(0, self.cores))
+                                        initializer=_pin_this_thread, initargs=(self.cores,))
 
     def engine_idle(self) -> bool:
         return time.monotonic() - self.last_step() >= self.idle_seconds
