@@ -12,9 +12,13 @@
 3. Memory: recorded bytes per token (num_layers x hidden x dtype bytes) and the worker's peak.
 
     .venv/bin/python bench/serving_bench.py [--requests 32] [--concurrency 8] [--json out.json]
+    .venv/bin/python bench/serving_bench.py --rounds 7 --requests 64   # this stop's runs
+    .venv/bin/python bench/serving_bench.py --aa --rounds 7 --requests 64   # A/A noise check
 
 Both servers run at once and the measurements alternate (median of --rounds), so load from
-other processes on a shared machine affects both sides alike.
+other processes on a shared machine affects both sides alike. ``--aa`` runs the throughput
+rounds on two identical plain servers instead, to show what a ratio can resolve here.
+``bench/record_op_cost.py`` times the plugin's only per-step work directly.
 """
 
 from __future__ import annotations
@@ -108,6 +112,39 @@ def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> f
     return tokens / elapsed
 
 
+def aa_check(args, compiled: bool) -> None:
+    """Two identical plain servers through the throughput rounds: how far apart the same server
+    lands on this machine, i.e. what a ratio of the real comparison can resolve."""
+    first, first_url = start(False, "/tmp/pelrp_bench_aa_first.log", compiled)
+    try:
+        second, second_url = start(False, "/tmp/pelrp_bench_aa_second.log", compiled)
+    except BaseException:
+        stop(first)
+        raise
+    try:
+        ones, twos = [], []
+        for index in range(args.rounds):
+            measure = lambda url: throughput(url, args.requests, args.concurrency,  # noqa: E731
+                                             args.max_tokens)
+            if index % 2 == 0:
+                ones.append(measure(first_url))
+                twos.append(measure(second_url))
+            else:
+                twos.append(measure(second_url))
+                ones.append(measure(first_url))
+            print(f"round {index}: {ones[-1]:.1f} vs {twos[-1]:.1f} tok/s", flush=True)
+    finally:
+        stop(first)
+        stop(second)
+    results = {"aa_rounds": {"first_started": ones, "second_started": twos},
+               "aa_ratio": statistics.median(ones) / statistics.median(twos),
+               "aa_ratio_median_of_rounds": statistics.median(o / t for o, t in zip(ones, twos))}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -121,6 +158,12 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true",
                         help="both servers eager (pelrp serve --eager / --enforce-eager); "
                              "default: both keep vLLM's torch.compile, as deployed")
+    parser.add_argument("--no-spare-cores", action="store_true",
+                        help="plugin server with VLLM_PELRP_SPARE_CORES=0: the backward's "
+                             "recomputes stay on the worker's cores")
+    parser.add_argument("--aa", action="store_true",
+                        help="A/A noise check instead: two identical plain vLLM servers, the "
+                             "same alternating throughput rounds, their ratio (ideally 1.0)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     compiled = not args.eager
@@ -128,6 +171,12 @@ def main() -> None:
 
     # Both servers run at once (one idles while the other is measured) and the measurements
     # alternate, so load from other processes on a shared machine hits both sides alike.
+    if args.aa:
+        aa_check(args, compiled)
+        return
+    if args.no_spare_cores:
+        os.environ["VLLM_PELRP_SPARE_CORES"] = "0"
+    results["spare_cores_enabled"] = not args.no_spare_cores
     plugin, plugin_url = start(True, "/tmp/pelrp_bench_plugin.log", compiled)
     try:
         plain, plain_url = start(False, "/tmp/pelrp_bench_plain.log", compiled)
@@ -204,6 +253,11 @@ def main() -> None:
                                       latency[f"{case}_unexplained"]))
         stats = httpx.get(plugin_url + "/v1/explain/stats", timeout=60).json()
         worker = stats["workers"][0]
+        # the backward's layer recomputes run on vLLM's spare core while the engine is idle
+        # (vllm_pelrp/serving/spare_cores.py); these say how many did, over the whole run
+        results["spare_cores"] = stats["info"].get("spare_cores")
+        results["recomputes_on_spare_cores"] = worker.get("recomputes_on_spare_cores")
+        results["recomputes_inline"] = worker.get("recomputes_inline")
         results["recorded_bytes_per_token"] = worker["bytes_per_token"]
         results["recorded_peak_bytes"] = worker["peak_bytes"]
         results["recorded_tokens_per_request"] = args.prompt_tokens + args.completion_tokens
