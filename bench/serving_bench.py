@@ -112,6 +112,23 @@ def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> f
     return tokens / elapsed
 
 
+def throughput_rounds(args, url_a: str, url_b: str) -> tuple[list[float], list[float]]:
+    """--rounds throughput measurements of each server; the one measured first alternates, so a
+    drift within a round hits both alike."""
+    a, b = [], []
+    for index in range(args.rounds):
+        measure = lambda url: throughput(url, args.requests, args.concurrency,  # noqa: E731
+                                         args.max_tokens)
+        if index % 2 == 0:
+            a.append(measure(url_a))
+            b.append(measure(url_b))
+        else:
+            b.append(measure(url_b))
+            a.append(measure(url_a))
+        print(f"throughput round {index}: {a[-1]:.1f} vs {b[-1]:.1f} tok/s", flush=True)
+    return a, b
+
+
 def aa_check(args, compiled: bool) -> None:
     """Two identical plain servers through the throughput rounds: how far apart the same server
     lands on this machine, i.e. what a ratio of the real comparison can resolve."""
@@ -122,17 +139,7 @@ def aa_check(args, compiled: bool) -> None:
         stop(first)
         raise
     try:
-        ones, twos = [], []
-        for index in range(args.rounds):
-            measure = lambda url: throughput(url, args.requests, args.concurrency,  # noqa: E731
-                                             args.max_tokens)
-            if index % 2 == 0:
-                ones.append(measure(first_url))
-                twos.append(measure(second_url))
-            else:
-                twos.append(measure(second_url))
-                ones.append(measure(first_url))
-            print(f"round {index}: {ones[-1]:.1f} vs {twos[-1]:.1f} tok/s", flush=True)
+        ones, twos = throughput_rounds(args, first_url, second_url)
     finally:
         stop(first)
         stop(second)
@@ -184,17 +191,7 @@ def main() -> None:
         stop(plugin)
         raise
     try:
-        ours, theirs = [], []
-        for _ in range(args.rounds):
-            # alternate which server goes first, so a drift within a round hits both alike
-            measure = lambda url: throughput(url, args.requests, args.concurrency,  # noqa: E731
-                                             args.max_tokens)
-            if len(ours) % 2 == 0:
-                ours.append(measure(plugin_url))
-                theirs.append(measure(plain_url))
-            else:
-                theirs.append(measure(plain_url))
-                ours.append(measure(plugin_url))
+        ours, theirs = throughput_rounds(args, plugin_url, plain_url)
         results["throughput_plugin_tok_s"] = statistics.median(ours)
         results["throughput_plain_tok_s"] = statistics.median(theirs)
         results["throughput_rounds"] = {"plugin": ours, "plain": theirs}

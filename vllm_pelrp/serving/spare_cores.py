@@ -3,7 +3,8 @@ engine is idle.
 
 On CPU, vLLM binds the worker's OpenMP threads to all but ``VLLM_CPU_NUM_OF_RESERVED_CPU`` cores
 (at least one per worker) and leaves the rest to the engine-core process, whose scheduler loop
-busy-waits on the worker while requests generate, and sleeps when none do. The relevance
+busy-waits on the worker while requests generate and blocks on its input queue when there is no
+work (``EngineCore._process_input_queue``). The relevance
 backward runs on a worker thread, so by default it shares the worker's cores. Its layer
 recomputes do not depend on the relevance (``relevance_from_layer_inputs``'s
 ``recompute_executor``), so they can run one layer ahead on another core: on a 2-core machine
