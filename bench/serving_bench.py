@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -112,6 +113,22 @@ def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> f
     return tokens / elapsed
 
 
+@contextlib.contextmanager
+def two_servers(first: tuple[bool, str], second: tuple[bool, str], compiled: bool):
+    """Start two servers ((plugin?, log) each, in this order); yield their URLs; stop both."""
+    process_one, url_one = start(*first, compiled)
+    try:
+        process_two, url_two = start(*second, compiled)
+    except BaseException:
+        stop(process_one)
+        raise
+    try:
+        yield url_one, url_two
+    finally:
+        stop(process_one)
+        stop(process_two)
+
+
 def throughput_rounds(args, url_a: str, url_b: str) -> tuple[list[float], list[float]]:
     """--rounds throughput measurements of each server; the one measured first alternates, so a
     drift within a round hits both alike."""
@@ -132,17 +149,9 @@ def throughput_rounds(args, url_a: str, url_b: str) -> tuple[list[float], list[f
 def aa_check(args, compiled: bool) -> None:
     """Two identical plain servers through the throughput rounds: how far apart the same server
     lands on this machine, i.e. what a ratio of the real comparison can resolve."""
-    first, first_url = start(False, "/tmp/pelrp_bench_aa_first.log", compiled)
-    try:
-        second, second_url = start(False, "/tmp/pelrp_bench_aa_second.log", compiled)
-    except BaseException:
-        stop(first)
-        raise
-    try:
+    with two_servers((False, "/tmp/pelrp_bench_aa_first.log"),
+                     (False, "/tmp/pelrp_bench_aa_second.log"), compiled) as (first_url, second_url):
         ones, twos = throughput_rounds(args, first_url, second_url)
-    finally:
-        stop(first)
-        stop(second)
     results = {"aa_rounds": {"first_started": ones, "second_started": twos},
                "aa_ratio": statistics.median(ones) / statistics.median(twos),
                "aa_ratio_median_of_rounds": statistics.median(o / t for o, t in zip(ones, twos))}
@@ -184,13 +193,8 @@ def main() -> None:
     if args.no_spare_cores:
         os.environ["VLLM_PELRP_SPARE_CORES"] = "0"
     results["spare_cores_enabled"] = not args.no_spare_cores
-    plugin, plugin_url = start(True, "/tmp/pelrp_bench_plugin.log", compiled)
-    try:
-        plain, plain_url = start(False, "/tmp/pelrp_bench_plain.log", compiled)
-    except BaseException:
-        stop(plugin)
-        raise
-    try:
+    with two_servers((True, "/tmp/pelrp_bench_plugin.log"), (False, "/tmp/pelrp_bench_plain.log"),
+                     compiled) as (plugin_url, plain_url):
         ours, theirs = throughput_rounds(args, plugin_url, plain_url)
         results["throughput_plugin_tok_s"] = statistics.median(ours)
         results["throughput_plain_tok_s"] = statistics.median(theirs)
@@ -258,9 +262,6 @@ def main() -> None:
         results["recorded_bytes_per_token"] = worker["bytes_per_token"]
         results["recorded_peak_bytes"] = worker["peak_bytes"]
         results["recorded_tokens_per_request"] = args.prompt_tokens + args.completion_tokens
-    finally:
-        stop(plugin)
-        stop(plain)
     for key, value in results.items():
         print(f"{key:42s} {value:.4g}" if isinstance(value, float) else f"{key:42s} {value}")
     if args.json:
