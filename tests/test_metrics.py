@@ -82,6 +82,48 @@ def test_observed_decorator_records_and_hands_explanations_to_sinks(monkeypatch)
     assert value("pelrp_grounding_score_sum") == 0.5
 
 
+def test_gauge_refresh_survives_a_hung_a_cancelled_and_a_failed_worker_call(monkeypatch):
+    """The background refresh must outlive any one worker call: one that never answers (timed
+    out), one whose future is cancelled from inside, one that raises. Only cancelling the task
+    itself stops it."""
+    registry = CollectorRegistry()
+    monkeypatch.setattr(pelrp_metrics, "_metrics", PelrpMetrics(registry))
+    calls = []
+
+    class Engine:
+        async def collective_rpc(self, method, args=()):
+            calls.append(method)
+            if len(calls) == 1:
+                await asyncio.Event().wait()  # never answers
+            if len(calls) == 2:
+                raise asyncio.CancelledError()  # e.g. the reply's future was cancelled
+            if len(calls) == 3:
+                raise RuntimeError("engine not ready")
+            return [{"bytes": 5}, {"bytes": 2}]  # two ranks
+
+    class Service:
+        engine = Engine()
+        reserved = {"req": 11}
+
+    async def scenario():
+        task = asyncio.create_task(pelrp_metrics.refresh_activation_gauges(
+            Service(), interval=0.01, rpc_timeout=0.05))
+        value = registry.get_sample_value
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if value("pelrp_recorded_activation_bytes") == 7:
+                break
+        assert value("pelrp_recorded_activation_bytes") == 7, calls
+        assert value("pelrp_reserved_activation_bytes") == 11
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert calls[:4] == ["pelrp_stats"] * 4
+
+
 def test_metrics_reach_vllms_multiprocess_registry(tmp_path):
     """With --api-server-count > 1 vLLM serves /metrics from PROMETHEUS_MULTIPROC_DIR; ours are
     written there too (gauges included)."""
@@ -199,12 +241,14 @@ def test_recorded_activation_gauge_follows_a_request(server):
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "explain": True})
 
     worker = threading.Thread(target=run)
+    started = time.time()
     worker.start()
-    recorded, reserved = set(), set()
+    timeline = []  # (seconds since the request, recorded gauge, reserved gauge)
     while worker.is_alive():
         samples = scrape(server)
-        recorded.add(sample(samples, "pelrp_recorded_activation_bytes"))
-        reserved.add(sample(samples, "pelrp_reserved_activation_bytes"))
+        timeline.append((round(time.time() - started, 2),
+                         sample(samples, "pelrp_recorded_activation_bytes"),
+                         sample(samples, "pelrp_reserved_activation_bytes")))
         time.sleep(0.2)
     worker.join()
     response = result["response"]
@@ -212,8 +256,12 @@ def test_recorded_activation_gauge_follows_a_request(server):
     explanation = response.json()["choices"][0]["explanation"]
     per_token = 30 * 576 * 4
     expected = (explanation["prompt_length"] + max_tokens) * per_token
-    assert base_recorded + expected in recorded, sorted(recorded)
-    assert max(reserved) == base_reserved + expected
+    recorded = {value for _, value, _ in timeline}
+    reserved = {value for _, _, value in timeline}
+    assert base_recorded + expected in recorded, (
+        f"expected {base_recorded + expected}; (s, recorded, reserved): {timeline}; "
+        f"workers now: {httpx.get(server + '/v1/explain/stats', timeout=30).text}")
+    assert max(reserved) == base_reserved + expected, timeline
     # both gauges are refreshed by a background task (every 0.5 s), not by the scrape
     deadline = time.time() + 10
     while sample(scrape(server), "pelrp_recorded_activation_bytes") > base_recorded:

@@ -149,21 +149,42 @@ def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
     return wrapper
 
 
-async def refresh_activation_gauges(service: Any, interval: float = 0.5) -> None:
+async def refresh_activation_gauges(service: Any, interval: float = 0.5,
+                                    rpc_timeout: float = 10.0) -> None:
     """Keep the activation gauges current without a worker call per scrape: the reserved bytes
     (API process) every ``interval`` s; the recorded bytes (``pelrp_stats`` on the workers) every
     ``interval`` s while anything is reserved or the last reading was not 0. Idle servers make no
-    worker calls. Runs until cancelled."""
+    worker calls. A worker call that fails, is cancelled from inside, or takes longer than
+    ``rpc_timeout`` s is logged and retried on the next tick: nothing but cancelling this task
+    stops it (a stopped task would freeze both gauges at their last values)."""
     metrics = get_metrics()
     last: int | None = None
+    task = asyncio.current_task()
+    failure = ""  # the last failure logged at warning level (each new one is logged once)
     while True:
         reserved = sum(service.reserved.values())
         metrics.reserved_bytes.set(reserved)
         if reserved or last != 0:
             try:
-                stats = await service.engine.collective_rpc("pelrp_stats")
+                stats = await asyncio.wait_for(service.engine.collective_rpc("pelrp_stats"),
+                                               rpc_timeout)
                 last = sum(int(worker.get("bytes", 0)) for worker in stats)
                 metrics.recorded_bytes.set(last)
-            except Exception:  # noqa: BLE001 - the engine is shutting down or not ready
-                logger.debug("vllm-pelrp: pelrp_stats failed", exc_info=True)
+                failure = ""
+            except asyncio.CancelledError:
+                if task is not None and task.cancelling():
+                    raise  # this task is being stopped (server shutdown)
+                failure = _log_once(failure, "pelrp_stats was cancelled")
+            except asyncio.TimeoutError:
+                failure = _log_once(failure, f"pelrp_stats took over {rpc_timeout:g} s")
+            except Exception as error:  # noqa: BLE001 - e.g. the engine is shutting down
+                failure = _log_once(failure, f"pelrp_stats failed: {type(error).__name__}: {error}")
         await asyncio.sleep(interval)
+
+
+def _log_once(previous: str, message: str) -> str:
+    """Log ``message`` at warning level unless it repeats the previous failure; returns it."""
+    if message != previous:
+        logger.warning("vllm-pelrp: %s; the activation gauges keep their last values until a "
+                       "later refresh succeeds", message)
+    return message
