@@ -21,8 +21,8 @@ _ACTIVE: list[Any] = [None]
 # Defined with torch.library.Library rather than torch.library.custom_op: the op runs 30 times
 # per model step for every request, and custom_op's Python wrappers (autograd, dispatch) made
 # each call cost ~22 us and 9 Python frames, against ~4 us and 2 here (bench/record_op_cost.py).
-# Fewer frames also matter on CPython 3.11, which maps and unmaps a 16 KiB frame-stack chunk
-# whenever a call crosses a chunk boundary, and the compiled graph's frame sits near one.
+# (The frame-stack chunk mappings that bench/worker_syscalls.py counts come from the size of the
+# generated graph's frame, not from this op's depth: this change left their count unchanged.)
 _LIBRARY = torch.library.Library("pelrp", "DEF")
 _LIBRARY.define(
     "record_layer_input(Tensor positions, Tensor hidden, Tensor? residual, int layer) -> ()")
