@@ -7,6 +7,7 @@ with the arguments below)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ SERVER_ARGS = ["--eager", "--record-cap-mb", "96", "--dtype", "float32", "--max-
                "2048", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(256 << 20),
                "--seed", "0"]
 _KEY = pytest.StashKey[str]()
+_LOG_KEY = pytest.StashKey[Path]()
 # two Debian package descriptions and a question whose answer is in the first
 DOCUMENTS = [
     "gcal: a program for calculating and printing calendars. Gcal displays hybrid and "
@@ -75,6 +77,7 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
 
     ensure_default_checkpoint()
     log = Path(tmp_path_factory.mktemp("live_server")) / "server.log"
+    config.stash[_LOG_KEY] = log
     port = _free_port()
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
@@ -105,3 +108,19 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
         time.sleep(1)
     config.stash[_KEY] = base
     return base
+
+
+OUR_SOURCES = re.compile(r" WARNING .*\[(loopwatch|metrics|service|api|worker|recorder|plugin|"
+                         r"spare_cores|webview)\.py:\d+\]")
+
+
+def server_warnings(config: pytest.Config, limit: int = 60) -> str:
+    """The shared server's last ``limit`` log lines that are errors, or warnings of this
+    package (vLLM's format repeats the header on every line of a message, stacks included), for
+    failure messages ("" when the server was not started by this session)."""
+    log = config.stash.get(_LOG_KEY, None)
+    if log is None or not log.exists():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if " ERROR " in line or OUR_SOURCES.search(line)]
+    return "\n".join(lines[-limit:]) or "(none)"

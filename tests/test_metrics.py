@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_pelrp.serving import metrics as pelrp_metrics
 from vllm_pelrp.serving.metrics import PelrpMetrics, observed
 
-from _live_server import DOCUMENTS, MODEL, QUESTION, shared_server
+from _live_server import DOCUMENTS, MODEL, QUESTION, server_warnings, shared_server
 
 
 
@@ -222,11 +222,16 @@ def test_grounding_metrics_move_after_explained_requests(server):
 
 
 @pytest.mark.slow
-def test_recorded_activation_gauge_follows_a_request(server):
+def test_recorded_activation_gauge_follows_a_request(server, request):
     """While an explained request generates, the gauge shows its recording: (prompt + max_tokens)
     positions x 69,120 bytes (30 layers x 576 x fp32) on top of what was held before (0 on a
     fresh server); afterwards it comes back down."""
-    max_tokens = 96
+    # a long generation (~30 s here): twice in CI no scrape returned from 0.4 s to ~9 s after the
+    # request started, when generation was over and the recording had gone to the backward; a
+    # stall that long now leaves most of the generation to observe. On failure the message shows
+    # each scrape's duration and /v1/explain/stats' api_loop (whether the server's event loop
+    # stalled: serving/loopwatch.py)
+    max_tokens = 320
     result = {}
     # what earlier tests on the shared server may still hold (unclaimed recordings are freed
     # 300 s after their request left the engine)
@@ -237,16 +242,19 @@ def test_recorded_activation_gauge_follows_a_request(server):
 
     def run():
         result["response"] = httpx.post(server + "/v1/chat/completions", timeout=600, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Count from one to fifty."}],
+            "model": MODEL, "messages": [{"role": "user", "content": "Count from one to two hundred."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "explain": True})
 
     worker = threading.Thread(target=run)
     started = time.time()
     worker.start()
-    timeline = []  # (seconds since the request, recorded gauge, reserved gauge)
+    # (seconds since the request when the scrape returned, seconds the scrape took, recorded
+    # gauge, reserved gauge)
+    timeline = []
     while worker.is_alive():
+        asked = time.time()
         samples = scrape(server)
-        timeline.append((round(time.time() - started, 2),
+        timeline.append((round(time.time() - started, 2), round(time.time() - asked, 2),
                          sample(samples, "pelrp_recorded_activation_bytes"),
                          sample(samples, "pelrp_reserved_activation_bytes")))
         time.sleep(0.2)
@@ -256,11 +264,13 @@ def test_recorded_activation_gauge_follows_a_request(server):
     explanation = response.json()["choices"][0]["explanation"]
     per_token = 30 * 576 * 4
     expected = (explanation["prompt_length"] + max_tokens) * per_token
-    recorded = {value for _, value, _ in timeline}
-    reserved = {value for _, _, value in timeline}
+    recorded = {value for _, _, value, _ in timeline}
+    reserved = {value for _, _, _, value in timeline}
     assert base_recorded + expected in recorded, (
-        f"expected {base_recorded + expected}; (s, recorded, reserved): {timeline}; "
-        f"workers now: {httpx.get(server + '/v1/explain/stats', timeout=30).text}")
+        f"expected {base_recorded + expected}; (s, scrape took s, recorded, reserved): "
+        f"{timeline}; workers and API loop now: "
+        f"{httpx.get(server + '/v1/explain/stats', timeout=30).text}; server warnings:\n"
+        f"{server_warnings(request.config)}")
     assert max(reserved) == base_reserved + expected, timeline
     # both gauges are refreshed by a background task (every 0.5 s), not by the scrape
     deadline = time.time() + 10

@@ -247,3 +247,33 @@ def test_general_plugin_is_inert_without_vllm_plugins(monkeypatch):
     assert not plugin.enabled()
     monkeypatch.setenv("VLLM_PLUGINS", "a, pelrp")
     assert plugin.enabled()
+
+
+def test_loop_watch_reports_a_blocked_event_loop_with_its_stack(caplog):
+    """A synchronous call that blocks the API loop is logged while it lasts (with the stack it
+    is blocked in) and counted once it ends; a loop that only awaits is never reported."""
+    import time
+
+    from vllm_pelrp.serving.loopwatch import LoopWatch
+
+    def blocking_assembly():
+        time.sleep(0.8)  # stands in for long synchronous work on the loop
+
+    async def scenario():
+        watch = LoopWatch(asyncio.get_running_loop(), threshold=0.3, period=0.05)
+        watch.start()
+        await asyncio.sleep(0.5)  # awaiting is not a stall
+        quiet = watch.stats()["stalls"]
+        blocking_assembly()
+        await asyncio.sleep(0.3)  # the loop beats again; the watch sees the stall end
+        watch.stop()
+        return quiet, watch.stats()
+
+    with caplog.at_level("WARNING", logger="vllm_pelrp.serving"):
+        quiet, stats = asyncio.run(scenario())
+    assert quiet == 0
+    assert stats["stalls"] == 1
+    assert 0.7 <= stats["longest_seconds"] <= 1.5
+    text = caplog.text
+    assert "event loop has been blocked" in text and "blocking_assembly" in text
+    assert "ran again after a" in text

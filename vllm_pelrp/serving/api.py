@@ -46,6 +46,7 @@ from .protocol import (
 from ..grounding import documents_into_messages, render_documents
 from .service import GROUNDING_ERROR, Choice, ExplainError, ExplainService
 from . import webview
+from .loopwatch import LoopWatch
 from .metrics import get_metrics, refresh_activation_gauges
 
 logger = logging.getLogger("vllm_pelrp.serving")
@@ -210,6 +211,8 @@ class PelrpEndpointPlugin:
         get_metrics()  # the pelrp_* metrics on vLLM's /metrics (serving/metrics.py)
         state.pelrp_gauges = asyncio.get_running_loop().create_task(
             refresh_activation_gauges(service))
+        service.loopwatch = LoopWatch(asyncio.get_running_loop())  # logs event-loop stalls
+        service.loopwatch.start()
 
     # ---- /v1/completions and /v1/chat/completions ---------------------------------------------
     async def handle(self, request, raw_request: Request, path: str):

@@ -42,9 +42,28 @@ def register() -> None:
     if _registered or not enabled():
         return
     _registered = True
+    _log_like_vllm()
     _keep_weights_before_repacking()
     _patch_engine_args()
     _hook_compiled_models()
+
+
+class _ToVllmLogger(logging.Handler):
+    """Hands each record to vLLM's ``vllm`` logger, so it is written by vLLM's handler in vLLM's
+    format (which vLLM may set up again later in a process)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
+def _log_like_vllm() -> None:
+    """Write the package's log lines where and how vLLM writes its own, at its level: without a
+    handler of their own, Python prints only their warnings, bare, and drops the info lines."""
+    ours = logging.getLogger("vllm_pelrp")
+    if any(isinstance(handler, _ToVllmLogger) for handler in ours.handlers):
+        return
+    ours.addHandler(_ToVllmLogger())
+    ours.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
 
 
 def compiled_recording() -> bool:

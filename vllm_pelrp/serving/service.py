@@ -52,6 +52,7 @@ class ExplainService:
         # explain.grounding_threshold's default (pelrp serve --grounding-threshold)
         self.grounding_threshold = grounding_threshold_from_env()
         self._tasks: set[asyncio.Task] = set()
+        self.loopwatch: Any = None  # serving/loopwatch.py's LoopWatch, set by the endpoint plugin
 
     async def setup(self) -> None:
         try:
@@ -150,7 +151,8 @@ class ExplainService:
     async def stats(self) -> dict[str, Any]:
         stats = await self.engine.collective_rpc("pelrp_stats")
         return {"workers": stats, "reserved_bytes": sum(self.reserved.values()),
-                "reserved_requests": len(self.reserved), "info": self.info}
+                "reserved_requests": len(self.reserved), "info": self.info,
+                "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
     async def run_jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
