@@ -16,7 +16,9 @@
     .venv/bin/python bench/serving_bench.py --aa --rounds 7 --requests 64   # A/A noise check
 
 Both servers run at once and the measurements alternate (median of --rounds), so load from
-other processes on a shared machine affects both sides alike. ``--aa`` runs the throughput
+other processes on a shared machine affects both sides alike. Throughput is measured twice, with
+each server started first (the first-started one ran faster in an A/A check), and
+``throughput_ratio_balanced`` is the geometric mean of the two orders' ratios. ``--aa`` runs the throughput
 rounds on two identical plain servers instead, to show what a ratio can resolve here.
 ``bench/record_op_cost.py`` times the plugin's only per-step work directly.
 """
@@ -27,6 +29,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import random
 import socket
@@ -180,6 +183,10 @@ def main() -> None:
     parser.add_argument("--aa", action="store_true",
                         help="A/A noise check instead: two identical plain vLLM servers, the "
                              "same alternating throughput rounds, their ratio (ideally 1.0)")
+    parser.add_argument("--one-order", action="store_true",
+                        help="throughput with the plugin server started first only; default: "
+                             "also with the plain server started first, and the geometric mean "
+                             "of the two orders' ratios (throughput_ratio_balanced)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     compiled = not args.eager
@@ -193,8 +200,21 @@ def main() -> None:
     if args.no_spare_cores:
         os.environ["VLLM_PELRP_SPARE_CORES"] = "0"
     results["spare_cores_enabled"] = not args.no_spare_cores
+    # Throughput twice, once with each server started first: on this machine the server started
+    # first measured faster in an A/A check (1.051x, bench/results/serving_aa.json), so one
+    # order alone is biased by about that much. The geometric mean of the two orders' ratios
+    # cancels a bias that multiplies the first-started server's rate.
+    if not args.one_order:
+        with two_servers((False, "/tmp/pelrp_bench_plain.log"),
+                         (True, "/tmp/pelrp_bench_plugin.log"), compiled) as (plain_url, plugin_url):
+            print("plain server started first", flush=True)
+            ours, theirs = throughput_rounds(args, plugin_url, plain_url)
+            results["throughput_rounds_plain_first"] = {"plugin": ours, "plain": theirs}
+            results["throughput_ratio_plain_first"] = statistics.median(
+                o / t for o, t in zip(ours, theirs))
     with two_servers((True, "/tmp/pelrp_bench_plugin.log"), (False, "/tmp/pelrp_bench_plain.log"),
                      compiled) as (plugin_url, plain_url):
+        print("plugin server started first", flush=True)
         ours, theirs = throughput_rounds(args, plugin_url, plain_url)
         results["throughput_plugin_tok_s"] = statistics.median(ours)
         results["throughput_plain_tok_s"] = statistics.median(theirs)
@@ -205,6 +225,10 @@ def main() -> None:
         # pairs them under the same outside load
         results["throughput_ratio_median_of_rounds"] = statistics.median(
             o / t for o, t in zip(ours, theirs))
+        if not args.one_order:
+            results["throughput_ratio_plugin_first"] = results["throughput_ratio_median_of_rounds"]
+            results["throughput_ratio_balanced"] = math.sqrt(
+                results["throughput_ratio_plugin_first"] * results["throughput_ratio_plain_first"])
 
         # Latency, exactly --prompt-tokens prompt tokens (ids) and --completion-tokens generated.
         # cold: every request has a prompt of its own (no prefix-cache hit for either side), so
