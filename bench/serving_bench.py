@@ -12,14 +12,15 @@
 3. Memory: recorded bytes per token (num_layers x hidden x dtype bytes) and the worker's peak.
 
     .venv/bin/python bench/serving_bench.py [--requests 32] [--concurrency 8] [--json out.json]
-    .venv/bin/python bench/serving_bench.py --rounds 7 --requests 64   # this stop's runs
+    .venv/bin/python bench/serving_bench.py --rounds 7 --requests 32   # the 2026-11-29 runs
     .venv/bin/python bench/serving_bench.py --aa --rounds 7 --requests 64   # A/A noise check
 
 Both servers run at once and the measurements alternate (median of --rounds), so load from
 other processes on a shared machine affects both sides alike. Throughput is measured twice, with
 each server started first (the first-started one ran faster in an A/A check), and
-``throughput_ratio_balanced`` is the geometric mean of the two orders' ratios. ``--aa`` runs the throughput
-rounds on two identical plain servers instead, to show what a ratio can resolve here.
+``throughput_ratio_balanced`` is the geometric mean of the two orders' ratios (``--one-order``:
+plugin first only). ``--aa`` runs the throughput rounds on two identical plain servers
+instead, to show what a ratio can resolve here.
 ``bench/record_op_cost.py`` times the plugin's only per-step work directly.
 """
 
