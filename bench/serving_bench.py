@@ -206,8 +206,8 @@ def main() -> None:
     # order alone is biased by about that much. The geometric mean of the two orders' ratios
     # cancels a bias that multiplies the first-started server's rate.
     if not args.one_order:
-        with two_servers((False, "/tmp/pelrp_bench_plain.log"),
-                         (True, "/tmp/pelrp_bench_plugin.log"), compiled) as (plain_url, plugin_url):
+        plain_first = ((False, "/tmp/pelrp_bench_plain.log"), (True, "/tmp/pelrp_bench_plugin.log"))
+        with two_servers(*plain_first, compiled) as (plain_url, plugin_url):
             print("plain server started first", flush=True)
             ours, theirs = throughput_rounds(args, plugin_url, plain_url)
             results["throughput_rounds_plain_first"] = {"plugin": ours, "plain": theirs}

@@ -242,7 +242,8 @@ def test_recorded_activation_gauge_follows_a_request(server, request):
 
     def run():
         result["response"] = httpx.post(server + "/v1/chat/completions", timeout=600, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Count from one to two hundred."}],
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Count from one to two hundred."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "explain": True})
 
     worker = threading.Thread(target=run)

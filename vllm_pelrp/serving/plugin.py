@@ -58,7 +58,10 @@ class _ToVllmLogger(logging.Handler):
 
 def _log_like_vllm() -> None:
     """Write the package's log lines where and how vLLM writes its own, at its level: without a
-    handler of their own, Python prints only their warnings, bare, and drops the info lines."""
+    handler of their own, Python prints only their warnings, bare, and drops the info lines.
+    Not with ``VLLM_CONFIGURE_LOGGING=0``: whoever configures logging then handles ours too."""
+    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0":
+        return
     ours = logging.getLogger("vllm_pelrp")
     if any(isinstance(handler, _ToVllmLogger) for handler in ours.handlers):
         return
