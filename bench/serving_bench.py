@@ -150,6 +150,16 @@ def throughput_rounds(args, url_a: str, url_b: str) -> tuple[list[float], list[f
     return a, b
 
 
+def median_round_ratio(a: list[float], b: list[float]) -> float:
+    """Median of the per-round ratios a/b: each round measures both sides back to back, so this
+    pairs them under the same outside load."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+PLUGIN_SERVER = (True, "/tmp/pelrp_bench_plugin.log")
+PLAIN_SERVER = (False, "/tmp/pelrp_bench_plain.log")
+
+
 def aa_check(args, compiled: bool) -> None:
     """Two identical plain servers through the throughput rounds: how far apart the same server
     lands on this machine, i.e. what a ratio of the real comparison can resolve."""
@@ -158,7 +168,7 @@ def aa_check(args, compiled: bool) -> None:
         ones, twos = throughput_rounds(args, first_url, second_url)
     results = {"aa_rounds": {"first_started": ones, "second_started": twos},
                "aa_ratio": statistics.median(ones) / statistics.median(twos),
-               "aa_ratio_median_of_rounds": statistics.median(o / t for o, t in zip(ones, twos))}
+               "aa_ratio_median_of_rounds": median_round_ratio(ones, twos)}
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as handle:
@@ -201,20 +211,17 @@ def main() -> None:
     if args.no_spare_cores:
         os.environ["VLLM_PELRP_SPARE_CORES"] = "0"
     results["spare_cores_enabled"] = not args.no_spare_cores
-    # Throughput twice, once with each server started first: on this machine the server started
-    # first measured faster in an A/A check (1.051x, bench/results/serving_aa.json), so one
-    # order alone is biased by about that much. The geometric mean of the two orders' ratios
-    # cancels a bias that multiplies the first-started server's rate.
+    # Throughput twice, once with each server started first: an A/A check here read the
+    # first-started of two identical servers 1.051x (bench/results/serving_aa.json). Two runs of
+    # both orders later showed no steady bias (the favoured order flipped), but the geometric
+    # mean of the two orders' ratios cancels one that scales the first-started server's rate.
     if not args.one_order:
-        plain_first = ((False, "/tmp/pelrp_bench_plain.log"), (True, "/tmp/pelrp_bench_plugin.log"))
-        with two_servers(*plain_first, compiled) as (plain_url, plugin_url):
+        with two_servers(PLAIN_SERVER, PLUGIN_SERVER, compiled) as (plain_url, plugin_url):
             print("plain server started first", flush=True)
             ours, theirs = throughput_rounds(args, plugin_url, plain_url)
             results["throughput_rounds_plain_first"] = {"plugin": ours, "plain": theirs}
-            results["throughput_ratio_plain_first"] = statistics.median(
-                o / t for o, t in zip(ours, theirs))
-    with two_servers((True, "/tmp/pelrp_bench_plugin.log"), (False, "/tmp/pelrp_bench_plain.log"),
-                     compiled) as (plugin_url, plain_url):
+            results["throughput_ratio_plain_first"] = median_round_ratio(ours, theirs)
+    with two_servers(PLUGIN_SERVER, PLAIN_SERVER, compiled) as (plugin_url, plain_url):
         print("plugin server started first", flush=True)
         ours, theirs = throughput_rounds(args, plugin_url, plain_url)
         results["throughput_plugin_tok_s"] = statistics.median(ours)
@@ -222,10 +229,7 @@ def main() -> None:
         results["throughput_rounds"] = {"plugin": ours, "plain": theirs}
         results["throughput_ratio_plugin_vs_plain"] = (
             results["throughput_plugin_tok_s"] / results["throughput_plain_tok_s"])
-        # each round measures both servers back to back: the median of the per-round ratios
-        # pairs them under the same outside load
-        results["throughput_ratio_median_of_rounds"] = statistics.median(
-            o / t for o, t in zip(ours, theirs))
+        results["throughput_ratio_median_of_rounds"] = median_round_ratio(ours, theirs)
         if not args.one_order:
             results["throughput_ratio_plugin_first"] = results["throughput_ratio_median_of_rounds"]
             results["throughput_ratio_balanced"] = math.sqrt(
@@ -274,9 +278,8 @@ def main() -> None:
             results[f"latency_{case}_unexplained_s"] = unexplained
             results[f"latency_{case}_explained_s"] = explained
             results[f"latency_{case}_ratio_explained_vs_unexplained"] = explained / unexplained
-            results[f"latency_{case}_ratio_median_of_rounds"] = statistics.median(
-                e / u for e, u in zip(latency[f"{case}_explained"],
-                                      latency[f"{case}_unexplained"]))
+            results[f"latency_{case}_ratio_median_of_rounds"] = median_round_ratio(
+                latency[f"{case}_explained"], latency[f"{case}_unexplained"])
         stats = httpx.get(plugin_url + "/v1/explain/stats", timeout=60).json()
         worker = stats["workers"][0]
         # the backward's layer recomputes run on vLLM's spare core while the engine is idle
