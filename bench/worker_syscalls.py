@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/worker_syscalls.py [--requests 32] [--json out.json]
 
-Starts each server in turn (compiled, as deployed), warms it up, then counts the worker's
+Starts each server in turn (compiled, as deployed): the plugin, the plugin with
+``VLLM_PELRP_FRESH_CHUNK=0`` (the model's forward called directly, not on a fresh frame-stack
+chunk: ``vllm_pelrp/serving/compiled.py``), and plain vLLM. It warms each up, then counts the worker's
 ``mmap``/``munmap`` calls with ``strace -c`` (Debian's ``strace``) while it serves ``--requests``
 non-explain completions of 32 tokens, 8 at a time. Unlike a throughput ratio, the counts do not
 depend on how loaded the machine is. On CPython 3.11 the 16 KiB anonymous mappings are
@@ -44,9 +46,13 @@ def worker_pid(server_pid: int) -> int:
     raise RuntimeError("no VLLM::Worker process under the server")
 
 
-def count(plugin: bool, requests: int) -> dict:
-    name = "plugin" if plugin else "plain"
-    process, url = serving_bench.start(plugin, f"/tmp/pelrp_syscalls_{name}.log", True)
+def count(plugin: bool, requests: int, fresh_chunk: bool = True) -> dict:
+    name = ("plugin" if fresh_chunk else "plugin_no_fresh_chunk") if plugin else "plain"
+    os.environ["VLLM_PELRP_FRESH_CHUNK"] = "1" if fresh_chunk else "0"
+    try:
+        process, url = serving_bench.start(plugin, f"/tmp/pelrp_syscalls_{name}.log", True)
+    finally:
+        os.environ.pop("VLLM_PELRP_FRESH_CHUNK")
     try:
         worker = worker_pid(process.pid)
         serving_bench.throughput(url, 8, 8, 32)  # warm-up: every batch shape seen once
@@ -76,8 +82,12 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("strace not found: apt-get install strace")
-    results = {"plugin": count(True, args.requests), "plain": count(False, args.requests)}
-    results["ratio_plugin_vs_plain"] = results["plugin"]["per_token"] / results["plain"]["per_token"]
+    results = {"plugin": count(True, args.requests),
+               "plugin_no_fresh_chunk": count(True, args.requests, fresh_chunk=False),
+               "plain": count(False, args.requests)}
+    for name in ("plugin", "plugin_no_fresh_chunk"):
+        results[f"ratio_{name}_vs_plain"] = (results[name]["per_token"]
+                                             / results["plain"]["per_token"])
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as handle:

@@ -277,3 +277,54 @@ def test_loop_watch_reports_a_blocked_event_loop_with_its_stack(caplog):
     text = caplog.text
     assert "event loop has been blocked" in text and "blocking_assembly" in text
     assert "ran again after a" in text
+
+
+def test_forward_on_a_fresh_chunk_stops_frame_stack_chunk_mappings(monkeypatch):
+    """A ~12 KiB frame that ends just short of its 16 KiB frame-stack chunk maps and unmaps a new
+    chunk for every Python call it makes (each new mapping costs a minor page fault when first
+    touched). Found by sweeping the caller's depth; through ``run_forward_on_fresh_chunk`` no
+    depth does it, and the forward's result is unchanged."""
+    import resource
+
+    import torch
+
+    from vllm_pelrp.serving import compiled
+
+    value = torch.ones(1)
+    namespace: dict = {}
+    body = "\n".join(f"    local_{i} = value" for i in range(1500))
+    exec(f"def big_frame(value, calls):\n{body}\n    for _ in range(calls):\n"
+         f"        torch.ops.aten.neg.default(value)\n", {"torch": torch}, namespace)
+
+    class BigFrameModel(torch.nn.Module):
+        def forward(self, value, calls):
+            return namespace["big_frame"](value, calls)
+
+    def at_depth(depth, function, *args):
+        return function(*args) if depth == 0 else at_depth(depth - 1, function, *args)
+
+    def depths_that_map_chunks(model) -> list[int]:
+        found = []
+        for depth in range(260):  # the callers' frames sweep more than one 16 KiB chunk
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            at_depth(depth, model, value, 400)
+            if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before >= 300:
+                found.append(depth)
+        return found
+
+    direct = BigFrameModel()
+    assert depths_that_map_chunks(direct), "no caller depth made the big frame map chunks"
+
+    monkeypatch.delenv("VLLM_PELRP_FRESH_CHUNK", raising=False)
+    padded = BigFrameModel()
+    assert compiled.run_forward_on_fresh_chunk(padded)
+    assert not compiled.run_forward_on_fresh_chunk(padded)  # once per model
+    assert depths_that_map_chunks(padded) == []
+
+    linear = torch.nn.Linear(3, 2)
+    expected = linear(torch.arange(3.0))
+    compiled.run_forward_on_fresh_chunk(linear)
+    assert torch.equal(linear(torch.arange(3.0)), expected)
+
+    monkeypatch.setenv("VLLM_PELRP_FRESH_CHUNK", "0")
+    assert not compiled.run_forward_on_fresh_chunk(BigFrameModel())

@@ -92,9 +92,10 @@ def _hook_compiled_models() -> None:
         from vllm.config import CompilationMode
 
         if vllm_config.compilation_config.mode != CompilationMode.NONE:
-            from .compiled import install_traced_hooks
+            from .compiled import install_traced_hooks, run_forward_on_fresh_chunk
 
             install_traced_hooks(model)
+            run_forward_on_fresh_chunk(model)
         return model
 
     load_model._pelrp_wrapped = True
