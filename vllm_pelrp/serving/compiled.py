@@ -10,6 +10,7 @@ eager hooks do. Without an active recorder the op returns at once.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -100,6 +101,7 @@ def run_forward_on_fresh_chunk(model: torch.nn.Module) -> bool:
         return False
     forward = model.forward
 
+    @functools.wraps(forward)
     def forward_on_fresh_chunk(*args, **kwargs):
         return _call_on_fresh_chunk(forward, args, kwargs)
 

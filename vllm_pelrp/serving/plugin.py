@@ -9,7 +9,9 @@ When the plugin is allowed explicitly (``VLLM_PLUGINS`` names ``pelrp``) it
   (unless the user set another one) so ``collective_rpc("pelrp_…")`` reaches the worker;
 - keeps vLLM's ``torch.compile``: right after the model is loaded, and before vLLM compiles
   it, it puts a pre-hook calling the recording op ``pelrp::record_layer_input`` on every
-  decoder layer (``compiled.py``), so the op sits in the compiled graph. With
+  decoder layer (``compiled.py``), so the op sits in the compiled graph, and it calls the
+  model's forward on a fresh CPython frame-stack chunk, so the compiled graph's op calls do not
+  map and unmap a chunk each (``VLLM_PELRP_FRESH_CHUNK=0`` turns that off). With
   ``--enforce-eager`` (or ``VLLM_PELRP_COMPILED=0``) the worker records with plain Python
   pre-hooks instead. CUDA graphs replay kernels without the op's Python, so on CUDA the
   plugin turns them off (``cudagraph_mode=NONE``).
