@@ -4,12 +4,12 @@
 
 Starts each server in turn (compiled, as deployed): the plugin, the plugin with
 ``VLLM_PELRP_FRESH_CHUNK=0`` (the model's forward called directly, not on a fresh frame-stack
-chunk: ``vllm_pelrp/serving/compiled.py``), and plain vLLM. It warms each up, then counts the worker's
-``mmap``/``munmap`` calls with ``strace -c`` (Debian's ``strace``) while it serves ``--requests``
-non-explain completions of 32 tokens, 8 at a time. Unlike a throughput ratio, the counts do not
-depend on how loaded the machine is. On CPython 3.11 the 16 KiB anonymous mappings are
-frame-stack chunks: a Python call that crosses a chunk boundary maps one, and it is unmapped on
-return (docs/serving.md, "Where the throughput goes").
+chunk: ``vllm_pelrp/serving/compiled.py``), and plain vLLM. It warms each up, then counts the
+worker's ``mmap``/``munmap`` calls with ``strace -c`` (Debian's ``strace``) while it serves
+``--requests`` non-explain completions of 32 tokens, 8 at a time. Unlike a throughput ratio, the
+counts do not depend on how loaded the machine is. On CPython 3.11 the 16 KiB anonymous mappings
+are frame-stack chunks: a Python call that crosses a chunk boundary maps one, and it is unmapped
+on return (docs/serving.md, "Where the throughput goes" and "Frame-stack chunks").
 """
 
 from __future__ import annotations
