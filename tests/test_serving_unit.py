@@ -328,3 +328,24 @@ def test_forward_on_a_fresh_chunk_stops_frame_stack_chunk_mappings(monkeypatch):
 
     monkeypatch.setenv("VLLM_PELRP_FRESH_CHUNK", "0")
     assert not compiled.run_forward_on_fresh_chunk(BigFrameModel())
+
+
+def test_openapi_schema_is_built_before_serving_and_served_as_built():
+    """FastAPI would build the schema on the first GET /openapi.json, on the event loop."""
+    app = FastAPI()
+    plugin = PelrpEndpointPlugin()
+    plugin.attach_router(app)
+    assert app.openapi_schema is None
+    plugin.build_openapi_schema()
+    built = app.openapi_schema
+    assert built is not None
+    assert "/v1/explain" in built["paths"] and "/v1/completions" in built["paths"]
+    plugin.build_openapi_schema()  # once
+    assert app.openapi_schema is built
+    assert TestClient(app).get("/openapi.json").json() == built
+
+    no_docs = FastAPI(openapi_url=None)  # vLLM's --disable-fastapi-docs
+    plugin = PelrpEndpointPlugin()
+    plugin.attach_router(no_docs)
+    plugin.build_openapi_schema()
+    assert no_docs.openapi_schema is None
