@@ -214,9 +214,9 @@ class PelrpEndpointPlugin:
         get_metrics()  # the pelrp_* metrics on vLLM's /metrics (serving/metrics.py)
         state.pelrp_gauges = asyncio.get_running_loop().create_task(
             refresh_activation_gauges(service))
+        self.build_openapi_schema()  # before the loop watch: nothing is served yet
         service.loopwatch = LoopWatch(asyncio.get_running_loop())  # logs event-loop stalls
         service.loopwatch.start()
-        self.build_openapi_schema()
 
     def build_openapi_schema(self) -> None:
         """Build the OpenAPI schema now, before the server serves anything. FastAPI builds it on
