@@ -349,3 +349,42 @@ def test_openapi_schema_is_built_before_serving_and_served_as_built():
     plugin.attach_router(no_docs)
     plugin.build_openapi_schema()
     assert no_docs.openapi_schema is None
+
+
+def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkeypatch):
+    """Every on/off switch accepts the same spellings; a typo is an error that names the
+    setting and what it allows, not a silent default."""
+    from vllm_pelrp.serving import compiled, env, plugin, worker
+    from vllm_pelrp.serving.webview import RecentExplanations
+
+    switches = {"VLLM_PELRP_COMPILED": plugin.compiled_recording,
+                "VLLM_PELRP_FRESH_CHUNK": compiled.fresh_chunk_forward}
+    for name, read in switches.items():
+        for value, expected in [("", True), (" OFF ", False), ("No", False), ("on", True),
+                                ("TRUE", True), ("0", False)]:
+            monkeypatch.setenv(name, value)
+            assert read() is expected, (name, value)
+        monkeypatch.setenv(name, "of")
+        with pytest.raises(ValueError, match=f"{name}='of'.*allowed: 1, true, yes, on"):
+            read()
+        monkeypatch.delenv(name)
+        assert read() is True
+    monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "0.5")
+    assert worker.cap_bytes_from_env() == 2**19
+    monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "2GB")
+    with pytest.raises(ValueError, match="VLLM_PELRP_MAX_RECORD_MB='2GB' is not a number"):
+        worker.cap_bytes_from_env()
+    monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "-1")
+    with pytest.raises(ValueError, match="out of range; allowed: a number >= 0"):
+        worker.cap_bytes_from_env()
+    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "12")
+    monkeypatch.setenv("PELRP_RECENT_MB", "1.5")
+    store = RecentExplanations.from_env()
+    assert (store.capacity, store.max_bytes) == (12, 3 * 2**19)
+    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "2.5")
+    with pytest.raises(ValueError, match="PELRP_RECENT_EXPLANATIONS='2.5' is out of range; "
+                                         "allowed: a whole number >= 0"):
+        RecentExplanations.from_env()
+    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "nan")
+    with pytest.raises(ValueError, match="out of range"):
+        env.env_number("PELRP_RECENT_EXPLANATIONS", 1, integer=True)

@@ -36,6 +36,10 @@ def test_spare_cores_are_the_engine_process_cores_the_worker_is_not_bound_to(mon
     assert sc.spare_cores() == {1, 2}
     monkeypatch.setenv(sc.ENV, "0")
     assert sc.spare_cores() == set()
+    monkeypatch.setenv(sc.ENV, " Off ")
+    assert sc.spare_cores() == set()
+    monkeypatch.setenv(sc.ENV, "1")
+    assert sc.spare_cores() == {1, 2}
     monkeypatch.delenv(sc.ENV)
     monkeypatch.setattr(sc.torch, "get_num_threads", lambda: 4)  # worker has several threads
     assert sc.spare_cores() == set()

@@ -11,11 +11,12 @@ eager hooks do. Without an active recorder the op returns at once.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .env import env_switch
 
 _ACTIVE: list[Any] = [None]
 
@@ -92,7 +93,7 @@ _call_on_fresh_chunk = type(_call)(
 
 def fresh_chunk_forward() -> bool:
     """Default on; ``VLLM_PELRP_FRESH_CHUNK=0`` calls the model's forward directly."""
-    return os.environ.get("VLLM_PELRP_FRESH_CHUNK", "1").lower() not in ("0", "false", "no")
+    return env_switch("VLLM_PELRP_FRESH_CHUNK")
 
 
 def run_forward_on_fresh_chunk(model: torch.nn.Module) -> bool:

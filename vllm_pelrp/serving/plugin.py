@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .env import env_switch
+
 PLUGIN_NAME = "pelrp"
 EXTENSION = "vllm_pelrp.serving.worker.PelrpWorkerExtension"
 logger = logging.getLogger("vllm_pelrp.serving")
@@ -74,7 +76,7 @@ def _log_like_vllm() -> None:
 def compiled_recording() -> bool:
     """Default: keep vLLM's torch.compile and record through the ``pelrp::record_layer_input``
     op (``compiled.py``). ``VLLM_PELRP_COMPILED=0`` forces eager mode and Python hooks."""
-    return os.environ.get("VLLM_PELRP_COMPILED", "1").lower() not in ("0", "false", "no")
+    return env_switch("VLLM_PELRP_COMPILED")
 
 
 def _hook_compiled_models() -> None:

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from .env import env_switch
+
 ENV = "VLLM_PELRP_SPARE_CORES"
 IDLE_SECONDS = 0.1
 
@@ -37,7 +39,7 @@ IDLE_SECONDS = 0.1
 def spare_cores() -> set[int]:
     """Cores the engine process may use that this worker process is not bound to ({} if none,
     if the worker runs more than one OpenMP thread, or if ``VLLM_PELRP_SPARE_CORES=0``)."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_switch(ENV):
         return set()
     if torch.get_num_threads() != 1 or not hasattr(os, "sched_getaffinity"):
         return set()

@@ -19,7 +19,6 @@ is self-contained (no CDN, no web fonts): it talks only to this server.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from .env import env_number
 from .metrics import add_explanation_sink
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -96,8 +96,8 @@ class RecentExplanations:
 
     @classmethod
     def from_env(cls) -> "RecentExplanations":
-        return cls(int(os.environ.get("PELRP_RECENT_EXPLANATIONS", "256")),
-                   int(float(os.environ.get("PELRP_RECENT_MB", "64")) * 2**20))
+        return cls(int(env_number("PELRP_RECENT_EXPLANATIONS", 256, integer=True)),
+                   int(env_number("PELRP_RECENT_MB", 64) * 2**20))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -138,16 +138,17 @@ class RecentExplanations:
             return [summary for _, summary in reversed(self._items.values())]
 
 
-STORE = RecentExplanations.from_env()
-
-
 def _not_found(message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "NotFoundError", "param": param,
                                    "code": 404}}, status_code=404)
 
 
-def attach(app: FastAPI, store: RecentExplanations = STORE) -> None:
-    """Add the page's routes to ``app`` and start keeping explanations in ``store``."""
+def attach(app: FastAPI, store: RecentExplanations | None = None) -> None:
+    """Add the page's routes to ``app`` and start keeping explanations in ``store`` (default:
+    one sized by ``PELRP_RECENT_EXPLANATIONS`` / ``PELRP_RECENT_MB``, read here so that a bad
+    value stops the server at start instead of leaving it without the plugin)."""
+    if store is None:
+        store = RecentExplanations.from_env()
     add_explanation_sink(store.add)
     router = APIRouter()
     page = STATIC_DIR / "index.html"

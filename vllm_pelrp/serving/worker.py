@@ -14,7 +14,6 @@ nothing is repacked and the references are the live parameters (no copy).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import traceback
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .env import env_number
 from .recorder import Recorder, RecordingError
 from .spare_cores import SpareCoreExecutor, spare_cores
 
@@ -30,7 +30,7 @@ DEFAULT_CAP_MB = 2048
 
 
 def cap_bytes_from_env() -> int:
-    return int(float(os.environ.get("VLLM_PELRP_MAX_RECORD_MB", DEFAULT_CAP_MB)) * 2**20)
+    return int(env_number("VLLM_PELRP_MAX_RECORD_MB", DEFAULT_CAP_MB) * 2**20)
 
 
 def served_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
