@@ -29,7 +29,7 @@ def env_switch(name: str, default: bool = True) -> bool:
                      f"{', '.join(ON)} (on) or {', '.join(OFF)} (off)")
 
 
-def env_number(name: str, default: float, *, integer: bool = False) -> float:
+def env_number(name: str, default: float, *, integer: bool = False) -> int | float:
     """The non-negative number ``$name`` (a whole one if ``integer``); ``default`` when unset
     or empty."""
     raw = os.environ.get(name, "")

@@ -96,7 +96,7 @@ class RecentExplanations:
 
     @classmethod
     def from_env(cls) -> "RecentExplanations":
-        return cls(int(env_number("PELRP_RECENT_EXPLANATIONS", 256, integer=True)),
+        return cls(env_number("PELRP_RECENT_EXPLANATIONS", 256, integer=True),
                    int(env_number("PELRP_RECENT_MB", 64) * 2**20))
 
     def __len__(self) -> int:
