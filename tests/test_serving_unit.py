@@ -4,6 +4,7 @@ Fast; covers what a real server on the default model cannot show (an unsupported
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import pytest
@@ -14,42 +15,10 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from vllm_pelrp.serving.api import PelrpEndpointPlugin  # noqa: E402
+from vllm_pelrp.serving.keys import new_secret, sign_key, verify_key  # noqa: E402
 from vllm_pelrp.serving.protocol import extract_explain, parse_explain  # noqa: E402
-from vllm_pelrp.serving.service import ExplainService  # noqa: E402
 
-
-class FakeEngine:
-    def __init__(self, info):
-        self.info = info
-        self.calls = []
-
-    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        self.calls.append(method)
-        if method == "pelrp_setup":
-            return [self.info]
-        if method == "pelrp_stats":
-            return [{"bytes": 0, "recordings": 0}]
-        return [0]
-
-
-def make_app(info) -> tuple[TestClient, FakeEngine]:
-    app = FastAPI()
-
-    @app.post("/v1/completions")
-    async def original(request: dict, raw_request: Request):  # stands in for vLLM's handler
-        return JSONResponse({"choices": [{"index": 0, "text": "ok"}]})
-
-    plugin = PelrpEndpointPlugin()
-    plugin.attach_router(app)
-    # as vLLM's attach_endpoint_plugins does: the plugin's route replaces the original one
-    first = app.router.routes.index(next(r for r in app.router.routes
-                                         if getattr(r, "endpoint", None) is original))
-    del app.router.routes[first]
-    engine = FakeEngine(info)
-    service = ExplainService(engine, tokenizer=None, model_name="m")
-    asyncio.run(service.setup())
-    app.state.pelrp_service = service
-    return TestClient(app), engine
+from _fake_engine import make_app  # noqa: E402
 
 
 UNSUPPORTED = ("UnsupportedModelError: architecture GPT2LMHeadModel is not supported by the "
@@ -131,6 +100,10 @@ def _request(key, prompt, max_tokens=4):
                                  output_token_ids=[])
 
 
+SECRET = new_secret()
+VERIFY = functools.partial(verify_key, SECRET)
+
+
 def _step(runner, layers, batch):
     """Run the fake model on a batch [(req_id, first_position, rows)]; returns each request's
     (positions, layer inputs) as the model saw them."""
@@ -159,10 +132,12 @@ def test_recorder_maps_rows_to_requests_across_chunks_and_decode():
     from vllm_pelrp.serving.recorder import Recorder
 
     layers = [_Layer() for _ in range(3)]
-    requests = {"a": _request("K", [1, 2, 3, 4, 5, 6]), "b": _request(None, [7, 8, 9]),
-                "c": _request("K2", [1, 2, 3, 4, 5, 6, 7, 8])}
+    key_a, key_c = sign_key(SECRET, 1), sign_key(SECRET, 1)
+    requests = {"a": _request(key_a, [1, 2, 3, 4, 5, 6]), "b": _request(None, [7, 8, 9]),
+                "c": _request(key_c, [1, 2, 3, 4, 5, 6, 7, 8])}
     runner = _runner(requests)
-    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64)
+    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64,
+                        verify=VERIFY)
     recorder.install()
     expected = {"a": {}, "c": {}}
     steps = [
@@ -184,7 +159,7 @@ def test_recorder_maps_rows_to_requests_across_chunks_and_decode():
                 torch.testing.assert_close(recording.buffer[layer, position], row)
     # capacity = prompt + max_tokens: a 6 + 4, c 8 + 4 positions; 3 layers x 8 floats each
     assert recorder.stats()["bytes"] == 3 * ((6 + 4) + (8 + 4)) * 8 * 4
-    assert recorder.release("K") > 0 and "a" not in recorder.recordings
+    assert recorder.release(key_a) > 0 and "a" not in recorder.recordings
     assert recorder.used_bytes == recorder.recordings["c"].nbytes
 
 
@@ -194,12 +169,43 @@ def test_recorder_refuses_over_the_cap():
     from vllm_pelrp.serving.recorder import Recorder
 
     layers = [_Layer() for _ in range(2)]
-    runner = _runner({"a": _request("K", list(range(10)), max_tokens=10)})
-    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=100, max_model_len=64)
+    runner = _runner({"a": _request(sign_key(SECRET, 1), list(range(10)), max_tokens=10)})
+    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=100, max_model_len=64,
+                        verify=VERIFY)
     recorder.install()
     _step(runner, layers, [("a", 0, 10)])
     recording = recorder.recordings["a"]
     assert recording.buffer is None and "cap" in recording.error and "needs" in recording.error
+
+
+def test_recorder_records_only_keys_the_api_process_signed():
+    """Finding 1 (forged recordings): a client-made ``pelrp_key`` (anything, a well-formed key
+    with a wrong tag, or a signed key reused after its request was explained or released) and
+    more recordings than the key was signed for are all refused; nothing is allocated."""
+    import torch
+
+    from vllm_pelrp.serving.keys import verify_key
+    from vllm_pelrp.serving.recorder import Recorder
+
+    good = sign_key(SECRET, 2)
+    forged = good[:-64] + "0" * 64
+    other = sign_key(new_secret(), 1)  # signed, but by another secret
+    requests = {"f1": _request("anything", [1, 2]), "f2": _request(forged, [1, 2]),
+                "f3": _request(other, [1, 2]), "g1": _request(good, [1, 2]),
+                "g2": _request(good, [1, 2]), "g3": _request(good, [1, 2])}
+    layers = [_Layer() for _ in range(2)]
+    runner = _runner(requests)
+    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64,
+                        verify=VERIFY)
+    recorder.install()
+    _step(runner, layers, [(r, 0, 2) for r in requests])
+    assert sorted(recorder.recordings) == ["g1", "g2"]  # signed for 2 recordings: g3 refused
+    assert recorder.stats()["refused_keys"] == 4 and "keys" not in recorder.stats()
+    assert verify_key(SECRET, good).recordings == 2 and verify_key(SECRET, forged) is None
+    assert len(recorder.take(good)) == 2
+    runner.requests["g4"] = _request(good, [1, 2])  # the same key after it was claimed
+    _step(runner, layers, [("g4", 0, 2)])
+    assert "g4" not in recorder.recordings and recorder.used_bytes == 0
 
 
 def test_pelrp_serve_command_passes_vllm_arguments_through(monkeypatch, tmp_path):

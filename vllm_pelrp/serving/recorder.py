@@ -5,7 +5,7 @@ How rows map to requests: vLLM flattens the scheduled tokens of all running requ
 batch; request ``input_batch.req_ids[i]`` owns rows ``query_start_loc[i]:query_start_loc[i+1]``
 and those rows hold consecutive positions (the first one is in ``positions``). A forward
 pre-hook on decoder layer 0 builds the step's plan (only requests whose ``extra_args`` carry a
-``pelrp_key``); the pre-hook of every layer then copies those rows, and nothing else, into the
+``pelrp_key`` signed by the API process, ``keys.py``); the pre-hook of every layer then copies those rows, and nothing else, into the
 request's preallocated buffer at their positions. Layer 0's input is the embedding output;
 layer l > 0 gets ``hidden_states + residual`` (vLLM carries the residual separately and adds it
 in the fused add-RMSNorm, after the hook). Chunked prefill, decode steps and recomputation after
@@ -20,12 +20,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-KEY = "pelrp_key"
+from .keys import KEY_FIELD, RecordingKey
+
+KEY = KEY_FIELD
+TOMBSTONE_SECONDS = 3600.0  # how long a claimed or released key stays refused
 
 
 class RecordingError(RuntimeError):
@@ -59,6 +62,7 @@ class Recorder:
 
     def __init__(self, model_runner: Any, layers: list[torch.nn.Module], hidden_size: int,
                  dtype: torch.dtype, cap_bytes: int, max_model_len: int,
+                 verify: Callable[[object], RecordingKey | None],
                  ttl_seconds: float = 300.0) -> None:
         self.runner = model_runner
         self.layers = layers
@@ -67,7 +71,10 @@ class Recorder:
         self.dtype = dtype
         self.cap_bytes = int(cap_bytes)
         self.max_model_len = int(max_model_len)
+        self.verify = verify  # the signed key of a request's ``pelrp_key``, or None (keys.py)
         self.ttl_seconds = ttl_seconds
+        self.ended: dict[str, float] = {}  # claimed or released keys: refused from then on
+        self.refused_keys = 0  # requests whose pelrp_key was not signed by the API process
         self.bytes_per_token = self.num_layers * hidden_size * torch.empty(0, dtype=dtype).element_size()
         self.lock = threading.RLock()
         self.recordings: dict[str, Recording] = {}
@@ -113,16 +120,24 @@ class Recorder:
         state = self.runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None) if state is not None else None
         extra = getattr(params, "extra_args", None) or {}
-        key = extra.get(KEY)
-        if key is None:
+        raw = extra.get(KEY)
+        if raw is None:
             return None
+        signed = self.verify(raw)
+        with self.lock:
+            if signed is None or signed.key in self.ended or sum(
+                    r.key == signed.key for r in self.recordings.values()) >= signed.recordings:
+                # forged, reused, already claimed or released, or more choices than reserved
+                self.refused_keys += 1
+                return None
         self.collect_garbage()  # only when a request asks: plain requests never get here
         prompt = list(state.prompt_token_ids or [])
         max_tokens = getattr(params, "max_tokens", None) or self.max_model_len
         capacity = min(len(prompt) + int(max_tokens), self.max_model_len)
         need = capacity * self.bytes_per_token
         with self.lock:
-            recording = Recording(req_id, str(key), prompt, state.output_token_ids, capacity, None)
+            recording = Recording(req_id, signed.key, prompt, state.output_token_ids, capacity,
+                                  None)
             used = self.used_bytes
             if used + need > self.cap_bytes:
                 recording.error = (
@@ -189,8 +204,15 @@ class Recorder:
 
     # ---- lifetime ---------------------------------------------------------------------------
     def take(self, key: str) -> list[Recording]:
-        """Remove and return every recording made under ``key`` (one per choice)."""
+        """Remove and return every recording made under ``key`` (one per choice). The key ends
+        here: a step that runs its request later (an abort not yet seen by the engine) records
+        nothing more under it."""
+        now = time.monotonic()
         with self.lock:
+            self.ended[key] = now
+            if len(self.ended) > 4096:
+                self.ended = {k: t for k, t in self.ended.items()
+                              if now - t < TOMBSTONE_SECONDS}
             found = [r for r in self.recordings.values() if r.key == key]
             for recording in found:
                 del self.recordings[recording.req_id]
@@ -205,7 +227,8 @@ class Recorder:
 
     def collect_garbage(self) -> int:
         """Free recordings whose request left the engine more than ``ttl_seconds`` ago and was
-        never claimed (a client that vanished between generation and explanation)."""
+        never claimed or released. A backstop only: the API process claims (explains) or
+        releases every key it signed when its request ends, finished or aborted."""
         now = time.monotonic()
         freed = 0
         with self.lock:
@@ -222,7 +245,8 @@ class Recorder:
         with self.lock:
             return {
                 "recordings": len(self.recordings),
-                "keys": sorted({r.key for r in self.recordings.values()}),
+                "requests": len({r.key for r in self.recordings.values()}),
+                "refused_keys": self.refused_keys,
                 "bytes": self.used_bytes,
                 "peak_bytes": self.peak_bytes,
                 "cap_bytes": self.cap_bytes,

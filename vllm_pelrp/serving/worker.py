@@ -14,6 +14,7 @@ nothing is repacked and the references are the live parameters (no copy).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
@@ -23,10 +24,13 @@ from typing import Any
 import torch
 
 from .env import env_number
+from .keys import verify_key
 from .recorder import Recorder, RecordingError
+from .scheduler import FairScheduler
 from .spare_cores import SpareCoreExecutor, spare_cores
 
 DEFAULT_CAP_MB = 2048
+MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
 
 
 def cap_bytes_from_env() -> int:
@@ -55,6 +59,8 @@ class _State:
         self.error: str | None = None
         self.info: dict[str, Any] = {}
         self.pool: ThreadPoolExecutor | None = None
+        self.scheduler = FairScheduler()
+        self.key_secret: str | None = None  # signs recording keys (keys.py); the API's first
         self.recompute_executor: SpareCoreExecutor | None = None
         self.tickets: dict[str, Future] = {}
         self.cancelled: set[str] = set()
@@ -73,17 +79,21 @@ class PelrpWorkerExtension:
             self._pelrp_state = state
         return state
 
-    def pelrp_setup(self, cap_bytes: int | None = None) -> dict[str, Any]:
+    def pelrp_setup(self, cap_bytes: int | None = None,
+                    key_secret: str | None = None) -> dict[str, Any]:
         """Install the recording hooks and build the engine weights (idempotent). Returns a
-        description (``error`` set when explanations cannot be served)."""
+        description (``error`` set when explanations cannot be served) and ``key_secret``: the
+        secret that recording keys are signed with, the first one an API process proposed (with
+        several API processes, every one of them gets the same)."""
         state = self._pelrp()
-        if state.recorder is not None or state.error is not None:
-            return dict(state.info, error=state.error)
-        try:
-            self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
-        except Exception as error:  # reported to the API process, which answers 4xx
-            state.error = f"{type(error).__name__}: {error}"
-        return dict(state.info, error=state.error)
+        if state.key_secret is None and key_secret:
+            state.key_secret = key_secret
+        if state.recorder is None and state.error is None:
+            try:
+                self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
+            except Exception as error:  # reported to the API process, which answers 4xx
+                state.error = f"{type(error).__name__}: {error}"
+        return dict(state.info, error=state.error, key_secret=state.key_secret)
 
     def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
         from vllm.config import CompilationMode
@@ -142,7 +152,8 @@ class PelrpWorkerExtension:
         state.spec = spec
         dtype = config.model_config.dtype
         state.recorder = Recorder(runner, layers, spec.hidden_size, dtype, cap_bytes,
-                                  config.model_config.max_model_len)
+                                  config.model_config.max_model_len,
+                                  verify=lambda key: verify_key(state.key_secret, key))
         if compiled:  # the op already sits in the compiled graph; give it the recorder
             from .compiled import set_active
 
@@ -150,7 +161,9 @@ class PelrpWorkerExtension:
         else:
             state.recorder.install()
         state.info["compiled"] = compiled
-        state.pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-backward") if tp == 1 else None
+        # one thread per backward in flight; the scheduler lets one compute at a time
+        state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
+            if tp == 1 else None
         # CPU only: on a GPU the recompute and the backward share the device anyway
         cores = spare_cores() if tp == 1 and state.weights.device.type == "cpu" else set()
         if cores:
@@ -166,9 +179,10 @@ class PelrpWorkerExtension:
     # ---- explanation jobs -------------------------------------------------------------------
     def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
         """Start the backward for ``jobs`` (see ``run_job``); returns a ticket for
-        ``pelrp_poll``. On one rank it runs on a worker thread so the engine keeps
-        generating; under tensor parallelism it runs here, in step on every rank (its
-        all-reduces must pair up with the other ranks')."""
+        ``pelrp_poll``. On one rank it runs on a thread of its own so the engine keeps
+        generating, scheduled with the other backward passes in flight (``scheduler.py``: a
+        short one is not stuck behind a long one); under tensor parallelism it runs here, in
+        step on every rank (its all-reduces must pair up with the other ranks')."""
         state = self._pelrp()
         if state.pool is None:
             future: Future = Future()
@@ -220,6 +234,7 @@ class PelrpWorkerExtension:
         state.recorder.collect_garbage()
         executor = state.recompute_executor
         return dict(state.recorder.stats(), pending_jobs=len(state.tickets),
+                    backward=state.scheduler.stats(),
                     recomputed_rows=state.recomputed_rows,
                     recomputes_on_spare_cores=executor.offloaded if executor else 0,
                     recomputes_inline=executor.inline if executor else 0)
@@ -242,29 +257,39 @@ class PelrpWorkerExtension:
         if claimed is None:
             claimed = self._pelrp_claim(jobs)
         results = []
+        try:
+            # tensor parallelism runs inline, in step on every rank: nothing to schedule
+            with state.scheduler.turn(ticket or "") if state.pool is not None else \
+                    contextlib.nullcontext() as turn:
 
-        def progress(done: int, total: int) -> None:
-            if ticket is not None and ticket in state.cancelled:
-                raise JobCancelled(ticket)
+                def progress(done: int, total: int) -> None:
+                    if ticket is not None and ticket in state.cancelled:
+                        raise JobCancelled(ticket)
+                    if turn is not None:
+                        turn.checkpoint()  # between layers: a waiting backward may go first
 
-        for job in jobs:
-            available = claimed.get(job.get("key"), [])
-            try:
-                result = run_job(state.weights, job, available, progress,
-                                 state.recompute_executor)
-                state.recomputed_rows += result.get("recomputed_rows", 0)
-                results.append(result)
-            except JobCancelled:
-                results.append({"error": "cancelled"})
-            except (RecordingError, ValueError) as error:
-                results.append({"error": str(error)})
-            except Exception as error:  # noqa: BLE001
-                traceback.print_exc()
-                results.append({"error": f"{type(error).__name__}: {error}"})
-        for recordings in claimed.values():  # free whatever no job used
-            for recording in recordings:
-                recording.buffer = None
-        state.cancelled.discard(ticket)
+                waited = 0.0
+                for job in jobs:
+                    available = claimed.get(job.get("key"), [])
+                    try:
+                        result = run_job(state.weights, job, available, progress,
+                                         state.recompute_executor)
+                        state.recomputed_rows += result.get("recomputed_rows", 0)
+                    except JobCancelled:
+                        result = {"error": "cancelled"}
+                    except (RecordingError, ValueError) as error:
+                        result = {"error": str(error)}
+                    except Exception as error:  # noqa: BLE001
+                        traceback.print_exc()
+                        result = {"error": f"{type(error).__name__}: {error}"}
+                    if turn is not None:
+                        result["queue_seconds"], waited = turn.waited - waited, turn.waited
+                    results.append(result)
+        finally:
+            for recordings in claimed.values():  # free whatever no job used
+                for recording in recordings:
+                    recording.buffer = None
+            state.cancelled.discard(ticket)
         return results
 
 
@@ -340,6 +365,8 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None,
                               torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES)
         layer_inputs = forward.layer_inputs
         recomputed = total
+    if progress is not None:
+        progress(0, len(weights.layers))  # the forward is done; the backward starts
     positions = torch.arange(needed, device=device)
     next_token_id = None
     if job.get("next"):
