@@ -331,6 +331,8 @@ def test_openapi_documents_the_new_fields(servers):
     ({"explain": {"target": {"span": [2, 40]}}}, 400, "out of range"),
     ({"explain": {"target": "sideways"}}, 400, "target"),
     ({"explain": {}, "max_tokens": 1800}, 400, "cap"),
+    ({"explain": {"target": "per_token"}, "max_tokens": 100}, 400, "at most 64"),  # not generated
+    ({"explain": {"top_k": "3"}}, 400, "explain.top_k"),
     ({"vllm_xargs": {"explain": "{not json"}}, 400, "JSON"),
 ])
 def test_bad_inputs_get_4xx(servers, body, status, words):

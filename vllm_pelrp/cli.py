@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
                     help="cap on recorded activations (default 2048 MiB; env "
                          "VLLM_PELRP_MAX_RECORD_MB)")
+    sv.add_argument("--max-explain-cost", type=_non_negative_int, default=None, metavar="N",
+                    help="cap on one request's explanation cost, in target rows x tokens over "
+                         "all its choices, refused up front with a 400 (default 65536; env "
+                         "VLLM_PELRP_MAX_EXPLAIN_COST)")
     sv.add_argument("--grounding-threshold", type=_unit_interval, default=None, metavar="X",
                     help="grounding score below which an explanation with sources is flagged "
                          "low (0..1, default 0.3; a request's explain.grounding_threshold wins)")
@@ -321,6 +325,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env["VLLM_PLUGINS"] = ",".join(plugins)
     if args.record_cap_mb is not None:
         env["VLLM_PELRP_MAX_RECORD_MB"] = str(args.record_cap_mb)
+    if getattr(args, "max_explain_cost", None) is not None:
+        env["VLLM_PELRP_MAX_EXPLAIN_COST"] = str(args.max_explain_cost)
     if getattr(args, "eager", False):
         env["VLLM_PELRP_COMPILED"] = "0"
         if not _given(extra, "--enforce-eager"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
 MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
@@ -21,14 +21,14 @@ class SpanTarget(BaseModel):
     """Sum of the logits of completion tokens ``span[0] <= k < span[1]`` (completion indices)."""
 
     model_config = ConfigDict(extra="forbid")
-    span: tuple[int, int]
+    span: tuple[StrictInt, StrictInt]  # strict: "3" or 3.0 is refused, not read as 3
 
 
 class TokenIdTarget(BaseModel):
     """The logit of token ``token_id`` at the last input position ("why this and not that")."""
 
     model_config = ConfigDict(extra="forbid")
-    token_id: int
+    token_id: StrictInt
 
 
 TargetSpec = Union[Literal["next", "completion", "per_token"], SpanTarget, TokenIdTarget]

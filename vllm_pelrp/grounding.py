@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from .explanation import Grounding, SentenceSupport, SourceRelevance, Token
 
@@ -115,10 +115,12 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    message: int | None = Field(None, ge=0, description="Index into the chat messages.")
-    text: str | None = Field(None, min_length=1, description="Exact substring of the prompt.")
-    chars: tuple[int, int] | None = Field(None, description="Character span [start, end).")
-    name: str | None = Field(None, max_length=200, description="Shown name of the source.")
+    # strict: a string where a number belongs (or the reverse) is refused, not converted
+    message: StrictInt | None = Field(None, ge=0, description="Index into the chat messages.")
+    text: StrictStr | None = Field(None, min_length=1, description="Exact substring of the prompt.")
+    chars: tuple[StrictInt, StrictInt] | None = Field(
+        None, description="Character span [start, end).")
+    name: StrictStr | None = Field(None, max_length=200, description="Shown name of the source.")
 
     @model_validator(mode="after")
     def _one_locator(self) -> "SourceSpec":

@@ -8,6 +8,11 @@ handlers with ``return_token_ids``, then explained on the worker and returned wi
 ``explanation`` per choice (streaming: in a final chunk before ``[DONE]``). Adds
 ``POST /v1/explain`` (prompt + completion given, nothing generated) and
 ``GET /v1/explain/stats`` (recorded bytes: a debug view used by the tests).
+
+Every route here answers errors in OpenAI's shape (``{"error": {"message", "type", "param",
+"code"}}``), body-parse and validation errors included (``OpenAIErrorRoute``), and does nothing
+heavy on the event loop: the input is bounded by its character count before it is tokenized, and
+tokenization, grounding plans, assembly and serialisation run on the service's threads.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import time
 from argparse import Namespace
 from typing import Any, AsyncIterator, Iterable
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
@@ -39,16 +45,19 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from ..explanation import Explanation
 from .protocol import (
+    EXPLAIN_REQUEST_TARGETS,
     CompactExplanation,
     ExplainOptions,
     ExplainRequest,
-    parse_explain,
+    describe_errors,
+    extract_explain,
 )
 from ..grounding import documents_into_messages, render_documents
 from .service import GROUNDING_ERROR, Choice, ExplainError, ExplainService
 from . import webview
 from .loopwatch import LoopWatch
 from .metrics import get_metrics, refresh_activation_gauges
+from .webview import owner_of
 
 logger = logging.getLogger("vllm_pelrp.serving")
 
@@ -64,24 +73,16 @@ EXPLANATION_FIELD = Field(
 )
 
 
-def _explain_from_xargs(data: Any) -> Any:
-    if isinstance(data, dict):
-        xargs = data.get("vllm_xargs")
-        if isinstance(xargs, dict) and "explain" in xargs:
-            data = dict(data)
-            xargs = dict(xargs)
-            found = xargs.pop("explain")
-            data["vllm_xargs"] = xargs or None
-            if data.get("explain") is None:
-                data["explain"] = found
-    return data
-
-
 class _ExplainMixin:
     @model_validator(mode="before")
     @classmethod
     def _pelrp_xargs(cls, data: Any) -> Any:
-        return _explain_from_xargs(data)
+        # explain from the top level or vllm_xargs (never both, unless equal); client-sent
+        # pelrp_* fields of vllm_xargs are dropped: the server tags what the worker records
+        if isinstance(data, dict):
+            options, data = extract_explain(data)
+            data["explain"] = options
+        return data
 
     @field_validator("vllm_xargs", mode="after", check_fields=False)
     @classmethod
@@ -93,13 +94,6 @@ class _ExplainMixin:
                 raise ValueError(f"vllm_xargs.{name}: values must be str, int, float or a list "
                                  "of those")
         return value
-
-    @field_validator("explain", mode="before", check_fields=False)
-    @classmethod
-    def _pelrp_explain(cls, value: Any) -> Any:
-        if value is None or value is False:
-            return None
-        return parse_explain(value)
 
 
 class ExplainCompletionRequest(_ExplainMixin, CompletionRequest):
@@ -128,11 +122,76 @@ class ExplainedChatResponse(ChatCompletionResponse):
     choices: list[ExplainedChatChoice]
 
 
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 429: "TooManyRequests", 500: "InternalServerError"}
+
+
 def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequests",
-            500: "InternalServerError"}.get(status, "BadRequestError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(
+        status, "BadRequestError"), "param": param, "code": status}}, status_code=status)
+
+
+class UnauthorizedResponse(BaseModel):
+    """vLLM's answer to a request under ``/v1`` without a valid ``--api-key`` bearer token."""
+
+    error: str = Field(description="'Unauthorized'")
+
+
+ERRORS = {  # the 4xx/5xx answers of the plugin's routes, documented in the OpenAPI schema
+    400: {"model": ErrorResponse, "description": "The request is invalid: the message names the "
+          "field, what was wrong and what is allowed."},
+    401: {"model": UnauthorizedResponse, "description": "The server runs with --api-key and the "
+          "request has no valid `Authorization: Bearer` key (vLLM's own answer)."},
+    403: {"model": ErrorResponse, "description": "Not allowed (the operator listing)."},
+    404: {"model": ErrorResponse, "description": "No such explanation that the caller may read."},
+    429: {"model": ErrorResponse, "description": "The recording memory is busy; retry later."},
+    500: {"model": ErrorResponse, "description": "The explanation failed on the worker."},
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: ERRORS[code] for code in codes}
+
+
+class OpenAIErrorRoute(APIRoute):
+    """The plugin's routes: a body that cannot be parsed or validated is answered in OpenAI's
+    error shape with a plain message that names the field, not with FastAPI's ``{"detail":
+    ...}`` or a Python repr of pydantic's errors."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        fields = {"": list(ExplainRequest.model_fields)} if self.path == "/v1/explain" else {}
+        allowed = {"target": EXPLAIN_REQUEST_TARGETS} if self.path == "/v1/explain" else {}
+
+        async def route_handler(request: Request):
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                errors = list(error.errors())
+                message = describe_errors(errors, fields=fields, allowed=allowed)
+                return error_response(message or "the request is invalid", 400,
+                                      _first_param(errors))
+            except HTTPException as error:  # e.g. "There was an error parsing the body"
+                if error.status_code >= 500:
+                    raise
+                return error_response(f"{error.detail}: the request body must be a JSON object "
+                                      "(Content-Type: application/json)"
+                                      if error.status_code == 400 else str(error.detail),
+                                      error.status_code)
+
+        return route_handler
+
+
+def _first_param(errors: list[dict[str, Any]]) -> str | None:
+    for item in errors:
+        cause = (item.get("ctx") or {}).get("error")
+        if getattr(cause, "param", None):
+            return cause.param
+        names = [str(p) for p in item.get("loc") or () if isinstance(p, str) and p != "body"
+                 and p.isidentifier()]
+        if names:
+            return ".".join(names[:2])
+    return None
 
 
 def _service(raw_request: Request) -> ExplainService | None:
@@ -158,48 +217,56 @@ class PelrpEndpointPlugin:
                 # vLLM's handler without its own disconnect listener: ours (with_cancellation
                 # below) covers generation and explanation, and cancelling it aborts both
                 self.original[route.path] = getattr(route.endpoint, "__wrapped__", route.endpoint)
-        router = APIRouter()
+        router = APIRouter(route_class=OpenAIErrorRoute)
         plugin = self
         explained = {"content": {"text/event-stream": {}}}
 
         @router.post("/v1/completions", responses={
             200: {"model": ExplainedCompletionResponse, **explained},
-            400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+            **_errors(400, 401, 404, 429, 500)})
         @with_cancellation
         async def create_completion(request: ExplainCompletionRequest, raw_request: Request):
             return await plugin.handle(request, raw_request, "/v1/completions")
 
         @router.post("/v1/chat/completions", responses={
             200: {"model": ExplainedChatResponse, **explained},
-            400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+            **_errors(400, 401, 404, 429, 500)})
         @with_cancellation
         async def create_chat_completion(request: ExplainChatCompletionRequest,
                                          raw_request: Request):
             return await plugin.handle(request, raw_request, "/v1/chat/completions")
 
         @router.post("/v1/explain", responses={
-            200: {"model": Explanation | CompactExplanation}, 400: {"model": ErrorResponse}})
+            200: {"model": Explanation | CompactExplanation}, **_errors(400, 401, 429, 500)})
         @with_cancellation
         async def explain(request: ExplainRequest, raw_request: Request):
             """Explain a given prompt + completion (text, messages or token ids) without
             generating."""
             return await plugin.explain_given(request, raw_request)
 
-        @router.get("/v1/explain/stats")
-        async def explain_stats(raw_request: Request):
-            """Recorded activations held by the workers (debug view)."""
+        @router.get("/v1/explain/stats", responses=_errors(401, 500))
+        async def explain_stats(raw_request: Request) -> dict[str, Any]:
+            """Recorded activations held by the workers, backward scheduling and event-loop
+            stalls (a debug view: aggregate figures, nothing of any request's content)."""
             service = _service(raw_request)
             if service is None:
                 return error_response("explanations are not initialised", 500)
             return JSONResponse(await service.stats())
 
         app.include_router(router)
-        webview.attach(app)  # GET /pelrp and /v1/explanations (serving/webview.py)
+        # GET /pelrp and /v1/explanations (serving/webview.py)
+        webview.attach(app, responses=ERRORS, route_class=OpenAIErrorRoute)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
             return
         from transformers import AutoTokenizer
+        from vllm import envs
+
+        # as vLLM's middleware decides (entrypoints/serve/middleware/register.py): with API keys
+        # every explanation belongs to the key that made it (webview.py)
+        state.pelrp_api_keys = bool([k for k in (getattr(args, "api_key", None)
+                                                 or [envs.VLLM_API_KEY]) if k])
 
         path = getattr(args, "tokenizer", None) or args.model
         try:
@@ -227,7 +294,19 @@ class PelrpEndpointPlugin:
         if app is None or not app.openapi_url or app.openapi_schema is not None:
             return
         started = time.perf_counter()
-        app.openapi()
+        schema = app.openapi()
+        ours = {route.path for route in app.routes if isinstance(route, OpenAIErrorRoute)}
+        for path, operations in schema.get("paths", {}).items():
+            if path in ours:  # FastAPI's 422 never happens here: validation errors answer 400
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        service = getattr(app.state, "pelrp_service", None)
+        vocab = int(service.info.get("vocab_size", 0)) if service is not None else 0
+        request_schema = schema.get("components", {}).get("schemas", {}).get("ExplainRequest", {})
+        for name in ("prompt", "completion"):  # token ids must lie in the vocabulary
+            for branch in request_schema.get("properties", {}).get(name, {}).get("anyOf", []):
+                if vocab and branch.get("type") == "array":
+                    branch.setdefault("items", {})["maximum"] = vocab - 1
         logger.info("vllm-pelrp: OpenAPI schema built in %.2f s", time.perf_counter() - started)
 
     # ---- /v1/completions and /v1/chat/completions ---------------------------------------------
@@ -245,16 +324,30 @@ class PelrpEndpointPlugin:
             if getattr(request, "use_beam_search", False):
                 raise ExplainError("explain does not support beam search", param="explain")
             max_tokens = _max_tokens(request, chat)
+            n = request.n or 1
             service.check_span(options, max_tokens)
-            message_contents = _apply_sources(request, options, service.tokenizer, chat)
-            lengths = self._prompt_lengths(request, service, chat)
-            tokens = service.recording_tokens(lengths, max_tokens, request.n or 1)
-            key = service.new_key()
+            # cheap bounds first: the characters, before anything is tokenized
+            chars = _request_chars(request, options, chat)
+            service.check_chars(chars, "the messages" if chat else "the prompt")
+            message_contents, lengths = await service.offload(
+                _prepare_request, request, options, service, chat)
+            limit = service.max_model_len
+            for length in lengths:  # then the tokens, before anything is generated
+                if limit and length >= limit:
+                    raise ExplainError(
+                        f"the prompt has {length} tokens; with max_model_len={limit} nothing is "
+                        "left to generate and explain", param="messages" if chat else "prompt")
+            budget = [min(length + (max_tokens or limit), limit or 10**9) for length in lengths]
+            service.check_cost([service.planned_rows(options, max_tokens)] * (len(lengths) * n),
+                               budget * n, planned=True)
+            tokens = service.recording_tokens(lengths, max_tokens, n)
+            key = service.new_key(len(lengths) * n)
             service.reserve(key, tokens)
         except ExplainError as error:
             return error_response(error.message, error.status, error.param)
 
         wants_ids = bool(request.return_token_ids)
+        owner = owner_of(raw_request)
         request.explain = None
         request.vllm_xargs = {**(request.vllm_xargs or {}), "pelrp_key": key}
         request.return_token_ids = True
@@ -268,7 +361,8 @@ class PelrpEndpointPlugin:
             return None
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._stream(response.body_iterator, service, key,
-                                                  options, chat, wants_ids, message_contents)
+                                                  options, chat, wants_ids, message_contents,
+                                                  owner)
             return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             await service.release(key)
@@ -279,7 +373,8 @@ class PelrpEndpointPlugin:
             prompt = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or []
             choices.append(Choice(choice["index"], list(prompt), list(choice.get("token_ids") or [])))
         try:
-            explained = await service.explain_choices(key, choices, options, message_contents)
+            explained = await service.explain_choices(key, choices, options, message_contents,
+                                                      owner=owner)
         except asyncio.CancelledError:  # the client went away while explaining
             service.release_soon(key)
             raise
@@ -299,35 +394,13 @@ class PelrpEndpointPlugin:
         headers = {k: v for k, v in response.headers.items()
                    if k.lower() not in ("content-length", "content-type")}
         headers.update(low_grounding_header(explained.values()))
-        return JSONResponse(body, headers=headers)
-
-    @staticmethod
-    def _prompt_lengths(request, service: ExplainService, chat: bool) -> list[int]:
-        """Prompt lengths for the memory reservation (the tokenizer's count; an estimate)."""
-        tokenizer = service.tokenizer
-        try:
-            if chat:
-                ids = tokenizer.apply_chat_template(
-                    [m if isinstance(m, dict) else m.model_dump() for m in request.messages],
-                    add_generation_prompt=True, tokenize=True, return_dict=False)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-                return [len(ids)]
-            prompt = request.prompt
-            if isinstance(prompt, str):
-                return [len(tokenizer(prompt)["input_ids"])]
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-                return [len(prompt)]
-            if isinstance(prompt, list):
-                return [len(p) if isinstance(p, list) else len(tokenizer(p)["input_ids"])
-                        for p in prompt]
-        except Exception:  # noqa: BLE001 - fall back on the worst case
-            pass
-        return [service.max_model_len or 0]
+        return Response(await service.offload(_dumps, body), media_type="application/json",
+                        headers=headers)
 
     async def _stream(self, body: AsyncIterator, service: ExplainService, key: str,
                       options: ExplainOptions, chat: bool, wants_ids: bool,
-                      message_contents: list[str | None] | None = None):
+                      message_contents: list[str | None] | None = None,
+                      owner: str | None = None):
         prompts: dict[int, list[int]] = {}
         completions: dict[int, list[int]] = {}
         shared_prompt: list[int] = []
@@ -348,9 +421,10 @@ class PelrpEndpointPlugin:
                         choices = [Choice(i, prompts.get(i) or shared_prompt, completions.get(i, []))
                                    for i in sorted(set(prompts) | set(completions))]
                         explained = await service.explain_choices(key, choices, options,
-                                                                  message_contents)
+                                                                  message_contents, owner=owner)
                         finished = True
-                        out.append("data: " + json.dumps(_final_chunk(last, explained, chat)) + "\n\n")
+                        final = await service.offload(_dumps, _final_chunk(last, explained, chat))
+                        out.append("data: " + final + "\n\n")
                         out.append("data: [DONE]\n\n")
                         continue
                     data = json.loads(payload)
@@ -384,59 +458,120 @@ class PelrpEndpointPlugin:
             return error_response("explanations are not initialised on this server", 500)
         try:
             service.check_available()
-            tokenizer = service.tokenizer
-            given = [request.prompt is not None, request.messages is not None]
-            if sum(given) != 1:
-                raise ExplainError("give exactly one of prompt or messages", param="prompt")
-            message_contents = None
-            if request.documents is not None and isinstance(request.prompt, list):
-                raise ExplainError("documents are rendered into a text prompt or messages; with "
-                                   "prompt token ids, mark the sources with sources=[{'chars': "
-                                   "[a, b]}]", param="documents")
-            if request.messages is not None:
-                messages = request.messages
-                if request.documents is not None:
-                    try:
-                        messages = documents_into_messages(messages, request.documents)
-                    except ValueError as error:
-                        raise ExplainError(str(error), param="documents") from None
-                message_contents = _contents(messages)
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-                prompt_ids = [int(i) for i in ids]
-            elif isinstance(request.prompt, str):
-                prompt = request.prompt
-                if request.documents is not None:
-                    prompt = render_documents(prompt, request.documents)[0]
-                prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
-            else:
-                prompt_ids = [int(i) for i in request.prompt]
-            if isinstance(request.completion, str):
-                completion_ids = [int(i) for i in tokenizer(
-                    request.completion, add_special_tokens=False)["input_ids"]] if request.completion else []
-            else:
-                completion_ids = [int(i) for i in request.completion]
-            target = request.target
-            if target != "next" and not completion_ids:
-                raise ExplainError(f"target {target!r} needs a completion; give completion, or "
-                                   "use target 'next'", param="target")
-            if message_contents is None and any(s.message is not None
-                                                for s in request.sources or []):
-                raise ExplainError("sources: 'message' needs messages; with a prompt, mark the "
-                                   "sources with 'text' or 'chars'", param="sources")
+            # the characters first (cheap), then tokenization off the event loop
+            messages = request.template_messages()
+            chars = _given_chars(request, messages)
+            service.check_chars(chars, "the messages and completion" if messages is not None
+                                else "the prompt and completion")
+            prompt_ids, completion_ids, message_contents = await service.offload(
+                _tokenize_given, request, messages, service.tokenizer)
             options = ExplainOptions(mode=request.mode, per_layer=request.per_layer,
                                      top_k=request.top_k,
-                                     target="completion" if target == "next" else target,
+                                     target="completion" if request.target == "next"
+                                     else request.target,
                                      documents=request.documents, sources=request.sources,
                                      grounding_threshold=request.grounding_threshold,
                                      sentences=request.sentences)
-            result = await service.explain_tokens(prompt_ids, completion_ids, options, target,
-                                                  message_contents)
+            result = await service.explain_tokens(prompt_ids, completion_ids, options,
+                                                  request.target, message_contents,
+                                                  owner=owner_of(raw_request))
         except ExplainError as error:
             return error_response(error.message, error.status, error.param)
-        return JSONResponse(result, headers=low_grounding_header([result]))
+        return Response(await service.offload(_dumps, result), media_type="application/json",
+                        headers=low_grounding_header([result]))
+
+
+def _dumps(body: Any) -> str:
+    """JSON as FastAPI's JSONResponse writes it (run on the service's threads: an explanation
+    can be large)."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a message content: a string, or text parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(_text_chars(part.get("text") if isinstance(part, dict) else
+                               getattr(part, "text", None)) for part in content)
+    return 0
+
+
+def _request_chars(request, options: ExplainOptions, chat: bool) -> int:
+    """The characters a completions request asks to explain: the longest prompt (or the
+    messages) plus the documents rendered into it; a token id counts as one."""
+    documents = sum(len(d) for d in options.documents or [])
+    if chat:
+        return documents + sum(_text_chars(m.get("content") if isinstance(m, dict) else
+                                           getattr(m, "content", None))
+                               for m in request.messages)
+    prompt = request.prompt
+    prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(
+        prompt[0], int) else [prompt]
+    return documents + max((len(p) if isinstance(p, (str, list)) else 0 for p in prompts),
+                           default=0)
+
+
+def _given_chars(request: ExplainRequest, messages: list[dict[str, Any]] | None) -> int:
+    chars = sum(len(d) for d in request.documents or [])
+    chars += len(request.completion or "")
+    if messages is not None:
+        return chars + sum(len(m["content"]) for m in messages)
+    return chars + len(request.prompt)
+
+
+def _prepare_request(request, options: ExplainOptions, service: ExplainService,
+                     chat: bool) -> tuple[list[str | None] | None, list[int]]:
+    """On the service's threads: render the documents into the request and check the sources
+    (``_apply_sources``), then count the prompt tokens for the cost, the memory reservation and
+    the recording key."""
+    rendered: list[str | None] = []
+    contents = _apply_sources(request, options, service.tokenizer, chat, rendered)
+    return contents, _prompt_lengths(request, service, chat, rendered[0] if rendered else None)
+
+
+def _tokenize_given(request: ExplainRequest, messages: list[dict[str, Any]] | None,
+                    tokenizer: Any) -> tuple[list[int], list[int], list[str | None] | None]:
+    """``/v1/explain``'s prompt and completion token ids (on the service's threads)."""
+    message_contents = None
+    if messages is not None:
+        if request.documents is not None:
+            try:
+                messages = documents_into_messages(messages, request.documents)
+            except ValueError as error:
+                raise ExplainError(str(error), param="documents") from None
+        message_contents = _contents(messages)
+        prompt_ids = _render_chat(tokenizer, messages, "messages")
+    elif isinstance(request.prompt, str):
+        prompt = request.prompt
+        if request.documents is not None:
+            prompt = render_documents(prompt, request.documents)[0]
+        prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
+    else:
+        prompt_ids = [int(i) for i in request.prompt]
+    if isinstance(request.completion, str):
+        completion_ids = [int(i) for i in tokenizer(
+            request.completion, add_special_tokens=False)["input_ids"]]
+    else:
+        completion_ids = [int(i) for i in request.completion or []]
+    if request.completion is not None and not completion_ids:
+        raise ExplainError("the completion tokenizes to no tokens; give some text",
+                           param="completion")
+    return prompt_ids, completion_ids, message_contents
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, Any]], param: str) -> list[int]:
+    """The chat template applied with the generation prompt, as token ids; messages the
+    template cannot render are the client's error (400), not the server's."""
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+    except Exception as error:  # noqa: BLE001 - jinja errors, a missing template
+        raise ExplainError(f"{param}: the model's chat template cannot render these messages "
+                           f"({type(error).__name__}: {error})", param=param) from None
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return [int(i) for i in out]
 
 
 def _max_tokens(request, chat: bool) -> int | None:
@@ -471,10 +606,34 @@ def _contents(messages: list[Any]) -> list[str | None]:
     return out
 
 
-def _apply_sources(request, options: ExplainOptions, tokenizer: Any,
-                   chat: bool) -> list[str | None] | None:
+def _prompt_lengths(request, service: ExplainService, chat: bool,
+                    rendered: str | None) -> list[int]:
+    """Prompt lengths for the cost, the memory reservation and the recording key (the
+    tokenizer's count; an estimate where vLLM renders a chat differently)."""
+    tokenizer = service.tokenizer
+    try:
+        if chat:
+            if rendered is None:
+                raise ValueError("no rendered chat")
+            return [len(tokenizer(rendered, add_special_tokens=False)["input_ids"])]
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return [len(tokenizer(prompt)["input_ids"])]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return [len(prompt)]
+        if isinstance(prompt, list):
+            return [len(p) if isinstance(p, list) else len(tokenizer(p)["input_ids"])
+                    for p in prompt]
+    except Exception:  # noqa: BLE001 - fall back on the worst case
+        pass
+    return [max(service.max_model_len - 1, 0)]
+
+
+def _apply_sources(request, options: ExplainOptions, tokenizer: Any, chat: bool,
+                   rendered_out: list[str | None] | None = None) -> list[str | None] | None:
     """Render ``explain.documents`` into the request's prompt (before generation) and check what
-    can be checked of ``explain.sources`` now; returns the messages' contents (chat)."""
+    can be checked of ``explain.sources`` now; returns the messages' contents (chat), and puts
+    the chat rendered with its template into ``rendered_out``."""
     sources = options.sources or []
     if chat:
         messages = [m if isinstance(m, dict) else m.model_dump() for m in request.messages]
@@ -501,6 +660,8 @@ def _apply_sources(request, options: ExplainOptions, tokenizer: Any,
                                                      tokenize=False)
         except Exception:  # noqa: BLE001 - the check below is skipped, the later one still runs
             rendered = None
+        if rendered_out is not None:
+            rendered_out.append(rendered if isinstance(rendered, str) else None)
         texts = [rendered] if isinstance(rendered, str) else None
     else:
         if options.documents:

@@ -2,9 +2,11 @@
 
 Switches (``VLLM_PELRP_COMPILED``, ``VLLM_PELRP_FRESH_CHUNK``, ``VLLM_PELRP_SPARE_CORES``)
 take 1/true/yes/on or 0/false/no/off, in any case and with surrounding spaces; unset or empty
-means the default. Sizes and counts (``VLLM_PELRP_MAX_RECORD_MB``, ``PELRP_RECENT_MB``,
-``PELRP_RECENT_EXPLANATIONS``) take a non-negative number. Anything else is refused when the
-setting is read (at plugin or worker start), rather than silently read as the default.
+means the default. Sizes and counts (``VLLM_PELRP_MAX_RECORD_MB``, ``VLLM_PELRP_MAX_EXPLAIN_COST``,
+``PELRP_RECENT_MB``, ``PELRP_RECENT_EXPLANATIONS``, ``PELRP_RECENT_TTL_S``) take a non-negative
+number. Anything else is refused when the setting is read (at plugin or worker start), rather
+than silently read as the default. Text (``VLLM_PELRP_OPERATOR_KEY``) is taken as it is, less
+surrounding spaces.
 """
 
 from __future__ import annotations
@@ -43,3 +45,9 @@ def env_number(name: str, default: float, *, integer: bool = False) -> int | flo
     if not value >= 0 or value == float("inf") or (integer and value != int(value)):
         raise ValueError(f"{name}={raw!r} is out of range; allowed: {kind} >= 0")
     return int(value) if integer else value
+
+
+def env_text(name: str) -> str | None:
+    """The text setting ``$name`` without surrounding spaces; None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value or None
