@@ -2,7 +2,7 @@
 ``test_metrics.py`` and ``test_webview.py``: started on first use, stopped when the pytest session
 ends (``config.add_cleanup``), so the two modules pay one server start between them.
 ``PELRP_TEST_SERVER=http://127.0.0.1:PORT`` uses a server already running instead (started
-with the arguments below)."""
+with the arguments below, API keys included)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ PORTS = range(18500, 18600)
 STARTUP_SECONDS = 600
 # --eager: no torch.compile (1-2 min less startup); recording under compilation is
 # tests/test_serving.py's business, these tests look at what the API process does with results
+# Two clients' API keys (vLLM's --api-key): every /v1 route needs one, and each client sees only
+# its own explanations. The plugin's tests use API_KEY; OTHER_API_KEY is the other client.
+API_KEY, OTHER_API_KEY = "pelrp-test-key-a", "pelrp-test-key-b"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OTHER_AUTH = {"Authorization": f"Bearer {OTHER_API_KEY}"}
 SERVER_ARGS = ["--eager", "--record-cap-mb", "96", "--dtype", "float32", "--max-model-len",
                "2048", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(256 << 20),
-               "--seed", "0"]
+               "--seed", "0", "--api-key", API_KEY, OTHER_API_KEY]
+# an HTTP client that sends API_KEY (tests pass their own timeouts)
+http = httpx.Client(headers=AUTH, timeout=600)
 _KEY = pytest.StashKey[str]()
 _LOG_KEY = pytest.StashKey[Path]()
 # two Debian package descriptions and a question whose answer is in the first
@@ -96,7 +103,7 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
             config.stash[_KEY] = f"failed: server exited ({process.returncode}), log {log}"
             raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+            if http.get(base + "/v1/models", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
-from _live_server import MODEL, shared_server
+from _live_server import API_KEY, MODEL, http, shared_server
 from vllm_pelrp.grounding import render_documents
 
 pytestmark = pytest.mark.slow
@@ -34,7 +33,7 @@ def server(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", timeout=600)
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, timeout=600)
 
 
 def _offline(smollm2, explanation: dict, **grounding) -> "Explanation":  # noqa: F821
@@ -83,7 +82,7 @@ def test_chat_documents_from_the_openai_sdk(client, smollm2):
 def test_completions_documents_threshold_and_header(server):
     body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 12, "temperature": 0,
             "explain": {"documents": DOCUMENTS, "grounding_threshold": 1.0, "sentences": False}}
-    low = httpx.post(server + "/v1/completions", json=body, timeout=600)
+    low = http.post(server + "/v1/completions", json=body, timeout=600)
     assert low.status_code == 200, low.text
     explanation = low.json()["choices"][0]["explanation"]
     assert explanation["text"].startswith(render_documents(QUESTION, DOCUMENTS)[0])
@@ -91,9 +90,9 @@ def test_completions_documents_threshold_and_header(server):
     assert explanation["grounding"]["sentences"] == []
     assert low.headers["x-pelrp-low-grounding"] == "true"
     body["explain"]["grounding_threshold"] = 0.0
-    fine = httpx.post(server + "/v1/completions", json=body, timeout=600)
+    fine = http.post(server + "/v1/completions", json=body, timeout=600)
     assert fine.headers["x-pelrp-low-grounding"] == "false"
-    plain = httpx.post(server + "/v1/completions", timeout=600, json={
+    plain = http.post(server + "/v1/completions", timeout=600, json={
         "model": MODEL, "prompt": QUESTION, "max_tokens": 4, "explain": {}})
     assert "x-pelrp-low-grounding" not in plain.headers
     assert plain.json()["choices"][0]["explanation"]["grounding"] is None
@@ -103,7 +102,7 @@ def test_explain_endpoint_with_message_sources(server, smollm2):
     messages = [{"role": "system", "content": "Notes: " + DOCUMENTS[0]},
                 {"role": "user", "content": QUESTION}]
     answer = "The gcal package prints calendars."
-    response = httpx.post(server + "/v1/explain", timeout=600, json={
+    response = http.post(server + "/v1/explain", timeout=600, json={
         "messages": messages, "completion": answer,
         "sources": [{"message": 0, "name": "notes"}, {"text": "calendars?"}]})
     assert response.status_code == 200, response.text
@@ -114,7 +113,7 @@ def test_explain_endpoint_with_message_sources(server, smollm2):
     offline = smollm2.explain(messages=messages, completion=answer, target="completion",
                               sources=[{"message": 0, "name": "notes"}, {"text": "calendars?"}])
     _check_against_offline(explanation, offline)
-    compact = httpx.post(server + "/v1/explain", timeout=600, json={
+    compact = http.post(server + "/v1/explain", timeout=600, json={
         "prompt": QUESTION, "completion": " gcal", "documents": DOCUMENTS, "top_k": 3,
         "target": "next"})
     assert compact.status_code == 200, compact.text
@@ -124,7 +123,7 @@ def test_explain_endpoint_with_message_sources(server, smollm2):
 
 def test_streaming_carries_grounding_in_the_final_chunk(server):
     chunks = []
-    with httpx.stream("POST", server + "/v1/chat/completions", timeout=600, json={
+    with http.stream("POST", server + "/v1/chat/completions", timeout=600, json={
             "model": MODEL, "messages": [{"role": "user", "content": QUESTION}],
             "max_tokens": 8, "temperature": 0, "stream": True,
             "explain": {"documents": DOCUMENTS, "sentences": False}}) as response:
@@ -163,7 +162,7 @@ def test_streaming_carries_grounding_in_the_final_chunk(server):
 ])
 def test_bad_sources_get_a_clear_400(server, path, body, words):
     limit = {} if path == "/v1/explain" else {"max_tokens": 4}
-    response = httpx.post(server + path, json={"model": MODEL, **limit, **body}, timeout=600)
+    response = http.post(server + path, json={"model": MODEL, **limit, **body}, timeout=600)
     assert response.status_code == 400, response.text
     assert words in response.json()["error"]["message"]
-    assert httpx.get(server + "/v1/models", timeout=10).status_code == 200
+    assert http.get(server + "/v1/models", timeout=10).status_code == 200

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_pelrp.serving import metrics as pelrp_metrics
 from vllm_pelrp.serving.metrics import PelrpMetrics, observed
 
-from _live_server import DOCUMENTS, MODEL, QUESTION, server_warnings, shared_server
+from _live_server import DOCUMENTS, MODEL, QUESTION, http, server_warnings, shared_server
 
 
 
@@ -56,23 +56,23 @@ def test_observed_decorator_records_and_hands_explanations_to_sinks(monkeypatch)
     registry = CollectorRegistry()
     monkeypatch.setattr(pelrp_metrics, "_metrics", PelrpMetrics(registry))
     seen = []
-    monkeypatch.setattr(pelrp_metrics, "_sinks", [seen.append])
+    monkeypatch.setattr(pelrp_metrics, "_sinks", [lambda e, owner: seen.append((e, owner))])
 
     class Options:
         mode = "cp-lrp"
 
     class Service:
         @observed
-        async def explain_choices(self, key, choices, options):
+        async def explain_choices(self, key, choices, options, owner=None):
             return {0: _explanation(0.5), 1: {"error": "no recording"}}
 
         @observed
         async def explain_tokens(self, prompt_ids, completion_ids, options, target):
             raise ValueError("bad prompt")
 
-    out = asyncio.run(Service().explain_choices("k", [], options=Options()))
+    out = asyncio.run(Service().explain_choices("k", [], options=Options(), owner="key:x"))
     assert set(out) == {0, 1}
-    assert seen == [out[0]]  # errors are not kept
+    assert seen == [(out[0], "key:x")]  # errors are not kept; the owner comes along
     with pytest.raises(ValueError):
         asyncio.run(Service().explain_tokens([1], [2], Options(), "completion"))
     value = registry.get_sample_value
@@ -151,7 +151,7 @@ def server(request, tmp_path_factory):
 
 def scrape(base: str) -> dict[tuple[str, tuple], float]:
     """Every sample on /metrics: (name, sorted labels) -> value."""
-    text = httpx.get(base + "/metrics", timeout=30).text
+    text = http.get(base + "/metrics", timeout=30).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -164,7 +164,7 @@ def sample(samples, name: str, **labels) -> float:
 
 
 def chat(base: str, threshold: float, max_tokens: int = 12) -> httpx.Response:
-    return httpx.post(base + "/v1/chat/completions", timeout=600, json={
+    return http.post(base + "/v1/chat/completions", timeout=600, json={
         "model": MODEL, "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": max_tokens, "temperature": 0,
         "explain": {"documents": DOCUMENTS, "grounding_threshold": threshold}})
@@ -187,7 +187,7 @@ def test_grounding_metrics_move_after_explained_requests(server):
     started = time.perf_counter()
     low = chat(server, threshold=1.0)
     high = chat(server, threshold=0.0)
-    given = httpx.post(server + "/v1/explain", timeout=600, json={
+    given = http.post(server + "/v1/explain", timeout=600, json={
         "messages": [{"role": "user", "content": QUESTION}], "completion": "gcal prints them.",
         "documents": DOCUMENTS, "grounding_threshold": 0.0})
     elapsed = time.perf_counter() - started
@@ -241,7 +241,7 @@ def test_recorded_activation_gauge_follows_a_request(server, request):
     base_reserved = sample(before, "pelrp_reserved_activation_bytes")
 
     def run():
-        result["response"] = httpx.post(server + "/v1/chat/completions", timeout=600, json={
+        result["response"] = http.post(server + "/v1/chat/completions", timeout=600, json={
             "model": MODEL,
             "messages": [{"role": "user", "content": "Count from one to two hundred."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "explain": True})
@@ -270,7 +270,7 @@ def test_recorded_activation_gauge_follows_a_request(server, request):
     assert base_recorded + expected in recorded, (
         f"expected {base_recorded + expected}; (s, scrape took s, recorded, reserved): "
         f"{timeline}; workers and API loop now: "
-        f"{httpx.get(server + '/v1/explain/stats', timeout=30).text}; server warnings:\n"
+        f"{http.get(server + '/v1/explain/stats', timeout=30).text}; server warnings:\n"
         f"{server_warnings(request.config)}")
     assert max(reserved) == base_reserved + expected, timeline
     # both gauges are refreshed by a background task (every 0.5 s), not by the scrape

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from vllm_pelrp.serving import webview
 from vllm_pelrp.serving.webview import ID_PATTERN, STATIC_DIR, RecentExplanations
 
-from _live_server import DOCUMENTS, QUESTION, shared_server
+from _live_server import API_KEY, DOCUMENTS, OTHER_API_KEY, QUESTION, shared_server
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -43,7 +43,8 @@ def test_store_gives_ids_and_keeps_the_last_ones():
     ids = [store.add(_explanation()) for _ in range(5)]
     assert all(ID_PATTERN.match(i) for i in ids)
     assert len(set(ids)) == 5
-    assert [s["id"] for s in store.summaries()] == ids[:1:-1]  # newest first, the last 3
+    # newest first, the last 3
+    assert [s["id"] for s in store.summaries(everyone=True)] == ids[:1:-1]
     assert store.get(ids[0]) is None
     assert json.loads(store.get(ids[-1]))["id"] == ids[-1]
     given = _explanation(id="expl-" + "a" * 32)
@@ -95,16 +96,83 @@ def test_routes_serve_the_page_and_explanations(app_client):
     assert missing.status_code == 404 and "pelrp.css, pelrp.js" in missing.json()["error"]["message"]
 
     key = store.add(_explanation())
-    assert client.get(f"/v1/explanations/{key}").json()["id"] == key
-    listed = client.get("/v1/explanations").json()
-    assert [item["id"] for item in listed["data"]] == [key]
+    other = store.add(_explanation())
+    assert client.get(f"/v1/explanations/{key}").json()["id"] == key  # the id is the capability
+    # no --api-key: the server cannot tell clients apart, so it lists only the ids it is given
+    refused = client.get("/v1/explanations")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "ids"
+    assert "--api-key" in refused.json()["error"]["message"]
+    listed = client.get("/v1/explanations", params={"ids": f"{key},expl-{'e' * 32}"}).json()
+    assert [item["id"] for item in listed["data"]] == [key] and other != key
+    assert client.get("/v1/explanations", params={"ids": "nope"}).status_code == 400
 
     unknown = client.get("/v1/explanations/expl-" + "f" * 32)
     assert unknown.status_code == 404
-    assert "keeps only the last 4 explanations" in unknown.json()["error"]["message"]
+    assert "keeps the last 4 explanations" in unknown.json()["error"]["message"]
     malformed = client.get("/v1/explanations/42")
     assert malformed.status_code == 404
     assert "not an explanation id" in malformed.json()["error"]["message"]
+
+
+def test_store_keeps_each_explanation_for_its_api_key_and_forgets_it_after_the_ttl():
+    """Finding 2 (explanations readable by every client), on the store: an explanation made
+    with one API key is neither read nor listed with another key or without one."""
+    store = RecentExplanations(capacity=8)
+    mine = store.add(_explanation(), owner="key:a")
+    theirs = store.add(_explanation(), owner="key:b")
+    assert store.get(mine, "key:a") is not None
+    assert store.get(mine, "key:b") is None and store.get(mine, None) is None
+    assert [s["id"] for s in store.summaries("key:a")] == [mine]
+    assert [s["id"] for s in store.summaries("key:b")] == [theirs]
+    assert store.summaries(None, ids=[mine, theirs]) == []  # ids do not open owned ones
+    assert store.summaries("key:a", ids=[mine, theirs])[0]["id"] == mine
+    assert store.summaries("key:a", ids=[theirs]) == []
+    assert len(store.summaries(everyone=True)) == 2
+
+    short = RecentExplanations(capacity=8, ttl_seconds=0.05)
+    gone = short.add(_explanation())
+    assert short.get(gone) is not None
+    import time
+    time.sleep(0.1)
+    assert short.get(gone) is None and len(short) == 0 and short.bytes == 0
+
+
+def test_routes_scope_explanations_to_the_api_key_and_the_operator_listing(monkeypatch):
+    """The routes behind vLLM's own --api-key middleware: 401 without a key; each key sees its
+    own explanations only; the operator listing needs its own setting and key."""
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    monkeypatch.setenv("VLLM_PELRP_OPERATOR_KEY", "operator-secret")
+    app = FastAPI()
+    app.state.pelrp_api_keys = True
+    store = RecentExplanations(capacity=8)
+    webview.attach(app, store)
+    app.add_middleware(AuthenticationMiddleware, tokens=["key-a", "key-b"])
+    client = TestClient(app)
+    a, b = ({"Authorization": f"Bearer {k}"} for k in ("key-a", "key-b"))
+    mine = store.add(_explanation(), owner=webview.owner_of(_request_with(a)))
+    assert client.get("/v1/explanations").status_code == 401
+    assert client.get(f"/v1/explanations/{mine}").status_code == 401
+    assert client.get(f"/v1/explanations/{mine}", headers=a).json()["id"] == mine
+    assert [i["id"] for i in client.get("/v1/explanations", headers=a).json()["data"]] == [mine]
+    hidden = client.get(f"/v1/explanations/{mine}", headers=b)
+    assert hidden.status_code == 404 and "that you can read" in hidden.json()["error"]["message"]
+    assert client.get("/v1/explanations", headers=b).json()["data"] == []
+    everyone = client.get("/v1/explanations", params={"scope": "all"}, headers=b)
+    assert everyone.status_code == 403 and "x-pelrp-operator-key" in everyone.text
+    operator = client.get("/v1/explanations", params={"scope": "all"},
+                          headers={**b, "x-pelrp-operator-key": "operator-secret"})
+    assert [i["id"] for i in operator.json()["data"]] == [mine]
+    assert client.get("/pelrp").status_code == 200  # the page itself holds no data
+
+
+def _request_with(headers):
+    from starlette.requests import Request
+
+    app = FastAPI()
+    app.state.pelrp_api_keys = True
+    return Request({"type": "http", "app": app, "headers": [
+        (k.lower().encode(), v.encode()) for k, v in headers.items()]})
 
 
 def test_static_files_reference_no_other_host():
@@ -139,7 +207,14 @@ def test_page_explains_a_prompt_with_documents(server, browser):
     requested = []
     page.on("request", lambda r: requested.append(r.url))
     page.goto(server + "/pelrp")
+    # the server runs with --api-key: the page is served, its data routes answer 401 and the
+    # page asks for the key
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "needs an API key" in page.inner_text("#key-reason")
+    page.fill("#api-key", API_KEY)
+    page.click("#key-form button")
     page.wait_for_function("document.getElementById('model-name').textContent.length > 0")
+    assert page.is_hidden("#key-form")
 
     page.fill("#prompt", QUESTION)
     for text in DOCUMENTS:
@@ -218,3 +293,17 @@ def test_page_explains_a_prompt_with_documents(server, browser):
     assert not others, others
     assert any(url.endswith("/pelrp/static/pelrp.js") for url in requested)
     page.close()
+
+    # another client (its own browser context and API key) sees none of it
+    context = browser.new_context()
+    other = context.new_page()
+    other.goto(f"{server}/pelrp?id={explanation['id']}")
+    other.wait_for_selector("#key-form:not([hidden])")
+    other.fill("#api-key", OTHER_API_KEY)
+    other.click("#key-form button")
+    other.wait_for_function("document.getElementById('status').textContent.includes('404')")
+    assert "that you can read" in other.inner_text("#status")
+    other.wait_for_selector("#recent-list li")
+    assert explanation["id"] not in other.inner_text("#recent-list")
+    assert given_explanation["id"] not in other.inner_text("#recent-list")
+    context.close()

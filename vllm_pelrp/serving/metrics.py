@@ -14,6 +14,7 @@ shared files like vLLM's own, so they appear on that same endpoint in both cases
 | ``pelrp_low_grounding_total`` | counter | | explanations whose grounding score is below their threshold |
 | ``pelrp_recorded_activation_bytes`` | gauge | | activations recorded on the workers now (all ranks) |
 | ``pelrp_reserved_activation_bytes`` | gauge | | recording memory reserved by the API process now |
+| ``pelrp_backward_queue_seconds`` | histogram | | time a backward pass waited for the worker (before and between its slices) |
 
 The recorded-bytes gauge is refreshed by ``refresh_activation_gauges`` (a task of the API
 process): every ``interval`` seconds while explained requests are in flight, and once more after
@@ -36,6 +37,7 @@ from ..explanation import MODES
 logger = logging.getLogger("vllm_pelrp.serving")
 
 GROUNDING_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -69,6 +71,11 @@ class PelrpMetrics:
             "pelrp_reserved_activation_bytes",
             "Recording memory reserved now by the API process for explained requests in flight.",
             multiprocess_mode="livesum", registry=registry)
+        self.queue_wait = Histogram(
+            "pelrp_backward_queue_seconds",
+            "Seconds a backward pass waited for the worker while others ran (before its first "
+            "slice and between slices; serving/scheduler.py).", buckets=QUEUE_BUCKETS,
+            registry=registry)
         for mode in MODES:  # every series exists (at 0) before the first explanation
             self.latency.labels(mode=mode)
             for outcome in ("ok", "error"):
@@ -100,9 +107,10 @@ def get_metrics() -> PelrpMetrics:
     return _metrics
 
 
-# Called with every explanation (wire dict) an explain call returned; the web view's store of
-# recent explanations registers here (it gives each explanation its id).
-ExplanationSink = Callable[[dict[str, Any]], None]
+# Called with every explanation (wire dict) an explain call returned and its owner (who may read
+# it again: serving/webview.py); the web view's store of recent explanations registers here (it
+# gives each explanation its id). Sinks run off the event loop.
+ExplanationSink = Callable[[dict[str, Any], "str | None"], None]
 _sinks: list[ExplanationSink] = []
 
 
@@ -121,13 +129,16 @@ def _returned_explanations(result: Any) -> list[dict[str, Any]]:
 
 def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Decorates ``ExplainService.explain_choices`` / ``explain_tokens``: times the call, records
-    its latency and its explanations in the metrics, and hands each explanation to the sinks
-    (the recent-explanations store). A call that raises counts as one error, without latency."""
+    its latency and its explanations in the metrics, and hands each explanation, with the call's
+    ``owner``, to the sinks (the recent-explanations store), on a thread: storing serialises the
+    explanation. A call that raises counts as one error, without latency."""
     signature = inspect.signature(explain)
 
     @functools.wraps(explain)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        options = signature.bind(*args, **kwargs).arguments.get("options")
+        arguments = signature.bind(*args, **kwargs).arguments
+        options = arguments.get("options")
+        owner = arguments.get("owner")
         mode = getattr(options, "mode", None) or "pa-lrp"
         started = time.perf_counter()
         try:
@@ -137,16 +148,21 @@ def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
             raise
         explanations = _returned_explanations(result)
         get_metrics().observe(mode, time.perf_counter() - started, explanations)
-        for explanation in explanations:
-            if isinstance(explanation, dict) and "error" not in explanation:
-                for sink in _sinks:
-                    try:
-                        sink(explanation)
-                    except Exception:  # noqa: BLE001 - a sink never breaks a response
-                        logger.exception("vllm-pelrp: explanation sink failed")
+        kept = [e for e in explanations if isinstance(e, dict) and "error" not in e]
+        if kept and _sinks:
+            await asyncio.to_thread(_hand_to_sinks, kept, owner)
         return result
 
     return wrapper
+
+
+def _hand_to_sinks(explanations: list[dict[str, Any]], owner: str | None) -> None:
+    for explanation in explanations:
+        for sink in _sinks:
+            try:
+                sink(explanation, owner)
+            except Exception:  # noqa: BLE001 - a sink never breaks a response
+                logger.exception("vllm-pelrp: explanation sink failed")
 
 
 async def refresh_activation_gauges(service: Any, interval: float = 0.5,

@@ -1,4 +1,5 @@
-"""The web view: a page at ``/pelrp`` and the recent explanations it reopens by id.
+"""The web view: a page at ``/pelrp`` and the explanations it reopens by id, private to
+their client.
 
 Routes (attached by the endpoint plugin):
 
@@ -6,31 +7,49 @@ Routes (attached by the endpoint plugin):
 |---|---|
 | ``GET /pelrp``, ``GET /pelrp/`` | the page (``static/index.html``; ``?id=expl-…`` opens that explanation) |
 | ``GET /pelrp/static/{name}`` | its script and style sheet (only the files in ``STATIC_FILES``) |
-| ``GET /v1/explanations`` | summaries of the recent explanations, newest first |
-| ``GET /v1/explanations/{id}`` | one recent explanation (the wire format), 404 for an unknown id |
+| ``GET /v1/explanations`` | summaries of the caller's recent explanations, newest first |
+| ``GET /v1/explanations/{id}`` | one of the caller's recent explanations (the wire format); 404 otherwise |
 
-Every full explanation the server returns (generated or ``/v1/explain``) gets an ``id``
-(``expl-<32 hex>``) and is kept in a bounded in-memory store: the last ``PELRP_RECENT_EXPLANATIONS``
-(default 256) explanations, and at most ``PELRP_RECENT_MB`` (default 64) MiB of their JSON; the
-oldest go first. Compact explanations (``top_k``) are neither stored nor given an id. The page
-is self-contained (no CDN, no web fonts): it talks only to this server.
+Privacy model. Every full explanation the server returns (generated or ``/v1/explain``) gets an
+``id`` (``expl-`` + 32 hex digits from ``secrets``: 128 random bits) and is kept in memory, in a
+store bounded in count (``PELRP_RECENT_EXPLANATIONS``, default 256), in bytes of JSON
+(``PELRP_RECENT_MB``, default 64) and in time (``PELRP_RECENT_TTL_S``, default 3600 s). Who may
+read it:
+- with ``--api-key`` (or ``VLLM_API_KEY``): only requests bearing the API key that made it
+  (the store keeps the key's SHA-256, never the key). ``GET /v1/explanations`` lists the
+  caller's own; another key's id answers 404, the same as an unknown id;
+- without an API key the server cannot tell clients apart: the id is the capability, like a
+  share link. It is returned only to the client that made the explanation; whoever holds it can
+  read the explanation. ``GET /v1/explanations`` then lists only the ids given in ``?ids=``
+  (the web view keeps the ids it made in the browser) and refuses to list anything else;
+- an operator listing of every client's explanations (``?scope=all``) exists only when
+  ``VLLM_PELRP_OPERATOR_KEY`` is set, for requests sending it in ``X-Pelrp-Operator-Key``.
+
+Compact explanations (``top_k``) are neither stored nor given an id. The page (static HTML,
+script and style, no data) is served to anyone, like vLLM's ``/docs``; every route it reads
+data from sits under ``/v1`` and is guarded by vLLM's ``--api-key`` like vLLM's own routes
+(the page asks for the key when the server answers 401). The page is self-contained (no CDN, no
+web fonts): it talks only to this server.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
+import secrets
 import threading
 import time
-import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from .env import env_number
+from .env import env_number, env_text
 from .metrics import add_explanation_sink
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -41,7 +60,7 @@ _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
 
 
 def new_explanation_id() -> str:
-    return f"expl-{uuid.uuid4().hex}"
+    return f"expl-{secrets.token_hex(16)}"
 
 
 def _preview(text: str, limit: int) -> str:
@@ -84,31 +103,48 @@ def summarize(explanation: dict[str, Any], created: float) -> dict[str, Any]:
     }
 
 
-class RecentExplanations:
-    """The last ``capacity`` explanations (at most ``max_bytes`` of JSON), by id."""
+@dataclass
+class _Stored:
+    body: bytes
+    summary: dict[str, Any]
+    owner: str | None  # "key:<sha256 of the API key>"; None: readable by whoever holds the id
+    expires: float  # time.monotonic()
 
-    def __init__(self, capacity: int = 256, max_bytes: int = 64 << 20) -> None:
+
+MAX_LISTED_IDS = 256
+
+
+class RecentExplanations:
+    """The last ``capacity`` explanations (at most ``max_bytes`` of JSON, for at most
+    ``ttl_seconds`` each), by id, each with its owner."""
+
+    def __init__(self, capacity: int = 256, max_bytes: int = 64 << 20,
+                 ttl_seconds: float = 3600.0) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
+        self.ttl_seconds = ttl_seconds
+        self._items: OrderedDict[str, _Stored] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> "RecentExplanations":
         return cls(env_number("PELRP_RECENT_EXPLANATIONS", 256, integer=True),
-                   int(env_number("PELRP_RECENT_MB", 64) * 2**20))
+                   int(env_number("PELRP_RECENT_MB", 64) * 2**20),
+                   env_number("PELRP_RECENT_TTL_S", 3600))
 
     def __len__(self) -> int:
-        return len(self._items)
+        with self._lock:
+            self._expire(time.monotonic())
+            return len(self._items)
 
     @property
     def bytes(self) -> int:
         return self._bytes
 
-    def add(self, explanation: dict[str, Any]) -> str | None:
+    def add(self, explanation: dict[str, Any], owner: str | None = None) -> str | None:
         """Give a full explanation (wire dict, changed in place) its ``id`` unless it has one,
-        and keep it. Compact explanations (no ``tokens``) are left alone."""
+        and keep it for ``owner``. Compact explanations (no ``tokens``) are left alone."""
         if "tokens" not in explanation:
             return None
         if not explanation.get("id"):
@@ -116,42 +152,97 @@ class RecentExplanations:
         key = explanation["id"]
         body = json.dumps(explanation, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode()
-        if self.capacity <= 0 or len(body) > self.max_bytes:
+        if self.capacity <= 0 or len(body) > self.max_bytes or self.ttl_seconds <= 0:
             return key
+        now = time.monotonic()
+        stored = _Stored(body, summarize(explanation, time.time()), owner, now + self.ttl_seconds)
         with self._lock:
             if key in self._items:
-                self._bytes -= len(self._items.pop(key)[0])
-            self._items[key] = (body, summarize(explanation, time.time()))
+                self._bytes -= len(self._items.pop(key).body)
+            self._items[key] = stored
             self._bytes += len(body)
             while len(self._items) > self.capacity or self._bytes > self.max_bytes:
-                _, (old, _) = self._items.popitem(last=False)
-                self._bytes -= len(old)
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old.body)
+            self._expire(now)
         return key
 
-    def get(self, key: str) -> bytes | None:
+    def _expire(self, now: float) -> None:
+        while self._items:
+            key, oldest = next(iter(self._items.items()))
+            if oldest.expires > now:
+                return
+            del self._items[key]
+            self._bytes -= len(oldest.body)
+
+    def get(self, key: str, owner: str | None = None) -> bytes | None:
+        """The explanation, when ``owner`` may read it (its owner, or anyone for an explanation
+        kept without owner); None otherwise, as for an unknown id."""
         with self._lock:
+            self._expire(time.monotonic())
             item = self._items.get(key)
-        return item[0] if item else None
+        return item.body if item is not None and _readable(item, owner) else None
 
-    def summaries(self) -> list[dict[str, Any]]:
+    def summaries(self, owner: str | None = None, ids: list[str] | None = None,
+                  everyone: bool = False) -> list[dict[str, Any]]:
+        """Newest first: every explanation (``everyone``: the operator listing), or those
+        ``owner`` may read among ``ids``, or (``ids`` None) those ``owner`` made."""
         with self._lock:
-            return [summary for _, summary in reversed(self._items.values())]
+            self._expire(time.monotonic())
+            items = list(self._items.values())
+        wanted = None if ids is None else set(ids)
+        out = []
+        for item in reversed(items):
+            if everyone:
+                out.append(item.summary)
+            elif wanted is not None:
+                if item.summary["id"] in wanted and _readable(item, owner):
+                    out.append(item.summary)
+            elif owner is not None and item.owner == owner:
+                out.append(item.summary)
+        return out
 
 
-def _not_found(message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "NotFoundError", "param": param,
-                                   "code": 404}}, status_code=404)
+def _readable(item: _Stored, owner: str | None) -> bool:
+    return item.owner is None or (owner is not None and hmac.compare_digest(item.owner, owner))
 
 
-def attach(app: FastAPI, store: RecentExplanations | None = None) -> None:
+def owner_of(request: Request) -> str | None:
+    """Whom an explanation made by ``request`` belongs to: its API key (as a SHA-256) on a
+    server with ``--api-key``; None without one (the id is the capability)."""
+    if not getattr(request.app.state, "pelrp_api_keys", False):
+        return None
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None  # vLLM's middleware refuses such requests under /v1 before they get here
+    return "key:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+OPERATOR_ENV = "VLLM_PELRP_OPERATOR_KEY"
+OPERATOR_HEADER = "x-pelrp-operator-key"
+
+
+def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}[status]
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status}}, status_code=status)
+
+
+def attach(app: FastAPI, store: RecentExplanations | None = None,
+           responses: dict[int | str, dict[str, Any]] | None = None,
+           route_class: type | None = None) -> RecentExplanations:
     """Add the page's routes to ``app`` and start keeping explanations in ``store`` (default:
-    one sized by ``PELRP_RECENT_EXPLANATIONS`` / ``PELRP_RECENT_MB``, read here so that a bad
-    value stops the server at start instead of leaving it without the plugin)."""
+    one sized by ``PELRP_RECENT_EXPLANATIONS`` / ``PELRP_RECENT_MB`` / ``PELRP_RECENT_TTL_S``,
+    read here so that a bad value stops the server at start instead of leaving it without the
+    plugin). ``responses``: the error responses to document on the data routes;
+    ``route_class``: the routes' class (the endpoint plugin's OpenAI-shaped errors)."""
     if store is None:
         store = RecentExplanations.from_env()
+    operator_key = env_text(OPERATOR_ENV)
     add_explanation_sink(store.add)
-    router = APIRouter()
+    router = APIRouter(**({"route_class": route_class} if route_class else {}))
     page = STATIC_DIR / "index.html"
+    documented = responses or {}
 
     @router.get("/pelrp", include_in_schema=False)
     @router.get("/pelrp/", include_in_schema=False)
@@ -163,31 +254,68 @@ def attach(app: FastAPI, store: RecentExplanations | None = None) -> None:
     @router.get("/pelrp/static/{name}", include_in_schema=False)
     async def pelrp_static(name: str):
         if name not in STATIC_FILES:
-            return _not_found(f"no static file {name!r}; the page has: "
-                              f"{', '.join(sorted(STATIC_FILES))}", "name")
+            return _error(f"no static file {name!r}; the page has: "
+                          f"{', '.join(sorted(STATIC_FILES))}", 404, "name")
         return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name],
                             headers={"cache-control": "no-cache"})
 
-    @router.get("/v1/explanations")
-    async def list_explanations():
-        """Summaries of the recent explanations kept in memory, newest first."""
+    @router.get("/v1/explanations", responses={
+        k: v for k, v in documented.items() if k in (400, 401, 403)})
+    async def list_explanations(
+            request: Request,
+            ids: str | None = Query(None, max_length=MAX_LISTED_IDS * 38, description=(
+                "Comma-separated explanation ids: list only these (each one that the caller "
+                "may read). Required on a server without --api-key.")),
+            scope: Literal["own", "all"] = Query("own", description=(
+                "'all': every client's explanations, for the operator (needs "
+                f"VLLM_PELRP_OPERATOR_KEY on the server and its value in {OPERATOR_HEADER})."))):
+        """Summaries of the caller's recent explanations kept in memory, newest first."""
+        owner = owner_of(request)
+        if scope == "all":
+            given = request.headers.get(OPERATOR_HEADER) or ""
+            if not operator_key:
+                return _error(f"the operator listing (scope=all) is off on this server; it is on "
+                              f"only when the server is started with {OPERATOR_ENV} set", 403,
+                              "scope")
+            if not hmac.compare_digest(given.encode(), operator_key.encode()):
+                return _error(f"scope=all needs the operator key ({OPERATOR_ENV}) in the "
+                              f"{OPERATOR_HEADER} header", 403, "scope")
+            return JSONResponse({"object": "list", "capacity": store.capacity,
+                                 "data": store.summaries(everyone=True)})
+        wanted = None
+        if ids is not None:
+            wanted = [i for i in (part.strip() for part in ids.split(",")) if i]
+            bad = [i for i in wanted if not ID_PATTERN.match(i)]
+            if bad or len(wanted) > MAX_LISTED_IDS:
+                return _error(f"ids: {bad[0]!r} is not an explanation id; ids look like 'expl-' "
+                              "followed by 32 hex digits" if bad else
+                              f"ids: {len(wanted)} ids given; at most {MAX_LISTED_IDS}", 400, "ids")
+        elif owner is None:
+            return _error(
+                "this server runs without --api-key, so it cannot tell clients apart and lists "
+                "no explanations of its own accord: give the ids of yours (?ids=expl-…,expl-…; "
+                "each id is returned with its explanation), or start the server with --api-key "
+                "to list the explanations made with your key", 400, "ids")
         return JSONResponse({"object": "list", "capacity": store.capacity,
-                             "data": store.summaries()})
+                             "data": store.summaries(owner, wanted)})
 
-    @router.get("/v1/explanations/{explanation_id}")
-    async def get_explanation(explanation_id: str):
-        """One recent explanation by id (the Explanation wire format)."""
-        body = store.get(explanation_id)
+    @router.get("/v1/explanations/{explanation_id}", responses={
+        k: v for k, v in documented.items() if k in (401, 404)})
+    async def get_explanation(explanation_id: str, request: Request):
+        """One of the caller's recent explanations by id (the Explanation wire format)."""
+        body = store.get(explanation_id, owner_of(request))
         if body is None:
             if not ID_PATTERN.match(explanation_id):
-                return _not_found(
-                    f"{explanation_id!r} is not an explanation id: ids look like "
-                    "'expl-' followed by 32 hex digits (the `id` of a returned explanation); "
-                    "GET /v1/explanations lists the recent ones", "explanation_id")
-            return _not_found(
-                f"no recent explanation with id {explanation_id!r}: the server keeps only the "
-                f"last {store.capacity} explanations, in memory (not across restarts); "
-                "GET /v1/explanations lists them", "explanation_id")
+                return _error(
+                    f"{explanation_id[:80]!r} is not an explanation id: ids look like 'expl-' "
+                    "followed by 32 hex digits (the `id` of a returned explanation)", 404,
+                    "explanation_id")
+            return _error(
+                f"no explanation with id {explanation_id!r} that you can read: the server keeps "
+                f"the last {store.capacity} explanations for {store.ttl_seconds:g} s, in memory "
+                "(not across restarts), each readable only with the API key that made it (on a "
+                "server with --api-key)", 404, "explanation_id")
         return Response(body, media_type="application/json")
 
     app.include_router(router)
+    return store

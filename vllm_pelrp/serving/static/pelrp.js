@@ -1,6 +1,9 @@
 // vllm-pelrp web view: ask for an explained completion, draw the explanation, reopen recent
 // ones by id. Plain browser JavaScript, no build step, no outside requests: it talks only to
 // the server that served it (/v1/models, /v1/chat/completions, /v1/explain, /v1/explanations).
+// On a server with --api-key it asks for the key when the server answers 401 and sends it as a
+// bearer token (kept in this tab's sessionStorage only). It remembers the ids of the
+// explanations it made (localStorage): a server without --api-key lists only those.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -12,20 +15,58 @@
 
   let modelName = null;
   let current = null;  // the explanation on screen
+  const KEY_ITEM = "pelrp-api-key";
+  const IDS_ITEM = "pelrp-explanation-ids";
+  const MAX_IDS = 100;
 
   // ---- talking to the server --------------------------------------------------------------
+  class ServerError extends Error {
+    constructor(status, message, param) {
+      super(`${status}: ${message}`);
+      this.status = status;
+      this.param = param;
+    }
+  }
+
   async function request(path, body) {
-    const init = body === undefined ? {} : {
-      method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body)};
+    const headers = body === undefined ? {} : {"content-type": "application/json"};
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.authorization = `Bearer ${key}`;
+    const init = body === undefined ? {headers} : {
+      method: "POST", headers, body: JSON.stringify(body)};
     const response = await fetch(path, init);
     let data = null;
     try { data = await response.json(); } catch (e) { /* not JSON */ }
+    if (response.status === 401) {
+      askForKey(key ? "the server refused this API key" : "this server needs an API key");
+    }
     if (!response.ok) {
-      const message = data && data.error ? (data.error.message || JSON.stringify(data.error))
-        : (data && data.detail ? JSON.stringify(data.detail) : response.statusText);
-      throw new Error(`${response.status}: ${message}`);
+      const error = data && data.error;
+      const message = error ? (error.message || (typeof error === "string" ? error
+        : JSON.stringify(error))) : response.statusText;
+      throw new ServerError(response.status, message, error && error.param);
     }
     return data;
+  }
+
+  function askForKey(reason) {
+    $("key-form").hidden = false;
+    $("key-reason").textContent = `${reason} (vLLM --api-key):`;
+    $("api-key").focus();
+  }
+
+  function rememberId(id) {
+    if (!id) return;
+    const ids = knownIds().filter((known) => known !== id);
+    ids.unshift(id);
+    localStorage.setItem(IDS_ITEM, JSON.stringify(ids.slice(0, MAX_IDS)));
+  }
+
+  function knownIds() {
+    try {
+      const ids = JSON.parse(localStorage.getItem(IDS_ITEM) || "[]");
+      return Array.isArray(ids) ? ids.filter((id) => typeof id === "string") : [];
+    } catch (e) { return []; }
   }
 
   async function servedModel() {
@@ -118,6 +159,7 @@
     }, 1000);
     try {
       const explanation = await explainFromForm();
+      rememberId(explanation.id);
       render(explanation);
       if (explanation.id) history.pushState(null, "", `?id=${encodeURIComponent(explanation.id)}`);
       setBusy(false, `Done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
@@ -132,14 +174,27 @@
 
   // ---- recent explanations ----------------------------------------------------------------
   async function loadRecent() {
+    // with --api-key the server lists the explanations made with the key; without one it lists
+    // only the ids this browser made (it cannot tell clients apart)
     let data;
-    try { data = await request("/v1/explanations"); } catch (error) { return; }
+    try {
+      data = await request("/v1/explanations");
+    } catch (error) {
+      if (!(error instanceof ServerError) || error.param !== "ids") return;
+      const ids = knownIds();
+      data = {data: []};
+      if (ids.length) {
+        try {
+          data = await request(`/v1/explanations?ids=${encodeURIComponent(ids.join(","))}`);
+        } catch (again) { return; }
+      }
+    }
     const list = $("recent-list");
     list.replaceChildren();
     if (!data.data.length) {
       const empty = document.createElement("li");
       empty.className = "muted";
-      empty.textContent = "None yet: explanations this server returns are listed here.";
+      empty.textContent = "None yet: the explanations you make are listed here.";
       list.append(empty);
     }
     for (const item of data.data) {
@@ -174,6 +229,7 @@
     setBusy(true, `Opening ${id}…`);
     try {
       render(await request(`/v1/explanations/${encodeURIComponent(id)}`));
+      rememberId(id);
       setBusy(false);
       loadRecent();
     } catch (error) {
@@ -468,6 +524,17 @@
   }
 
   $("ask-form").addEventListener("submit", onSubmit);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    $("status").textContent = "";
+    modelName = null;
+    servedModel().catch(() => {});
+    loadRecent();
+    openFromLocation();
+  });
   $("add-document").addEventListener("click", () => addDocument(""));
   $("open-form").addEventListener("submit", (event) => {
     event.preventDefault();
