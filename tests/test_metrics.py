@@ -176,7 +176,8 @@ def test_metrics_are_on_vllms_metrics_endpoint(server):
     names = {name for name, _ in samples}
     for name in ("pelrp_grounding_score_count", "pelrp_low_grounding_total",
                  "pelrp_explanation_seconds_count", "pelrp_recorded_activation_bytes",
-                 "pelrp_reserved_activation_bytes", "pelrp_explanations_total"):
+                 "pelrp_reserved_activation_bytes", "pelrp_explanations_total",
+                 "pelrp_backward_queue_seconds_count"):
         assert name in names, name
     assert any(name.startswith("vllm:") for name in names)  # the same endpoint as vLLM's own
 
@@ -215,6 +216,9 @@ def test_grounding_metrics_move_after_explained_requests(server):
     assert 0 < moved("pelrp_explanation_seconds_sum", mode="pa-lrp") < elapsed
     assert moved("pelrp_explanations_total", mode="pa-lrp", outcome="ok") == 3
     assert moved("pelrp_explanation_seconds_count", mode="attnlrp") == 0
+    # one backward pass each, its wait for the worker observed (one at a time here: ~0 s)
+    assert moved("pelrp_backward_queue_seconds_count") == 3
+    assert 0 <= moved("pelrp_backward_queue_seconds_sum") < elapsed
     # the score histogram's buckets are cumulative: each score lands in every bucket >= it
     for bound in ("0.1", "0.3", "0.5", "1.0"):
         assert moved("pelrp_grounding_score_bucket", le=bound) == sum(
