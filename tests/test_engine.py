@@ -180,6 +180,25 @@ def test_vllm_fused_layout_gives_the_same_relevance(tiny_llama):
     assert torch.allclose(actual.positional_cos, expected.positional_cos, rtol=1e-5, atol=1e-6)
 
 
+def test_row_chunks_give_the_same_relevance_and_a_checkpoint_after_each(tiny_llama):
+    """The worker runs each layer's backward in chunks of target rows (slices the fair
+    scheduler can hand over between): rows are independent, so the result is the same."""
+    weights = weights_from_hf(tiny_llama)
+    input_ids = torch.randint(0, 101, (12,))
+    layer_inputs, _ = forward_layer_inputs(weights, input_ids)
+    seeds = LogitSeeds.from_rows([[(11, 7)], [(4, 9), (8, 2)], [(6, 1)], [(10, 3)], [(2, 5)]])
+    whole = relevance_from_layer_inputs(weights, layer_inputs, torch.arange(12), seeds)
+    calls = []
+    chunked = relevance_from_layer_inputs(weights, layer_inputs, torch.arange(12), seeds,
+                                          checkpoint=lambda: calls.append(1), row_chunk=2)
+    for name in ("token", "positional_cos", "positional_sin", "target_logit",
+                 "softmax_absorbed"):
+        assert torch.allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-5,
+                              atol=1e-6), name
+    # 3 chunks of rows per layer (2 + 2 + 1): 2 checkpoints inside each layer, 1 after it
+    assert len(calls) == 3 * tiny_llama.config.num_hidden_layers
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     from transformers import GPT2Config
 
@@ -313,11 +332,14 @@ def test_pipelined_recompute_stops_with_the_backward(smollm2: Explainer):
     inputs, _ = forward_layer_inputs(weights, ids, positions)
     seeds = LogitSeeds.from_rows([[(len(ids) - 1, 4444)]])
 
-    def stop(done, total):
-        if done == 2:
+    done = []
+
+    def stop():
+        done.append(1)
+        if len(done) == 2:
             raise KeyboardInterrupt("stop")
 
     with ThreadPoolExecutor(1) as executor:
         with pytest.raises(KeyboardInterrupt, match="stop"):
-            relevance_from_layer_inputs(weights, inputs, positions, seeds, progress=stop,
+            relevance_from_layer_inputs(weights, inputs, positions, seeds, checkpoint=stop,
                                         recompute_executor=executor)

@@ -382,10 +382,11 @@ def relevance_from_layer_inputs(
     positions: Tensor,
     seeds: LogitSeeds,
     mode: str = "pa-lrp",
-    progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
     *,
     forward: ForwardPass | None = None,
     recompute_executor: Executor | None = None,
+    row_chunk: int | None = None,
 ) -> RelevanceResult:
     """The engine's core entry point: PA-LRP relevance from the saved residual stream.
 
@@ -398,6 +399,11 @@ def relevance_from_layer_inputs(
     here (a two-stage pipeline; one more layer cache alive at a time). The recompute needs no
     relevance, so the result is the same bit for bit; on another core the backward is faster.
     Not for tensor parallelism: the recompute's all-reduces would interleave with the backward's.
+
+    ``checkpoint`` is called between slices of the work: after each layer and, with
+    ``row_chunk``, after each chunk of at most that many target rows within a layer (rows are
+    independent, so the result is the same). A caller may block in it (to let other work run)
+    or raise to stop the backward.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -439,14 +445,22 @@ def relevance_from_layer_inputs(
                 pending = recompute_executor.submit(recompute, index - 1)
             if grad is None:
                 grad, target_logit = _seed_gradient(weights, output, seeds)
-            grad = layer_backward(
-                weights, layer, cache, grad, rope, mode, positional[:, index], absorbed[:, index]
-            )
+            chunk = row_chunk if row_chunk and row_chunk < rows else rows
+            if chunk == rows:
+                grad = layer_backward(weights, layer, cache, grad, rope, mode,
+                                      positional[:, index], absorbed[:, index])
+            else:
+                for start in range(0, rows, chunk):
+                    part = slice(start, start + chunk)
+                    grad[part] = layer_backward(weights, layer, cache, grad[part], rope, mode,
+                                                positional[part, index], absorbed[part, index])
+                    if checkpoint is not None and start + chunk < rows:
+                        checkpoint()
             del cache, output
-            if progress is not None:
-                progress(num_layers - index, num_layers)
+            if checkpoint is not None:
+                checkpoint()
     finally:
-        if pending is not None and not pending.cancel():  # stopped early (progress raised)
+        if pending is not None and not pending.cancel():  # stopped early (checkpoint raised)
             pending.exception()  # wait for the recompute; the loop's own error is the one raised
     token = (layer_inputs[0].float() * grad).sum(-1)
     positional = weights.reduce(positional)
@@ -459,12 +473,12 @@ def relevance_from_input_ids(
     input_ids: Tensor,
     seeds: LogitSeeds,
     mode: str = "pa-lrp",
-    progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> RelevanceResult:
     """From token ids: plain forward (keeping layer caches within budget), then the backward."""
     positions = torch.arange(input_ids.shape[-1], device=weights.device)
     forward = run_forward(weights, input_ids, positions, cache_budget_bytes)
     return relevance_from_layer_inputs(
-        weights, forward.layer_inputs, positions, seeds, mode, progress, forward=forward
+        weights, forward.layer_inputs, positions, seeds, mode, checkpoint, forward=forward
     )

@@ -31,6 +31,8 @@ from .spare_cores import SpareCoreExecutor, spare_cores
 
 DEFAULT_CAP_MB = 2048
 MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
+# target rows per slice of a layer's backward: a short explanation waits for at most one slice
+ROW_CHUNK = 4
 
 
 def cap_bytes_from_env() -> int:
@@ -262,17 +264,17 @@ class PelrpWorkerExtension:
             with state.scheduler.turn(ticket or "") if state.pool is not None else \
                     contextlib.nullcontext() as turn:
 
-                def progress(done: int, total: int) -> None:
+                def checkpoint() -> None:
                     if ticket is not None and ticket in state.cancelled:
                         raise JobCancelled(ticket)
                     if turn is not None:
-                        turn.checkpoint()  # between layers: a waiting backward may go first
+                        turn.checkpoint()  # between slices: a waiting backward may go first
 
                 waited = 0.0
                 for job in jobs:
                     available = claimed.get(job.get("key"), [])
                     try:
-                        result = run_job(state.weights, job, available, progress,
+                        result = run_job(state.weights, job, available, checkpoint,
                                          state.recompute_executor)
                         state.recomputed_rows += result.get("recomputed_rows", 0)
                     except JobCancelled:
@@ -315,7 +317,7 @@ def _pick(recordings: list, token_ids: list[int], prompt_length: int):
 
 
 @torch.no_grad()
-def run_job(weights, job: dict[str, Any], recordings: list, progress=None,
+def run_job(weights, job: dict[str, Any], recordings: list, checkpoint=None,
             recompute_executor=None) -> dict[str, Any]:
     """One explanation: layer inputs (recorded rows, plus recomputed rows for a cached prefix, or
     a plain forward when nothing was recorded), then the engine's backward.
@@ -365,8 +367,8 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None,
                               torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES)
         layer_inputs = forward.layer_inputs
         recomputed = total
-    if progress is not None:
-        progress(0, len(weights.layers))  # the forward is done; the backward starts
+    if checkpoint is not None:
+        checkpoint()  # the forward is done; the backward starts
     positions = torch.arange(needed, device=device)
     next_token_id = None
     if job.get("next"):
@@ -380,7 +382,7 @@ def run_job(weights, job: dict[str, Any], recordings: list, progress=None,
     if next_token_id is not None:
         forward = None  # argmax_next_token ran the last layer; keep the backward simple
     result = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, job["mode"],
-                                         progress=progress, forward=forward,
+                                         checkpoint, forward=forward, row_chunk=ROW_CHUNK,
                                          recompute_executor=recompute_executor)
     out: dict[str, Any] = {}
     pad = total - needed
