@@ -38,7 +38,7 @@ def test_body_parse_errors_are_openai_shaped(app, path):
     """Finding 5: a body that is not JSON got ``{"detail": "There was an error parsing the
     body"}``; a body of the wrong type got FastAPI's detail list."""
     client, _ = app
-    for content in (b"{not json", b"[1, 2]", b'"text"'):
+    for content in (b"{not json", b"[1, 2]", b'"text"', b"E }X\xff\xfe"):  # the last: not UTF-8
         error = _error(client.post(path, content=content,
                                    headers={"content-type": "application/json"}))
         assert "detail" not in error["message"] and "{'type'" not in error["message"]

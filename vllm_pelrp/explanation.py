@@ -9,26 +9,44 @@ Conventions (documented in docs/wire-format.md):
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
 MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
+
+
+def _not_text(value: Any) -> Any:
+    """Whole numbers of the wire format: ``3`` and ``3.0`` (JSON Schema's integers), never
+    ``"3"`` or ``true``."""
+    if isinstance(value, (str, bytes, bool)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer, not {kind}",
+                                  {"kind": "true/false" if isinstance(value, bool) else "text"})
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_not_text)]
+
+
+def whole_number(**constraints: Any) -> Any:
+    """``WholeNumber`` with ``Field`` constraints (``ge=0``) that the JSON schema shows."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_not_text)]
 
 
 class SpanTarget(BaseModel):
     """Sum of the logits of completion tokens ``span[0] <= k < span[1]`` (completion indices)."""
 
     model_config = ConfigDict(extra="forbid")
-    span: tuple[StrictInt, StrictInt]  # strict: "3" or 3.0 is refused, not read as 3
+    span: tuple[WholeNumber, WholeNumber]  # "3" is refused, not read as 3
 
 
 class TokenIdTarget(BaseModel):
     """The logit of token ``token_id`` at the last input position ("why this and not that")."""
 
     model_config = ConfigDict(extra="forbid")
-    token_id: StrictInt
+    token_id: WholeNumber
 
 
 TargetSpec = Union[Literal["next", "completion", "per_token"], SpanTarget, TokenIdTarget]

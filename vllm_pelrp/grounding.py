@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from .explanation import Grounding, SentenceSupport, SourceRelevance, Token
+from .explanation import Grounding, SentenceSupport, SourceRelevance, Token, whole_number
 
 DEFAULT_GROUNDING_THRESHOLD = 0.3
 MAX_DOCUMENTS = 64
@@ -113,14 +113,21 @@ class SourceSpec(BaseModel):
     ``name`` is shown in the explanation (default: "message i" or "span k").
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # the schema states the rules below (one locator at least; text or chars) as far as JSON
+    # Schema can; absent fields are not null
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [{"required": ["message"]}, {"required": ["text"]}, {"required": ["chars"]}],
+        "not": {"required": ["text", "chars"]}})
 
-    # strict: a string where a number belongs (or the reverse) is refused, not converted
-    message: StrictInt | None = Field(None, ge=0, description="Index into the chat messages.")
-    text: StrictStr | None = Field(None, min_length=1, description="Exact substring of the prompt.")
-    chars: tuple[StrictInt, StrictInt] | None = Field(
-        None, description="Character span [start, end).")
-    name: StrictStr | None = Field(None, max_length=200, description="Shown name of the source.")
+    # a string where a number belongs (or the reverse) is refused, not converted
+    message: whole_number(ge=0) = Field(
+        None, description="Index into the chat messages.", validate_default=False)
+    text: Annotated[StrictStr, Field(min_length=1)] = Field(
+        None, description="Exact substring of the prompt.", validate_default=False)
+    chars: tuple[whole_number(ge=0), whole_number(ge=1)] = Field(
+        None, description="Character span [start, end), start < end.", validate_default=False)
+    name: Annotated[StrictStr, Field(max_length=200)] = Field(
+        None, description="Shown name of the source.", validate_default=False)
 
     @model_validator(mode="after")
     def _one_locator(self) -> "SourceSpec":

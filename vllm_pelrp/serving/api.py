@@ -24,11 +24,12 @@ import time
 from argparse import Namespace
 from typing import Any, AsyncIterator, Iterable
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException  # what FastAPI raises (fastapi's subclasses it)
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
@@ -175,7 +176,7 @@ class OpenAIErrorRoute(APIRoute):
                 if error.status_code >= 500:
                     raise
                 return error_response(f"{error.detail}: the request body must be a JSON object "
-                                      "(Content-Type: application/json)"
+                                      "in UTF-8 (Content-Type: application/json)"
                                       if error.status_code == 400 else str(error.detail),
                                       error.status_code)
 

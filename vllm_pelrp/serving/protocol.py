@@ -15,7 +15,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     StrictStr,
     StringConstraints,
     ValidationError,
@@ -23,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..explanation import MODES, Conservation, Grounding, SpanTarget
+from ..explanation import MODES, Conservation, Grounding, SpanTarget, whole_number
 from ..grounding import MAX_DOCUMENTS, MAX_SOURCES, SourceSpec
 from .keys import RESERVED_PREFIX
 
@@ -31,13 +30,13 @@ EXPLAIN_TARGETS = "'completion', 'per_token' or {'span': [i, j]}"
 EXPLAIN_REQUEST_TARGETS = "'next', 'completion', 'per_token' or {'span': [i, j]}"
 
 # Strict types throughout: a string where a number or true/false belongs is refused, not
-# converted ("3" is not 3), and NaN or infinity is no number.
+# converted ("3" is not 3; 3.0 is JSON Schema's integer 3), and NaN or infinity is no number.
 Document = Annotated[StrictStr, StringConstraints(pattern=r"\S")]
 Documents = Annotated[list[Document], Field(min_length=1, max_length=MAX_DOCUMENTS)]
 Sources = Annotated[list[SourceSpec], Field(min_length=1, max_length=MAX_SOURCES)]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
-TopK = Annotated[StrictInt, Field(ge=1, le=4096)]
-TokenId = Annotated[StrictInt, Field(ge=0)]
+TopK = whole_number(ge=1, le=4096)
+TokenId = whole_number(ge=0)
 Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
 
 # What each field allows, appended to its validation error ("allowed: ...").

@@ -111,7 +111,7 @@ class _Stored:
     expires: float  # time.monotonic()
 
 
-MAX_LISTED_IDS = 256
+MAX_LISTED_IDS = 100  # as many as the page remembers
 
 
 class RecentExplanations:
@@ -263,7 +263,8 @@ def attach(app: FastAPI, store: RecentExplanations | None = None,
         k: v for k, v in documented.items() if k in (400, 401, 403)})
     async def list_explanations(
             request: Request,
-            ids: str | None = Query(None, max_length=MAX_LISTED_IDS * 38, description=(
+            ids: str | None = Query(None, max_length=MAX_LISTED_IDS * 38,
+                                    pattern=r"^[0-9a-z,-]*$", description=(
                 "Comma-separated explanation ids: list only these (each one that the caller "
                 "may read). Required on a server without --api-key.")),
             scope: Literal["own", "all"] = Query("own", description=(
