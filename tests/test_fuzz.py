@@ -1,0 +1,183 @@
+"""A bounded schemathesis run against a live plugin server (tests/_live_server.py): the plugin's
+routes and the ``explain`` field of ``/v1/completions`` and ``/v1/chat/completions``, from the
+server's own OpenAPI schema, with schema-valid (positive) and schema-invalid (negative) data.
+
+Asserted on every response: no server error, a documented status code, content type and
+body (schemathesis' ``not_a_server_error``, ``status_code_conformance``,
+``content_type_conformance``, ``response_schema_conformance``), invalid data refused
+(``negative_data_rejection``), and no event-loop stall logged during the run. Schema-valid
+bodies may still be refused for what a schema cannot say (a source text that does not occur,
+a span past the completion): those 400s are counted, not failed.
+
+Bounded: a fixed seed (``derandomize``), ``EXAMPLES`` examples per operation and mode,
+generation requests kept cheap (``max_tokens`` ≤ 3, ``n`` ≤ 2, no streaming, short texts),
+and a wall-clock guard of ``BUDGET_SECONDS``. The figures go to ``tests/artifacts/fuzz.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from _live_server import AUTH, MODEL, http, shared_server
+
+pytestmark = pytest.mark.slow
+
+schemathesis = pytest.importorskip("schemathesis")  # scripts/test.sh installs it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis.generation import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+BUDGET_SECONDS = 270  # the whole run stays under 5 minutes
+EXAMPLES = {"positive": 150, "negative": 100}
+OPERATIONS = [
+    ("POST", "/v1/explain"),
+    ("GET", "/v1/explain/stats"),
+    ("GET", "/v1/explanations"),
+    ("GET", "/v1/explanations/{explanation_id}"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+]
+GENERATION = ("/v1/completions", "/v1/chat/completions")
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+MAX_TEXT = 200
+# vLLM's own request fields that only make a request expensive or slow; the fuzzing is about
+# the explain field and the body parsing, not vLLM's sampling
+EXPENSIVE = ("best_of", "use_beam_search", "min_tokens", "prompt_logprobs", "logprobs",
+             "top_logprobs", "stream_options", "ignore_eos", "length_penalty",
+             "prompt_embeds", "priority", "kv_transfer_params", "echo", "suffix")
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    return shared_server(request.config, tmp_path_factory)
+
+
+def _shorten(value, depth=0):
+    """Cap texts and lists of a generated (positive) body, so every request stays cheap."""
+    if isinstance(value, str):
+        return value[:MAX_TEXT]
+    if isinstance(value, list):
+        return [_shorten(v, depth + 1) for v in value[:8]]
+    if isinstance(value, dict):
+        return {k: _shorten(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _cheap(case, path: str) -> None:
+    """Keep generation requests small: at most 3 new tokens, n <= 2, no stream, the served
+    model. Only fields already of a valid type are changed, so a negative case stays invalid.
+    Positive cases also get a fixed prompt or message (vLLM's own schema allows none, which
+    vLLM refuses) and short texts; the explain field is fuzzed as generated."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    positive = case.meta is None or case.meta.generation.mode.is_positive
+    if path in GENERATION:
+        for name in EXPENSIVE:
+            body.pop(name, None)
+        if positive or isinstance(body.get("model"), str):
+            body["model"] = MODEL
+        if positive or isinstance(body.get("stream"), bool):
+            body["stream"] = False
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if (positive and name == "max_tokens") or (
+                    isinstance(value, int) and not isinstance(value, bool)):
+                body[name] = 3
+        value = body.get("n")
+        if isinstance(value, int) and not isinstance(value, bool):
+            body["n"] = max(1, min(value, 2))
+        elif positive:
+            body["n"] = 1
+        if body.get("n", 1) != 1 and positive:
+            body["temperature"] = 1.0
+        if positive and path == "/v1/completions":
+            body["prompt"] = "Hi"
+        if positive and path == "/v1/chat/completions":
+            body["messages"] = [{"role": "user", "content": "Hi"}]
+    if positive:
+        case.body = _shorten(body)
+
+
+def _refusal(response) -> str:
+    """A 400's message with its numbers and quoted values blanked: one line per kind."""
+    try:
+        message = response.json()["error"]["message"]
+    except Exception:  # noqa: BLE001
+        return response.text[:80]
+    return re.sub(r"\(got .*?\)|'[^']*'|\d+", "_", message)[:120]
+
+
+def test_fuzz_the_plugin_routes(server):
+    schema = schemathesis.openapi.from_url(server + "/openapi.json", headers=AUTH, timeout=60)
+    stalls = http.get(server + "/v1/explain/stats", timeout=30).json()["api_loop"]["stalls"]
+    started = time.monotonic()
+    sent: Counter = Counter()
+    statuses: Counter = Counter()
+    failures: list[str] = []
+    refusals: dict[str, Counter] = defaultdict(Counter)  # why schema-valid bodies got a 400
+    refused_examples: dict = {}
+    for method, path in OPERATIONS:
+        operation = schema[path][method]
+        for mode, examples in EXAMPLES.items():
+            generation_mode = GenerationMode(mode)
+            if mode == "negative" and method == "GET" and "{" not in path and path != \
+                    "/v1/explanations":
+                continue  # nothing to negate: no parameters, no body
+
+            @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+            @given(case=operation.as_strategy(generation_mode=generation_mode))
+            def run(case):
+                if time.monotonic() - started > BUDGET_SECONDS:
+                    return
+                _cheap(case, path)
+                checks = CHECKS + ([negative_data_rejection] if mode == "negative" else [])
+                try:
+                    response = case.call(base_url=server, headers=AUTH, timeout=300)
+                    sent[f"{method} {path} ({mode})"] += 1
+                    statuses[f"{method} {path} ({mode}) {response.status_code}"] += 1
+                    if response.status_code == 400 and mode == "positive":
+                        refusals[f"{method} {path}"][_refusal(response)] += 1
+                        refused_examples.setdefault(_refusal(response), (case.body, response.text[:300]))
+                    case.validate_response(response, checks=checks, headers=AUTH)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as error:  # noqa: BLE001 - collected, reported below
+                    failures.append(f"{method} {path} ({mode}): {str(error)[:1500]}")
+
+            try:
+                run()
+            except Unsatisfiable:  # a schema with nothing to negate (any string is valid)
+                sent[f"{method} {path} ({mode})"] += 0
+    seconds = time.monotonic() - started
+    after = http.get(server + "/v1/explain/stats", timeout=30).json()["api_loop"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    summary = {"requests": sum(sent.values()), "by_operation": dict(sent),
+               "statuses": dict(statuses), "failures": failures, "seconds": round(seconds, 1),
+               "positive_refusals": {k: dict(v.most_common(8)) for k, v in refusals.items()},
+               "loop_stalls": after["stalls"] - stalls, "longest_stall_s": after["longest_seconds"]}
+    (ARTIFACTS / "fuzz.json").write_text(json.dumps(summary, indent=2))
+    (ARTIFACTS / "fuzz_examples.json").write_text(json.dumps(refused_examples, indent=1, default=str))
+    print(f"fuzzed {summary['requests']} requests in {seconds:.0f} s")
+    for name, count in sorted(statuses.items()):
+        print(f"  {name}: {count}")
+    assert not failures, "\n\n".join(failures[:10])
+    assert summary["loop_stalls"] == 0, after
+    assert summary["requests"] >= 100, summary
+    assert seconds < 300
