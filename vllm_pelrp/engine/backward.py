@@ -328,11 +328,12 @@ def _cache_bytes(cache: _LayerCache) -> int:
 @torch.no_grad()
 def run_forward(
     weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None,
-    cache_budget_bytes: int = 0,
+    cache_budget_bytes: int = 0, checkpoint: Callable[[], None] | None = None,
 ) -> ForwardPass:
     """Plain forward. Keeps the per-layer backward caches only if all of them together fit
     in ``cache_budget_bytes`` (judged after the first layer); otherwise the backward
-    recomputes each layer from its input, and memory stays at the residual stream."""
+    recomputes each layer from its input, and memory stays at the residual stream.
+    ``checkpoint`` is called after each layer, as in ``relevance_from_layer_inputs``."""
     if positions is None:
         positions = torch.arange(input_ids.shape[-1], device=weights.device)
     rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
@@ -347,14 +348,17 @@ def run_forward(
                 caches = None
             else:
                 caches.append(cache)
+        if checkpoint is not None:
+            checkpoint()
     return ForwardPass(layer_inputs, hidden, caches)
 
 
 def forward_layer_inputs(
-    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None
+    weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Plain forward: the input of every decoder layer, and the last layer's output."""
-    forward = run_forward(weights, input_ids, positions)
+    forward = run_forward(weights, input_ids, positions, checkpoint=checkpoint)
     return forward.layer_inputs, forward.final_hidden
 
 

@@ -357,18 +357,18 @@ def run_job(weights, job: dict[str, Any], recordings: list, checkpoint=None,
         start = recording.first_position or 0
         layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
         if start > 0:  # prefix-cache hit: those rows never ran; recompute them
-            prefix, _ = forward_layer_inputs(weights, torch.tensor(ids[:start], device=device))
+            prefix, _ = forward_layer_inputs(weights, torch.tensor(ids[:start], device=device),
+                                             checkpoint=checkpoint)
             layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
             recomputed = start
         recording.buffer = None  # freed once the backward is done with the views
     else:  # /v1/explain: nothing was recorded; a plain forward keeps its caches for the backward
         needed = total
         forward = run_forward(weights, torch.tensor(ids, device=device),
-                              torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES)
+                              torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES,
+                              checkpoint)
         layer_inputs = forward.layer_inputs
         recomputed = total
-    if checkpoint is not None:
-        checkpoint()  # the forward is done; the backward starts
     positions = torch.arange(needed, device=device)
     next_token_id = None
     if job.get("next"):
