@@ -74,6 +74,16 @@ def test_explain_fields_are_strict_and_their_errors_plain(app, explain, words):
     assert engine.calls == ["pelrp_setup"]  # refused before anything was generated
 
 
+def test_a_body_that_breaks_vllms_own_validators_is_a_400(app):
+    """Found by the fuzzing: ``structured_outputs: []`` made a validator of vLLM's
+    CompletionRequest raise AttributeError, answered 500 (plain vLLM does the same)."""
+    client, _ = app
+    for body in ({"model": False, "prompt": True, "structured_outputs": []},
+                 {"model": "m", "prompt": "hi", "structured_outputs": [None]}):
+        error = _error(client.post("/v1/completions", json=body))
+        assert "malformed" in error["message"]
+
+
 def test_explain_given_twice_is_refused_unless_the_same(app):
     """Finding 5: a valid top-level ``explain`` with an invalid ``vllm_xargs.explain`` was
     accepted and the invalid one silently ignored."""

@@ -75,6 +75,17 @@ EXPLANATION_FIELD = Field(
 
 
 class _ExplainMixin:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _pelrp_malformed(cls, data: Any, handler: Any) -> Any:
+        # some of vLLM's own validators assume the types they check (structured_outputs a
+        # dict): a malformed body made them raise AttributeError, answered 500; it is a 400
+        try:
+            return handler(data)
+        except (AttributeError, TypeError, KeyError, IndexError) as error:
+            raise ValueError(f"the request body is malformed ({type(error).__name__}: "
+                             f"{error}); check the types of its fields") from None
+
     @model_validator(mode="before")
     @classmethod
     def _pelrp_xargs(cls, data: Any) -> Any:
