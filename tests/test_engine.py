@@ -53,6 +53,92 @@ def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
                           rtol=1e-4, atol=1e-5)
 
 
+# every registered architecture but LLaMA (tested above on its own fixture); a model file adds
+# its family here
+FAMILIES = ["qwen2", "gemma3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    from tiny_models import tiny_model
+
+    return request.param, tiny_model(request.param)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_family_matches_explicit_reference(family_model, mode):
+    """Token, per-layer positional, softmax and bias bookkeeping against the float64 reference;
+    26 tokens: longer than Gemma 3's sliding window (8), so its windowed backward runs too."""
+    family, model = family_model
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 101, (26,)).tolist()
+    positions, token_ids = [9, 25], [3, 77]
+    result, reference = engine_and_reference(model, input_ids, positions, token_ids, mode)
+    assert float(result.target_logit[0]) == pytest.approx(reference["target_logit"], rel=1e-5)
+    assert relative_l2(result.token[0], reference["token_relevance"]) < 1e-4
+    if mode == "pa-lrp":
+        assert reference["positional_cos"].abs().sum() > 0
+        assert relative_l2(result.positional_cos[0], reference["positional_cos"]) < 1e-4
+        assert relative_l2(result.positional_sin[0], reference["positional_sin"]) < 1e-4
+    else:
+        assert result.positional_cos.abs().max() == 0 and result.positional_sin.abs().max() == 0
+    assert torch.allclose(result.softmax_absorbed[0].double(), reference["softmax_absorbed"],
+                          rtol=1e-4, atol=1e-5)
+    bias = (result.bias_absorbed[0].double() if result.bias_absorbed is not None
+            else torch.zeros_like(reference["bias_absorbed"]))
+    assert torch.allclose(bias, reference["bias_absorbed"], rtol=1e-4, atol=1e-6)
+    if family == "qwen2" and mode != "cp-lrp":
+        assert reference["bias_absorbed"].abs().sum() > 1e-3  # the biases matter here
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_family_conserves_with_softmax_and_biases_booked(family_model, mode):
+    family, model = family_model
+    from tiny_models import tiny_tokenizer
+
+    explainer = Explainer(model, tiny_tokenizer(), name=family)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 101, (30,)).tolist()
+    explanation = explainer.explain(input_ids=ids[:20], completion=ids[20:], target="completion",
+                                    mode=mode, sentences=False)
+    conservation = explanation.conservation
+    assert conservation.relative_error_excluding_softmax < 1e-4
+    if family == "qwen2" and mode != "cp-lrp":
+        assert abs(conservation.bias_absorbed) > 1e-4
+    if mode == "pa-lrp":
+        assert abs(conservation.positional_sum) > 0
+
+
+def test_vllm_packed_layout_gives_the_same_weights_for_each_family(family_model):
+    """vLLM's packed qkv (weight and bias) / gate_up names → the same views as HF's names."""
+    from vllm_pelrp.models import architecture_for
+
+    family, model = family_model
+    arch = architecture_for(model.config)
+    hf_state = model.state_dict()
+    packing = {"self_attn.": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+               "mlp.": ("gate_up_proj", ("gate_proj", "up_proj"))}
+    state = {}
+    for name, tensor in hf_state.items():
+        for prefix, (packed, parts) in packing.items():
+            for suffix in ("weight", "bias"):
+                first = f"{prefix}{parts[0]}.{suffix}"
+                if name.endswith(first):  # the packed tensor, once per layer
+                    base = name[: -len(first)]
+                    state[f"{base}{prefix}{packed}.{suffix}"] = torch.cat(
+                        [hf_state[f"{base}{prefix}{part}.{suffix}"] for part in parts])
+        if not any(f".{part}." in name for _, parts in packing.values() for part in parts):
+            state[name] = tensor
+    packed = arch.weights_from_vllm(state, arch.spec(model.config, 1))
+    plain = weights_from_hf(model)
+    for ours, theirs in zip(packed.layers, plain.layers):
+        for field, value in vars(theirs).items():
+            if value is None:
+                assert getattr(ours, field) is None, field
+            else:
+                assert torch.equal(getattr(ours, field), value), field
+
+
 @pytest.mark.parametrize("mode", ["pa-lrp", "attnlrp"])
 def test_smollm2_matches_explicit_reference(smollm2: Explainer, mode):
     input_ids = smollm2.encode_prompt(PROMPT, chat=False)

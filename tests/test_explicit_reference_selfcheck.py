@@ -1,4 +1,5 @@
-"""Self-check of the slow explicit LRP reference (tests/explicit_reference.py) on a tiny random LLaMA."""
+"""Self-check of the slow explicit LRP reference (tests/explicit_reference.py) on tiny random LLaMA,
+Mistral, Qwen2, Qwen3 and Gemma 3 models (forward vs HF, attention masks, conservation)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,252 @@ def test_weight_cache_sees_in_place_changes():
     second = explicit_forward(model, ids)["logits"]
     assert not torch.allclose(first, second)
     assert torch.allclose(second, hf, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Gemma 3 (1+γ norms, sandwich norms,
+# GELU-tanh, √hidden embedding scale, query_pre_attn_scalar, sliding/full layers with their
+# own rope θ) and the LLaMA of tests/tiny_models.py
+# --------------------------------------------------------------------------------------------
+try:
+    from tiny_models import FAMILIES, tiny_model as _tiny_family_model
+except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
+    from tests.tiny_models import FAMILIES, tiny_model as _tiny_family_model
+
+# 29 tokens: longer than Gemma 3's sliding window (8) several times over
+FAMILY_IDS = torch.randint(3, 101, (29,), generator=torch.Generator().manual_seed(5)).tolist()
+_FAMILY_MODELS: dict = {}
+
+
+def _family_model(family):
+    if family not in _FAMILY_MODELS:
+        _FAMILY_MODELS[family] = _tiny_family_model(family)
+    return _FAMILY_MODELS[family]
+
+
+def _hf_rope_inv_freq(model, layer_type):
+    rotary = model.model.rotary_emb
+    return getattr(rotary, f"{layer_type}_inv_freq", None) if hasattr(rotary, f"{layer_type}_inv_freq") \
+        else rotary.inv_freq
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_forward_matches_hf(family):
+    model = _family_model(family)
+    ids = torch.tensor(FAMILY_IDS)
+    with torch.no_grad():
+        out = model(ids[None], output_attentions=True)
+    hf_logits = out.logits[0].double()
+    fw = explicit_forward(model, ids)
+    assert fw["logits"].dtype == torch.float64
+    assert hf_logits.abs().max() > 1.0
+    assert torch.allclose(fw["logits"], hf_logits, atol=1e-4, rtol=1e-4)
+    # rope per layer type: bit-identical inverse frequencies
+    for layer_type in set(fw["layer_types"]):
+        assert torch.equal(rope_inv_freq(model.config, layer_type), _hf_rope_inv_freq(model, layer_type))
+    # attention probabilities, layer by layer: same values, zero at exactly the same places
+    # (causal; Gemma 3's sliding layers: a query sees itself and the 7 keys before it)
+    for li, hf_probs in enumerate(out.attentions):
+        s = fw["layers"][li]["s"]
+        assert torch.allclose(s, hf_probs[0].double(), atol=1e-5, rtol=0)
+        assert torch.equal(s == 0, hf_probs[0] == 0)
+    if family == "gemma3":
+        assert fw["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention",
+                                     "sliding_attention"]
+        visible = [int(fw["layers"][li]["mask"][-1].sum()) for li in range(4)]
+        assert visible == [8, 8, len(FAMILY_IDS), 8]
+        assert fw["embed_scale"] == 8.0  # √64
+        assert not torch.equal(rope_inv_freq(model.config, "sliding_attention"),
+                               rope_inv_freq(model.config, "full_attention"))
+
+
+def test_qwen2_sliding_layers_and_mistral_window_match_hf():
+    """Qwen2 with use_sliding_window (layers >= max_window_layers slide) and a Mistral whose
+    every layer slides: the reference's masks follow HF's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    qwen = _tiny_family_model("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                        initializer_range=0.1)
+    cfg._attn_implementation = "eager"
+    mistral = MistralForCausalLM(cfg).eval()
+    ids = torch.tensor(FAMILY_IDS)
+    for model, types in ((qwen, ["full_attention", "sliding_attention", "sliding_attention"]),
+                         (mistral, ["sliding_attention"] * 2)):
+        with torch.no_grad():
+            out = model(ids[None], output_attentions=True)
+        fw = explicit_forward(model, ids)
+        assert fw["layer_types"] == types
+        assert torch.allclose(fw["logits"], out.logits[0].double(), atol=1e-4, rtol=1e-4)
+        for li, hf_probs in enumerate(out.attentions):
+            assert torch.equal(fw["layers"][li]["s"] == 0, hf_probs[0] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_conservation_books_softmax_and_bias(family, mode):
+    model = _family_model(family)
+    fw = explicit_forward(model, FAMILY_IDS)
+    T, L = len(FAMILY_IDS), model.config.num_hidden_layers
+    pos = [T - 1, 17]
+    tok = [int(fw["logits"][T - 1].argmax()), int(fw["logits"][17].argmax())]
+    out = explicit_relevance(model, FAMILY_IDS, pos, tok, mode=mode)
+    assert out["token_relevance"].shape == (T,)
+    assert out["positional_cos"].shape == (L, T) and out["positional_sin"].shape == (L, T)
+    assert out["softmax_absorbed"].shape == (L,) and out["bias_absorbed"].shape == (L,)
+    assert _close(out["target_logit"], float(fw["logits"][pos[0], tok[0]] + fw["logits"][pos[1], tok[1]]), 1e-12)
+
+    tok_sum = float(out["token_relevance"].sum())
+    pos_sum = float(out["positional_cos"].sum() + out["positional_sin"].sum())
+    soft = float(out["softmax_absorbed"].sum())
+    bias = float(out["bias_absorbed"].sum())
+    logit = out["target_logit"]
+    assert _close(logit - soft - bias, tok_sum + pos_sum)
+    # layer by layer
+    lr = out["layer_relevance"]
+    assert _close(float(lr[L].sum()), logit)
+    for li in range(L):
+        below = float(lr[li].sum()) + float(out["positional_cos"][li].sum() + out["positional_sin"][li].sum())
+        above = float(lr[li + 1].sum()) - float(out["softmax_absorbed"][li]) - float(out["bias_absorbed"][li])
+        assert _close(above, below), li
+    # only Qwen2 has biases (q/k/v); they keep some relevance in every layer
+    if family == "qwen2":
+        assert all(abs(b) > 1e-6 for b in out["bias_absorbed"].tolist())
+    else:
+        assert bias == 0.0
+    if mode == "cp-lrp":
+        assert soft == 0.0 and pos_sum == 0.0
+    else:
+        assert all(abs(a) > 0 for a in out["softmax_absorbed"].tolist())
+        if mode == "attnlrp":
+            assert pos_sum == 0.0
+        else:
+            assert float(out["positional_cos"].abs().sum()) > 0 and float(out["positional_sin"].abs().sum()) > 0
+            assert all(float(out["positional_cos"][li].abs().sum()) > 0 for li in range(L))
+
+
+def test_gemma3_sliding_window_limits_the_reach_of_relevance():
+    """Three sliding layers (window 8): from position 28 relevance reaches back 3·7 positions
+    at most, so tokens 0..6 get exactly nothing and token 7 something."""
+    model = _tiny_family_model("gemma3", num_hidden_layers=3, layer_types=["sliding_attention"] * 3)
+    T = len(FAMILY_IDS)
+    fw = explicit_forward(model, FAMILY_IDS)
+    for mode in ("pa-lrp", "attnlrp"):
+        out = explicit_relevance(model, FAMILY_IDS, [T - 1], [int(fw["logits"][T - 1].argmax())], mode=mode)
+        r = out["token_relevance"]
+        assert torch.all(r[: T - 1 - 21] == 0) and r[T - 1 - 21] != 0, mode
+        if mode == "pa-lrp":
+            assert torch.all(out["positional_cos"][:, : T - 1 - 21] == 0)
+            assert out["positional_cos"][0, T - 1 - 21] != 0
+
+
+def test_gemma3_embed_scale_is_rounded_like_hf():
+    """HF multiplies by the embed_scale buffer cast to the weight dtype: float32 √48 in fp32,
+    6.9375 (not 6.9282) in bf16; the reference's layer-0 input uses the same value."""
+    model = _tiny_family_model("gemma3", hidden_size=48, head_dim=12)
+    ids = torch.tensor(FAMILY_IDS)
+    fw = explicit_forward(model, ids)
+    assert fw["embed_scale"] == float(torch.tensor(48**0.5, dtype=torch.float32))
+    with torch.no_grad():
+        assert torch.allclose(fw["embedding"], model.model.embed_tokens(ids[None])[0].double(), rtol=1e-6, atol=0)
+    model = model.to(torch.bfloat16)
+    assert explicit_forward(model, ids)["embed_scale"] == 6.9375
+
+
+def test_unsupported_gemma_features_raise():
+    model = _tiny_family_model("gemma3", final_logit_softcapping=30.0)
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        explicit_forward(model, FAMILY_IDS)
+
+
+def _gradient_x_input_of_modified_network(model, ids, positions, token_ids, mode):
+    """The rules as gradient × input of a modified float64 network, with autograd (test only;
+    the reference itself uses none): norms with 1/rms detached, activation with act(x)/x
+    detached, each product's factors getting half the gradient (uniform rule), the plain
+    softmax gradient, and in cp-lrp the attention probabilities detached.  Same masks, cos/sin
+    and embedding values as the reference's forward (those are checked against HF above)."""
+    F = torch.nn.functional
+    cfg = model.config
+    gemma = cfg.model_type == "gemma3_text"
+    fw = explicit_forward(model, ids)
+    T, H, KV, D, n_rep, scale = fw["T"], fw["H"], fw["KV"], fw["D"], fw["n_rep"], fw["scale"]
+
+    def f64(p):
+        return None if p is None else p.detach().double()
+
+    def norm(x, n):
+        w = 1 + f64(n.weight) if gemma else f64(n.weight)
+        eps = getattr(n, "variance_epsilon", getattr(n, "eps", None))
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * w
+
+    def lin(x, m):
+        z = x @ f64(m.weight).T
+        return z if m.bias is None else z + f64(m.bias)
+
+    def half(a, b, op):  # value op(a, b); each factor gets half the gradient
+        return 0.5 * op(a, b.detach()) + 0.5 * op(a.detach(), b)
+
+    act = (lambda t: F.gelu(t, approximate="tanh")) if gemma else F.silu
+    emb = fw["embedding"].clone().requires_grad_(True)
+    x, leaves = emb, []
+    for li, layer in enumerate(model.model.layers):
+        c, at = fw["layers"][li], layer.self_attn
+        cos = c["cos"].clone().requires_grad_(True)
+        sin = c["sin"].clone().requires_grad_(True)
+        leaves.append((cos, sin))
+        n1 = norm(x, layer.input_layernorm)
+        q = lin(n1, at.q_proj).view(T, H, D).transpose(0, 1)
+        k = lin(n1, at.k_proj).view(T, KV, D).transpose(0, 1)
+        v = lin(n1, at.v_proj).view(T, KV, D).transpose(0, 1).repeat_interleave(n_rep, 0)
+        if getattr(at, "q_norm", None) is not None:
+            q, k = norm(q, at.q_norm), norm(k, at.k_norm)
+
+        def rope(t):
+            rot = torch.cat((-t[..., D // 2:], t[..., : D // 2]), -1)
+            if mode == "pa-lrp":
+                return half(t, cos, torch.mul) + half(rot, sin, torch.mul)
+            return t * cos.detach() + rot * sin.detach()
+
+        qr, kr = rope(q), rope(k).repeat_interleave(n_rep, 0)
+        raw = half(qr, kr, lambda a, b: a @ b.transpose(1, 2)) * scale
+        s = torch.softmax(raw.masked_fill(~c["mask"], float("-inf")), -1)
+        o = s.detach() @ v if mode == "cp-lrp" else half(s, v, torch.matmul)
+        a = lin(o.transpose(0, 1).reshape(T, H * D), at.o_proj)
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")
+        if sandwich:
+            a = norm(a, layer.post_attention_layernorm)
+        h = x + a
+        n2 = norm(h, layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)
+        g, u = lin(n2, layer.mlp.gate_proj), lin(n2, layer.mlp.up_proj)
+        f = lin(half(g * (act(g) / g).detach(), u, torch.mul), layer.mlp.down_proj)
+        if sandwich:
+            f = norm(f, layer.post_feedforward_layernorm)
+        x = h + f
+    logits = norm(x, model.model.norm) @ f64(model.lm_head.weight).T
+    sum(logits[p, t] for p, t in zip(positions, token_ids)).backward()
+
+    def rel(leaf):
+        return (leaf * leaf.grad).sum(-1).detach() if leaf.grad is not None else torch.zeros(T, dtype=torch.float64)
+
+    return ((emb * emb.grad).sum(-1).detach(), torch.stack([rel(cs[0]) for cs in leaves]),
+            torch.stack([rel(cs[1]) for cs in leaves]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_rules_equal_gradient_x_input_of_the_modified_network(family, mode):
+    model = _family_model(family)
+    positions, token_ids = [len(FAMILY_IDS) - 1, 17], [5, 9]
+    out = explicit_relevance(model, FAMILY_IDS, positions, token_ids, mode=mode)
+    token, cos, sin = _gradient_x_input_of_modified_network(model, FAMILY_IDS, positions, token_ids, mode)
+
+    def rel_l2(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    assert rel_l2(out["token_relevance"], token) < 1e-7  # EPS = 1e-12 makes ~1e-10
+    if mode == "pa-lrp":
+        assert rel_l2(out["positional_cos"], cos) < 1e-7 and rel_l2(out["positional_sin"], sin) < 1e-7
+    else:
+        assert float(cos.abs().sum() + sin.abs().sum()) == 0.0

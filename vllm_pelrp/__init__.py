@@ -1,4 +1,5 @@
-"""vllm-pelrp: PA-LRP (positional-aware LRP) explanations for LLaMA-family models, offline and in vLLM.
+"""vllm-pelrp: PA-LRP (positional-aware LRP) explanations for the decoders of ``vllm_pelrp.models``
+(one file per architecture), offline and in vLLM.
 
 The public names are imported lazily, so that the engine (``vllm_pelrp.engine``) and the kernels
 import with torch alone (no transformers or pydantic), e.g. on a bare GPU machine.

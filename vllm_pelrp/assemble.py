@@ -176,8 +176,10 @@ def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, target_logit: float, absorbed: float,
-                  per_layer: bool, combination: str = DEFAULT_COMBINATION) -> RelevanceRow:
-    """One row from token relevance (T,), cos/sin relevance (L, T) and the bookkeeping."""
+                  per_layer: bool, combination: str = DEFAULT_COMBINATION,
+                  bias_absorbed: float = 0.0) -> RelevanceRow:
+    """One row from token relevance (T,), cos/sin relevance (L, T) and the bookkeeping
+    (``absorbed``: the softmax rule's loss; ``bias_absorbed``: what biases keep)."""
     token_sum = float(token.sum())
     positional_sum = float((cos + sin).sum())
     scale = max(abs(target_logit), 1e-12)
@@ -187,8 +189,9 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
         positional_sum=positional_sum,
         relative_error=abs(token_sum + positional_sum - target_logit) / scale,
         softmax_absorbed=absorbed,
-        relative_error_excluding_softmax=abs(token_sum + positional_sum + absorbed - target_logit)
-        / scale,
+        bias_absorbed=bias_absorbed,
+        relative_error_excluding_softmax=abs(
+            token_sum + positional_sum + absorbed + bias_absorbed - target_logit) / scale,
     )
     layers = None
     if per_layer:
@@ -229,10 +232,13 @@ def build_explanation(
     text, tokens = spans if spans is not None else token_spans(tokenizer, ids, prompt_length)
     cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)]
            for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed")}
+    bias = result.bias_absorbed
+    cpu["bias_absorbed"] = (torch.zeros_like(cpu["softmax_absorbed"]) if bias is None
+                            else bias.detach().float().cpu()[: len(targets)])
     rows = [
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
                       float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer,
-                      combination)
+                      combination, float(cpu["bias_absorbed"][b].sum()))
         for b, target in enumerate(targets)
     ]
     if per_token:
@@ -241,7 +247,7 @@ def build_explanation(
                         "completion"),
             cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
             float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
-            combination,
+            combination, float(cpu["bias_absorbed"].sum()),
         )
     else:
         summary, rows = rows[0], None

@@ -114,7 +114,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pelrp",
-        description="Positional-aware LRP (PA-LRP) explanations for LLaMA models.",
+        description="Positional-aware LRP (PA-LRP) explanations for models served by vLLM.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -32,6 +32,7 @@ from .engine.backward import (
     run_forward,
 )
 from .engine.spec import ModelWeights
+from .models import SUPPORTED_ARCHITECTURES
 from .explanation import Explanation, Token
 from .grounding import (
     DEFAULT_GROUNDING_THRESHOLD,
@@ -64,9 +65,10 @@ def resolve_model_path(model: str | None) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model {model!r} is not a local directory; give a Hugging Face LLaMA checkpoint "
-            "directory (config.json + safetensors + tokenizer), or None for the embedded default "
-            "model. Nothing is downloaded from a hub."
+            f"model {model!r} is not a local directory; give a Hugging Face checkpoint directory "
+            "(config.json + safetensors + tokenizer) of a supported architecture "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}), or None for the embedded default model. "
+            "Nothing is downloaded from a hub."
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
@@ -78,7 +80,8 @@ def load_explainer(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
 ) -> "Explainer":
-    """Load a LLaMA-family checkpoint (None: embedded SmolLM2-135M-Instruct) for explanation."""
+    """Load a local checkpoint of a registered architecture (``vllm_pelrp.models``; None: the
+    embedded SmolLM2-135M-Instruct) for explanation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)

@@ -95,9 +95,13 @@ class Conservation(BaseModel):
     softmax_absorbed: float = Field(
         description="Relevance the softmax rule drops (not conservative), summed over layers."
     )
+    bias_absorbed: float = Field(
+        0.0, description="Relevance the biases keep (ε-rule: a bias b of z = xWᵀ + b keeps "
+        "Σ b ⊙ ∂z), summed over layers; 0 for models without biases."
+    )
     relative_error_excluding_softmax: float = Field(
-        description="|token_sum + positional_sum + softmax_absorbed - target_logit| / |target_logit|:"
-        " what every other rule loses (ε stabilisers, rounding)."
+        description="|token_sum + positional_sum + softmax_absorbed + bias_absorbed - target_logit|"
+        " / |target_logit|: what every other rule loses (ε stabilisers, rounding)."
     )
 
 

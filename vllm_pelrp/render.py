@@ -237,6 +237,7 @@ def print_explanation(
         ("reached inputs", Text(format_share((c.token_sum + c.positional_sum) / c.target_logit)
                                 if c.target_logit else "–")),
         ("softmax rule absorbed", Text(format_number(c.softmax_absorbed))),
+        *([("biases kept", Text(format_number(c.bias_absorbed)))] if c.bias_absorbed else []),
         ("conservation rel. error", Text(format_number(c.relative_error))),
         ("error excl. softmax", Text(format_number(closure), style=rel_style)),
     ]
@@ -697,6 +698,7 @@ def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
         ("positional share", format_share(explanation.positional_share), ""),
         ("conservation rel. error", format_number(c.relative_error), ""),
         ("softmax rule absorbed", format_number(c.softmax_absorbed), ""),
+        *([("biases kept", format_number(c.bias_absorbed), "")] if c.bias_absorbed else []),
         ("error excl. softmax", format_number(closure), err_class),
         ("tokens", f"{explanation.prompt_length} + {n_completion}", ""),
     ]

@@ -22,6 +22,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,13 +31,16 @@ from torch import Tensor
 from ..kernels import apply_rope, rope_cos_sin, rope_inv_freq, rope_lrp_backward
 from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from ..kernels.attention_lrp_reference import attention_lrp_backward_reference
-from .rules import (
-    linear_rule,
-    rmsnorm_identity_rule,
-    silu_identity_rule,
-    uniform_product_rule,
+from .blocks import (
+    activation,
+    activation_backward,
+    linear,
+    linear_backward,
+    rms_norm,
+    rms_norm_backward,
 )
-from .spec import LayerWeights, LlamaSpec, ModelWeights
+from .rules import linear_rule, uniform_product_rule
+from .spec import DecoderSpec, LayerWeights, ModelWeights, RopeSpec
 
 MODES = ("pa-lrp", "attnlrp", "cp-lrp")
 # "fused": the attention rules through PyTorch's fused (flash) attention backward, no T×T
@@ -85,6 +90,7 @@ class RelevanceResult:
     positional_sin: Tensor
     target_logit: Tensor
     softmax_absorbed: Tensor  # (B, L): relevance the softmax rule drops, Σ R(probs) − Σ R(scores)
+    bias_absorbed: Tensor | None = None  # (B, L): relevance the biases keep (ε-rule); None: no biases
 
     @property
     def positional(self) -> Tensor:
@@ -106,9 +112,9 @@ class _LayerCache:
     """Forward quantities of one layer that its backward needs."""
 
     inv_rms_attn: Tensor
-    queries: Tensor  # (T, Hq, D) before RoPE
+    queries: Tensor  # (T, Hq, D) before RoPE (after the q norm, if any)
     keys: Tensor  # (T, Hkv, D) before RoPE
-    rotated_queries: Tensor
+    rotated_queries: Tensor  # the attention's queries: after RoPE, times the query factor
     rotated_keys: Tensor
     values: Tensor
     attention_output: Tensor  # (T, Hq, D)
@@ -116,7 +122,11 @@ class _LayerCache:
     inv_rms_mlp: Tensor
     gate: Tensor
     up: Tensor
-    silu_gate: Tensor
+    silu_gate: Tensor  # act(gate): SiLU or GELU-tanh
+    inv_rms_q: Tensor | None = None  # per-head q/k norms (T, H, 1)
+    inv_rms_k: Tensor | None = None
+    inv_rms_attention_output: Tensor | None = None  # sandwich norms (T, 1)
+    inv_rms_mlp_output: Tensor | None = None
 
     @property
     def num_heads(self) -> int:
@@ -128,47 +138,72 @@ class _LayerCache:
         return self.keys.shape[1]
 
 
-def _rms_norm(x: Tensor, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """RMSNorm as in HF LLaMA: fp32 statistics, cast back, then γ. Returns (y, 1/rms)."""
-    x32 = x.float()
-    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return gamma * (x32 * inv_rms).to(x.dtype), inv_rms
-
-
-def _attention_mask(spec: LlamaSpec, length: int, device: torch.device) -> Tensor | None:
-    """Additive mask for sliding-window models; None means plain causal."""
-    if spec.sliding_window is None or length <= spec.sliding_window:
+def _attention_mask(window: int | None, length: int, device: torch.device) -> Tensor | None:
+    """Additive mask for a sliding-window layer; None means plain causal."""
+    if window is None or length <= window:
         return None
     idx = torch.arange(length, device=device)
-    allowed = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - spec.sliding_window)
+    allowed = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
     return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def make_rope(spec: LlamaSpec, positions: Tensor, dtype: torch.dtype) -> _Rope:
-    inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling).to(positions.device)
+def _query_factor(spec: DecoderSpec) -> float:
+    """The attention kernels scale by 1/√D; another query scale multiplies the queries."""
+    return spec.attention_scale * math.sqrt(spec.head_dim)
+
+
+def make_rope(spec: DecoderSpec, positions: Tensor, dtype: torch.dtype,
+              rope: RopeSpec | None = None) -> _Rope:
+    rope = rope or RopeSpec(spec.rope_theta, spec.rope_scaling)
+    inv_freq = rope_inv_freq(spec.head_dim, rope.theta, rope.scaling).to(positions.device)
     cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype)
     return _Rope(positions, inv_freq, cos, sin, spec.neox_style)
 
 
+def make_ropes(spec: DecoderSpec, positions: Tensor, dtype: torch.dtype) -> list[_Rope]:
+    """Each layer's RoPE tables (layers of one kind share them: local and global θ)."""
+    tables: dict[str, _Rope] = {}
+    ropes = []
+    for index in range(spec.num_layers):
+        kind = spec.layer_rope(index)
+        if repr(kind) not in tables:
+            tables[repr(kind)] = make_rope(spec, positions, dtype, kind)
+        ropes.append(tables[repr(kind)])
+    return ropes
+
+
+def _head_norm(spec: DecoderSpec, x: Tensor, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Per-head q/k RMSNorm over head_dim (Qwen3, Gemma 3), or nothing."""
+    if gamma is None:
+        return x, None
+    return rms_norm(spec, x, gamma)
+
+
 def layer_forward(
     weights: ModelWeights, layer: LayerWeights, x: Tensor, rope: _Rope, keep_cache: bool,
-    output_needed: bool = True,
+    output_needed: bool = True, window: int | None = None,
 ) -> tuple[Tensor | None, _LayerCache | None]:
     """One decoder layer, x (T, hidden) → y (T, hidden), optionally keeping what backward needs.
 
     ``output_needed=False`` (with ``keep_cache``) skips the down projection, which only y needs:
     the backward of a layer whose output is already known (the next layer's saved input) runs
     on the cache alone, so its recompute runs six of the layer's seven matrix products.
+    ``window``: the layer's sliding window (``spec.layer_window``), None for full attention.
     """
     spec = weights.spec
     length = x.shape[0]
-    normed, inv_rms_attn = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
-    queries = (normed @ layer.q_proj.T).view(length, -1, spec.head_dim)
-    keys = (normed @ layer.k_proj.T).view(length, -1, spec.head_dim)
-    values = (normed @ layer.v_proj.T).view(length, -1, spec.head_dim)
+    normed, inv_rms_attn = rms_norm(spec, x, layer.attention_norm)
+    queries = linear(normed, layer.q_proj, layer.q_bias).view(length, -1, spec.head_dim)
+    keys = linear(normed, layer.k_proj, layer.k_bias).view(length, -1, spec.head_dim)
+    values = linear(normed, layer.v_proj, layer.v_bias).view(length, -1, spec.head_dim)
+    queries, inv_rms_q = _head_norm(spec, queries, layer.q_norm)
+    keys, inv_rms_k = _head_norm(spec, keys, layer.k_norm)
     rotated_queries = apply_rope(queries, rope.cos, rope.sin, rope.neox_style)
     rotated_keys = apply_rope(keys, rope.cos, rope.sin, rope.neox_style)
-    mask = _attention_mask(spec, length, x.device)
+    factor = _query_factor(spec)
+    if factor != 1.0:
+        rotated_queries = rotated_queries * factor
+    mask = _attention_mask(window, length, x.device)
     if mask is None:
         attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values)
     else:
@@ -181,14 +216,20 @@ def layer_forward(
             enable_gqa=True,
         ).transpose(0, 1)
     attention_output = attended
-    attended = attended.reshape(length, -1)
-    hidden = x + weights.reduce(attended @ layer.o_proj.T)
-    normed_mlp, inv_rms_mlp = _rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps)
+    attended = weights.reduce(attended.reshape(length, -1) @ layer.o_proj.T)
+    inv_rms_attention_output = inv_rms_mlp_output = None
+    if layer.attention_output_norm is not None:
+        attended, inv_rms_attention_output = rms_norm(spec, attended, layer.attention_output_norm)
+    hidden = x + attended
+    normed_mlp, inv_rms_mlp = rms_norm(spec, hidden, layer.mlp_norm)
     gate = normed_mlp @ layer.gate_proj.T
     up = normed_mlp @ layer.up_proj.T
-    silu_gate = F.silu(gate)
-    if output_needed or not keep_cache:
-        output = hidden + weights.reduce((silu_gate * up) @ layer.down_proj.T)
+    silu_gate = activation(spec, gate)
+    if output_needed or not keep_cache or layer.mlp_output_norm is not None:
+        mlp = weights.reduce((silu_gate * up) @ layer.down_proj.T)
+        if layer.mlp_output_norm is not None:  # its 1/rms is needed even without the output
+            mlp, inv_rms_mlp_output = rms_norm(spec, mlp, layer.mlp_output_norm)
+        output = hidden + mlp if output_needed or not keep_cache else None
     else:
         output = None
     if not keep_cache:
@@ -196,12 +237,13 @@ def layer_forward(
     cache = _LayerCache(
         inv_rms_attn, queries, keys, rotated_queries, rotated_keys, values,
         attention_output, logsumexp, inv_rms_mlp, gate, up, silu_gate,
+        inv_rms_q, inv_rms_k, inv_rms_attention_output, inv_rms_mlp_output,
     )
     return output, cache
 
 
 def _attention_backward(
-    spec: LlamaSpec, cache: _LayerCache, grad_attended: Tensor, mode: str, absorbed: Tensor
+    cache: _LayerCache, grad_attended: Tensor, mode: str, absorbed: Tensor, window: int | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """∂ at the attention output (B, T, Hq, D) → ∂ at q̃ (B,T,Hq,D), k̃ (B,T,Hkv,D), v.
 
@@ -212,12 +254,12 @@ def _attention_backward(
     if ATTENTION_BACKWARD == "reference":
         grad_queries, grad_keys, grad_values = attention_lrp_backward_reference(
             cache.rotated_queries, cache.rotated_keys, cache.values, grad_attended, value_share,
-            sliding_window=spec.sliding_window,
+            sliding_window=window,
         )
     else:
         grad_queries, grad_keys, grad_values = attention_lrp_backward(
             cache.rotated_queries, cache.rotated_keys, cache.values, grad_attended, value_share,
-            sliding_window=spec.sliding_window, output=cache.attention_output,
+            sliding_window=window, output=cache.attention_output,
             logsumexp=cache.attention_logsumexp,
         )
     if grad_queries is not None:
@@ -256,42 +298,64 @@ def layer_backward(
     mode: str,
     positional: Tensor,
     absorbed: Tensor,
+    window: int | None = None,
+    bias_kept: Tensor | None = None,
 ) -> Tensor:
-    """Modified gradient at the layer output (B, T, hidden) fp32 → at its input, fp32."""
+    """Modified gradient at the layer output (B, T, hidden) fp32 → at its input, fp32.
+
+    Adds the softmax rule's loss into ``absorbed`` (B,), what the biases keep into
+    ``bias_kept`` (B,), and, in pa-lrp, the cos/sin relevance into ``positional`` (B, T, 2).
+    """
     spec = weights.spec
     rows, length = grad_output.shape[:2]
-    # MLP: y = h + down(silu(gate) ⊙ up)
-    grad_product = linear_rule(grad_output, layer.down_proj).float()
-    grad_silu, grad_up = uniform_product_rule(grad_product, cache.silu_gate, cache.up)
-    grad_gate = silu_identity_rule(grad_silu, cache.gate)
+    # MLP: y = h + [norm](down(act(gate) ⊙ up))
+    grad_mlp = grad_output
+    if layer.mlp_output_norm is not None:
+        grad_mlp = rms_norm_backward(spec, grad_mlp, cache.inv_rms_mlp_output, layer.mlp_output_norm)
+    grad_product = linear_rule(grad_mlp, layer.down_proj).float()
+    grad_act, grad_up = uniform_product_rule(grad_product, cache.silu_gate, cache.up)
+    grad_gate = activation_backward(spec, grad_act, cache.gate)
     grad_normed = linear_rule(grad_gate, layer.gate_proj).float() + linear_rule(
         grad_up, layer.up_proj
     ).float()
     grad_normed = weights.reduce(grad_normed)
-    grad_hidden = grad_output + rmsnorm_identity_rule(
-        grad_normed, cache.inv_rms_mlp, layer.post_attention_norm
-    )
-    # attention: h = x + o_proj(attention(rope(q), rope(k), v))
-    grad_attended = linear_rule(grad_hidden, layer.o_proj).float()
+    grad_hidden = grad_output + rms_norm_backward(spec, grad_normed, cache.inv_rms_mlp,
+                                                  layer.mlp_norm)
+    # attention: h = x + [norm](o_proj(attention(rope(q), rope(k), v)))
+    grad_attention = grad_hidden
+    if layer.attention_output_norm is not None:
+        grad_attention = rms_norm_backward(spec, grad_attention, cache.inv_rms_attention_output,
+                                           layer.attention_output_norm)
+    grad_attended = linear_rule(grad_attention, layer.o_proj).float()
     grad_attended = grad_attended.view(rows, length, cache.num_heads, spec.head_dim)
     grad_rot_q, grad_rot_k, grad_values = _attention_backward(
-        spec, cache, grad_attended, mode, absorbed
+        cache, grad_attended, mode, absorbed, window
     )
-    grad_normed = linear_rule(grad_values.reshape(rows, length, -1), layer.v_proj).float()
+    grad_normed = linear_backward(grad_values.reshape(rows, length, -1), layer.v_proj,
+                                  layer.v_bias, bias_kept)
     if grad_rot_q is not None:
+        factor = _query_factor(spec)
+        if factor != 1.0:  # the attention's queries were q̃ · factor
+            grad_rot_q = grad_rot_q * factor
         grad_queries = _rope_backward(grad_rot_q, cache.queries, rope, mode, positional)
         grad_keys = _rope_backward(grad_rot_k, cache.keys, rope, mode, positional)
-        grad_normed += linear_rule(grad_queries.reshape(rows, length, -1), layer.q_proj).float()
-        grad_normed += linear_rule(grad_keys.reshape(rows, length, -1), layer.k_proj).float()
+        if layer.q_norm is not None:
+            grad_queries = rms_norm_backward(spec, grad_queries, cache.inv_rms_q, layer.q_norm)
+            grad_keys = rms_norm_backward(spec, grad_keys, cache.inv_rms_k, layer.k_norm)
+        grad_normed += linear_backward(grad_queries.reshape(rows, length, -1), layer.q_proj,
+                                       layer.q_bias, bias_kept)
+        grad_normed += linear_backward(grad_keys.reshape(rows, length, -1), layer.k_proj,
+                                       layer.k_bias, bias_kept)
     grad_normed = weights.reduce(grad_normed)
-    return grad_hidden + rmsnorm_identity_rule(grad_normed, cache.inv_rms_attn, layer.input_norm)
+    return grad_hidden + rms_norm_backward(spec, grad_normed, cache.inv_rms_attn,
+                                           layer.attention_norm)
 
 
 def _seed_gradient(
     weights: ModelWeights, final_hidden: Tensor, seeds: LogitSeeds
 ) -> tuple[Tensor, Tensor]:
     """Gradient at the last layer's output for each seed row, and the target logits (B,)."""
-    normed, inv_rms = _rms_norm(final_hidden, weights.final_norm, weights.spec.rms_norm_eps)
+    normed, inv_rms = rms_norm(weights.spec, final_hidden, weights.final_norm)
     device = final_hidden.device
     positions = seeds.positions.to(device)
     token_ids = seeds.token_ids.to(device)
@@ -303,12 +367,17 @@ def _seed_gradient(
     grad_normed.scatter_add_(
         1, positions[..., None].expand_as(rows_of_head), rows_of_head * seed_weights[..., None]
     )
-    grad = rmsnorm_identity_rule(grad_normed, inv_rms, weights.final_norm)
+    grad = rms_norm_backward(weights.spec, grad_normed, inv_rms, weights.final_norm)
     return grad, target_logit
 
 
 def embed(weights: ModelWeights, input_ids: Tensor) -> Tensor:
-    return weights.embed_tokens[input_ids.to(weights.device)]
+    """Layer 0's input: the token embeddings, times the spec's embedding scale (Gemma: √hidden,
+    in the weights' dtype, as HF and vLLM compute it)."""
+    embedded = weights.embed_tokens[input_ids.to(weights.device)]
+    if weights.spec.embed_scale != 1.0:
+        embedded = embedded * torch.tensor(weights.spec.embed_scale, dtype=embedded.dtype)
+    return embedded
 
 
 @dataclass
@@ -336,13 +405,16 @@ def run_forward(
     ``checkpoint`` is called after each layer, as in ``relevance_from_layer_inputs``."""
     if positions is None:
         positions = torch.arange(input_ids.shape[-1], device=weights.device)
-    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    spec = weights.spec
+    ropes = make_ropes(spec, positions.to(weights.device), weights.dtype)
     hidden = embed(weights, input_ids)
     layer_inputs: list[Tensor] = []
     caches: list[_LayerCache] | None = [] if cache_budget_bytes > 0 else None
-    for layer in weights.layers:
+    for index, layer in enumerate(weights.layers):
         layer_inputs.append(hidden)
-        hidden, cache = layer_forward(weights, layer, hidden, rope, keep_cache=caches is not None)
+        hidden, cache = layer_forward(weights, layer, hidden, ropes[index],
+                                      keep_cache=caches is not None,
+                                      window=spec.layer_window(index))
         if caches is not None:
             if len(caches) == 0 and _cache_bytes(cache) * len(weights.layers) > cache_budget_bytes:
                 caches = None
@@ -364,7 +436,7 @@ def forward_layer_inputs(
 
 def final_logits(weights: ModelWeights, final_hidden: Tensor) -> Tensor:
     """Output logits (T, V) from the last layer's output."""
-    normed, _ = _rms_norm(final_hidden, weights.final_norm, weights.spec.rms_norm_eps)
+    normed, _ = rms_norm(weights.spec, final_hidden, weights.final_norm)
     return (normed @ weights.lm_head.T).float()
 
 
@@ -373,9 +445,11 @@ def argmax_next_token(
     weights: ModelWeights, layer_inputs: Sequence[Tensor], positions: Tensor
 ) -> int:
     """The model's argmax token after the last position, from the saved layer inputs."""
-    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    spec = weights.spec
+    last = spec.num_layers - 1
+    rope = make_rope(spec, positions.to(weights.device), weights.dtype, spec.layer_rope(last))
     final_hidden, _ = layer_forward(weights, weights.layers[-1], layer_inputs[-1], rope,
-                                    keep_cache=False)
+                                    keep_cache=False, window=spec.layer_window(last))
     return int(final_logits(weights, final_hidden[-1:])[0].argmax())
 
 
@@ -419,18 +493,21 @@ def relevance_from_layer_inputs(
         raise ValueError(f"positions must have shape ({length},), got {tuple(positions.shape)}")
     if seeds.positions.numel() and int(seeds.positions.max()) >= length:
         raise ValueError("a target position lies beyond the input")
-    rope = make_rope(weights.spec, positions.to(weights.device), weights.dtype)
+    spec = weights.spec
+    ropes = make_ropes(spec, positions.to(weights.device), weights.dtype)
     rows = seeds.num_rows
     positional = torch.zeros(rows, num_layers, length, 2, device=weights.device)
     absorbed = torch.zeros(rows, num_layers, device=weights.device)
+    bias_kept = torch.zeros(rows, num_layers, device=weights.device) if spec.qkv_bias else None
     cached = forward is not None and forward.layer_caches is not None
 
     @torch.no_grad()  # grad mode is per thread: the executor's thread needs it too
     def recompute(index: int) -> tuple[Tensor | None, _LayerCache]:
         # only the last layer's output is needed (for the seeds); every other layer's is the
         # next layer's saved input, which the backward does not read
-        return layer_forward(weights, weights.layers[index], layer_inputs[index], rope,
-                             keep_cache=True, output_needed=index == num_layers - 1)
+        return layer_forward(weights, weights.layers[index], layer_inputs[index], ropes[index],
+                             keep_cache=True, output_needed=index == num_layers - 1,
+                             window=spec.layer_window(index))
 
     grad = target_logit = None
     pending: Future | None = None
@@ -450,14 +527,16 @@ def relevance_from_layer_inputs(
             if grad is None:
                 grad, target_logit = _seed_gradient(weights, output, seeds)
             chunk = row_chunk if row_chunk and row_chunk < rows else rows
-            if chunk == rows:
-                grad = layer_backward(weights, layer, cache, grad, rope, mode,
-                                      positional[:, index], absorbed[:, index])
-            else:
-                for start in range(0, rows, chunk):
-                    part = slice(start, start + chunk)
-                    grad[part] = layer_backward(weights, layer, cache, grad[part], rope, mode,
-                                                positional[part, index], absorbed[part, index])
+            for start in range(0, rows, chunk):
+                part = slice(start, start + chunk)
+                kept = bias_kept[part, index] if bias_kept is not None else None
+                backward = layer_backward(weights, layer, cache, grad[part], ropes[index], mode,
+                                          positional[part, index], absorbed[part, index],
+                                          spec.layer_window(index), kept)
+                if chunk == rows:
+                    grad = backward
+                else:
+                    grad[part] = backward
                     if checkpoint is not None and start + chunk < rows:
                         checkpoint()
             del cache, output
@@ -469,7 +548,10 @@ def relevance_from_layer_inputs(
     token = (layer_inputs[0].float() * grad).sum(-1)
     positional = weights.reduce(positional)
     absorbed = weights.reduce(absorbed)
-    return RelevanceResult(token, positional[..., 0], positional[..., 1], target_logit, absorbed)
+    if bias_kept is not None:
+        bias_kept = weights.reduce(bias_kept)
+    return RelevanceResult(token, positional[..., 0], positional[..., 1], target_logit, absorbed,
+                           bias_kept)
 
 
 def relevance_from_input_ids(

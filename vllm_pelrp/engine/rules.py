@@ -16,14 +16,26 @@ def linear_rule(grad_out: Tensor, weight: Tensor) -> Tensor:
     return grad_out.to(weight.dtype) @ weight
 
 
+def bias_relevance(grad_out: Tensor, bias: Tensor) -> Tensor:
+    """ε-rule on z = x Wᵀ + b: the bias keeps its share, R(b) = Σ b ⊙ ∂z (per target row)."""
+    return (grad_out.float() * bias.float()).flatten(1).sum(-1)
+
+
 def rmsnorm_identity_rule(grad_out: Tensor, inv_rms: Tensor, gamma: Tensor) -> Tensor:
-    """Identity rule on RMSNorm: 1/rms held constant, ∂x = ∂y ⊙ γ ⊙ (1/rms(x))."""
+    """Identity rule on RMSNorm: 1/rms held constant, ∂x = ∂y ⊙ γ ⊙ (1/rms(x)) (γ: the scale
+    actually applied, 1 + w for Gemma)."""
     return grad_out.float() * gamma.float() * inv_rms
 
 
 def silu_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
     """Identity rule on SiLU: ∂x = ∂y ⊙ silu(x)/x = ∂y ⊙ sigmoid(x) (½ at x = 0)."""
     return grad_out * torch.sigmoid(gate.float())
+
+
+def gelu_tanh_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
+    """Identity rule on GELU-tanh: ∂x = ∂y ⊙ gelu(x)/x = ∂y ⊙ ½(1 + tanh(√(2/π)(x + 0.044715x³)))."""
+    x = gate.float()
+    return grad_out * (0.5 * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3)))))
 
 
 def uniform_product_rule(grad_out: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,28 +1,47 @@
 """Model description the engine runs on: plain weight tensors, no framework objects.
 
-Adapters (``vllm_pelrp.adapters``) build it from a Hugging Face ``LlamaForCausalLM`` or from
-vLLM's fused weight layout. The tensors are views of the source weights: nothing is copied.
+One ``DecoderSpec`` describes every pre-norm rotary decoder the engine implements, as a choice
+among the shared blocks of ``blocks.py``: RMSNorm (γ or Gemma's 1 + γ), linear layers with or
+without bias, a gated MLP (SiLU or GELU-tanh), attention with optional per-head q/k RMSNorm, a
+query scale other than 1/√d and sliding-window layers, and RoPE (default, llama3, linear; a
+different θ on local and global layers). The files of ``vllm_pelrp.models`` (one per
+architecture) build it from a Hugging Face config and name the weights; the tensors are views of
+the source weights, nothing is copied.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+ACTIVATIONS = ("silu", "gelu_tanh")
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint is not a LLaMA-family decoder the engine implements."""
+    """The checkpoint is not an architecture (or a variant of one) the engine implements."""
 
 
 @dataclass(frozen=True)
-class LlamaSpec:
-    """Shapes and constants of a LLaMA-family decoder (per tensor-parallel rank for heads)."""
+class RopeSpec:
+    """θ and the HF scaling dict (None: default RoPE) of one kind of layer."""
+
+    theta: float
+    scaling: dict | None = None
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Shapes and constants of a rotary pre-norm decoder (per tensor-parallel rank for heads).
+
+    ``layer_types[l]`` is ``"full_attention"`` or ``"sliding_attention"``: a sliding layer sees
+    the last ``sliding_window`` keys and uses ``local_rope`` when given (Gemma 3), else ``rope``.
+    """
 
     hidden_size: int
     num_layers: int
@@ -36,25 +55,79 @@ class LlamaSpec:
     rope_scaling: dict | None = None
     neox_style: bool = True
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # None: every layer sliding iff sliding_window
+    local_rope: RopeSpec | None = None
+    activation: str = "silu"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + γ): 1 for Gemma
+    norm_scale_in_float: bool = False  # γ applied in fp32 before the cast back (Gemma)
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma)
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: √hidden)
+    query_scale: float | None = None  # attention scale; None: 1/√head_dim
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise UnsupportedModelError(
+                f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def layer_type(self, index: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[index]
+        return SLIDING_ATTENTION if self.sliding_window is not None else FULL_ATTENTION
+
+    def layer_window(self, index: int) -> int | None:
+        """Keys a query of layer ``index`` sees (itself included), None: all earlier ones."""
+        return self.sliding_window if self.layer_type(index) == SLIDING_ATTENTION else None
+
+    def layer_rope(self, index: int) -> RopeSpec:
+        if self.local_rope is not None and self.layer_type(index) == SLIDING_ATTENTION:
+            return self.local_rope
+        return RopeSpec(self.rope_theta, self.rope_scaling)
+
+
+# The LLaMA-family name the engine was first written for; every decoder is a DecoderSpec now.
+LlamaSpec = DecoderSpec
+
 
 @dataclass
 class LayerWeights:
-    """One decoder layer; projection weights are (out_features, in_features) as in nn.Linear."""
+    """One decoder layer; projection weights are (out_features, in_features) as in nn.Linear.
 
-    input_norm: Tensor
+    Optional parts are None where the architecture has none: q/k/v biases (Qwen2), per-head q/k
+    norms (Qwen3, Gemma 3), the attention- and MLP-output norms (Gemma's sandwich norms).
+    """
+
+    attention_norm: Tensor
     q_proj: Tensor
     k_proj: Tensor
     v_proj: Tensor
     o_proj: Tensor
-    post_attention_norm: Tensor
+    mlp_norm: Tensor
     gate_proj: Tensor
     up_proj: Tensor
     down_proj: Tensor
+    q_bias: Tensor | None = None
+    k_bias: Tensor | None = None
+    v_bias: Tensor | None = None
+    q_norm: Tensor | None = None
+    k_norm: Tensor | None = None
+    attention_output_norm: Tensor | None = None
+    mlp_output_norm: Tensor | None = None
+
+
+LAYER_FIELDS = tuple(LayerWeights.__dataclass_fields__)
 
 
 @dataclass
@@ -67,7 +140,7 @@ class ModelWeights:
     gradient of the (replicated) residual stream must be summed, and on positional relevance.
     """
 
-    spec: LlamaSpec
+    spec: DecoderSpec
     embed_tokens: Tensor
     layers: list[LayerWeights]
     final_norm: Tensor

@@ -54,9 +54,11 @@ def set_active(recorder: Any) -> None:
     _ACTIVE[0] = recorder
 
 
-def install_traced_hooks(model: torch.nn.Module) -> bool:
-    """Pre-hooks calling the op on each decoder layer of ``model`` (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
+def install_traced_hooks(model: torch.nn.Module, decoder: str = "model") -> bool:
+    """Pre-hooks calling the op on each decoder layer of ``model`` (``model.<decoder>.layers``,
+    ``decoder`` as the architecture's file of ``vllm_pelrp.models`` names it). Every registered
+    architecture calls its layers as ``layer(positions, hidden_states, residual)``."""
+    layers = getattr(getattr(model, decoder, None), "layers", None)
     if layers is None or getattr(model, "_pelrp_traced_hooks", False):
         return False
     for index, layer in enumerate(layers):

@@ -79,6 +79,18 @@ def compiled_recording() -> bool:
     return env_switch("VLLM_PELRP_COMPILED")
 
 
+def decoder_path(hf_config) -> str:
+    """Where the registered architecture keeps its decoder layers ("model" where unknown: the
+    worker then refuses explanations with the registry's error)."""
+    from ..engine.spec import UnsupportedModelError
+    from ..models import architecture_for
+
+    try:
+        return architecture_for(hf_config).decoder
+    except UnsupportedModelError:
+        return "model"
+
+
 def _hook_compiled_models() -> None:
     """Before vLLM compiles a freshly loaded model, put the recording op into its layers."""
     if not compiled_recording():
@@ -98,7 +110,7 @@ def _hook_compiled_models() -> None:
         if vllm_config.compilation_config.mode != CompilationMode.NONE:
             from .compiled import install_traced_hooks, run_forward_on_fresh_chunk
 
-            install_traced_hooks(model)
+            install_traced_hooks(model, decoder_path(model_config.hf_config))
             run_forward_on_fresh_chunk(model)
         return model
 

@@ -418,6 +418,8 @@ def assemble(result: dict[str, Any], prepared: "Prepared", choice: Choice,
         positional_sin=torch.tensor(result["positional_sin"]),
         target_logit=torch.tensor(result["target_logit"]),
         softmax_absorbed=torch.tensor(result["softmax_absorbed"]),
+        bias_absorbed=(torch.tensor(result["bias_absorbed"]) if "bias_absorbed" in result
+                       else None),
     )
     ids = choice.prompt_ids + choice.completion_ids
     explanation = build_explanation(relevance, prepared.targets, ids, len(choice.prompt_ids),

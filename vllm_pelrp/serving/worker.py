@@ -100,8 +100,7 @@ class PelrpWorkerExtension:
     def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
         from vllm.config import CompilationMode
 
-        from ..adapters.hf import spec_from_config
-        from ..adapters.vllm_layout import weights_from_vllm_state
+        from ..models import architecture_for
 
         config = self.vllm_config
         tp = config.parallel_config.tensor_parallel_size
@@ -116,7 +115,8 @@ class PelrpWorkerExtension:
         }
         if config.parallel_config.pipeline_parallel_size != 1:
             raise RuntimeError("pipeline parallelism is not supported by the explanation plugin")
-        spec = spec_from_config(hf_config, tensor_parallel_size=tp)
+        arch = architecture_for(hf_config)
+        spec = arch.spec(hf_config, tp)
         compiled = config.compilation_config.mode != CompilationMode.NONE
         if compiled and not getattr(model, "_pelrp_traced_hooks", False):
             raise RuntimeError(
@@ -124,7 +124,7 @@ class PelrpWorkerExtension:
                 "nothing can be recorded; start the server with --enforce-eager, or with "
                 "VLLM_PELRP_COMPILED=1 in the environment of every vLLM process"
             )
-        decoder = getattr(model, "model", None)
+        decoder = getattr(model, arch.decoder, None)
         layers = list(getattr(decoder, "layers", []))
         if len(layers) != spec.num_layers:
             raise RuntimeError(f"found {len(layers)} decoder layers, expected {spec.num_layers}")
@@ -144,13 +144,13 @@ class PelrpWorkerExtension:
 
             all_reduce = tensor_model_parallel_all_reduce
             # the engine needs the whole vocabulary (embedding rows, lm_head rows): gather it
-            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for name in (f"{arch.decoder}.embed_tokens.weight", "lm_head.weight"):
                 if name in raw and raw[name].shape[0] < spec.vocab_size:
                     raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)[: spec.vocab_size]
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        for name in (f"{arch.decoder}.embed_tokens.weight", "lm_head.weight"):
             if name in raw and raw[name].shape[0] > spec.vocab_size:  # padded vocabulary
                 raw[name] = raw[name][: spec.vocab_size]
-        state.weights = weights_from_vllm_state(raw, spec, all_reduce=all_reduce)
+        state.weights = arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
         state.spec = spec
         dtype = config.model_config.dtype
         state.recorder = Recorder(runner, layers, spec.hidden_size, dtype, cap_bytes,
@@ -393,6 +393,8 @@ def run_job(weights, job: dict[str, Any], recordings: list, checkpoint=None,
         out[name] = value.tolist()
     out["target_logit"] = result.target_logit.float().cpu().tolist()
     out["softmax_absorbed"] = result.softmax_absorbed.float().cpu().tolist()
+    if result.bias_absorbed is not None:
+        out["bias_absorbed"] = result.bias_absorbed.float().cpu().tolist()
     if next_token_id is not None:
         out["next_token_id"] = next_token_id
     out["recomputed_rows"] = recomputed

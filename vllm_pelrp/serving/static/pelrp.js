@@ -456,7 +456,8 @@
       ["Σ positional relevance", number(c.positional_sum)],
       ["relative error |Σ − logit| / |logit|", number(c.relative_error)],
       ["absorbed by the softmax rule", number(c.softmax_absorbed)],
-      ["relative error without the softmax part", number(c.relative_error_excluding_softmax)],
+      ...(c.bias_absorbed ? [["kept by biases", number(c.bias_absorbed)]] : []),
+      ["relative error without the softmax and bias parts", number(c.relative_error_excluding_softmax)],
     ];
     const table = $("conservation");
     table.replaceChildren();

@@ -1,0 +1,231 @@
+"""Small random Hugging Face decoder checkpoints, one per supported family.
+
+``tiny_config(family)`` / ``tiny_model(family, seed)`` / ``save_tiny(family, directory)`` build
+fp32 models with hidden 64, 4 query / 2 kv heads (GQA), head_dim 16, intermediate 128 and
+3 (LLaMA, Qwen) or 4 (Gemma 3) layers, with randomised weights (non-trivial norm scales,
+non-zero biases) so that every rule of the explainer is exercised:
+
+* ``llama``:  llama3 rope scaling, untied lm_head.
+* ``qwen2``:  biases on q/k/v, rope θ 1e6.
+* ``qwen3``:  per-head q/k RMSNorm, explicit head_dim, tied embeddings.
+* ``gemma3``: Gemma RMSNorm (1 + w), sandwich norms, GELU-tanh, embeddings scaled by √hidden,
+  ``query_pre_attn_scalar`` 24 ≠ head_dim, layers sliding / sliding / full / sliding with
+  ``sliding_window`` 8, local rope θ 1e4 and global θ 1e6 with linear scaling (factor 2), tied
+  embeddings, no softcapping.
+
+The configs are written with transformers 5.x (``rope_parameters``). ``save_tiny`` also writes
+the transformers 4.x spellings (``rope_theta``, ``rope_scaling``, Gemma 3's
+``rope_local_base_freq``) into config.json, so the same checkpoint means the same model in the
+main environment (transformers 5) and in LXT's (transformers 4.57).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    attention_dropout=0.0,
+    dtype="float32",
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+# the word-level tokenizer that ``save_tiny`` writes when no tokenizer is given
+SPECIAL_TOKENS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+
+
+def _family_settings(family: str) -> tuple[type, dict]:
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig, dict(
+            num_hidden_layers=3,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    if family == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config, dict(
+            num_hidden_layers=3,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+    if family == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config, dict(
+            num_hidden_layers=3,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig, dict(
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                         "sliding_attention"],
+            sliding_window=8,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            attention_bias=False,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                   "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def tiny_config(family: str, vocab_size: int = 101, **overrides):
+    """transformers config of the tiny ``family`` model (``architectures`` set, fp32)."""
+    config_cls, settings = _family_settings(family)
+    settings = {**_COMMON, **settings, "vocab_size": vocab_size,
+                "architectures": [ARCHITECTURES[family]]}
+    settings.update(overrides)
+    return config_cls(**settings)
+
+
+def _model_class(family: str):
+    import transformers
+
+    return getattr(transformers, ARCHITECTURES[family])
+
+
+def _randomise(model, family: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name:
+                # Gemma's RMSNorm scales by (1 + w): 0.2·randn is the same spread around 1
+                scale = 0.2 * noise if family == "gemma3" else 1.0 + 0.2 * noise
+                param.copy_(scale)
+            else:
+                param.copy_(0.15 * noise)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """Random tiny HF causal LM of ``family`` (eval, fp32, eager attention, no grad)."""
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = "eager"
+    model = _model_class(family)(config)
+    model.to(torch.float32)
+    _randomise(model, family, seed)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _add_v4_spellings(raw: dict, family: str) -> dict:
+    """Write transformers 4.x's RoPE fields next to 5.x's ``rope_parameters``.
+
+    transformers 4.57 ignores ``rope_parameters`` (it would fall back to its default θ and no
+    scaling); transformers 5 reads ``rope_parameters`` first and takes the legacy fields only as
+    defaults (for LLaMA/Qwen ``rope_scaling`` replaces ``rope_parameters``, so it must carry the
+    same values; for Gemma 3 it is merged into the full-attention entry).
+    """
+    rp = raw.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return raw
+
+    def legacy_scaling(params: dict):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":
+            return None
+        return {k: v for k, v in params.items() if k != "rope_theta"}
+
+    if family == "gemma3":
+        full, local = rp["full_attention"], rp["sliding_attention"]
+        if legacy_scaling(local) is not None:
+            raise ValueError("transformers 4.x cannot express rope scaling on sliding layers")
+        raw["rope_theta"] = float(full["rope_theta"])
+        raw["rope_local_base_freq"] = float(local["rope_theta"])
+        raw["rope_scaling"] = legacy_scaling(full)
+    else:
+        raw["rope_theta"] = float(rp["rope_theta"])
+        raw["rope_scaling"] = legacy_scaling(rp)
+    return raw
+
+
+def tiny_tokenizer(vocab_size: int = 101):
+    """Word-level fast tokenizer over ``vocab_size`` ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2,
+    ``<unk>`` 3, then ``w4`` … ``w{vocab_size-1}`` (text "w4 w17 w9" -> [4, 17, 9])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL_TOKENS)
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny(family: str, directory, seed: int = 0, tokenizer_from=None, **overrides) -> Path:
+    """Save the tiny model (safetensors + config.json readable by transformers 4 and 5).
+
+    With ``tokenizer_from`` (a tokenizer directory) that tokenizer is saved too, and the model's
+    vocab_size and bos/eos/pad ids follow it; without it, ``tiny_tokenizer(vocab_size)`` is
+    saved, so the directory is a complete checkpoint (``AutoTokenizer`` loads it).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+        overrides = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id, **overrides}
+    model = tiny_model(family, seed=seed, **overrides)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    config_path = directory / "config.json"
+    raw = json.loads(config_path.read_text())
+    raw.pop("_attn_implementation", None)
+    raw.pop("attn_implementation", None)
+    config_path.write_text(json.dumps(_add_v4_spellings(raw, family), indent=2, sort_keys=True)
+                           + "\n")
+    if tokenizer is None:
+        tokenizer = tiny_tokenizer(model.config.vocab_size)
+    tokenizer.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,209 @@
+"""What a model file declares, and the shared code that turns a declaration into engine weights.
+
+A model file (``llama.py``, ``qwen2.py``, …) builds one ``Architecture``:
+- ``spec``: its Hugging Face config → the engine's ``DecoderSpec`` (which shared blocks it uses);
+- ``hf_layer`` / ``vllm_layer``: per engine field of ``LayerWeights``, the parameter name in a
+  decoder layer of the Hugging Face and of the vLLM module; a tuple of fields names one packed
+  vLLM tensor (``qkv_proj``: q, k, v rows; ``gate_up_proj``: gate, up rows);
+- ``decoder``: where the decoder layers sit in vLLM's module (the recorder hooks their inputs:
+  layer 0 gets the (scaled) embeddings, layer l > 0 gets ``hidden_states + residual``).
+
+Shared name tables for the LLaMA-style layout live here; a model file adds what it has more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from torch import Tensor
+
+from ..engine.spec import (
+    FULL_ATTENTION,
+    LAYER_FIELDS,
+    SLIDING_ATTENTION,
+    SUPPORTED_ROPE_TYPES,
+    DecoderSpec,
+    LayerWeights,
+    ModelWeights,
+    RopeSpec,
+    UnsupportedModelError,
+)
+
+Names = Mapping[str | tuple[str, ...], str]
+
+# LLaMA's decoder layer, by engine field (HF and vLLM share every name but the packed ones).
+LLAMA_HF_LAYER: dict[str | tuple[str, ...], str] = {
+    "attention_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+LLAMA_VLLM_LAYER: dict[str | tuple[str, ...], str] = {
+    "attention_norm": "input_layernorm.weight",
+    ("q_proj", "k_proj", "v_proj"): "self_attn.qkv_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    ("gate_proj", "up_proj"): "mlp.gate_up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+# q/k/v biases (Qwen2)
+QKV_BIAS_HF = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+               "v_bias": "self_attn.v_proj.bias"}
+QKV_BIAS_VLLM = {("q_bias", "k_bias", "v_bias"): "self_attn.qkv_proj.bias"}
+# per-head q/k RMSNorm (Qwen3, Gemma 3): the same names in HF and vLLM
+QK_NORM = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture's declaration (see the module docstring)."""
+
+    names: tuple[str, ...]  # Hugging Face ``architectures`` names
+    spec: Callable[[Any, int], DecoderSpec]  # (config, tensor_parallel_size) → spec
+    hf_layer: Names
+    vllm_layer: Names
+    decoder: str = "model"  # vLLM: ``<decoder>.layers``, ``<decoder>.embed_tokens``, ``<decoder>.norm``
+    blocks: tuple[str, ...] = field(default=())  # the shared blocks it uses, for the docs
+
+    def weights_from_hf(self, model: Any) -> ModelWeights:
+        """Views of a Hugging Face model's parameters (no copies)."""
+        state = {name: p.detach() for name, p in model.named_parameters()}
+        spec = self.spec(model.config, 1)
+        return weights_from_state(state, spec, self.hf_layer, prefix="model.")
+
+    def weights_from_vllm(self, state: Mapping[str, Tensor], spec: DecoderSpec,
+                          all_reduce: Callable[[Tensor], Tensor] | None = None) -> ModelWeights:
+        """From vLLM's parameters by name (this rank's shards; the vocabulary gathered)."""
+        return weights_from_state(state, spec, self.vllm_layer, prefix=self.decoder + ".",
+                                  all_reduce=all_reduce)
+
+
+def _rows(spec: DecoderSpec, name: str) -> int:
+    """Rows of one part of a packed vLLM tensor, for this rank's head counts."""
+    if name.startswith("q_"):
+        return spec.num_heads * spec.head_dim
+    if name.startswith(("k_", "v_")):
+        return spec.num_kv_heads * spec.head_dim
+    return spec.intermediate_size  # gate, up
+
+
+def weights_from_state(
+    state: Mapping[str, Tensor], spec: DecoderSpec, layer_names: Names, prefix: str,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> ModelWeights:
+    """``ModelWeights`` from parameters by name: ``{prefix}layers.{i}.<layer name>``,
+    ``{prefix}embed_tokens.weight``, ``{prefix}norm.weight`` and ``lm_head.weight`` (absent:
+    tied to the embeddings). Packed tensors are split into row views; nothing is copied."""
+    layers = []
+    for index in range(spec.num_layers):
+        at = f"{prefix}layers.{index}."
+        parts: dict[str, Tensor] = {}
+        for fields, name in layer_names.items():
+            if at + name not in state:
+                raise UnsupportedModelError(f"the checkpoint has no parameter {at + name}")
+            tensor = state[at + name]
+            if isinstance(fields, str):
+                parts[fields] = tensor
+                continue
+            sizes = [_rows(spec, f) for f in fields]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(
+                    f"{at + name} has {tensor.shape[0]} rows; expected {' + '.join(map(str, sizes))}"
+                    f" for {spec.num_heads} heads / {spec.num_kv_heads} kv heads of dim "
+                    f"{spec.head_dim} and intermediate size {spec.intermediate_size}")
+            parts.update(zip(fields, tensor.split(sizes)))
+        missing = [f for f in LAYER_FIELDS if f not in parts and
+                   LayerWeights.__dataclass_fields__[f].default is not None]
+        if missing:
+            raise ValueError(f"no weights named for {', '.join(missing)}")
+        layers.append(LayerWeights(**parts))
+    embed = state[prefix + "embed_tokens.weight"]
+    return ModelWeights(spec=spec, embed_tokens=embed, layers=layers,
+                        final_norm=state[prefix + "norm.weight"],
+                        lm_head=state.get("lm_head.weight", embed), all_reduce=all_reduce)
+
+
+# ---- config → spec: the shared readers -------------------------------------------------------
+def rope_settings(params: Any) -> RopeSpec:
+    """θ and scaling from one HF rope dict (transformers 5 ``rope_parameters``), or from a
+    transformers 4 config's ``rope_theta`` / ``rope_scaling``."""
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(getattr(params, "rope_theta", None) or 10000.0)
+        scaling = dict(getattr(params, "rope_scaling", None) or {})
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope scaling {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if float(scaling.pop("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return RopeSpec(theta, None)
+    return RopeSpec(theta, {"rope_type": rope_type, **scaling})
+
+
+def global_rope(config: Any) -> RopeSpec:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and FULL_ATTENTION in params:  # one dict per layer type
+        return rope_settings(params[FULL_ATTENTION])
+    return rope_settings(params if isinstance(params, dict) else config)
+
+
+def layer_types(config: Any) -> tuple[str, ...] | None:
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return None
+    types = tuple(types)[: config.num_hidden_layers]
+    unknown = sorted(set(types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown:
+        raise UnsupportedModelError(f"layer types {unknown} are not supported")
+    return types
+
+
+def decoder_spec(config: Any, tensor_parallel_size: int, *, activation_field: str = "hidden_act",
+                 **overrides: Any) -> DecoderSpec:
+    """The fields every rotary decoder config has, per tensor-parallel rank; ``overrides`` set
+    what a model file knows better."""
+    activation = getattr(config, activation_field, "silu")
+    activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if activation not in activations:
+        raise UnsupportedModelError(
+            f"{activation_field}={activation!r} is not supported; supported: "
+            f"{', '.join(activations)}")
+    for flag in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, flag, None):
+            raise UnsupportedModelError(f"{flag}={getattr(config, flag)} is not supported")
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    tp = tensor_parallel_size
+    if num_heads % tp or num_kv_heads % tp:
+        raise UnsupportedModelError(
+            f"{num_heads} heads / {num_kv_heads} kv heads do not split over {tp} ranks")
+    rope = global_rope(config)
+    fields: dict[str, Any] = dict(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=num_heads // tp,
+        num_kv_heads=num_kv_heads // tp,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size // tp,
+        vocab_size=config.vocab_size,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=rope.theta,
+        rope_scaling=rope.scaling,
+        sliding_window=getattr(config, "sliding_window", None),
+        layer_types=layer_types(config),
+        activation=activations[activation],
+    )
+    fields.update(overrides)
+    return DecoderSpec(**fields)
