@@ -55,7 +55,7 @@ def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
 
 # every registered architecture but LLaMA (tested above on its own fixture); a model file adds
 # its family here
-FAMILIES = ["qwen2", "gemma3"]
+FAMILIES = ["qwen2", "qwen3", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

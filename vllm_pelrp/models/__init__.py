@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
 }
 SUPPORTED_ARCHITECTURES = tuple(REGISTRY)
