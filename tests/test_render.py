@@ -9,11 +9,17 @@ from html.parser import HTMLParser
 import pytest
 from rich.console import Console
 
+import torch
+
 from vllm_pelrp import cli
+from vllm_pelrp.assemble import build_explanation, combine_relevance, resolve_targets
+from vllm_pelrp.engine.backward import RelevanceResult
 from vllm_pelrp.explanation import (
+    WIRE_FORMAT_VERSION,
     Conservation,
     Explanation,
     LayerPositionalRelevance,
+    PositionalPart,
     RelevanceRow,
     ResolvedTarget,
     Token,
@@ -36,7 +42,7 @@ def _normalise(values):
     return [v / top for v in values]
 
 
-def _row(target, token, positional, per_layer=None):
+def _row(target, token, positional, per_layer=None, parts=None):
     combined = _normalise(
         [t + sum(abs(c) + abs(s) for c, s in zip(
             [lr.cos[i] for lr in per_layer], [lr.sin[i] for lr in per_layer]))
@@ -48,6 +54,7 @@ def _row(target, token, positional, per_layer=None):
         target_logit=logit,
         token_relevance=token,
         positional_relevance=positional,
+        positional_parts=parts,
         positional_relevance_per_layer=per_layer,
         combined_relevance=combined,
         conservation=Conservation(
@@ -56,6 +63,7 @@ def _row(target, token, positional, per_layer=None):
             positional_sum=sum(positional),
             relative_error=0.01 / abs(logit),
             softmax_absorbed=0.5,
+            bias_absorbed=0.25,
             relative_error_excluding_softmax=0.002,
         ),
     )
@@ -82,12 +90,15 @@ def make_explanation(*, per_layer: bool = True, rows: bool = True) -> Explanatio
         for layer in range(N_LAYERS)
     ]
     positional = [sum(lr.cos[i] + lr.sin[i] for lr in layers) for i in range(n)]
+    parts = [PositionalPart(name=f"rope_{which}", kind="rotary",
+                            relevance=[sum(getattr(lr, which)[i] for lr in layers) for i in range(n)])
+             for which in ("cos", "sin")]
     p = len(PROMPT_PIECES)
     top = _row(
         ResolvedTarget(kind="completion", description="completion tokens 0:4",
                        positions=[p - 1, p, p + 1, p + 2], token_ids=[100 + p + k for k in range(4)],
                        span=(0, 4)),
-        token_rel, positional, layers if per_layer else None,
+        token_rel, positional, layers if per_layer else None, parts,
     )
     row_list = None
     if rows:
@@ -96,10 +107,13 @@ def make_explanation(*, per_layer: bool = True, rows: bool = True) -> Explanatio
             pos = p - 1 + k
             tok = [v if i <= pos else 0.0 for i, v in enumerate(token_rel)]
             posr = [v if i <= pos else 0.0 for i, v in enumerate(positional)]
+            row_parts = [PositionalPart(name=part.name, kind=part.kind, relevance=[
+                v if i <= pos else 0.0 for i, v in enumerate(part.relevance)]) for part in parts]
             target = ResolvedTarget(kind="per_token_row", description=f"completion token {k}",
                                     positions=[pos], token_ids=[100 + p + k], span=(k, k + 1))
-            row_list.append(RelevanceRow(**_row(target, tok, posr)))
+            row_list.append(RelevanceRow(**_row(target, tok, posr, parts=row_parts)))
     return Explanation(
+        wire_format_version=WIRE_FORMAT_VERSION,
         model="test-model <&>",
         mode="pa-lrp",
         text=text,
@@ -248,6 +262,115 @@ def test_html_minimal_explanation():
     assert 'id="layer-heatmap"' not in page and '<tr class="row"' not in page
     assert Explanation.model_validate_json(_embedded_json(page)) == ex
     assert ex.to_html() == page
+
+
+# --- wire format ------------------------------------------------------------------------------
+def _parts_sum(row) -> list[float]:
+    return [sum(part.relevance[i] for part in row.positional_parts)
+            for i in range(len(row.positional_relevance))]
+
+
+def test_wire_format_round_trips_and_parts_sum_to_positional():
+    ex = make_explanation()
+    assert ex.wire_format_version == WIRE_FORMAT_VERSION == "2"
+    assert Explanation.model_validate_json(ex.model_dump_json()) == ex
+    for row in [ex, *ex.rows]:
+        assert [(part.name, part.kind) for part in row.positional_parts] == [
+            ("rope_cos", "rotary"), ("rope_sin", "rotary")]
+        assert _parts_sum(row) == pytest.approx(row.positional_relevance, abs=1e-12)
+    # Fields a later version adds are ignored by this one (the versioning policy).
+    wire = json.loads(ex.model_dump_json())
+    wire["a_field_from_version_2_1"] = [1, 2]
+    wire["positional_parts"][0]["layers_from_later"] = None
+    assert Explanation.model_validate_json(json.dumps(wire)) == ex
+
+
+def test_version_1_json_still_validates_and_renders():
+    ex = make_explanation()
+    wire = json.loads(ex.model_dump_json())
+    del wire["wire_format_version"]
+    for row in [wire, *wire["rows"]]:
+        del row["positional_parts"]
+        del row["conservation"]["bias_absorbed"]
+    old = Explanation.model_validate_json(json.dumps(wire))
+    assert old.wire_format_version == "1"  # a document without the field is version 1
+    assert old.positional_parts is None and all(row.positional_parts is None for row in old.rows)
+    assert old.conservation.bias_absorbed == 0.0
+    assert old.positional_relevance == ex.positional_relevance
+    assert old.positional_relevance_per_layer == ex.positional_relevance_per_layer
+    assert "Σ rope_cos" not in _render(old)
+    assert Explanation.model_validate_json(_embedded_json(explanation_html(old))) == old
+
+
+def test_positional_parts_rendered():
+    ex = make_explanation()
+    out = _render(ex)
+    for part in ex.positional_parts:
+        assert f"Σ {part.name}" in out and format_number(sum(part.relevance)) in out
+    parser = _Collector()
+    parser.feed(explanation_html(ex))
+    title = parser.token_spans[5]["title"]
+    for part in ex.positional_parts:
+        assert f"{part.name} {format_number(part.relevance[5])}" in title
+
+
+def _fake_result(rows: int, length: int, rotary: bool, seed: int = 0) -> RelevanceResult:
+    g = torch.Generator().manual_seed(seed)
+    cos = torch.randn(rows, N_LAYERS, length, generator=g)
+    sin = torch.randn(rows, N_LAYERS, length, generator=g)
+    if not rotary:  # attnlrp / cp-lrp: the engine sends no relevance to cos/sin
+        cos.zero_()
+        sin.zero_()
+    return RelevanceResult(torch.randn(rows, length, generator=g), cos, sin,
+                           torch.randn(rows, generator=g), torch.rand(rows, N_LAYERS, generator=g))
+
+
+@pytest.mark.parametrize("mode", ["pa-lrp", "attnlrp", "cp-lrp"])
+def test_build_explanation_fills_positional_parts(mode):
+    base = make_explanation()
+    ids, p = [t.id for t in base.tokens], base.prompt_length
+    targets = resolve_targets("per_token", p, ids[p:], vocab_size=1000)
+    result = _fake_result(len(targets), len(ids), rotary=mode == "pa-lrp")
+    ex = build_explanation(result, targets, ids, p, None, model="m", mode=mode, per_layer=True,
+                           per_token=True, spans=(base.text, base.tokens))
+    assert ex.wire_format_version == WIRE_FORMAT_VERSION
+    assert Explanation.model_validate_json(ex.model_dump_json()) == ex
+    cos, sin = result.positional_cos, result.positional_sin
+    for row in [ex, *ex.rows]:
+        assert len(row.positional_relevance_per_layer) == N_LAYERS  # as in version 1
+        if mode == "pa-lrp":
+            assert [part.name for part in row.positional_parts] == ["rope_cos", "rope_sin"]
+            assert _parts_sum(row) == pytest.approx(row.positional_relevance, abs=1e-5)
+            for part, which in zip(row.positional_parts, ("cos", "sin")):
+                per_layer = [getattr(layer, which) for layer in row.positional_relevance_per_layer]
+                assert part.relevance == pytest.approx([sum(c) for c in zip(*per_layer)], abs=1e-5)
+        else:  # cos/sin are constants in these modes: no parts, not parts of zeros
+            assert row.positional_parts == []
+            assert row.positional_relevance == [0.0] * len(ids)
+    # The numbers of wire format 1: positional = Σ_l (cos + sin), combined as combine_relevance.
+    assert ex.positional_relevance == (cos.sum(0) + sin.sum(0)).sum(0).tolist()
+    assert ex.combined_relevance == combine_relevance(result.token.sum(0), cos.sum(0),
+                                                      sin.sum(0)).tolist()
+    assert ex.rows[1].combined_relevance == combine_relevance(result.token[1], cos[1], sin[1]).tolist()
+
+
+def test_relevance_row_takes_an_additive_part():
+    from vllm_pelrp.assemble import PositionalInput, combine_parts, relevance_row, rotary_parts
+
+    result = _fake_result(1, 6, rotary=True)
+    token, cos, sin = result.token[0], result.positional_cos[0], result.positional_sin[0]
+    table = torch.linspace(-1.0, 1.0, 6)
+    parts = {**rotary_parts(cos, sin), "position_embedding": PositionalInput("learned", table)}
+    target = ResolvedTarget(kind="next", description="next", positions=[5], token_ids=[1])
+    row = relevance_row(target, token, cos, sin, 2.0, 0.0, False, parts=parts)
+    assert [(part.name, part.kind) for part in row.positional_parts] == [
+        ("rope_cos", "rotary"), ("rope_sin", "rotary"), ("position_embedding", "learned")]
+    assert row.positional_parts[2].relevance == table.tolist()
+    assert _parts_sum(row) == pytest.approx(row.positional_relevance, abs=1e-5)
+    assert row.conservation.positional_sum == pytest.approx(sum(row.positional_relevance), abs=1e-5)
+    assert row.combined_relevance == combine_parts(token, [*cos, *sin, table]).tolist()
+    with pytest.raises(ValueError, match="kind"):
+        PositionalInput("relative", table)
 
 
 # --- CLI ------------------------------------------------------------------------------------

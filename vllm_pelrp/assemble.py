@@ -6,15 +6,21 @@ and the vLLM plugin's HTTP side both call them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import functools
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .engine.backward import MODES, LogitSeeds, RelevanceResult
 from .explanation import (
+    POSITIONAL_KINDS,
+    WIRE_FORMAT_VERSION,
     Conservation,
     Explanation,
     LayerPositionalRelevance,
+    PositionalPart,
     RelevanceRow,
     ResolvedTarget,
     SpanTarget,
@@ -139,10 +145,10 @@ def token_spans(tokenizer: Any, ids: Sequence[int], prompt_length: int) -> tuple
     return "".join(pieces), tokens
 
 
-# How token and positional relevance combine into ``combined_relevance``: per layer, each cos
-# and sin part is kept signed or made absolute; "single" normalises the sum once (the paper's
-# --single-norm), "per-part" max-normalises the token part, each layer's cos and sin part and
-# the positional sum before adding. The default is the faithfulness benchmark's dev winner
+# How token and positional relevance combine into ``combined_relevance``: each positional
+# component (per layer, the cos and the sin part; an additive position table once) is kept signed
+# or made absolute; "single" normalises the sum once (the paper's --single-norm), "per-part"
+# max-normalises the token part, each component and the positional sum before adding. The default is the faithfulness benchmark's dev winner
 # (docs/faithfulness.md); "abs-single" is the paper's code.
 COMBINATIONS = ("signed-per-part", "signed-single", "abs-per-part", "abs-single")
 DEFAULT_COMBINATION = "signed-per-part"
@@ -154,6 +160,26 @@ def _max_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / peak if peak > 0 else x
 
 
+def combine_parts(token: torch.Tensor, components: Iterable[torch.Tensor],
+                  combination: str = DEFAULT_COMBINATION) -> torch.Tensor:
+    """Combined relevance (T,) from token relevance (T,) and positional components (each (T,)):
+    every layer of a rotary part is one component, an additive position table is one.
+
+    "single" sums the (signed or absolute) components with the token part and max-normalises
+    once; "per-part" max-normalises each component, their sum P and the token part before adding.
+    """
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}")
+    signed, per_part = combination.startswith("signed"), combination.endswith("per-part")
+    positional = torch.zeros_like(token)
+    for component in components:
+        value = component if signed else component.abs()
+        positional = positional + (_max_normalise(value) if per_part else value)
+    if per_part:
+        token, positional = _max_normalise(token), _max_normalise(positional)
+    return _max_normalise(token + positional)
+
+
 def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       combination: str = DEFAULT_COMBINATION) -> torch.Tensor:
     """Combined relevance (T,) from token (T,) and per-layer cos/sin (L, T), max-normalised.
@@ -161,27 +187,85 @@ def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     abs-single (the paper): (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max|·|.
     signed-per-part: R_tok/max|R_tok| + P/max|P|, P = Σ_l R_cos,l/max|R_cos,l| + R_sin,l/max|R_sin,l|.
     """
-    if combination not in COMBINATIONS:
-        raise ValueError(f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}")
-    signed, per_part = combination.startswith("signed"), combination.endswith("per-part")
-    positional = torch.zeros_like(token)
-    for part in (cos, sin):
-        for layer in part:
-            value = layer if signed else layer.abs()
-            positional = positional + (_max_normalise(value) if per_part else value)
-    if per_part:
-        token, positional = _max_normalise(token), _max_normalise(positional)
-    return _max_normalise(token + positional)
+    return combine_parts(token, [*cos, *sin], combination)
+
+
+@dataclass(frozen=True)
+class PositionalInput:
+    """Raw relevance of one named position input: ``relevance`` is (L, T), one row per layer, for
+    a rotary input (RoPE's cos or sin), or (T,) for an additive position table (one per model)."""
+
+    kind: str  # one of explanation.POSITIONAL_KINDS
+    relevance: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in POSITIONAL_KINDS:
+            raise ValueError(f"unknown positional kind {self.kind!r}; allowed: "
+                             f"{', '.join(POSITIONAL_KINDS)}")
+        if self.relevance.dim() not in (1, 2):
+            raise ValueError(f"positional relevance must be (L, T) or (T,), got "
+                             f"{tuple(self.relevance.shape)}")
+
+    @property
+    def components(self) -> torch.Tensor:
+        """(L, T): the rows that ``combine_parts`` normalises one by one."""
+        return self.relevance if self.relevance.dim() == 2 else self.relevance.unsqueeze(0)
+
+
+# The named position inputs: wire name → (RelevanceResult attribute, kind). build_explanation puts
+# a part on the wire when the result has the attribute (not None) and the mode attributes
+# relevance to its kind; a new kind of position input is one more entry here.
+POSITIONAL_INPUTS: dict[str, tuple[str, str]] = {
+    "rope_cos": ("positional_cos", "rotary"),
+    "rope_sin": ("positional_sin", "rotary"),
+}
+
+
+def attributes_positions(mode: str, kind: str) -> bool:
+    """Whether ``mode`` treats position inputs of ``kind`` as inputs: RoPE's cos/sin only in
+    pa-lrp (attnlrp and cp-lrp hold them constant, so their parts are left off, not sent as
+    zeros); an additive position table is part of the model's input in every mode."""
+    return kind != "rotary" or mode == "pa-lrp"
+
+
+def rotary_parts(cos: torch.Tensor, sin: torch.Tensor) -> dict[str, PositionalInput]:
+    """The RoPE parts from per-layer cos/sin relevance (L, T)."""
+    return {"rope_cos": PositionalInput("rotary", cos), "rope_sin": PositionalInput("rotary", sin)}
+
+
+def _positional_totals(token: torch.Tensor,
+                       parts: Mapping[str, PositionalInput]) -> tuple[torch.Tensor, float]:
+    """Σ over the parts, per position (T,) and in all. Per-layer parts are added layer by layer
+    before the sum over layers, ``(cos + sin).sum(0)``: for RoPE the numbers of wire format 1."""
+    layered = [p.relevance for p in parts.values() if p.relevance.dim() == 2]
+    if layered:
+        stacked = functools.reduce(operator.add, layered)
+        per_position, total = stacked.sum(0), float(stacked.sum())
+    else:
+        per_position, total = torch.zeros_like(token), 0.0
+    for part in parts.values():
+        if part.relevance.dim() == 1:
+            per_position, total = per_position + part.relevance, total + float(part.relevance.sum())
+    return per_position, total
 
 
 def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, target_logit: float, absorbed: float,
                   per_layer: bool, combination: str = DEFAULT_COMBINATION,
-                  bias_absorbed: float = 0.0) -> RelevanceRow:
-    """One row from token relevance (T,), cos/sin relevance (L, T) and the bookkeeping
-    (``absorbed``: the softmax rule's loss; ``bias_absorbed``: what biases keep)."""
+                  bias_absorbed: float = 0.0, *,
+                  parts: Mapping[str, PositionalInput] | None = None) -> RelevanceRow:
+    """One row from token relevance (T,), the position inputs' relevance and the bookkeeping
+    (``absorbed``: the softmax rule's loss; ``bias_absorbed``: what biases keep).
+
+    ``parts``: every position input the row attributes relevance to, by wire name (in wire order);
+    positional relevance, its sum, the combination and ``positional_parts`` come from them.
+    Default: the rotary parts ``rope_cos``/``rope_sin`` of ``cos``/``sin`` (L, T), which also give
+    ``positional_relevance_per_layer`` with ``per_layer``.
+    """
+    if parts is None:
+        parts = rotary_parts(cos, sin)
     token_sum = float(token.sum())
-    positional_sum = float((cos + sin).sum())
+    positional, positional_sum = _positional_totals(token, parts)
     scale = max(abs(target_logit), 1e-12)
     conservation = Conservation(
         target_logit=target_logit,
@@ -197,13 +281,17 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
     if per_layer:
         layers = [LayerPositionalRelevance(layer=index, cos=cos[index].tolist(), sin=sin[index].tolist())
                   for index in range(cos.shape[0])]
+    components = [row for part in parts.values() for row in part.components]
     return RelevanceRow(
         target=target,
         target_logit=target_logit,
         token_relevance=token.tolist(),
-        positional_relevance=(cos + sin).sum(0).tolist(),
+        positional_relevance=positional.tolist(),
+        positional_parts=[PositionalPart(name=name, kind=part.kind,
+                                         relevance=part.components.sum(0).tolist())
+                          for name, part in parts.items()],
         positional_relevance_per_layer=layers,
-        combined_relevance=combine_relevance(token, cos, sin, combination).tolist(),
+        combined_relevance=combine_parts(token, components, combination).tolist(),
         conservation=conservation,
     )
 
@@ -230,15 +318,24 @@ def build_explanation(
     ignored here.
     """
     text, tokens = spans if spans is not None else token_spans(tokenizer, ids, prompt_length)
-    cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)]
-           for name in ("token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed")}
+    inputs = {name: (attribute, kind) for name, (attribute, kind) in POSITIONAL_INPUTS.items()
+              if attributes_positions(mode, kind) and getattr(result, attribute, None) is not None}
+    names = {"token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed",
+             *(attribute for attribute, _ in inputs.values())}
+    cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)] for name in names}
     bias = result.bias_absorbed
     cpu["bias_absorbed"] = (torch.zeros_like(cpu["softmax_absorbed"]) if bias is None
                             else bias.detach().float().cpu()[: len(targets)])
+
+    def parts(select: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, PositionalInput]:
+        return {name: PositionalInput(kind, select(cpu[attribute]))
+                for name, (attribute, kind) in inputs.items()}
+
     rows = [
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
                       float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer,
-                      combination, float(cpu["bias_absorbed"][b].sum()))
+                      combination, float(cpu["bias_absorbed"][b].sum()),
+                      parts=parts(lambda x, b=b: x[b]))
         for b, target in enumerate(targets)
     ]
     if per_token:
@@ -247,12 +344,13 @@ def build_explanation(
                         "completion"),
             cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
             float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
-            combination, float(cpu["bias_absorbed"].sum()),
+            combination, float(cpu["bias_absorbed"].sum()), parts=parts(lambda x: x.sum(0)),
         )
     else:
         summary, rows = rows[0], None
-    return Explanation(**summary.model_dump(), model=model, mode=mode, combination=combination,
-                       text=text, prompt_length=prompt_length, tokens=tokens, rows=rows)
+    return Explanation(**summary.model_dump(), wire_format_version=WIRE_FORMAT_VERSION, model=model,
+                       mode=mode, combination=combination, text=text, prompt_length=prompt_length,
+                       tokens=tokens, rows=rows)
 
 
 def ground(explanation: Explanation, result: RelevanceResult, plan: "GroundingPlan",

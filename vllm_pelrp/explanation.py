@@ -4,18 +4,32 @@ Conventions (documented in docs/wire-format.md):
 - every relevance list is indexed by token position, ``len == len(tokens)``;
 - relevance is in logit units: ``sum(token_relevance) + sum(positional_relevance)`` approximates
   ``target_logit`` (see ``conservation``);
-- ``combined_relevance`` is max-normalised to [-1, 1]; ``combination`` names how it was formed.
+- ``combined_relevance`` is max-normalised to [-1, 1]; ``combination`` names how it was formed;
+- ``positional_relevance`` is the sum of the named ``positional_parts`` (wire format 2);
+- ``wire_format_version`` says which version of the format a document follows; a document without
+  it is version "1". Within a major version fields are only added, never renamed or removed.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
 MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
+
+# The version of the wire format this code writes (docs/wire-format.md, "Versions"). "1" is the
+# format before the field existed; a document without ``wire_format_version`` is version "1".
+WIRE_FORMAT_VERSION = "2"
+WIRE_FORMAT_VERSION_1 = "1"
+
+# What kind of position input a positional part is: "rotary" (RoPE's cos/sin in every layer),
+# "learned" (one trained table added to the token embedding: BERT, GPT-2) or "absolute" (one
+# fixed table added to it, e.g. sinusoidal).
+PositionalKind = Literal["rotary", "learned", "absolute"]
+POSITIONAL_KINDS: tuple[str, ...] = get_args(PositionalKind)
 
 
 def _not_text(value: Any) -> Any:
@@ -83,6 +97,20 @@ class LayerPositionalRelevance(BaseModel):
     sin: list[float]
 
 
+class PositionalPart(BaseModel):
+    """Relevance of one named position input, per position (wire format 2). Rotary parts
+    (rope_cos, rope_sin) are summed over layers; their per-layer values are the cos / sin lists of
+    positional_relevance_per_layer (with per_layer=True), not repeated here."""
+
+    name: str = Field(description="'rope_cos', 'rope_sin' (rotary); 'position_embedding' "
+                      "(one additive table per model).")
+    kind: PositionalKind = Field(
+        description="rotary: RoPE's cos or sin, one input per layer, summed over layers here; "
+        "learned: a trained position-embedding table added to the token embedding; absolute: a "
+        "fixed (e.g. sinusoidal) table added to it.")
+    relevance: list[float] = Field(description="Signed relevance of each position (logit units).")
+
+
 class Conservation(BaseModel):
     """How much of the target logit reached the inputs (tokens and positions)."""
 
@@ -112,10 +140,17 @@ class RelevanceRow(BaseModel):
     target_logit: float
     token_relevance: list[float] = Field(description="Signed relevance of each token (embedding).")
     positional_relevance: list[float] = Field(
-        description="Relevance of each position: sum over layers of its cos and sin relevance."
+        description="Relevance of each position: the sum of its positional_parts (for RoPE: sum "
+        "over layers of its cos and sin relevance)."
+    )
+    positional_parts: list[PositionalPart] | None = Field(
+        None, description="The positional relevance by named input (wire format 2; null in "
+        "version 1): one part per position input the mode attributes relevance to, so [] in "
+        "attnlrp and cp-lrp for a rotary model. Σ of the parts' relevance = positional_relevance."
     )
     positional_relevance_per_layer: list[LayerPositionalRelevance] | None = Field(
-        None, description="Per layer, cos and sin parts; present when asked (per_layer=True)."
+        None, description="Per layer, the rotary parts' cos and sin relevance; present when asked "
+        "(per_layer=True)."
     )
     combined_relevance: list[float] = Field(
         description="Token and positional relevance combined as `combination` says, max-normalised."
@@ -189,6 +224,10 @@ class Grounding(BaseModel):
 class Explanation(RelevanceRow):
     """Attribution of a model output to its input position-token pairs (PA-LRP)."""
 
+    wire_format_version: str = Field(
+        WIRE_FORMAT_VERSION_1,
+        description="Version of this wire format ('2' today; absent means '1'). Within a major "
+        "version (the part before any '.') fields are only added, never renamed or removed.")
     model: str
     mode: Mode
     combination: str = Field(

@@ -143,6 +143,11 @@ def _row_top_inputs(
     return [(explanation.tokens[i], values[i]) for i in order]
 
 
+def _part_sums(explanation: Explanation) -> list[tuple[str, float]]:
+    """(name, Σ relevance) of each named positional part (wire format 2; none in version 1)."""
+    return [(part.name, sum(part.relevance)) for part in explanation.positional_parts or []]
+
+
 def _layer_sums(explanation: Explanation) -> list[tuple[int, float, float]]:
     layers = explanation.positional_relevance_per_layer or []
     return [(lr.layer, sum(abs(v) for v in lr.cos), sum(abs(v) for v in lr.sin)) for lr in layers]
@@ -233,6 +238,7 @@ def print_explanation(
         ("tokens", Text(f"{explanation.prompt_length} prompt + {n_completion} completion")),
         ("Σ token relevance", Text(format_number(c.token_sum))),
         ("Σ positional relevance", Text(format_number(c.positional_sum))),
+        *((f"  Σ {name}", Text(format_number(value))) for name, value in _part_sums(explanation)),
         ("positional share", Text(format_share(explanation.positional_share))),
         ("reached inputs", Text(format_share((c.token_sum + c.positional_sum) / c.target_logit)
                                 if c.target_logit else "–")),
@@ -605,6 +611,8 @@ def _token_span(explanation: Explanation, tok: Token, field: str, max_abs: float
         f"id {tok.id}",
         f"token relevance {format_number(explanation.token_relevance[i])}",
         f"positional relevance {format_number(explanation.positional_relevance[i])}",
+        *(f"  {part.name} {format_number(part.relevance[i])}"
+          for part in explanation.positional_parts or []),
         f"combined {format_number(explanation.combined_relevance[i])}",
     ])
     return (
@@ -695,6 +703,7 @@ def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
         ("target logit", format_number(explanation.target_logit), ""),
         ("Σ token relevance", format_number(c.token_sum), ""),
         ("Σ positional relevance", format_number(c.positional_sum), ""),
+        *((f"Σ {name}", format_number(value), "") for name, value in _part_sums(explanation)),
         ("positional share", format_share(explanation.positional_share), ""),
         ("conservation rel. error", format_number(c.relative_error), ""),
         ("softmax rule absorbed", format_number(c.softmax_absorbed), ""),

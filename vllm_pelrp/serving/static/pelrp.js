@@ -454,6 +454,8 @@
       ["target logit", number(c.target_logit)],
       ["Σ token relevance", number(c.token_sum)],
       ["Σ positional relevance", number(c.positional_sum)],
+      ...(explanation.positional_parts || []).map((part) =>
+        [`  Σ ${part.name}`, number(part.relevance.reduce((a, b) => a + b, 0))]),
       ["relative error |Σ − logit| / |logit|", number(c.relative_error)],
       ["absorbed by the softmax rule", number(c.softmax_absorbed)],
       ...(c.bias_absorbed ? [["kept by biases", number(c.bias_absorbed)]] : []),
@@ -479,6 +481,8 @@
       ["text", null],
       ["token relevance", number(current.token_relevance[index])],
       ["positional relevance", number(current.positional_relevance[index])],
+      // wire format 2: the positional relevance by named input (rope_cos, rope_sin, …)
+      ...(current.positional_parts || []).map((part) => [`  ${part.name}`, number(part.relevance[index])]),
       ["combined", number(current.combined_relevance[index], 3)],
     ];
     const owner = sourceOfToken(current)[index];
