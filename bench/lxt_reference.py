@@ -21,11 +21,20 @@ IN.json::
                                  # as in LXT's own examples
     }
 
-For every case: ``LlamaForCausalLM`` (fp32, eager attention) patched with
-``lxt.efficient.monkey_patch(modeling_llama, <rule set>)``; ``inputs_embeds =
-embed_tokens(input_ids)`` as a leaf that requires grad; ``logit =
-logits[0, target_position, target_token_id]``; ``logit.backward()`` (seed 1);
-token relevance = ``(inputs_embeds * inputs_embeds.grad).sum(-1)``.
+The model family comes from config.json's ``architectures``: Llama/Mistral ->
+``LlamaForCausalLM``, Qwen2 -> ``Qwen2ForCausalLM``, Qwen3 -> ``Qwen3ForCausalLM``,
+Gemma3ForCausalLM -> ``Gemma3ForCausalLM`` (text-only Gemma 3). For every case: that model
+(fp32, eager attention), its transformers module patched with
+``lxt.efficient.monkey_patch(modeling_<family>, lxt.efficient.models.<family>.<rule set>)``
+(patching is process-global: one family per process); ``inputs_embeds =
+model.get_input_embeddings()(input_ids)`` as a leaf that requires grad (for Gemma 3 that
+module already multiplies by sqrt(hidden_size), and the model does not scale inputs_embeds
+again); ``logit = logits[0, target_position, target_token_id]``; ``logit.backward()``
+(seed 1); token relevance = ``(inputs_embeds * inputs_embeds.grad).sum(-1)``.
+
+transformers 5.x checkpoints keep RoPE settings only in ``rope_parameters`` (Gemma 3: one
+dict per layer type); missing 4.x fields (``rope_theta``, ``rope_scaling``,
+``rope_local_base_freq``) are filled from it and reported as ``config_fixes``.
 
 Timing (``"time": true``): one warm-up explanation, then ``repeats`` timed
 explanations (forward + backward + relevance reduction); the median is
@@ -73,60 +82,133 @@ def _stub_torchvision() -> bool:
     return True
 
 
-def _import_lxt():
+# checkpoint architecture -> family; family -> (transformers module, model class, config class)
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",  # loaded as LLaMA, as before (same layer structure)
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+FAMILIES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "LlamaConfig"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Config"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM", "Qwen3Config"),
+    "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3ForCausalLM",
+               "Gemma3TextConfig"),
+}
+
+
+def family_of(model_dir: str) -> str:
+    """Model family of a checkpoint, from config.json's ``architectures``."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    archs = raw.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise SystemExit(f"{model_dir}: architectures {archs} not supported by lxt_reference.py "
+                     f"(supported: {', '.join(ARCHITECTURES)})")
+
+
+def _import_lxt(family: str = "llama"):
+    """``(lxt.efficient.monkey_patch, lxt.efficient.models.<family>)``."""
     _stub_torchvision()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "'zennit' library is not available"
         from lxt.efficient import monkey_patch
-        import lxt.efficient.models.llama as lxt_llama
-    return monkey_patch, lxt_llama
+        rules = importlib.import_module(f"lxt.efficient.models.{family}")
+    return monkey_patch, rules
 
 
-_PATCHED_MODE: str | None = None
+_PATCHED: tuple[str, str] | None = None  # (mode, family)
 
 
-def apply_patch(mode: str) -> None:
-    """Patch transformers' LLaMA classes/module globally (once per process)."""
-    global _PATCHED_MODE
-    if _PATCHED_MODE is not None:
-        if _PATCHED_MODE != mode:
-            raise RuntimeError(f"process already patched for {_PATCHED_MODE!r}")
+def apply_patch(mode: str, family: str = "llama") -> None:
+    """Patch one family's transformers module globally (once per process).
+
+    As LXT documents: ``monkey_patch(modeling_<family>, lxt.efficient.models.<family>.attnLRP)``
+    (``cp_LRP`` for CP-LRP); ``gradient`` patches nothing.
+    """
+    global _PATCHED
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+    if _PATCHED is not None:
+        same = _PATCHED == (mode, family) or _PATCHED[0] == mode == "gradient"
+        if not same:
+            raise RuntimeError(f"process already patched for {_PATCHED!r}")
         return
     if mode != "gradient":
-        from transformers.models.llama import modeling_llama
-        monkey_patch, lxt_llama = _import_lxt()
-        rule_set = {"attnlrp": lxt_llama.attnLRP, "cp-lrp": lxt_llama.cp_LRP}[mode]
-        monkey_patch(modeling_llama, rule_set)
-    _PATCHED_MODE = mode
+        modeling = importlib.import_module(FAMILIES[family][0])
+        monkey_patch, rules = _import_lxt(family)
+        rule_set = {"attnlrp": rules.attnLRP, "cp-lrp": rules.cp_LRP}[mode]
+        monkey_patch(modeling, rule_set)
+    _PATCHED = (mode, family)
 
 
 # ---------------------------------------------------------------------------
 # Model loading
 # ---------------------------------------------------------------------------
 
-def load_model(model_dir: str):
-    """Load LlamaForCausalLM in fp32 with eager attention.
+def _legacy_rope_fixes(config, raw: dict, family: str) -> list[str]:
+    """Copy transformers 5.x ``rope_parameters`` to the 4.x fields where they are missing.
 
-    Checkpoints written by transformers 5.x keep RoPE settings only under
-    ``rope_parameters``; transformers 4.x ignores that key and silently falls
-    back to rope_theta=10000. Copy them to the 4.x fields when needed.
+    Checkpoints written by transformers 5.x keep RoPE settings only under ``rope_parameters``
+    (for Gemma 3 one dict per layer type); transformers 4.x ignores that key and silently
+    falls back to its default θ without scaling.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    rp = raw.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return []
+    fixes = []
 
+    def scaling_of(params):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        return None if rope_type == "default" else {
+            k: v for k, v in params.items() if k != "rope_theta"}
+
+    if family == "gemma3" and "full_attention" in rp:
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+        if "rope_theta" not in raw and "rope_theta" in full:
+            config.rope_theta = float(full["rope_theta"])
+            fixes.append(f"rope_theta={config.rope_theta} from rope_parameters.full_attention")
+        if "rope_local_base_freq" not in raw and "rope_theta" in local:
+            config.rope_local_base_freq = float(local["rope_theta"])
+            fixes.append(f"rope_local_base_freq={config.rope_local_base_freq} "
+                         "from rope_parameters.sliding_attention")
+        if scaling_of(local) is not None:
+            raise SystemExit("rope scaling on sliding-window layers cannot be expressed "
+                             "in transformers 4.x")
+        if scaling_of(full) is not None and not raw.get("rope_scaling"):
+            config.rope_scaling = scaling_of(full)
+            fixes.append(f"rope_scaling={config.rope_scaling} from rope_parameters.full_attention")
+        return fixes
+    if "rope_theta" not in raw and "rope_theta" in rp:
+        config.rope_theta = float(rp["rope_theta"])
+        fixes.append(f"rope_theta={config.rope_theta} from rope_parameters")
+    if scaling_of(rp) is not None and not raw.get("rope_scaling"):
+        config.rope_scaling = scaling_of(rp)
+        fixes.append(f"rope_scaling={config.rope_scaling} from rope_parameters")
+    return fixes
+
+
+def load_model(model_dir: str):
+    """Load the checkpoint's causal LM (fp32, eager attention) -> (model, config fixes).
+
+    The family comes from config.json's ``architectures``; it must be the patched one.
+    """
+    import transformers
+
+    family = family_of(model_dir)
+    if _PATCHED is not None and _PATCHED[0] != "gradient" and _PATCHED[1] != family:
+        raise RuntimeError(f"process patched for {_PATCHED[1]!r}, checkpoint is {family!r}")
+    _, model_name, config_name = FAMILIES[family]
+    model_cls, config_cls = getattr(transformers, model_name), getattr(transformers, config_name)
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
-    config = LlamaConfig.from_pretrained(model_dir)
-    fixes = []
-    rp = raw.get("rope_parameters")
-    if isinstance(rp, dict):
-        if "rope_theta" not in raw and "rope_theta" in rp:
-            config.rope_theta = float(rp["rope_theta"])
-            fixes.append(f"rope_theta={config.rope_theta} from rope_parameters")
-        rope_type = rp.get("rope_type", rp.get("type", "default"))
-        if rope_type != "default" and not raw.get("rope_scaling"):
-            config.rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-            fixes.append(f"rope_scaling={config.rope_scaling} from rope_parameters")
-    model = LlamaForCausalLM.from_pretrained(
+    config = config_cls.from_pretrained(model_dir)
+    fixes = _legacy_rope_fixes(config, raw, family)
+    model = model_cls.from_pretrained(
         model_dir, config=config, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     for p in model.parameters():  # as in LXT's examples: no parameter gradients
@@ -192,7 +274,7 @@ def _memory_worker() -> None:
     spec = json.load(sys.stdin)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    apply_patch(spec["mode"])
+    apply_patch(spec["mode"], family_of(spec["model"]))
     rss_start = _proc_status_kib("VmRSS")
     model, _ = load_model(spec["model"])
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -249,7 +331,8 @@ def _versions():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model directory (HF LlamaForCausalLM)")
+    ap.add_argument("--model", help="model directory (HF Llama/Mistral/Qwen2/Qwen3/Gemma3 "
+                    "ForCausalLM)")
     ap.add_argument("--input-json")
     ap.add_argument("--output-json")
     ap.add_argument("--threads", type=int, default=None,
@@ -277,7 +360,8 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(int(threads))
 
-    apply_patch(mode)
+    family = family_of(args.model)
+    apply_patch(mode, family)
     t0 = time.perf_counter()
     model, fixes = load_model(args.model)
     load_s = time.perf_counter() - t0
@@ -314,7 +398,12 @@ def main(argv=None) -> int:
         "attn_implementation": cfg._attn_implementation,
         "num_threads": torch.get_num_threads(),
         "only_target_logits": only_target,
+        "family": family,
+        "architecture": type(model).__name__,
         "rope_theta": float(cfg.rope_theta),
+        "rope_local_base_freq": (float(cfg.rope_local_base_freq)
+                                 if getattr(cfg, "rope_local_base_freq", None) else None),
+        "rope_scaling": getattr(cfg, "rope_scaling", None),
         "tie_word_embeddings": bool(cfg.tie_word_embeddings),
         "lm_head_tied": lm_head_tied,
         "config_fixes": fixes,
