@@ -39,9 +39,50 @@ TARGET_HELP = "'next', 'completion', 'per_token', {'span': [i, j]} or {'token_id
 DECODE_WINDOW = 6  # earlier tokens decoded alongside each token, for spaces and byte merges
 
 
+class ExplainInputError(ValueError):
+    """The request is at fault, not the model or the server: the server answers 400 for this type
+    (and its subclasses), whatever the message says. ``param`` names the request field at fault,
+    as the ``explain`` options and the Python API call it ('target', 'sources', 'prompt', ...);
+    the HTTP side adds the route's prefix (``explain.``)."""
+
+    param = "explain"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+    def __reduce__(self):  # keeps ``param`` across pickling (and copy)
+        return type(self), (str(self), self.param)
+
+
+class TargetError(ExplainInputError):
+    """A target that cannot be explained on this prompt and completion."""
+
+    param = "target"
+
+
+class CostError(ExplainInputError):
+    """An explanation over a cap on its size (target rows)."""
+
+    param = "target"
+
+
+class PromptError(ExplainInputError):
+    """A prompt that cannot be explained (none, empty, token ids outside the vocabulary)."""
+
+    param = "prompt"
+
+
+class GroundingError(ExplainInputError):
+    """Sources or documents that cannot be placed in the prompt (``grounding.py``)."""
+
+    param = "sources"
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        raise ExplainInputError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}", "mode")
     return mode
 
 
@@ -58,8 +99,8 @@ def parse_target(target: Any) -> str | SpanTarget | TokenIdTarget:
             if set(target) == {"token_id"}:
                 return TokenIdTarget(token_id=int(target["token_id"]))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"malformed target {target!r}; allowed: {TARGET_HELP}") from error
-    raise ValueError(f"unknown target {target!r}; allowed: {TARGET_HELP}")
+            raise TargetError(f"malformed target {target!r}; allowed: {TARGET_HELP}") from error
+    raise TargetError(f"unknown target {target!r}; allowed: {TARGET_HELP}")
 
 
 def span_target(start: int, end: int, prompt_length: int, completion_ids: Sequence[int],
@@ -92,19 +133,19 @@ def resolve_targets(
     last = prompt_length + count - 1
     if target == "next":
         if next_token_id is None:
-            raise ValueError("target 'next' needs the argmax next token id")
+            raise ValueError("target 'next' needs the argmax next token id")  # a caller's bug
         return [ResolvedTarget(kind="next", positions=[last], token_ids=[int(next_token_id)],
                                description=f"argmax next token {next_token_id} after position {last}")]
     if isinstance(target, TokenIdTarget):
         if not 0 <= target.token_id < vocab_size:
-            raise ValueError(f"token_id {target.token_id} out of range [0, {vocab_size})")
+            raise TargetError(f"token_id {target.token_id} out of range [0, {vocab_size})")
         return [ResolvedTarget(kind="token_id", positions=[last], token_ids=[target.token_id],
                                description=f"logit of token {target.token_id} at position {last}")]
     if count == 0:
-        raise ValueError(f"target {target!r} needs a completion; none was given")
+        raise TargetError(f"target {target!r} needs a completion; none was given")
     if target == "per_token":
         if count > max_per_token_rows:
-            raise ValueError(
+            raise CostError(
                 f"per_token target: {count} completion tokens exceed the cap of "
                 f"{max_per_token_rows} rows per explanation; use a span, or raise the cap"
             )
@@ -114,7 +155,7 @@ def resolve_targets(
         return [span_target(0, count, prompt_length, completion_ids, "completion")]
     start, end = target.span
     if not (0 <= start < end <= count):
-        raise ValueError(
+        raise TargetError(
             f"span [{start}, {end}) is out of range: the completion has {count} tokens, "
             f"so 0 <= i < j <= {count} is allowed"
         )
@@ -169,7 +210,8 @@ def combine_parts(token: torch.Tensor, components: Iterable[torch.Tensor],
     once; "per-part" max-normalises each component, their sum P and the token part before adding.
     """
     if combination not in COMBINATIONS:
-        raise ValueError(f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}")
+        raise ExplainInputError(f"unknown combination {combination!r}; allowed: "
+                                f"{', '.join(COMBINATIONS)}", "combination")
     signed, per_part = combination.startswith("signed"), combination.endswith("per-part")
     positional = torch.zeros_like(token)
     for component in components:

@@ -25,6 +25,7 @@ from typing import Annotated, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from .assemble import GroundingError
 from .explanation import Grounding, SentenceSupport, SourceRelevance, Token, whole_number
 
 DEFAULT_GROUNDING_THRESHOLD = 0.3
@@ -75,13 +76,14 @@ def render_documents(question: str, documents: Sequence[str]) -> tuple[str, list
 
 def check_documents(documents: Sequence[str]) -> None:
     if not isinstance(documents, (list, tuple)) or not documents:
-        raise ValueError("documents must be a non-empty list of strings")
+        raise GroundingError("documents must be a non-empty list of strings", "documents")
     if len(documents) > MAX_DOCUMENTS:
-        raise ValueError(f"{len(documents)} documents given; at most {MAX_DOCUMENTS} are allowed")
+        raise GroundingError(f"{len(documents)} documents given; at most {MAX_DOCUMENTS} are "
+                             "allowed", "documents")
     for number, document in enumerate(documents, start=1):
         if not isinstance(document, str) or not document.strip():
-            raise ValueError(f"document {number} is empty or not a string; every document must be "
-                             "non-empty text")
+            raise GroundingError(f"document {number} is empty or not a string; every document "
+                                 "must be non-empty text", "documents")
 
 
 def documents_into_messages(messages: Sequence[dict], documents: Sequence[str]) -> list[dict]:
@@ -91,12 +93,12 @@ def documents_into_messages(messages: Sequence[dict], documents: Sequence[str]) 
         if message.get("role") == "user":
             content = message.get("content")
             if not isinstance(content, str):
-                raise ValueError("documents go into the last user message, whose content must "
-                                 "be a string (not a list of content parts)")
+                raise GroundingError("documents go into the last user message, whose content "
+                                     "must be a string (not a list of content parts)", "documents")
             message["content"] = render_documents(content, documents)[0]
             return out
-    raise ValueError("documents go into the last user message, but the messages have no message "
-                     "with role 'user'")
+    raise GroundingError("documents go into the last user message, but the messages have no "
+                         "message with role 'user'", "documents")
 
 
 # ---- sources ----------------------------------------------------------------------------------
@@ -162,14 +164,14 @@ def parse_sources(sources: Sequence[SourceSpec | dict] | None) -> list[SourceSpe
             try:
                 out.append(SourceSpec.model_validate(source))
             except ValueError as error:
-                raise ValueError(f"sources[{number}]: {_first_error(error)}; a source is "
-                                 "{'message': i}, {'text': '...'} or {'chars': [a, b]}, "
-                                 "optionally with 'name'") from None
+                raise GroundingError(f"sources[{number}]: {_first_error(error)}; a source is "
+                                     "{'message': i}, {'text': '...'} or {'chars': [a, b]}, "
+                                     "optionally with 'name'") from None
         else:
-            raise ValueError(f"sources[{number}] must be an object like {{'message': 0}}, "
-                             "{'text': '...'} or {'chars': [a, b]}")
+            raise GroundingError(f"sources[{number}] must be an object like {{'message': 0}}, "
+                                 "{'text': '...'} or {'chars': [a, b]}")
     if len(out) > MAX_SOURCES:
-        raise ValueError(f"{len(out)} sources given; at most {MAX_SOURCES} are allowed")
+        raise GroundingError(f"{len(out)} sources given; at most {MAX_SOURCES} are allowed")
     return out
 
 
@@ -214,7 +216,7 @@ def locate_sources(
     message_contents: Sequence[str | None] | None = None,
 ) -> list[LocatedSource]:
     """Place the rendered ``documents`` (first, as "document 1"…) and the declared ``specs`` in
-    ``text`` and on the prompt tokens. Raises ``ValueError`` naming the source that cannot be
+    ``text`` and on the prompt tokens. Raises ``GroundingError`` naming the source that cannot be
     found, is empty of tokens, or overlaps another."""
     prompt_end = tokens[prompt_length - 1].end if prompt_length else 0
     located: list[LocatedSource] = []
@@ -226,31 +228,33 @@ def locate_sources(
         base, limit = 0, prompt_end
         if spec.message is not None:
             if message_contents is None:
-                raise ValueError(f"{where}: 'message' needs a chat prompt (messages); this prompt "
-                                 "is plain text or token ids, so use 'text' or 'chars'")
+                raise GroundingError(f"{where}: 'message' needs a chat prompt (messages); this "
+                                     "prompt is plain text or token ids, so use 'text' or 'chars'")
             if spec.message >= len(message_contents):
-                raise ValueError(f"{where}: message {spec.message} does not exist; the request "
-                                 f"has {len(message_contents)} messages (0..{len(message_contents) - 1})")
+                count = len(message_contents)
+                raise GroundingError(f"{where}: message {spec.message} does not exist; the request "
+                                     f"has {count} messages (0..{count - 1})")
             if spans_of_messages is None:
                 spans_of_messages = message_spans(text, prompt_end, message_contents)
             span = spans_of_messages[spec.message]
             if span is None:
-                raise ValueError(f"{where}: the content of message {spec.message} is empty, not "
-                                 "text, or not found verbatim in the rendered prompt")
+                raise GroundingError(f"{where}: the content of message {spec.message} is empty, "
+                                     "not text, or not found verbatim in the rendered prompt")
             base, limit = span
         if spec.text is not None:
             start = text.find(spec.text, base, limit)
             if start < 0:
                 inside = f"message {spec.message}" if spec.message is not None else "the prompt"
-                raise ValueError(f"{where}: text {_short(spec.text)!r} does not occur in {inside}")
+                raise GroundingError(f"{where}: text {_short(spec.text)!r} does not occur in "
+                                     f"{inside}")
             span = (start, start + len(spec.text))
         elif spec.chars is not None:
             start, end = base + spec.chars[0], base + spec.chars[1]
             if end > limit:
                 inside = (f"message {spec.message}'s content" if spec.message is not None
                           else "the prompt text")
-                raise ValueError(f"{where}: chars {list(spec.chars)} reach beyond {inside}, which "
-                                 f"has {limit - base} characters")
+                raise GroundingError(f"{where}: chars {list(spec.chars)} reach beyond {inside}, "
+                                     f"which has {limit - base} characters")
             span = (start, end)
         else:
             span = (base, limit)
@@ -276,8 +280,8 @@ def _locate_documents(text: str, prompt_end: int, documents: Sequence[str]) -> l
         for number, document in enumerate(documents, start=1):
             found = text.find(document, cursor, prompt_end)
             if found < 0:
-                raise ValueError(f"document {number} was not found verbatim in the decoded prompt "
-                                 "(the tokenizer does not round-trip its text)")
+                raise GroundingError(f"document {number} was not found verbatim in the decoded "
+                                     "prompt (the tokenizer does not round-trip its text)")
             spans.append((found, found + len(document)))
             cursor = found + len(document)
     return [LocatedSource(index=i, name=f"document {i + 1}", kind="document", char_start=a,
@@ -292,9 +296,10 @@ def _check_disjoint(sources: Sequence[LocatedSource]) -> None:
     ordered = sorted(sources, key=lambda s: s.char_start)
     for left, right in zip(ordered, ordered[1:]):
         if right.char_start < left.char_end:
-            raise ValueError(f"sources overlap: {left.name!r} (characters {left.char_start}-"
-                             f"{left.char_end}) and {right.name!r} ({right.char_start}-"
-                             f"{right.char_end}); every prompt token may belong to one source only")
+            raise GroundingError(f"sources overlap: {left.name!r} (characters {left.char_start}-"
+                                 f"{left.char_end}) and {right.name!r} ({right.char_start}-"
+                                 f"{right.char_end}); every prompt token may belong to one "
+                                 "source only")
 
 
 def _assign_tokens(sources: list[LocatedSource], tokens: Sequence[Token], prompt_length: int) -> None:
@@ -314,7 +319,7 @@ def _assign_tokens(sources: list[LocatedSource], tokens: Sequence[Token], prompt
     for source in sources:
         indices = members[source.index]
         if not indices:
-            raise ValueError(f"source {source.name!r} covers no prompt token")
+            raise GroundingError(f"source {source.name!r} covers no prompt token")
         source.token_start, source.token_end = indices[0], indices[-1] + 1
 
 
@@ -536,7 +541,8 @@ def grounding_threshold_from_env() -> float:
 def check_threshold(threshold: float) -> float:
     value = float(threshold)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"grounding_threshold {threshold!r} is out of range; allowed: 0 to 1")
+        raise GroundingError(f"grounding_threshold {threshold!r} is out of range; allowed: 0 to 1",
+                             "grounding_threshold")
     return value
 
 
