@@ -1,7 +1,7 @@
 """``load_explainer`` and ``Explainer``: the offline, in-process way to explain a model.
 
-It loads a checkpoint, tokenises, generates, runs the engine and assembles the ``Explanation``
-with the same functions (``assemble.py``) the vLLM plugin uses."""
+It loads a checkpoint, tokenises and generates; an explanation runs the same pipeline
+(``pipeline.py``: plan, job, compute, assemble) as the vLLM plugin, all in this process."""
 
 from __future__ import annotations
 
@@ -10,26 +10,17 @@ from typing import Any, Sequence
 
 import torch
 
+from . import pipeline
 from .adapters.hf import check_architecture, weights_from_hf
 from .assemble import (
     COMBINATIONS,
     DEFAULT_COMBINATION,
     MAX_PER_TOKEN_ROWS,
-    build_explanation,
+    ExplainInputError,
+    GroundingError,
+    PromptError,
     check_mode,
-    ground,
-    needs_next_token,
-    parse_target,
-    resolve_targets,
-    seeds_for,
     token_spans,
-)
-from .engine.backward import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    argmax_next_token,
-    final_logits,
-    relevance_from_layer_inputs,
-    run_forward,
 )
 from .engine.spec import ModelWeights
 from .models import SUPPORTED_ARCHITECTURES
@@ -37,12 +28,8 @@ from .explanation import Explanation, Token
 from .grounding import (
     DEFAULT_GROUNDING_THRESHOLD,
     SourceSpec,
-    check_threshold,
     documents_into_messages,
-    parse_sources,
-    plan_grounding,
     render_documents,
-    sentence_rows,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,14 +105,14 @@ class Explainer:
         rendered into the prompt (``grounding.render_documents``): into the last user message,
         or around ``text``."""
         if (text is None) == (messages is None):
-            raise ValueError("give exactly one of text or messages")
+            raise PromptError("give exactly one of text or messages")
         text, messages = with_documents(text, messages, documents)
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if messages is None and (chat is True or (chat is None and has_template)):
             messages = [{"role": "user", "content": text}]
         if messages is not None:
             if not has_template:
-                raise ValueError("this tokenizer has no chat template; pass text with chat=False")
+                raise PromptError("this tokenizer has no chat template; pass text with chat=False")
             ids = self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
             )
@@ -196,20 +183,18 @@ class Explainer:
         """
         check_mode(mode)
         if combination not in COMBINATIONS:
-            raise ValueError(
-                f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}"
-            )
+            raise ExplainInputError(
+                f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}",
+                "combination")
         given = [x is not None for x in (text, input_ids, messages)]
         if sum(given) != 1:
-            raise ValueError("give exactly one of text, input_ids or messages as the prompt")
-        specs = parse_sources(sources)
-        grounded = bool(documents) or bool(specs)
+            raise PromptError("give exactly one of text, input_ids or messages as the prompt")
         if documents is not None:
             if input_ids is not None:
-                raise ValueError("documents are rendered into a text or messages prompt; with "
-                                 "input_ids, mark the sources with sources=[{'chars': [a, b]}]")
+                raise GroundingError("documents are rendered into a text or messages prompt; "
+                                     "with input_ids, mark the sources with sources=[{'chars': "
+                                     "[a, b]}]", "documents")
             text, messages = with_documents(text, messages, documents)
-        threshold = check_threshold(grounding_threshold)
         if input_ids is not None:
             prompt_ids = [int(i) for i in input_ids]
         elif messages is not None:
@@ -220,47 +205,15 @@ class Explainer:
             completion_ids = self.encode_completion(completion)
         else:
             completion_ids = [int(i) for i in (completion or [])]
-        ids = prompt_ids + completion_ids
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.weights.spec.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"token ids must lie in [0, {vocab})")
-        device = self.weights.device
-        positions = torch.arange(len(ids), device=device)
-        parsed = parse_target(target)
-        forward = None
-        if layer_inputs is None:
-            forward = run_forward(self.weights, torch.tensor(ids, device=device), positions,
-                                  DEFAULT_CACHE_BUDGET_BYTES)
-            layer_inputs = forward.layer_inputs
-        next_token_id = None
-        if needs_next_token(parsed):
-            if forward is not None:
-                next_token_id = int(final_logits(self.weights, forward.final_hidden[-1:])[0].argmax())
-            else:
-                next_token_id = argmax_next_token(self.weights, layer_inputs, positions)
-        targets = resolve_targets(parsed, len(prompt_ids), completion_ids, vocab,
-                                  next_token_id, max_per_token_rows)
-        spans = token_spans(self.tokenizer, ids, len(prompt_ids))
-        plan, rows, sentence_row = None, targets, []
-        if grounded:
-            contents = ([m.get("content") if isinstance(m.get("content"), str) else None
-                         for m in messages] if messages is not None else None)
-            plan = plan_grounding(*spans, len(prompt_ids), specs=specs, documents=documents,
-                                  message_contents=contents,
-                                  skip_token_ids=self.tokenizer.all_special_ids,
-                                  threshold=threshold, sentences=sentences)
-            rows, sentence_row = sentence_rows(targets, plan, len(prompt_ids), completion_ids)
-        result = relevance_from_layer_inputs(self.weights, layer_inputs, positions,
-                                             seeds_for(rows), mode, forward=forward)
-        explanation = build_explanation(result, targets, ids, len(prompt_ids), self.tokenizer,
-                                        model=self.name, mode=mode, per_layer=per_layer,
-                                        per_token=parsed == "per_token", combination=combination,
-                                        spans=spans)
-        if plan is not None:
-            explanation.grounding = ground(explanation, result, plan, sentence_row)
-        return explanation
+        planned = pipeline.plan(prompt_ids, completion_ids, target, tokenizer=self.tokenizer,
+                                vocab_size=self.weights.spec.vocab_size, mode=mode,
+                                max_per_token_rows=max_per_token_rows, documents=documents,
+                                sources=sources, grounding_threshold=grounding_threshold,
+                                sentences=sentences,
+                                message_contents=pipeline.message_contents(messages))
+        result = pipeline.compute(self.weights, pipeline.job(planned), layer_inputs)
+        return pipeline.assemble(planned, result, model=self.name, per_layer=per_layer,
+                                 combination=combination)
 
 
 def with_documents(text: str | None, messages: Sequence[dict] | None,
