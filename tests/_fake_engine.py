@@ -1,11 +1,18 @@
 """The plugin's HTTP side on a FastAPI app without vLLM's engine: a fake engine answers
 ``collective_rpc`` as the worker would, and a stand-in for vLLM's ``/v1/completions`` handler
-returns a fixed completion. Shared by the unit tests of the HTTP layer."""
+returns a fixed completion. Shared by the unit tests of the HTTP layer.
+
+With a ``FakeWorker`` (a small model's weights), the jobs run on the plugin's real worker
+extension (``serving/worker.py``: ``pelrp_submit``/``pelrp_poll``, ``run_job``,
+``pipeline.compute``), and every argument and reply crosses vLLM's msgpack encoding as it does
+between the API process and the engine; the stand-in handler then "generates" the worker's fixed
+completion and records its layer inputs as the recording hooks would."""
 
 from __future__ import annotations
 
 import asyncio
 from functools import lru_cache
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -25,9 +32,69 @@ def default_tokenizer():
     return AutoTokenizer.from_pretrained(ensure_default_checkpoint())
 
 
+def over_msgpack(value: Any) -> Any:
+    """``value`` after vLLM's msgpack transport (what ``collective_rpc`` does to arguments and
+    replies between processes): tuples become lists, nothing else survives but plain data."""
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    return MsgpackDecoder().decode(MsgpackEncoder().encode(value))
+
+
+class _Recordings:
+    """The worker's recorder, as far as the jobs use it: recordings by key."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, list] = {}
+
+    def take(self, key: str) -> list:
+        return self.by_key.pop(key, [])
+
+    def release(self, key: str) -> int:
+        return len(self.by_key.pop(key, []))
+
+
+class FakeWorker:
+    """The real worker extension on ``weights``, its recorder replaced by ``record``."""
+
+    def __init__(self, weights, completion_ids: list[int]) -> None:
+        from vllm_pelrp.serving.worker import PelrpWorkerExtension
+
+        self.weights = weights
+        self.completion_ids = list(completion_ids)  # what every "generation" returns
+        self.extension = PelrpWorkerExtension()
+        state = self.extension._pelrp()
+        state.weights = weights
+        state.recorder = _Recordings()  # no pool: jobs run inline, as under tensor parallelism
+        self.submitted: list[list[dict]] = []  # the jobs as the worker received them
+
+    def record(self, key: str, prompt_ids: list[int], completion_ids: list[int]) -> None:
+        """Record a request's layer inputs as the hooks would: every position the model ran
+        (all but the last completion token)."""
+        import torch
+
+        from vllm_pelrp.engine.backward import forward_layer_inputs
+        from vllm_pelrp.serving.recorder import Recording
+
+        ids = prompt_ids + completion_ids
+        inputs, _ = forward_layer_inputs(self.weights, torch.tensor(ids[:-1]))
+        recording = Recording(req_id=f"r{len(self.extension._pelrp().recorder.by_key)}",
+                              key=key, prompt_token_ids=list(prompt_ids),
+                              output_token_ids=list(completion_ids), capacity=len(ids),
+                              buffer=torch.stack(inputs), first_position=0,
+                              end_position=len(ids) - 1)
+        self.extension._pelrp().recorder.by_key.setdefault(key, []).append(recording)
+
+    def call(self, method: str, args: tuple) -> Any:
+        args = over_msgpack(list(args))
+        if method == "pelrp_submit":
+            self.submitted.append(args[1])
+        return over_msgpack(getattr(self.extension, method)(*args))
+
+
 class FakeEngine:
-    def __init__(self, info):
+    def __init__(self, info, worker: FakeWorker | None = None):
         self.info = info
+        self.worker = worker
         self.calls = []
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -36,12 +103,17 @@ class FakeEngine:
             return [dict(self.info, key_secret=args[1] if len(args) > 1 else None)]
         if method == "pelrp_stats":
             return [{"bytes": 0, "recordings": 0}]
+        if self.worker is not None and method in ("pelrp_submit", "pelrp_poll", "pelrp_cancel",
+                                                  "pelrp_release"):
+            return [self.worker.call(method, args)]
         return [0]
 
 
-def make_app(info, tokenizer=None, api_keys: bool = False) -> tuple[TestClient, FakeEngine]:
-    """The plugin's routes on an app whose engine is ``FakeEngine(info)``; ``api_keys``: as if
-    the server ran with --api-key (explanations then belong to the bearer key)."""
+def make_app(info, tokenizer=None, api_keys: bool = False,
+             worker: FakeWorker | None = None) -> tuple[TestClient, FakeEngine]:
+    """The plugin's routes on an app whose engine is ``FakeEngine(info, worker)``;
+    ``api_keys``: as if the server ran with --api-key (explanations then belong to the bearer
+    key)."""
     app = FastAPI()
 
     app.state.generated = []  # the requests the stand-in for vLLM's handler received
@@ -49,7 +121,16 @@ def make_app(info, tokenizer=None, api_keys: bool = False) -> tuple[TestClient, 
     @app.post("/v1/completions")
     async def original(request: dict, raw_request: Request):  # stands in for vLLM's handler
         app.state.generated.append(request)
-        return JSONResponse({"choices": [{"index": 0, "text": "ok"}]})
+        key = (getattr(request, "vllm_xargs", None) or {}).get("pelrp_key")
+        if worker is None or key is None:
+            return JSONResponse({"choices": [{"index": 0, "text": "ok"}]})
+        # an explained request: "generate" the worker's completion and record it
+        prompt = request.prompt
+        prompt_ids = list(prompt) if isinstance(prompt, list) else [
+            int(i) for i in service.tokenizer(prompt)["input_ids"]]
+        worker.record(key, prompt_ids, worker.completion_ids)
+        return JSONResponse({"choices": [{"index": 0, "text": "ok", "prompt_token_ids": prompt_ids,
+                                          "token_ids": worker.completion_ids}]})
 
     plugin = PelrpEndpointPlugin()
     plugin.attach_router(app)
@@ -57,11 +138,9 @@ def make_app(info, tokenizer=None, api_keys: bool = False) -> tuple[TestClient, 
     first = app.router.routes.index(next(r for r in app.router.routes
                                          if getattr(r, "endpoint", None) is original))
     del app.router.routes[first]
-    engine = FakeEngine(info)
+    engine = FakeEngine(info, worker)
     service = ExplainService(engine, tokenizer=tokenizer or default_tokenizer(), model_name="m")
     asyncio.run(service.setup())
     app.state.pelrp_service = service
     app.state.pelrp_api_keys = api_keys
     return TestClient(app), engine
-
-

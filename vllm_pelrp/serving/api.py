@@ -53,8 +53,9 @@ from .protocol import (
     describe_errors,
     extract_explain,
 )
+from ..assemble import ExplainInputError
 from ..grounding import documents_into_messages, render_documents
-from .service import GROUNDING_ERROR, Choice, ExplainError, ExplainService
+from .service import Choice, ChoiceError, ExplainError, ExplainService
 from . import webview
 from .loopwatch import LoopWatch
 from .metrics import get_metrics, refresh_activation_gauges
@@ -141,6 +142,15 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permiss
 def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(
         status, "BadRequestError"), "param": param, "code": status}}, status_code=status)
+
+
+def refused(error: ExplainError | ExplainInputError, prefix: str = "") -> JSONResponse:
+    """The answer to a refused request: an ``ExplainError`` as it says; the user's
+    ``ExplainInputError`` (by its type, whatever its message) a 400 naming its field, under
+    ``prefix`` (where the route keeps the explain fields: "explain." in a completions request)."""
+    if isinstance(error, ExplainInputError):
+        error = ExplainError.of_input(error, prefix)
+    return error_response(error.message, error.status, error.param)
 
 
 class UnauthorizedResponse(BaseModel):
@@ -355,8 +365,8 @@ class PelrpEndpointPlugin:
             tokens = service.recording_tokens(lengths, max_tokens, n)
             key = service.new_key(len(lengths) * n)
             service.reserve(key, tokens)
-        except ExplainError as error:
-            return error_response(error.message, error.status, error.param)
+        except (ExplainError, ExplainInputError) as error:
+            return refused(error, "explain.")
 
         wants_ids = bool(request.return_token_ids)
         owner = owner_of(raw_request)
@@ -390,12 +400,13 @@ class PelrpEndpointPlugin:
         except asyncio.CancelledError:  # the client went away while explaining
             service.release_soon(key)
             raise
-        except ExplainError as error:
-            return error_response(error.message, error.status, error.param)
-        errors = [e["error"] for e in explained.values() if "error" in e]
-        if errors and len(errors) == len(explained) and _is_user_error(options, errors[0]):
-            return error_response(errors[0], 400, "explain.sources" if errors[0].startswith(
-                GROUNDING_ERROR) else "explain.target")
+        except (ExplainError, ExplainInputError) as error:
+            return refused(error, "explain.")
+        failed = [e for e in explained.values() if "error" in e]
+        if failed and len(failed) == len(explained):  # no choice explained: whose fault?
+            cause = failed[0].cause if isinstance(failed[0], ChoiceError) else None
+            if isinstance(cause, ExplainInputError):
+                return refused(cause, "explain.")
         for choice in body.get("choices", []):
             choice["explanation"] = explained.get(choice["index"])
             if not wants_ids:
@@ -487,8 +498,8 @@ class PelrpEndpointPlugin:
             result = await service.explain_tokens(prompt_ids, completion_ids, options,
                                                   request.target, message_contents,
                                                   owner=owner_of(raw_request))
-        except ExplainError as error:
-            return error_response(error.message, error.status, error.param)
+        except (ExplainError, ExplainInputError) as error:
+            return refused(error)
         return Response(await service.offload(_dumps, result), media_type="application/json",
                         headers=low_grounding_header([result]))
 
@@ -550,7 +561,7 @@ def _tokenize_given(request: ExplainRequest, messages: list[dict[str, Any]] | No
         if request.documents is not None:
             try:
                 messages = documents_into_messages(messages, request.documents)
-            except ValueError as error:
+            except ExplainInputError as error:
                 raise ExplainError(str(error), param="documents") from None
         message_contents = _contents(messages)
         prompt_ids = _render_chat(tokenizer, messages, "messages")
@@ -590,11 +601,6 @@ def _max_tokens(request, chat: bool) -> int | None:
     if chat:
         return request.max_completion_tokens or request.max_tokens
     return request.max_tokens
-
-
-def _is_user_error(options: ExplainOptions, message: str) -> bool:
-    return ("out of range" in message or "exceed the cap" in message
-            or message.startswith(GROUNDING_ERROR))
 
 
 LOW_GROUNDING_HEADER = "x-pelrp-low-grounding"
@@ -652,7 +658,7 @@ def _apply_sources(request, options: ExplainOptions, tokenizer: Any, chat: bool,
         if options.documents:
             try:
                 messages = documents_into_messages(messages, options.documents)
-            except ValueError as error:
+            except ExplainInputError as error:
                 raise ExplainError(f"explain.documents: {error}", param="explain.documents") \
                     from None
             request.messages = messages

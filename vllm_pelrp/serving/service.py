@@ -1,7 +1,8 @@
 """API-process side of an explanation, between the HTTP routes and the worker: memory-cap
-bookkeeping, target resolution, jobs sent through ``collective_rpc`` and assembly of the
-wire-format ``Explanation`` with the tokenizer. No HTTP here; the worker's numbers arrive as
-lists and become tensors only to reuse ``assemble.build_explanation``.
+bookkeeping, the cost cap, and the explanation pipeline (``pipeline.py``: plan, job, compute on
+the worker through ``collective_rpc``, assemble) with the tokenizer. No HTTP here, and no
+tensors: the worker's ``BackwardResult`` becomes an ``Explanation`` in ``pipeline.assemble``.
+The user's errors arrive as ``ExplainInputError`` and become 400s by their type.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-from ..assemble import MAX_PER_TOKEN_ROWS, build_explanation, ground, resolve_targets, token_spans
+from .. import pipeline
+from ..assemble import MAX_PER_TOKEN_ROWS, ExplainInputError, GroundingError
 from ..explanation import Explanation, SpanTarget
-from ..grounding import (
-    MAX_SENTENCES,
-    GroundingPlan,
-    grounding_threshold_from_env,
-    plan_grounding,
-    sentence_rows,
-)
+from ..grounding import MAX_SENTENCES, grounding_threshold_from_env
+from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, Plan
 from .env import env_number
 from .keys import new_secret, sign_key
 from .metrics import get_metrics, observed
@@ -30,7 +27,7 @@ from .protocol import CompactExplanation, ExplainOptions, TopToken
 
 logger = logging.getLogger("vllm_pelrp.serving")
 POLL_SECONDS = 0.02
-GROUNDING_ERROR = "sources: "  # starts the error of a choice whose sources cannot be placed
+GROUNDING_PREFIX = "sources: "  # starts the message of sources that cannot be placed
 COST_ENV = "VLLM_PELRP_MAX_EXPLAIN_COST"
 DEFAULT_MAX_COST = 65536  # target rows x tokens of one request's backward passes
 API_THREADS = 4  # tokenization, grounding plans and assembly: off the event loop
@@ -43,13 +40,39 @@ def explain_cost_cap_from_env() -> int:
 
 
 class ExplainError(Exception):
-    """Becomes an OpenAI-style error response with ``status``."""
+    """Becomes an OpenAI-style error response with ``status``; ``param``: the request field at
+    fault, as the route names it."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+
+    @classmethod
+    def of_input(cls, error: ExplainInputError, prefix: str = "") -> "ExplainError":
+        """The 400 of the user's ``error``; ``prefix``: where the route keeps the explain
+        fields ("explain." in a completions request)."""
+        return cls(user_message(error), 400, prefix + error.param)
+
+
+def user_message(error: ExplainInputError) -> str:
+    """How the server words the user's ``error``: sources that cannot be placed say so first."""
+    return GROUNDING_PREFIX + str(error) if isinstance(error, GroundingError) else str(error)
+
+
+class ChoiceError(dict):
+    """A choice that could not be explained, as the wire shows it: ``{"error": message}``.
+    ``cause``: the ``ExplainInputError`` when the request is at fault (None when the worker
+    failed); when every choice fails so, the route answers 400 (``api.py``)."""
+
+    def __init__(self, message: str, cause: ExplainInputError | None = None) -> None:
+        super().__init__(error=message)
+        self.cause = cause
+
+    @classmethod
+    def of_input(cls, error: ExplainInputError) -> "ChoiceError":
+        return cls(user_message(error), error)
 
 
 @dataclass
@@ -239,9 +262,10 @@ class ExplainService:
                 "reserved_requests": len(self.reserved), "info": self.info,
                 "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
-    async def run_jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def run_jobs(self, jobs: list[BackwardJob]) -> list[BackwardResult | BackwardFailure]:
         ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
-        await self.engine.collective_rpc("pelrp_submit", args=(ticket, jobs))
+        await self.engine.collective_rpc("pelrp_submit",
+                                         args=(ticket, [job.model_dump() for job in jobs]))
         try:
             while True:
                 reply = (await self.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
@@ -256,10 +280,29 @@ class ExplainService:
             raise
         if "error" in reply:
             raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
-        for result in reply["results"]:
-            if "queue_seconds" in result:
-                get_metrics().queue_wait.observe(result["queue_seconds"])
-        return reply["results"]
+        # validating a large result takes a while: off the event loop
+        results = await self.offload(lambda: [pipeline.backward_reply(r)
+                                              for r in reply["results"]])
+        for result in results:
+            if result.queue_seconds is not None:
+                get_metrics().queue_wait.observe(result.queue_seconds)
+        return results
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.info.get("vocab_size", 0))
+
+    def plan(self, prompt_ids: list[int], completion_ids: list[int], options: ExplainOptions,
+             target: Any, message_contents: Sequence[str | None] | None = None) -> Plan:
+        """``pipeline.plan`` with the request's options and the server's defaults; raises
+        ``ExplainInputError``."""
+        threshold = (options.grounding_threshold if options.grounding_threshold is not None
+                     else self.grounding_threshold)
+        return pipeline.plan(prompt_ids, completion_ids, target, tokenizer=self.tokenizer,
+                             vocab_size=self.vocab_size, mode=options.mode,
+                             max_per_token_rows=MAX_PER_TOKEN_ROWS, documents=options.documents,
+                             sources=options.sources, grounding_threshold=threshold,
+                             sentences=options.sentences, message_contents=message_contents)
 
     @observed  # metrics, ids and the web view's store (serving/metrics.py)
     async def explain_choices(self, key: str | None, choices: list[Choice],
@@ -267,23 +310,22 @@ class ExplainService:
                               message_contents: Sequence[str | None] | None = None,
                               owner: str | None = None,
                               ) -> dict[int, dict[str, Any]]:
-        """Explanations (wire dicts) by choice index; a choice that cannot be explained gets
-        ``{"error": ...}`` (sources that cannot be placed: starting with ``GROUNDING_ERROR``).
-        ``message_contents``: the chat messages' contents as rendered (for ``message`` sources).
-        ``owner``: who may read the stored explanations (``webview.py``). Always frees
-        ``key``'s recordings."""
+        """Explanations (wire dicts) by choice index; a choice that cannot be explained gets a
+        ``ChoiceError`` (``{"error": ...}``, with the ``ExplainInputError`` when the request is
+        at fault). ``message_contents``: the chat messages' contents as rendered (for
+        ``message`` sources). ``owner``: who may read the stored explanations (``webview.py``).
+        Always frees ``key``'s recordings."""
         out: dict[int, dict[str, Any]] = {}
         submitted = False
         try:
             planned = await self.offload(self._plan_choices, choices, options, message_contents)
-            pending = [(c, p) for c, p in planned if not isinstance(p, str)]
-            out.update({c.index: {"error": p} for c, p in planned if isinstance(p, str)})
+            pending = [(c, p) for c, p in planned if isinstance(p, Plan)]
+            out.update({c.index: p for c, p in planned if isinstance(p, ChoiceError)})
             if pending:
                 # the actual cost, now that the completions are known (at most the planned one)
-                self.check_cost([len(p.rows) for _, p in pending],
-                                [len(c.prompt_ids) + len(c.completion_ids) for c, _ in pending])
+                self.check_cost([p.num_rows for _, p in pending], [len(p.ids) for _, p in pending])
                 submitted = True  # from here on the worker frees what the jobs claimed
-                results = await self.run_jobs([self._job(c, p, options, key) for c, p in pending])
+                results = await self.run_jobs([pipeline.job(p, key) for _, p in pending])
                 out.update(await self.offload(self._wire_all, pending, results, options))
         finally:
             if key is not None:
@@ -294,40 +336,25 @@ class ExplainService:
 
     def _plan_choices(self, choices: list[Choice], options: ExplainOptions,
                       message_contents: Sequence[str | None] | None,
-                      ) -> list[tuple[Choice, "Prepared | str"]]:
-        """Targets, decoded tokens and grounding plan of each choice, or its error message."""
-        vocab = int(self.info.get("vocab_size", 0))
-        planned: list[tuple[Choice, Prepared | str]] = []
+                      ) -> list[tuple[Choice, Plan | ChoiceError]]:
+        """Each choice's plan, or the user's error that stops it."""
+        planned: list[tuple[Choice, Plan | ChoiceError]] = []
         for choice in choices:
             try:
-                targets = resolve_targets(options.target, len(choice.prompt_ids),
-                                          choice.completion_ids, vocab, None, MAX_PER_TOKEN_ROWS)
-            except ValueError as error:
-                planned.append((choice, str(error)))
-                continue
-            try:
-                planned.append((choice, self.prepare(choice, targets, options, message_contents)))
-            except ValueError as error:
-                planned.append((choice, GROUNDING_ERROR + str(error)))
+                planned.append((choice, self.plan(choice.prompt_ids, choice.completion_ids,
+                                                  options, options.target, message_contents)))
+            except ExplainInputError as error:
+                planned.append((choice, ChoiceError.of_input(error)))
         return planned
 
-    def _wire_all(self, pending: list[tuple[Choice, "Prepared"]], results: list[dict[str, Any]],
+    def _wire_all(self, pending: list[tuple[Choice, Plan]],
+                  results: list[BackwardResult | BackwardFailure],
                   options: ExplainOptions) -> dict[int, dict[str, Any]]:
-        out = {}
-        for (choice, prepared), result in zip(pending, results):
-            out[choice.index] = {"error": result["error"]} if "error" in result else \
-                self.to_wire(result, prepared, choice, options)
+        out: dict[int, dict[str, Any]] = {}
+        for (choice, plan), result in zip(pending, results):
+            out[choice.index] = ChoiceError(result.error) if isinstance(
+                result, BackwardFailure) else self.to_wire(result, plan, options)
         return out
-
-    @staticmethod
-    def _job(choice: Choice, prepared: "Prepared", options: ExplainOptions, key: str | None,
-             **extra: Any) -> dict[str, Any]:
-        job = {"token_ids": choice.prompt_ids + choice.completion_ids,
-               "prompt_length": len(choice.prompt_ids), "seeds": _seeds(prepared.rows),
-               "mode": options.mode, **extra}
-        if key is not None:
-            job["key"] = key
-        return job
 
     @observed  # metrics, ids and the web view's store (serving/metrics.py)
     async def explain_tokens(self, prompt_ids: list[int], completion_ids: list[int],
@@ -335,117 +362,36 @@ class ExplainService:
                              message_contents: Sequence[str | None] | None = None,
                              owner: str | None = None,
                              ) -> dict[str, Any]:
-        """``/v1/explain``: no recording; the worker runs a plain forward for the layer inputs."""
-        vocab = int(self.info.get("vocab_size", 0))
+        """``/v1/explain``: no recording; the worker runs a plain forward for the layer inputs
+        (and, for target 'next', decides the next token)."""
         ids = prompt_ids + completion_ids
-        if not prompt_ids:
-            raise ExplainError("the prompt is empty", param="prompt")
-        if any(not 0 <= t < vocab for t in ids):
-            raise ExplainError(f"token ids must lie in [0, {vocab}): the model's vocabulary",
-                               param="prompt")
-        if self.max_model_len and len(ids) > self.max_model_len:
-            raise ExplainError(f"{len(ids)} tokens (prompt and completion) exceed "
-                               f"max_model_len={self.max_model_len}", param="prompt")
-        choice = Choice(0, prompt_ids, completion_ids)
-        nxt = target == "next"
         try:
-            targets = [] if nxt else resolve_targets(
-                target, len(prompt_ids), completion_ids, vocab, None, MAX_PER_TOKEN_ROWS)
-        except ValueError as error:
-            raise ExplainError(str(error), param="target") from None
-        try:
-            # target 'next': the worker puts the argmax next-token row first, then these rows
-            prepared = await self.offload(self.prepare, choice, targets, options,
-                                          message_contents)
-        except ValueError as error:
-            raise ExplainError(GROUNDING_ERROR + str(error), param="sources") from None
-        self.check_cost([len(prepared.rows) + nxt], [len(ids)])
+            pipeline.check_token_ids(prompt_ids, completion_ids, self.vocab_size)  # cheap first
+            if self.max_model_len and len(ids) > self.max_model_len:
+                raise ExplainError(f"{len(ids)} tokens (prompt and completion) exceed "
+                                   f"max_model_len={self.max_model_len}", param="prompt")
+            plan = await self.offload(self.plan, prompt_ids, completion_ids, options, target,
+                                      message_contents)
+        except ExplainInputError as error:
+            raise ExplainError.of_input(error) from None
+        self.check_cost([plan.num_rows], [len(ids)])
         key = uuid.uuid4().hex  # reserves memory for the forward; records nothing
         self.reserve(key, len(ids))
         try:
-            job = self._job(choice, prepared, options, None, **({"next": True} if nxt else {}))
-            if nxt:
-                job["seeds"] = job["seeds"] or None
-            result = (await self.run_jobs([job]))[0]
-            if "error" in result:
-                raise ExplainError(result["error"], status=500)
-            if nxt:
-                prepared.targets = resolve_targets("next", len(prompt_ids), completion_ids, vocab,
-                                                   result["next_token_id"], MAX_PER_TOKEN_ROWS)
-                prepared.rows = prepared.targets + prepared.rows
-                prepared.sentence_row = [b + 1 for b in prepared.sentence_row]
-            return await self.offload(self.to_wire, result, prepared, choice, options)
+            (result,) = await self.run_jobs([pipeline.job(plan)])
+            if isinstance(result, BackwardFailure):
+                raise ExplainError(result.error, status=500)
+            return await self.offload(self.to_wire, result, plan, options)
         finally:
             self.unreserve(key)
 
-    def prepare(self, choice: Choice, targets: list, options: ExplainOptions,
-                message_contents: Sequence[str | None] | None = None) -> "Prepared":
-        """Decoded tokens and, when the request declares sources, the grounding plan and its
-        sentence rows (appended to the targets: one batched backward). ``ValueError`` when a
-        source cannot be placed."""
-        prompt_length = len(choice.prompt_ids)
-        spans = token_spans(self.tokenizer, choice.prompt_ids + choice.completion_ids,
-                            prompt_length)
-        if not (options.documents or options.sources):
-            return Prepared(targets, list(targets), [], None, spans)
-        threshold = (options.grounding_threshold if options.grounding_threshold is not None
-                     else self.grounding_threshold)
-        plan = plan_grounding(*spans, prompt_length, specs=options.sources or (),
-                              documents=options.documents, message_contents=message_contents,
-                              skip_token_ids=self.tokenizer.all_special_ids,
-                              threshold=threshold, sentences=options.sentences)
-        rows, sentence_row = sentence_rows(targets, plan, prompt_length, choice.completion_ids)
-        return Prepared(targets, rows, sentence_row, plan, spans)
-
-    def to_wire(self, result: dict[str, Any], prepared: "Prepared", choice: Choice,
+    def to_wire(self, result: BackwardResult, plan: Plan,
                 options: ExplainOptions) -> dict[str, Any]:
-        explanation = assemble(result, prepared, choice, options, self.tokenizer,
-                               self.model_name)
+        explanation = pipeline.assemble(plan, result, model=self.model_name,
+                                        per_layer=options.per_layer)
         if options.top_k:
             return compact(explanation, options.top_k).model_dump(mode="json")
         return explanation.model_dump(mode="json")
-
-
-def assemble(result: dict[str, Any], prepared: "Prepared", choice: Choice,
-             options: ExplainOptions, tokenizer: Any, model_name: str) -> Explanation:
-    import torch
-
-    from ..engine.backward import RelevanceResult
-
-    relevance = RelevanceResult(
-        token=torch.tensor(result["token"]),
-        positional_cos=torch.tensor(result["positional_cos"]),
-        positional_sin=torch.tensor(result["positional_sin"]),
-        target_logit=torch.tensor(result["target_logit"]),
-        softmax_absorbed=torch.tensor(result["softmax_absorbed"]),
-        bias_absorbed=(torch.tensor(result["bias_absorbed"]) if "bias_absorbed" in result
-                       else None),
-    )
-    ids = choice.prompt_ids + choice.completion_ids
-    explanation = build_explanation(relevance, prepared.targets, ids, len(choice.prompt_ids),
-                                    tokenizer, model=model_name, mode=options.mode,
-                                    per_layer=options.per_layer,
-                                    per_token=options.target == "per_token", spans=prepared.spans)
-    if prepared.plan is not None:
-        explanation.grounding = ground(explanation, relevance, prepared.plan,
-                                       prepared.sentence_row)
-    return explanation
-
-
-@dataclass
-class Prepared:
-    """One choice ready for the worker: its main targets, every row of the batched backward
-    (main targets first), the row of each sentence, the grounding plan and decoded tokens."""
-
-    targets: list
-    rows: list
-    sentence_row: list[int]
-    plan: GroundingPlan | None
-    spans: tuple[str, list]
-
-
-def _seeds(targets) -> list[list[list[int]]]:
-    return [[list(p) for p in zip(t.positions, t.token_ids)] for t in targets]
 
 
 def compact(explanation: Explanation, k: int) -> CompactExplanation:

