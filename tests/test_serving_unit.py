@@ -228,6 +228,29 @@ def test_pelrp_serve_command_passes_vllm_arguments_through(monkeypatch, tmp_path
     assert cli.main(["explain", "x", "--not-an-option"]) == 2  # other commands stay strict
 
 
+def test_a_shipped_model_name_serves_and_loads_its_converted_checkpoint(tmp_path, monkeypatch):
+    """``--model gemma3-270m`` (any spelling of a shipped name) is the converted checkpoint,
+    served under its canonical name; a directory of that name in the working directory wins."""
+    from vllm_pelrp import cli
+    from vllm_pelrp.explainer import resolve_model_path
+    from vllm_pelrp.shipped_models import checkpoint_dir
+
+    parser = cli.build_parser()
+    args, unknown = parser.parse_known_args(["serve", "--model", "Gemma3-270M"])
+    args.vllm_args = unknown
+    command, _ = cli.serve_command(args)
+    assert command[command.index("--model") + 1] == str(checkpoint_dir("gemma-3-270m"))
+    assert command[command.index("--served-model-name") + 1] == "gemma-3-270m"
+    assert resolve_model_path("google/gemma-3-270m") == checkpoint_dir("gemma-3-270m")
+    local = tmp_path / "gemma-3-270m"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("gemma-3-270m").resolve() == local
+    with pytest.raises(FileNotFoundError, match="shipped model's name"):
+        resolve_model_path(str(tmp_path / "missing"))
+
+
 def test_pelrp_serve_is_compiled_by_default_and_eager_on_request(monkeypatch, tmp_path):
     from vllm_pelrp import cli
     from vllm_pelrp.serving import plugin

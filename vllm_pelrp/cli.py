@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--per-layer", action="store_true",
                     help="also return the positional relevance of every layer (cos and sin parts)")
     ex.add_argument("--model", metavar="PATH", default=None,
-                    help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+                    help="checkpoint directory, or a shipped model's name (gemma-3-270m) "
+                         "(default: the embedded SmolLM2-135M-Instruct)")
     ex.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     ex.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ex.add_argument("--no-chat", action="store_true",
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "vLLM's server unchanged, e.g. --dtype float32 --max-model-len 4096.",
     )
     sv.add_argument("--model", metavar="DIR", default=None,
-                    help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+                    help="checkpoint directory, or a shipped model's name (gemma-3-270m) "
+                         "(default: the embedded SmolLM2-135M-Instruct)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
@@ -301,12 +303,15 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     import os
 
     extra = list(getattr(args, "vllm_args", []) or [])
-    if args.model is None:
-        from .default_model import DEFAULT_MODEL_NAME, ensure_default_checkpoint
+    from .shipped_models import DEFAULT_MODEL_NAME, shipped_model_name
 
-        model = str(ensure_default_checkpoint())
+    shipped = shipped_model_name(args.model) if args.model is not None else DEFAULT_MODEL_NAME
+    if shipped is not None:  # the default or a shipped model's name: its converted checkpoint
+        from .explainer import resolve_model_path
+
+        model = str(resolve_model_path(shipped))
         if not _given(extra, "--served-model-name"):
-            extra += ["--served-model-name", DEFAULT_MODEL_NAME]
+            extra += ["--served-model-name", shipped]
     else:
         model = str(Path(args.model).expanduser())
     for flag, value in SERVE_DEFAULTS.items():

@@ -44,17 +44,21 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """Local checkpoint directory for ``model`` (None: the embedded default model)."""
-    if model is None:
-        from .default_model import ensure_default_checkpoint
+    """Local checkpoint directory for ``model``: None is the embedded default model, a shipped
+    model's name (``gemma-3-270m``, ``vllm_pelrp.shipped_models``) its converted checkpoint
+    (converted on first use), anything else a local directory."""
+    from .shipped_models import DEFAULT_MODEL_NAME, shipped_checkpoint, shipped_model_names
 
-        return ensure_default_checkpoint()
+    shipped = shipped_checkpoint(DEFAULT_MODEL_NAME if model is None else model)
+    if shipped is not None:
+        return shipped
     path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
             f"model {model!r} is not a local directory; give a Hugging Face checkpoint directory "
             "(config.json + safetensors + tokenizer) of a supported architecture "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)}), or None for the embedded default model. "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}), a shipped model's name "
+            f"({', '.join(shipped_model_names())}), or None for the embedded default model. "
             "Nothing is downloaded from a hub."
         )
     if not (path / "config.json").is_file():
@@ -78,7 +82,7 @@ def load_explainer(
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     hf_model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    name = "SmolLM2-135M-Instruct" if model is None else path.name
+    name = path.name  # a shipped model's directory is named after it
     return Explainer(hf_model, tokenizer, name=name)
 
 
