@@ -2,14 +2,19 @@
 """LXT AttnLRP (efficient mode) for every case, timed; runs inside ``.venv-lxt``.
 
 Reuses ``bench/lxt_reference.py`` (model loading with the transformers-4 config fix, LXT's
-monkey patch, one explanation = forward + backward from the target logit with seed 1, token
-relevance = Σ_dim embeddings ⊙ grad). One warm-up explanation, then each case once, timed.
+monkey patch of the checkpoint's family — LLaMA/Mistral, Qwen2, Qwen3 or Gemma 3, from
+config.json's ``architectures`` — one explanation = forward + backward from the target logit
+with seed 1, token relevance = Σ_dim embeddings ⊙ grad). The lm_head runs at the target
+position only (HF ``logits_to_keep``), as our engine and the in-process gradient methods do:
+the same relevance, without the logits of every position over the whole vocabulary (262,144
+for Gemma 3). One warm-up explanation, then each case once, timed.
 
     .venv-lxt/bin/python bench/faithfulness/lxt_worker.py IN.json OUT.json
 
 IN.json: {"model": DIR, "threads": int|null,
           "cases": [{"input_ids": [...], "target_position": int, "target_token_id": int}]}
-OUT.json: {"versions": {...}, "cases": [{"relevance": [...], "logit": float, "time_s": float}]}
+OUT.json: {"versions": {...}, "config_fixes": [...],
+           "cases": [{"relevance": [...], "logit": float, "time_s": float}]}
 """
 from __future__ import annotations
 
@@ -30,20 +35,20 @@ def main(argv: list[str]) -> int:
         spec = json.load(f)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    ref.apply_patch("attnlrp")
-    model, _ = ref.load_model(spec["model"])
+    ref.apply_patch("attnlrp", ref.family_of(spec["model"]))
+    model, fixes = ref.load_model(spec["model"])
     out = []
     for index, case in enumerate(spec["cases"]):
         ids = torch.tensor([case["input_ids"]])
         pos, tok = int(case["target_position"]), int(case["target_token_id"])
         if index == 0:  # warm-up
-            ref.explain(model, ids, pos, tok)
+            ref.explain(model, ids, pos, tok, only_target_logits=True)
         start = time.perf_counter()
-        relevance, logit = ref.explain(model, ids, pos, tok)
+        relevance, logit = ref.explain(model, ids, pos, tok, only_target_logits=True)
         elapsed = time.perf_counter() - start
         out.append({"relevance": relevance.double().tolist(), "logit": logit, "time_s": elapsed})
     with open(target, "w") as f:
-        json.dump({"versions": ref._versions(), "cases": out}, f)
+        json.dump({"versions": ref._versions(), "config_fixes": fixes, "cases": out}, f)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Faithfulness benchmark: token flipping (the PA-LRP paper's protocol) on two real-text tasks.
 
     python -m bench.faithfulness                     # default model, default size (< 30 min)
-    python -m bench.faithfulness --model DIR         # any LLaMA checkpoint directory
+    python -m bench.faithfulness --model DIR         # a checkpoint directory (LLaMA, Mistral,
+                                                     # Qwen2, Qwen3, Gemma 3; base or instruct)
     python -m bench.faithfulness --n-dev 40 --n-test 100 --length 64   # larger
 
 Steps: (1) dev split: the four ways of combining token and positional relevance (plus the
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .methods import COMBINATIONS, PAPER_DEFAULT, Methods, timed
+from .methods import COMBINATIONS, DEFAULT_COMBINATION, PAPER_DEFAULT, Methods, timed
 from .protocol import CURVES, FRACTIONS, CaseCurves, Reading, ReadingCache, curve_inputs
 from .tasks import TASKS, Case, load_cases, neutral_token_id
 
@@ -67,6 +68,7 @@ def resolve_target(model: Any, case: Case) -> Case:
     else:
         case.target_id = case.prob_ids[int(logits[case.prob_ids].argmax())]
         case.meta["correct"] = case.prob_ids.index(case.target_id) == case.meta.get("answer")
+    case.meta["target_logit"] = float(logits[case.target_id])
     return case
 
 
@@ -254,7 +256,12 @@ DEV_METHODS = list(COMBINATIONS) + ["pa-lrp token-only", "pa-lrp position-only"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Token-flipping faithfulness benchmark (PA-LRP paper protocol).")
-    p.add_argument("--model", default=None, help="LLaMA checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory of a supported architecture (LLaMA, Mistral, "
+                        "Qwen2, Qwen3, Gemma 3; e.g. the shipped Gemma 3 270M: "
+                        "vllm_pelrp.shipped_models.ensure_checkpoint('gemma-3-270m')); default: the "
+                        "embedded SmolLM2-135M-Instruct. Prompts are plain text (no chat template), so "
+                        "base models work as they are"),
     p.add_argument("--tasks", default=",".join(TASKS), help="comma list of: " + ", ".join(TASKS))
     p.add_argument("--n-dev", type=int, default=8, help="dev cases per task (combination choice)")
     p.add_argument("--n-test", type=int, default=12, help="test cases per task")
@@ -330,8 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md)
         return 0
     wanted = list(TEST_METHODS)
-    if winner != PAPER_DEFAULT:
-        wanted.insert(1, PAPER_DEFAULT)
+    # beside the dev winner: the paper's combination and the library's default
+    # (combined_relevance), each when it is not the winner
+    for other in (PAPER_DEFAULT, DEFAULT_COMBINATION):
+        if other != winner and other not in wanted:
+            wanted.insert(1, other)
 
     # 2. test: every method
     test_cases = cases_for("test", args.n_test)
@@ -345,6 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lxt[t] = {"cases": out["cases"][offset : offset + len(test_cases[t])]}
                 offset += len(test_cases[t])
             result["lxt_versions"] = out["versions"]
+            result["lxt_config_fixes"] = out.get("config_fixes", [])
+            # same model in both environments: LXT's target logit must be ours
+            result["lxt_max_logit_diff"] = max(
+                abs(o["logit"] - c.meta["target_logit"]) for o, c in zip(out["cases"], all_cases))
+            print(f"  lxt: {len(all_cases)} cases, max |target logit - ours| = "
+                  f"{result['lxt_max_logit_diff']:.2e}", flush=True)
     test_summary, test_per_case, all_times = {}, {}, {}
     for task in tasks:
         per_case, times = run_split(ex, methods, test_cases[task], wanted, neutral_id, winner,
@@ -353,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_summary[task] = {m: summarise_method(c) for m, c in per_case.items()}
         for m, ts in times.items():
             all_times.setdefault(m, []).extend(ts)
-    result["test"] = {"summary": test_summary, "winner": winner}
+    result["test"] = {"summary": test_summary, "winner": winner,
+                      # per case, for paired comparisons of any two methods after the run
+                      "item_ids": {t: [c.item_id for c in test_cases[t]] for t in tasks},
+                      "per_case": {t: {m: {k: [c.aucs[k] for c in cs] for k in ("score_prob", "score_logit")}
+                                       for m, cs in test_per_case[t].items()} for t in tasks}}
     result["times_s"] = {m: float(np.mean(ts)) for m, ts in all_times.items()}
     result["quiz_accuracy"] = {s: float(np.mean([c.meta["correct"] for c in cs["quiz"]]))
                                for s, cs in (("test", test_cases),) if "quiz" in cs and cs["quiz"]}
@@ -380,7 +400,7 @@ def dev_report(result, dev_summary, tasks, winner) -> list[str]:
     n = {t: dev_summary[t][DEV_METHODS[0]]["n"] for t in tasks}
     lines = ["## Dev split: combining token and positional relevance", "",
              "Cases: " + ", ".join(f"{t} {n[t]}" for t in tasks) + ". Probability gaps, mean ± SE; "
-             f"Δ = paired difference to {PAPER_DEFAULT} (today's default).", "",
+             f"Δ = paired difference to {PAPER_DEFAULT} (the paper's combination).", "",
              "| combination | " + " | ".join(f"{t} del gap | {t} ins gap | {t} Δscore" for t in tasks)
              + " | mean score |", "|---|" + "---|---|---|" * len(tasks) + "---|"]
     for m in DEV_METHODS:
@@ -429,6 +449,29 @@ def overview(test_summary, test_per_case, tasks) -> list[str]:
     return lines
 
 
+ATTNLRP = "attnlrp (ours)"
+
+
+def against_attnlrp(test_per_case, tasks) -> list[str]:
+    """Every PA-LRP variant minus our AttnLRP mode, paired per case: what the positional part
+    (and its combination) adds over AttnLRP."""
+    if any(ATTNLRP not in test_per_case[t] for t in tasks):
+        return []
+    variants = [m for m in test_per_case[tasks[0]] if m == PALRP or m.startswith("pa-lrp")]
+    head = "| variant | " + " | ".join(f"{t}: Δscore (p) | {t}: Δscore (logit)" for t in tasks) + " |"
+    lines = [f"## Test split: PA-LRP variants against {ATTNLRP}", "",
+             f"Paired differences (variant minus {ATTNLRP}, same cases), mean ± SE; > 0: the "
+             "variant is more faithful than AttnLRP.", "", head, "|---|" + "---|---|" * len(tasks)]
+    for m in variants:
+        cells = []
+        for t in tasks:
+            cells += [fmt(*paired(test_per_case[t], m, ATTNLRP)),
+                      fmt(*paired(test_per_case[t], m, ATTNLRP, "score_logit"), digits=2)]
+        name = f"**{m}**" if m == PALRP else m
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(result, dev_summary, test_summary, test_per_case, times, tasks, winner, test_cases) -> str:
     lines = [f"# Faithfulness (token flipping): {result['model']}", "",
              f"Command: `{result['command'].strip()}`", "",
@@ -441,6 +484,7 @@ def report(result, dev_summary, test_summary, test_per_case, times, tasks, winne
     else:
         lines += [f"Dev split skipped: `{PALRP}` = {winner}.", ""]
     lines += overview(test_summary, test_per_case, tasks)
+    lines += against_attnlrp(test_per_case, tasks)
     for task in tasks:
         n = len(test_cases[task])
         lines += [f"## Test split, {task} ({n} cases)", "", "Target probability:", ""]

@@ -1,8 +1,9 @@
 """The two tasks, on real text shipped with the benchmark (see data/SOURCES.md).
 
 * ``nexttoken``: the first ``length`` tokens of a prose entry of the BSD fortune database; the
-  target is the model's own argmax next token (as the paper's Wikipedia task). All tokens are
-  mutable (special tokens such as a BOS are kept).
+  target is the model's own argmax next token (as the paper's Wikipedia task). All text tokens
+  are mutable; special tokens the tokenizer adds (a BOS such as Gemma's ``<bos>``) come on top
+  of the ``length`` and are never flipped.
 * ``quiz``: a four-way multiple-choice question from BSD quiz(6) answer files::
 
       Question: What is the capital of Norway?
@@ -15,7 +16,8 @@
   The target is the answer letter (" A" … " D") with the highest logit after "Answer:" (the
   paper's ARC set-up with ``correct_subset``); its probability is the softmax over the four
   letters. "Question:" and "\\nAnswer:" are fixed (the paper's ``should_keep``); the question
-  and the choices are mutable.
+  and the choices are mutable. The prompt is plain text, never a chat template (base models such
+  as Gemma 3 270M have none); a BOS the tokenizer adds belongs to the fixed prefix.
 """
 
 from __future__ import annotations
@@ -57,11 +59,16 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 
 def nexttoken_case(item: dict, tokenizer: Any, length: int) -> Case | None:
+    """The tokenizer's leading special tokens (Gemma's ``<bos>``; none for SmolLM2), then the
+    first ``length`` text tokens: N = ``length`` mutable tokens whatever the tokenizer adds."""
     ids = _encode(tokenizer, item["text"], special=True)
-    if len(ids) < length + 1:  # the cut must fall inside the text
-        return None
-    ids = ids[:length]
     special = set(tokenizer.all_special_ids)
+    lead = 0
+    while lead < len(ids) and ids[lead] in special:
+        lead += 1
+    if len(ids) < lead + length + 1:  # the cut must fall inside the text
+        return None
+    ids = ids[: lead + length]
     mutable = [i for i, t in enumerate(ids) if t not in special]
     return Case("nexttoken", item["id"], ids, mutable, meta={"source": item["source"]})
 
@@ -111,8 +118,12 @@ def neutral_token_id(tokenizer: Any, choice: str = "auto") -> tuple[int, str]:
     there is none), but only takes a *real* unknown-word token (its text contains "unk", e.g.
     LLaMA-2's ``<unk>``): SmolLM2 declares its document separator ``<|endoftext|>`` as UNK, and
     that is no neutral filler (on 6 dev cases, 30% random flips cost 5.0 nats of the target's
-    log-probability with it and 3.1 with '#'). ``unk`` forces the declared UNK; anything else is
-    taken as the literal text of one token.
+    log-probability with it and 3.1 with '#'). Gemma 3's ``<unk>`` (id 3) is a real one, and
+    the same check finds no clear difference to '#' (Gemma 3 270M, 16 dev cases per task × 8
+    draws of 30% random flips, same positions for both: next-token 3.40 vs 2.89 nats, paired
+    0.51 ± 0.42; quiz 0.52 vs 0.55, paired −0.03 ± 0.06; every mutable token flipped:
+    15.8 vs 18.1 and 1.00 vs 0.92), so ``auto`` keeps the paper's rule and takes it. ``unk``
+    forces the declared UNK; anything else is taken as the literal text of one token.
     """
     unk = getattr(tokenizer, "unk_token_id", None)
     unk_text = str(getattr(tokenizer, "unk_token", "") or "")
