@@ -55,6 +55,7 @@ from .protocol import (
 )
 from ..assemble import ExplainInputError
 from ..grounding import documents_into_messages, render_documents
+from ..pipeline import message_contents
 from .service import Choice, ChoiceError, ExplainError, ExplainService
 from . import webview
 from .loopwatch import LoopWatch
@@ -563,7 +564,7 @@ def _tokenize_given(request: ExplainRequest, messages: list[dict[str, Any]] | No
                 messages = documents_into_messages(messages, request.documents)
             except ExplainInputError as error:
                 raise ExplainError(str(error), param="documents") from None
-        message_contents = _contents(messages)
+        message_contents = message_contents(messages)
         prompt_ids = _render_chat(tokenizer, messages, "messages")
     elif isinstance(request.prompt, str):
         prompt = request.prompt
@@ -614,16 +615,6 @@ def low_grounding_header(explanations: Iterable[dict[str, Any]]) -> dict[str, st
     return {LOW_GROUNDING_HEADER: "true" if any(flags) else "false"} if flags else {}
 
 
-def _contents(messages: list[Any]) -> list[str | None]:
-    """Each message's content when it is a string (what ``message`` sources point at)."""
-    out = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else getattr(
-            message, "content", None)
-        out.append(content if isinstance(content, str) else None)
-    return out
-
-
 def _prompt_lengths(request, service: ExplainService, chat: bool,
                     rendered: str | None) -> list[int]:
     """Prompt lengths for the cost, the memory reservation and the recording key (the
@@ -662,7 +653,7 @@ def _apply_sources(request, options: ExplainOptions, tokenizer: Any, chat: bool,
                 raise ExplainError(f"explain.documents: {error}", param="explain.documents") \
                     from None
             request.messages = messages
-        contents = _contents(messages)
+        contents = message_contents(messages)
         for number, source in enumerate(sources):
             if source.message is not None and source.message >= len(contents):
                 raise ExplainError(
