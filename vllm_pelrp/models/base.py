@@ -201,7 +201,9 @@ def decoder_spec(config: Any, tensor_parallel_size: int, *, activation_field: st
         rms_norm_eps=float(config.rms_norm_eps),
         rope_theta=rope.theta,
         rope_scaling=rope.scaling,
-        sliding_window=getattr(config, "sliding_window", None),
+        # Qwen configs keep a window that applies only with use_sliding_window
+        sliding_window=(getattr(config, "sliding_window", None)
+                        if getattr(config, "use_sliding_window", True) else None),
         layer_types=layer_types(config),
         activation=activations[activation],
     )

@@ -18,8 +18,7 @@ from .base import (
 
 
 def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
-    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
-    return decoder_spec(config, tensor_parallel_size, qkv_bias=True, sliding_window=window)
+    return decoder_spec(config, tensor_parallel_size, qkv_bias=True)
 
 
 ARCHITECTURE = Architecture(

@@ -12,8 +12,7 @@ from .base import LLAMA_HF_LAYER, LLAMA_VLLM_LAYER, QK_NORM, Architecture, decod
 def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
     if getattr(config, "attention_bias", False):
         raise UnsupportedModelError("attention_bias=True is not supported for Qwen3")
-    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
-    return decoder_spec(config, tensor_parallel_size, qk_norm=True, sliding_window=window)
+    return decoder_spec(config, tensor_parallel_size, qk_norm=True)
 
 
 ARCHITECTURE = Architecture(
