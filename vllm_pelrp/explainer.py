@@ -10,14 +10,13 @@ from typing import Any, Sequence
 
 import torch
 
-from . import pipeline
+from . import pipeline, prompts
 from .adapters.hf import check_architecture, weights_from_hf
 from .assemble import (
     COMBINATIONS,
     DEFAULT_COMBINATION,
     MAX_PER_TOKEN_ROWS,
     ExplainInputError,
-    GroundingError,
     PromptError,
     check_mode,
     token_spans,
@@ -25,12 +24,7 @@ from .assemble import (
 from .engine.spec import ModelWeights
 from .models import SUPPORTED_ARCHITECTURES
 from .explanation import Explanation, Token
-from .grounding import (
-    DEFAULT_GROUNDING_THRESHOLD,
-    SourceSpec,
-    documents_into_messages,
-    render_documents,
-)
+from .grounding import DEFAULT_GROUNDING_THRESHOLD, SourceSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,29 +98,15 @@ class Explainer:
         chat: bool | None = None,
         documents: Sequence[str] | None = None,
     ) -> list[int]:
-        """Prompt token ids. ``messages`` always use the chat template; ``text`` uses it when
-        ``chat`` is True, or when ``chat`` is None and the tokenizer has one. ``documents`` are
-        rendered into the prompt (``grounding.render_documents``): into the last user message,
-        or around ``text``."""
-        if (text is None) == (messages is None):
-            raise PromptError("give exactly one of text or messages")
-        text, messages = with_documents(text, messages, documents)
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if messages is None and (chat is True or (chat is None and has_template)):
-            messages = [{"role": "user", "content": text}]
-        if messages is not None:
-            if not has_template:
-                raise PromptError("this tokenizer has no chat template; pass text with chat=False")
-            ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+        """Prompt token ids (``prompts.encode_prompt``): ``messages`` always use the chat
+        template; ``text`` uses it when ``chat`` is True, or when ``chat`` is None and the
+        tokenizer has one. ``documents`` are rendered into the last user message, or around
+        ``text``."""
+        return prompts.encode_prompt(self.tokenizer, text, messages=messages, chat=chat,
+                                     documents=documents)
 
     def encode_completion(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return prompts.encode_completion(self.tokenizer, text)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> list[int]:
@@ -193,38 +173,21 @@ class Explainer:
         given = [x is not None for x in (text, input_ids, messages)]
         if sum(given) != 1:
             raise PromptError("give exactly one of text, input_ids or messages as the prompt")
-        if documents is not None:
-            if input_ids is not None:
-                raise GroundingError("documents are rendered into a text or messages prompt; "
-                                     "with input_ids, mark the sources with sources=[{'chars': "
-                                     "[a, b]}]", "documents")
-            text, messages = with_documents(text, messages, documents)
         if input_ids is not None:
+            prompts.with_documents(None, None, documents)  # raises: documents need a text prompt
             prompt_ids = [int(i) for i in input_ids]
-        elif messages is not None:
-            prompt_ids = self.encode_prompt(messages=messages)
-        else:
-            prompt_ids = self.encode_prompt(text, chat=False)
-        if isinstance(completion, str):
-            completion_ids = self.encode_completion(completion)
-        else:
-            completion_ids = [int(i) for i in (completion or [])]
+        else:  # the text as it is, messages through the chat template
+            text, messages = prompts.with_documents(text, messages, documents)
+            prompt_ids = prompts.encode_prompt(self.tokenizer, text, messages=messages,
+                                               chat=False)
+        completion_ids = prompts.encode_completion(self.tokenizer, completion) \
+            if completion is not None and len(completion) else []
         planned = pipeline.plan(prompt_ids, completion_ids, target, tokenizer=self.tokenizer,
                                 vocab_size=self.weights.spec.vocab_size, mode=mode,
                                 max_per_token_rows=max_per_token_rows, documents=documents,
                                 sources=sources, grounding_threshold=grounding_threshold,
                                 sentences=sentences,
-                                message_contents=pipeline.message_contents(messages))
+                                message_contents=prompts.message_contents(messages))
         result = pipeline.compute(self.weights, pipeline.job(planned), layer_inputs)
         return pipeline.assemble(planned, result, model=self.name, per_layer=per_layer,
                                  combination=combination)
-
-
-def with_documents(text: str | None, messages: Sequence[dict] | None,
-                   documents: Sequence[str] | None) -> tuple[str | None, list[dict] | None]:
-    """The prompt with ``documents`` rendered in: into the last user message, or around text."""
-    if documents is None:
-        return text, (list(messages) if messages is not None else None)
-    if messages is not None:
-        return None, documents_into_messages(messages, documents)
-    return render_documents(text, documents)[0], None

@@ -57,6 +57,7 @@ from .engine.backward import (
     run_forward,
 )
 from .explanation import Explanation, Mode, ResolvedTarget, SpanTarget, Token, TokenIdTarget
+from .prompts import message_contents
 from .grounding import (
     DEFAULT_GROUNDING_THRESHOLD,
     GroundingPlan,
@@ -181,18 +182,6 @@ def complete_next(plan: Plan, next_token_id: int) -> Plan:
                               int(next_token_id))
     return replace(plan, targets=targets, rows=targets + plan.rows,
                    sentence_row=[b + 1 for b in plan.sentence_row], next_first=False)
-
-
-def message_contents(messages: Sequence[Any] | None) -> list[str | None] | None:
-    """Each chat message's content when it is a string (what ``message`` sources point at)."""
-    if messages is None:
-        return None
-    out = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else getattr(
-            message, "content", None)
-        out.append(content if isinstance(content, str) else None)
-    return out
 
 
 # ---- 2. the messages --------------------------------------------------------------------------

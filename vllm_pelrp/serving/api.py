@@ -54,8 +54,7 @@ from .protocol import (
     extract_explain,
 )
 from ..assemble import ExplainInputError
-from ..grounding import documents_into_messages, render_documents
-from ..pipeline import message_contents
+from .. import prompts
 from .service import Choice, ChoiceError, ExplainError, ExplainService
 from . import webview
 from .loopwatch import LoopWatch
@@ -556,46 +555,18 @@ def _prepare_request(request, options: ExplainOptions, service: ExplainService,
 
 def _tokenize_given(request: ExplainRequest, messages: list[dict[str, Any]] | None,
                     tokenizer: Any) -> tuple[list[int], list[int], list[str | None] | None]:
-    """``/v1/explain``'s prompt and completion token ids (on the service's threads)."""
-    message_contents = None
-    if messages is not None:
-        if request.documents is not None:
-            try:
-                messages = documents_into_messages(messages, request.documents)
-            except ExplainInputError as error:
-                raise ExplainError(str(error), param="documents") from None
-        message_contents = message_contents(messages)
-        prompt_ids = _render_chat(tokenizer, messages, "messages")
-    elif isinstance(request.prompt, str):
-        prompt = request.prompt
-        if request.documents is not None:
-            prompt = render_documents(prompt, request.documents)[0]
-        prompt_ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
-    else:
+    """``/v1/explain``'s prompt and completion token ids (on the service's threads), built as
+    the offline ``Explainer`` builds them (``prompts``)."""
+    if messages is None and not isinstance(request.prompt, str):
         prompt_ids = [int(i) for i in request.prompt]
-    if isinstance(request.completion, str):
-        completion_ids = [int(i) for i in tokenizer(
-            request.completion, add_special_tokens=False)["input_ids"]]
+        prompts.with_documents(None, None, request.documents)  # raises: documents need text
     else:
-        completion_ids = [int(i) for i in request.completion or []]
-    if request.completion is not None and not completion_ids:
-        raise ExplainError("the completion tokenizes to no tokens; give some text",
-                           param="completion")
-    return prompt_ids, completion_ids, message_contents
-
-
-def _render_chat(tokenizer: Any, messages: list[dict[str, Any]], param: str) -> list[int]:
-    """The chat template applied with the generation prompt, as token ids; messages the
-    template cannot render are the client's error (400), not the server's."""
-    try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-    except Exception as error:  # noqa: BLE001 - jinja errors, a missing template
-        raise ExplainError(f"{param}: the model's chat template cannot render these messages "
-                           f"({type(error).__name__}: {error})", param=param) from None
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return [int(i) for i in out]
+        text, messages = prompts.with_documents(
+            request.prompt if messages is None else None, messages, request.documents)
+        prompt_ids = prompts.encode_prompt(tokenizer, text, messages=messages, chat=False)
+    completion_ids = ([] if request.completion is None
+                      else prompts.encode_completion(tokenizer, request.completion))
+    return prompt_ids, completion_ids, prompts.message_contents(messages)
 
 
 def _max_tokens(request, chat: bool) -> int | None:
@@ -648,12 +619,12 @@ def _apply_sources(request, options: ExplainOptions, tokenizer: Any, chat: bool,
         messages = [m if isinstance(m, dict) else m.model_dump() for m in request.messages]
         if options.documents:
             try:
-                messages = documents_into_messages(messages, options.documents)
+                messages = prompts.with_documents(None, messages, options.documents)[1]
             except ExplainInputError as error:
                 raise ExplainError(f"explain.documents: {error}", param="explain.documents") \
                     from None
             request.messages = messages
-        contents = message_contents(messages)
+        contents = prompts.message_contents(messages)
         for number, source in enumerate(sources):
             if source.message is not None and source.message >= len(contents):
                 raise ExplainError(
@@ -676,9 +647,10 @@ def _apply_sources(request, options: ExplainOptions, tokenizer: Any, chat: bool,
         if options.documents:
             prompt = request.prompt
             if isinstance(prompt, str):
-                request.prompt = render_documents(prompt, options.documents)[0]
+                request.prompt = prompts.with_documents(prompt, None, options.documents)[0]
             elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-                request.prompt = [render_documents(p, options.documents)[0] for p in prompt]
+                request.prompt = [prompts.with_documents(p, None, options.documents)[0]
+                                  for p in prompt]
             else:
                 raise ExplainError(
                     "explain.documents are rendered before the prompt text, so the prompt must "
