@@ -13,7 +13,9 @@ from torch import Tensor
 
 from .rules import (
     bias_relevance,
+    gelu_identity_rule,
     gelu_tanh_identity_rule,
+    layernorm_identity_rule,
     linear_rule,
     rmsnorm_identity_rule,
     silu_identity_rule,
@@ -70,3 +72,35 @@ def activation_backward(spec: DecoderSpec, grad_out: Tensor, gate: Tensor) -> Te
     if spec.activation == "gelu_tanh":
         return gelu_tanh_identity_rule(grad_out, gate)
     return silu_identity_rule(grad_out, gate)
+
+
+# ---- LayerNorm with bias (BERT, GPT-2): the mean flows, σ is held ------------------------------
+def layer_norm(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+               ) -> tuple[Tensor, Tensor]:
+    """LayerNorm over the last dim as torch.nn.LayerNorm computes it. Returns (y, 1/σ), 1/σ fp32
+    keepdim (biased variance, as LayerNorm)."""
+    y = F.layer_norm(x, (x.shape[-1],), gamma, beta, eps)
+    inv_std = torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + eps)
+    return y, inv_std
+
+
+def layer_norm_backward(grad_out: Tensor, inv_std: Tensor, gamma: Tensor | None,
+                        beta: Tensor | None, kept: Tensor | None) -> Tensor:
+    """Identity rule (σ held, the mean not: LXT) through ``layer_norm``; β keeps its share
+    Σ β ⊙ ∂y, added to ``kept`` (B,). ``grad_out`` is (B, T, hidden)."""
+    if beta is not None and kept is not None:
+        kept += bias_relevance(grad_out, beta)
+    return layernorm_identity_rule(grad_out, inv_std, gamma)
+
+
+# ---- non-gated MLP activations (BERT: erf GELU; GPT-2: GELU-tanh) -----------------------------
+def gelu(x: Tensor, approximate: bool) -> Tensor:
+    """GELU, exact (erf) or the tanh approximation (GPT-2's gelu_new)."""
+    return F.gelu(x, approximate="tanh" if approximate else "none")
+
+
+def gelu_backward(grad_out: Tensor, x: Tensor, approximate: bool) -> Tensor:
+    """Identity rule through ``gelu``."""
+    if approximate:
+        return gelu_tanh_identity_rule(grad_out, x)
+    return gelu_identity_rule(grad_out, x)

@@ -75,3 +75,30 @@ def attention_score_rule(
     grad_queries = half * torch.einsum("bgts,sd->bgtd", grad_scores, keys)
     grad_keys = half * torch.einsum("bgts,gtd->bsd", grad_scores, queries)
     return grad_queries, grad_keys
+
+
+# ---- additive-position models (BERT, RoBERTa, GPT-2): LayerNorm, GELU, tanh, embedding sum ----
+def layernorm_identity_rule(grad_out: Tensor, inv_std: Tensor, gamma: Tensor | None) -> Tensor:
+    """Identity rule on LayerNorm (LXT): σ held constant, the mean not: ∂x = ∂u − mean(∂u), ∂u = ∂y ⊙ γ/σ."""
+    scaled = grad_out.float() * inv_std
+    if gamma is not None:
+        scaled = scaled * gamma.float()
+    return scaled - scaled.mean(-1, keepdim=True)
+
+
+def gelu_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
+    """Identity rule on GELU (erf): ∂x = ∂y ⊙ gelu(x)/x = ∂y ⊙ Φ(x) = ∂y ⊙ ½(1 + erf(x/√2))."""
+    return grad_out * (0.5 * (1.0 + torch.erf(gate.float() * 0.7071067811865476)))
+
+
+def tanh_identity_rule(grad_out: Tensor, pre: Tensor) -> Tensor:
+    """Identity rule on tanh: ∂x = ∂y ⊙ tanh(x)/x (1 − x²/3 near 0, 1 at x = 0)."""
+    x = pre.float()
+    small = x.abs() < 1e-4
+    ratio = torch.where(small, 1.0 - x * x / 3.0, torch.tanh(x) / torch.where(small, 1.0, x))
+    return grad_out * ratio
+
+
+def additive_embedding_rule(grad_sum: Tensor, *addends: Tensor | None) -> tuple[Tensor | None, ...]:
+    """ε-rule on x = Σᵢ aᵢ (exact in gradient×input): R(aᵢ)ₜ = Σ_d aᵢ[t,d] ∂x[t,d], per addend (None stays None)."""
+    return tuple(None if a is None else (a.float() * grad_sum.float()).sum(-1) for a in addends)
