@@ -14,7 +14,7 @@ Shared name tables for the LLaMA-style layout live here; a model file adds what 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from torch import Tensor
 
@@ -64,6 +64,7 @@ QK_NORM = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weig
 class Architecture:
     """One architecture's declaration (see the module docstring)."""
 
+    kind: ClassVar[str] = "decoder"  # additive-position models: ``additive_base``
     names: tuple[str, ...]  # Hugging Face ``architectures`` names
     spec: Callable[[Any, int], DecoderSpec]  # (config, tensor_parallel_size) → spec
     hf_layer: Names
