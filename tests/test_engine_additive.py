@@ -261,6 +261,19 @@ def test_plain_seed_gradient_equals_hidden_seed():
     assert torch.equal(as_seed.target, as_tensor.target)
 
 
+def test_bfloat16_weights_stay_close_to_float32():
+    """bf16 weights: the forward runs in bf16, the relevance in fp32, within about 1e-2."""
+    model, weights = model_and_weights("gpt2")
+    half = architecture_for(model.config).weights_from_hf(
+        tiny_additive("gpt2").to(torch.bfloat16))
+    ids, _ = inputs("gpt2")
+    seed = LogitSeeds.from_rows([[(LENGTH - 1, 9)]])
+    full, low = (additive_relevance(w, ids, seed) for w in (weights, half))
+    assert low.token.dtype == torch.float32
+    assert relative_l2(low.token[0], full.token[0]) < 5e-2
+    assert relative_l2(low.positional[0], full.positional[0]) < 5e-2
+
+
 # ---- weights from vLLM's layout, tensor parallelism ----------------------------------------------
 def _vllm_state(kind, model):
     """The parameters as vLLM names them: BERT's q/k/v packed into qkv_proj (BertModel under
@@ -386,6 +399,8 @@ def test_registry_tells_additive_from_decoder_architectures():
         with pytest.raises(UnsupportedModelError, match=f"{name} is not supported by the "
                            "PA-LRP engine for rotary decoders.*supported: LlamaForCausalLM"):
             decoder_architecture_for(model.config)
+        with pytest.raises(UnsupportedModelError, match="additive-position model"):
+            arch.decoder  # what the vLLM recorder of rotary decoders looks up
     assert model_and_weights("roberta")[1].spec.position_offset == 2  # padding_idx 1 + 1
     assert model_and_weights("bert_cls")[1].spec.num_labels == 3
     assert model_and_weights("bert")[1].pooler is not None  # HF's BertModel keeps its pooler

@@ -2,7 +2,9 @@
 source framework computes it) and the rule that carries the modified gradient back through it.
 
 A model file of ``vllm_pelrp.models`` picks among them through its ``DecoderSpec``; the layer
-forward and backward of ``backward.py`` compose them. Nothing here knows an architecture's name.
+forward and backward of ``backward.py`` compose them. LayerNorm with bias and the plain GELU
+activations serve the additive-position models (BERT, GPT-2: ``additive.py``). Nothing here
+knows an architecture's name.
 """
 
 from __future__ import annotations

@@ -121,6 +121,14 @@ class AdditiveArchitecture:
     vllm: AdditiveNames
     blocks: tuple[str, ...] = ()  # the shared blocks it uses, for the docs
 
+    @property
+    def decoder(self) -> str:
+        """Where a rotary decoder keeps its layers (``base.Architecture.decoder``): callers of the
+        rotary-decoder path (the vLLM recorder) reach this and get the registry's error."""
+        raise UnsupportedModelError(
+            f"{self.names[0]} is an additive-position model: the rotary-decoder path does not "
+            "explain it (vllm_pelrp.engine.additive does)")
+
     def weights_from_hf(self, model: Any) -> AdditiveWeights:
         """Views of a Hugging Face model's parameters (no copies)."""
         state = {name: p.detach() for name, p in model.named_parameters()}
