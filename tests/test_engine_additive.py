@@ -493,3 +493,41 @@ def test_attnlrp_matches_lxt(tmp_path):
         assert float(attn.target[0]) == pytest.approx(lxt["value"], rel=1e-5, abs=1e-6)
         assert relative_l2(attn.token[0], lxt["total"]) < 1e-4
         assert relative_l2(pa.token[0], lxt["word"]) < 1e-4
+
+
+# ---- a real encoder ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_minilm_similarity_conserves_on_the_real_model():
+    """all-MiniLM-L6-v2 (BertModel, mean pooling + normalize; unpacked once into the user cache):
+    forward equals HF, the seeds' cosine is the model's, both sides conserve in every mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from vllm_pelrp.sentence_models import read_sentence_config
+    from vllm_pelrp.shipped_models import MINILM_NAME, ensure_checkpoint
+
+    directory = ensure_checkpoint(MINILM_NAME, progress=False)
+    sentence = read_sentence_config(directory)
+    pooling = Pooling(sentence.pooling, sentence.normalize)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).eval()
+    weights = architecture_for(model.config).weights_from_hf(model)
+    texts = [tokenizer(text, return_tensors="pt") for text in
+             ("A man is playing a guitar on stage.", "Someone performs music with a guitar.")]
+    forwards = [run_forward(weights, t.input_ids[0], t.token_type_ids[0]) for t in texts]
+    with torch.no_grad():
+        hidden = [model(**t).last_hidden_state[0] for t in texts]
+    for forward, expected in zip(forwards, hidden):
+        assert (forward.final_hidden - expected).abs().max() < 1e-5
+    seeds = similarity_seeds(forwards[0].final_hidden, forwards[1].final_hidden, pooling)
+    expected = torch.nn.functional.cosine_similarity(hidden[0].mean(0), hidden[1].mean(0), dim=0)
+    assert float(seeds.cosine) == pytest.approx(float(expected), rel=1e-5)
+    tokens = {}
+    for mode in MODES:
+        sides = [additive_relevance(weights, t.input_ids[0], seed, mode, forward=forward)
+                 for t, seed, forward in zip(texts, (seeds.first, seeds.second), forwards)]
+        total = sum(float(s.input_relevance[0] + s.absorbed[0]) for s in sides)
+        assert total == pytest.approx(float(seeds.cosine), rel=1e-4)
+        tokens[mode] = sides[0]
+    pa = tokens["pa-lrp"]
+    assert torch.allclose(pa.token + pa.positional + pa.token_type, tokens["attnlrp"].token,
+                          rtol=1e-4, atol=1e-6)
