@@ -286,15 +286,16 @@ def test_row_chunks_give_the_same_relevance_and_a_checkpoint_after_each(tiny_lla
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import GPT2Config
+    from transformers import OPTConfig
 
     with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM"):
-        spec_from_config(GPT2Config(architectures=["GPT2LMHeadModel"]))
+        spec_from_config(OPTConfig(architectures=["OPTForCausalLM"]))
     from vllm_pelrp import load_explainer
 
-    config = GPT2Config(architectures=["GPT2LMHeadModel"], n_layer=1, n_embd=8, n_head=2)
+    config = OPTConfig(architectures=["OPTForCausalLM"], num_hidden_layers=1, hidden_size=8,
+                       num_attention_heads=2, ffn_dim=16, word_embed_proj_dim=8)
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel is not supported"):
+    with pytest.raises(UnsupportedModelError, match="OPTForCausalLM is not supported"):
         load_explainer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         load_explainer("meta-llama/Llama-3.2-1B")

@@ -21,7 +21,7 @@ from vllm_pelrp.serving.protocol import extract_explain, parse_explain  # noqa: 
 from _fake_engine import make_app  # noqa: E402
 
 
-UNSUPPORTED = ("UnsupportedModelError: architecture GPT2LMHeadModel is not supported by the "
+UNSUPPORTED = ("UnsupportedModelError: architecture OPTForCausalLM is not supported by the "
                "PA-LRP engine; supported: LlamaForCausalLM, MistralForCausalLM")
 
 
@@ -30,20 +30,20 @@ def test_unsupported_architecture_is_a_clear_400_and_plain_requests_still_work()
     reply = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "explain": {}})
     assert reply.status_code == 400
     message = reply.json()["error"]["message"]
-    assert "GPT2LMHeadModel is not supported" in message and "LlamaForCausalLM" in message
+    assert "OPTForCausalLM is not supported" in message and "LlamaForCausalLM" in message
     assert "pelrp_submit" not in engine.calls  # nothing was generated or explained
     plain = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
     assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == "ok"
 
 
 def test_worker_reports_unsupported_architecture():
-    from transformers import GPT2Config
+    from transformers import OPTConfig
 
     from vllm_pelrp.adapters.hf import spec_from_config
     from vllm_pelrp.engine.spec import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM"):
-        spec_from_config(GPT2Config(architectures=["GPT2LMHeadModel"]))
+        spec_from_config(OPTConfig(architectures=["OPTForCausalLM"]))
 
 
 def test_cap_is_checked_before_generation():

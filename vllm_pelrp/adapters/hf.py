@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.spec import DecoderSpec, ModelWeights
-from ..models import architecture_for
+from ..models import decoder_architecture_for as architecture_for
 
 
 def check_architecture(config: Any) -> None:
