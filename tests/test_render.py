@@ -272,7 +272,7 @@ def _parts_sum(row) -> list[float]:
 
 def test_wire_format_round_trips_and_parts_sum_to_positional():
     ex = make_explanation()
-    assert ex.wire_format_version == WIRE_FORMAT_VERSION == "2"
+    assert ex.wire_format_version == WIRE_FORMAT_VERSION == "2.1"
     assert Explanation.model_validate_json(ex.model_dump_json()) == ex
     for row in [ex, *ex.rows]:
         assert [(part.name, part.kind) for part in row.positional_parts] == [

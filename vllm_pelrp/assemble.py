@@ -257,17 +257,19 @@ class PositionalInput:
 # The named position inputs: wire name → (RelevanceResult attribute, kind). build_explanation puts
 # a part on the wire when the result has the attribute (not None) and the mode attributes
 # relevance to its kind; a new kind of position input is one more entry here.
-POSITIONAL_INPUTS: dict[str, tuple[str, str]] = {
+POSITIONAL_INPUTS: dict[str, tuple[str, str | None]] = {
     "rope_cos": ("positional_cos", "rotary"),
     "rope_sin": ("positional_sin", "rotary"),
+    # an additive table (BERT, GPT-2): its kind, learned or absolute, is the result's position_kind
+    "position_embedding": ("position_embedding", None),
 }
 
 
 def attributes_positions(mode: str, kind: str) -> bool:
-    """Whether ``mode`` treats position inputs of ``kind`` as inputs: RoPE's cos/sin only in
-    pa-lrp (attnlrp and cp-lrp hold them constant, so their parts are left off, not sent as
-    zeros); an additive position table is part of the model's input in every mode."""
-    return kind != "rotary" or mode == "pa-lrp"
+    """Whether ``mode`` treats position inputs of ``kind`` as inputs of the explanation: only
+    pa-lrp does. attnlrp and cp-lrp hold RoPE's cos/sin constant and give an additive position
+    table's share to the token, so their parts are left off, not sent as zeros."""
+    return mode == "pa-lrp"
 
 
 def rotary_parts(cos: torch.Tensor, sin: torch.Tensor) -> dict[str, PositionalInput]:
@@ -295,7 +297,8 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
                   sin: torch.Tensor, target_logit: float, absorbed: float,
                   per_layer: bool, combination: str = DEFAULT_COMBINATION,
                   bias_absorbed: float = 0.0, *,
-                  parts: Mapping[str, PositionalInput] | None = None) -> RelevanceRow:
+                  parts: Mapping[str, PositionalInput] | None = None,
+                  token_type: torch.Tensor | None = None) -> RelevanceRow:
     """One row from token relevance (T,), the position inputs' relevance and the bookkeeping
     (``absorbed``: the softmax rule's loss; ``bias_absorbed``: what biases keep).
 
@@ -308,16 +311,19 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
         parts = rotary_parts(cos, sin)
     token_sum = float(token.sum())
     positional, positional_sum = _positional_totals(token, parts)
+    token_type_sum = float(token_type.sum()) if token_type is not None else 0.0
+    inputs_sum = token_sum + positional_sum + token_type_sum
     scale = max(abs(target_logit), 1e-12)
     conservation = Conservation(
         target_logit=target_logit,
         token_sum=token_sum,
         positional_sum=positional_sum,
-        relative_error=abs(token_sum + positional_sum - target_logit) / scale,
+        relative_error=abs(inputs_sum - target_logit) / scale,
         softmax_absorbed=absorbed,
         bias_absorbed=bias_absorbed,
+        token_type_sum=token_type_sum,
         relative_error_excluding_softmax=abs(
-            token_sum + positional_sum + absorbed + bias_absorbed - target_logit) / scale,
+            inputs_sum + absorbed + bias_absorbed - target_logit) / scale,
     )
     layers = None
     if per_layer:
@@ -333,6 +339,7 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
                                          relevance=part.components.sum(0).tolist())
                           for name, part in parts.items()],
         positional_relevance_per_layer=layers,
+        token_type_relevance=None if token_type is None else token_type.tolist(),
         combined_relevance=combine_parts(token, components, combination).tolist(),
         conservation=conservation,
     )
@@ -360,10 +367,16 @@ def build_explanation(
     ignored here.
     """
     text, tokens = spans if spans is not None else token_spans(tokenizer, ids, prompt_length)
-    inputs = {name: (attribute, kind) for name, (attribute, kind) in POSITIONAL_INPUTS.items()
-              if attributes_positions(mode, kind) and getattr(result, attribute, None) is not None}
+    def present(attribute: str) -> bool:  # an additive model's cos/sin have no layers: (B, 0, T)
+        value = getattr(result, attribute, None)
+        return value is not None and not (value.dim() == 3 and value.shape[1] == 0)
+
+    inputs = {name: (attribute, kind or result.position_kind)
+              for name, (attribute, kind) in POSITIONAL_INPUTS.items()
+              if present(attribute) and attributes_positions(mode, kind or result.position_kind)}
+    with_type = result.token_type is not None and mode == "pa-lrp"
     names = {"token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed",
-             *(attribute for attribute, _ in inputs.values())}
+             *(attribute for attribute, _ in inputs.values()), *(["token_type"] * with_type)}
     cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)] for name in names}
     bias = result.bias_absorbed
     cpu["bias_absorbed"] = (torch.zeros_like(cpu["softmax_absorbed"]) if bias is None
@@ -377,7 +390,8 @@ def build_explanation(
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
                       float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer,
                       combination, float(cpu["bias_absorbed"][b].sum()),
-                      parts=parts(lambda x, b=b: x[b]))
+                      parts=parts(lambda x, b=b: x[b]),
+                      token_type=cpu["token_type"][b] if with_type else None)
         for b, target in enumerate(targets)
     ]
     if per_token:
@@ -387,6 +401,7 @@ def build_explanation(
             cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
             float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
             combination, float(cpu["bias_absorbed"].sum()), parts=parts(lambda x: x.sum(0)),
+            token_type=cpu["token_type"].sum(0) if with_type else None,
         )
     else:
         summary, rows = rows[0], None

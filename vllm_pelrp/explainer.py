@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import torch
 
 from . import pipeline, prompts
-from .adapters.hf import check_architecture, weights_from_hf
 from .assemble import (
     COMBINATIONS,
     DEFAULT_COMBINATION,
@@ -21,8 +20,10 @@ from .assemble import (
     check_mode,
     token_spans,
 )
+from .engine.additive import AdditiveWeights, encoder_forward
+from .engine.heads import ClassifierHead, Pooling, normalized, pool
 from .engine.spec import ModelWeights
-from .models import SUPPORTED_ARCHITECTURES
+from .models import SUPPORTED_ARCHITECTURES, architecture_for
 from .explanation import Explanation, Token
 from .grounding import DEFAULT_GROUNDING_THRESHOLD, SourceSpec
 
@@ -64,19 +65,23 @@ def load_explainer(
     model: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-) -> "Explainer":
+) -> "Explainer | EncoderExplainer":
     """Load a local checkpoint of a registered architecture (``vllm_pelrp.models``; None: the
-    embedded SmolLM2-135M-Instruct) for explanation."""
+    embedded SmolLM2-135M-Instruct) for explanation: an ``Explainer`` for a causal LM (rotary
+    decoders, GPT-2), an ``EncoderExplainer`` for a BERT-family encoder (a sentence-transformers
+    directory as it is, or a plain checkpoint; a sequence classifier or cross-encoder)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)
-    check_architecture(config)
+    arch = architecture_for(config)
     torch_dtype = _as_dtype(dtype)
+    name = path.name  # a shipped model's directory is named after it
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if arch.kind == "additive" and not arch.spec(config, 1).causal:
+        return EncoderExplainer.from_directory(path, config, tokenizer, torch_dtype, device, name)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     hf_model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    name = path.name  # a shipped model's directory is named after it
     return Explainer(hf_model, tokenizer, name=name)
 
 
@@ -87,7 +92,8 @@ class Explainer:
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.name = name
-        self.weights: ModelWeights = weights_from_hf(hf_model)
+        self.weights: ModelWeights | AdditiveWeights = architecture_for(
+            hf_model.config).weights_from_hf(hf_model)
 
     # ---- tokens ---------------------------------------------------------------------------
     def encode_prompt(
@@ -191,3 +197,83 @@ class Explainer:
         result = pipeline.compute(self.weights, pipeline.job(planned), layer_inputs)
         return pipeline.assemble(planned, result, model=self.name, per_layer=per_layer,
                                  combination=combination)
+
+
+class EncoderExplainer:
+    """A BERT-family encoder ready to explain (``load_explainer``): an embedding model (its
+    pooling and normalisation read from a sentence-transformers directory; a plain checkpoint
+    pools the [CLS] state and normalises, as vLLM's default for BertModel), or a sequence
+    classifier / cross-encoder. ``explain`` returns an ``Explanation``."""
+
+    def __init__(self, hf_model: Any, tokenizer: Any, *, pooling: Pooling,
+                 name: str = "model") -> None:
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pooling = pooling
+        self.weights: AdditiveWeights = architecture_for(hf_model.config).weights_from_hf(hf_model)
+        spec = self.weights.spec
+        self.head = ClassifierHead.of(self.weights) if spec.num_labels else None
+        self.label_names = {int(i): str(n) for i, n in
+                            (getattr(hf_model.config, "id2label", None) or {}).items()} \
+            if self.head is not None else None
+
+    @classmethod
+    def from_directory(cls, path: Path, config: Any, tokenizer: Any, dtype: torch.dtype,
+                       device: str | torch.device, name: str) -> "EncoderExplainer":
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        from .sentence_models import read_sentence_config
+
+        classifier = any(a.endswith("ForSequenceClassification")
+                         for a in getattr(config, "architectures", None) or [])
+        loader = AutoModelForSequenceClassification if classifier else AutoModel
+        hf_model = loader.from_pretrained(path, dtype=dtype).to(device).eval()
+        hf_model.requires_grad_(False)
+        sentence = read_sentence_config(path)
+        pooling = (Pooling(sentence.pooling, sentence.normalize) if sentence is not None
+                   else Pooling("cls", normalize=True))
+        return cls(hf_model, tokenizer, pooling=pooling, name=name)
+
+    @property
+    def max_length(self) -> int:
+        spec = self.weights.spec
+        return spec.max_positions - spec.position_offset
+
+    @torch.no_grad()
+    def embed(self, text: str | Sequence[int]) -> list[float]:
+        """The embedding the model serves: pooled and, if its pooling says so, normalised."""
+        planned = self._plan(text, {"dimension": 0}, "pa-lrp", None)
+        hidden = encoder_forward(self.weights, torch.tensor(planned.texts[0]),
+                                 None if planned.token_type_ids is None
+                                 else torch.tensor(planned.token_type_ids[0]))
+        return normalized(pool(hidden, self.pooling), self.pooling).tolist()
+
+    def _plan(self, text: Any, target: Any, mode: str, text_pair: str | None
+              ) -> pipeline.EncoderPlan:
+        return pipeline.plan_encoder(
+            self.tokenizer, text, target, mode=mode, text_pair=text_pair,
+            vocab_size=self.weights.spec.vocab_size, max_length=self.max_length,
+            has_token_types=self.weights.token_type_embeddings is not None,
+            label_names=self.label_names)
+
+    def explain(self, text: str | Sequence[int], *, target: Any, text_pair: str | None = None,
+                mode: str = "pa-lrp", combination: str = DEFAULT_COMBINATION) -> Explanation:
+        """Explain an encoder target of ``text`` (a string or token ids; ``text_pair``: a
+        cross-encoder's second text).
+
+        ``target``: ``{'dimension': k}`` (dimension k of the pooled embedding, before
+        normalisation), ``{'similarity': other}`` (the cosine of this text's and ``other``'s
+        embeddings; ``other``'s explanation is ``explanation.other``, and each side's relevance
+        conserves half of the cosine) or ``{'label': i}`` (a classifier's logit; i an index or a
+        name of the model's id2label). Token, positional (the position table's share,
+        ``positional_parts`` 'position_embedding') and token-type relevance per token."""
+        if combination not in COMBINATIONS:
+            raise ExplainInputError(
+                f"unknown combination {combination!r}; allowed: {', '.join(COMBINATIONS)}",
+                "combination")
+        planned = self._plan(text, target, mode, text_pair)
+        result = pipeline.compute_encoder(self.weights, pipeline.encoder_job(planned),
+                                          pooling=self.pooling, head=self.head)
+        return pipeline.assemble_encoder(planned, result, model=self.name,
+                                         combination=combination)

@@ -22,7 +22,7 @@ MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
 
 # The version of the wire format this code writes (docs/wire-format.md, "Versions"). "1" is the
 # format before the field existed; a document without ``wire_format_version`` is version "1".
-WIRE_FORMAT_VERSION = "2"
+WIRE_FORMAT_VERSION = "2.1"
 WIRE_FORMAT_VERSION_1 = "1"
 
 # What kind of position input a positional part is: "rotary" (RoPE's cos/sin in every layer),
@@ -66,6 +66,34 @@ class TokenIdTarget(BaseModel):
 TargetSpec = Union[Literal["next", "completion", "per_token"], SpanTarget, TokenIdTarget]
 
 
+# ---- encoder targets (embedding, reranking and classification models) ---------------------------
+class DimensionTarget(BaseModel):
+    """Dimension ``dimension`` of the pooled embedding, before normalisation."""
+
+    model_config = ConfigDict(extra="forbid")
+    dimension: WholeNumber
+
+
+class SimilarityTarget(BaseModel):
+    """The cosine similarity of this input's pooled embedding with another text's: ``similarity``
+    is that text (offline and on /v1/explain), or on /v1/embeddings the index of another input of
+    the same request. Both sides are explained: the other one in ``Explanation.other``."""
+
+    model_config = ConfigDict(extra="forbid")
+    similarity: Union[str, WholeNumber, list[WholeNumber]]
+
+
+class LabelTarget(BaseModel):
+    """The logit of label ``label`` (an index, or a name of the model's ``id2label``) of a
+    sequence classifier or cross-encoder."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: Union[WholeNumber, str]
+
+
+EncoderTargetSpec = Union[DimensionTarget, SimilarityTarget, LabelTarget]
+
+
 class Token(BaseModel):
     """One input token. ``start``/``end`` are character offsets into ``Explanation.text``."""
 
@@ -80,13 +108,22 @@ class Token(BaseModel):
 class ResolvedTarget(BaseModel):
     """What the backward started from: the sum of ``logit[position, token_id]`` over ``logits``."""
 
-    kind: Literal["next", "completion", "span", "per_token_row", "token_id"]
+    kind: Literal["next", "completion", "span", "per_token_row", "token_id", "dimension",
+                  "similarity", "label"]
     description: str
     positions: list[int] = Field(description="Positions whose output logits are summed.")
     token_ids: list[int] = Field(description="The token whose logit is taken at each position.")
     span: tuple[int, int] | None = Field(
         None, description="Completion-token span [start, end) for 'completion', 'span' and rows."
     )
+    dimension: int | None = Field(None, description="'dimension': the pooled embedding's "
+                                  "dimension (positions and token_ids are then empty).")
+    label: int | None = Field(None, description="'label': the label's index.")
+    value: float | None = Field(
+        None, description="Encoder targets: the target's value as the model computes it. For "
+        "'similarity' the cosine of the two texts' pooled embeddings; each side's relevance then "
+        "conserves half of it (target_logit), the other half is the other text's "
+        "(Explanation.other).")
 
 
 class LayerPositionalRelevance(BaseModel):
@@ -125,11 +162,16 @@ class Conservation(BaseModel):
     )
     bias_absorbed: float = Field(
         0.0, description="Relevance the biases keep (ε-rule: a bias b of z = xWᵀ + b keeps "
-        "Σ b ⊙ ∂z), summed over layers; 0 for models without biases."
+        "Σ b ⊙ ∂z; a LayerNorm's β likewise), summed over layers and heads; 0 for models without "
+        "biases."
     )
+    token_type_sum: float = Field(
+        0.0, description="Σ token_type_relevance (BERT-family token-type embeddings, booked apart "
+        "from tokens and positions); 0 for models without token types.")
     relative_error_excluding_softmax: float = Field(
-        description="|token_sum + positional_sum + softmax_absorbed + bias_absorbed - target_logit|"
-        " / |target_logit|: what every other rule loses (ε stabilisers, rounding)."
+        description="|token_sum + positional_sum + token_type_sum + softmax_absorbed + "
+        "bias_absorbed - target_logit| / |target_logit|: what every other rule loses (ε "
+        "stabilisers, rounding)."
     )
 
 
@@ -152,6 +194,9 @@ class RelevanceRow(BaseModel):
         None, description="Per layer, the rotary parts' cos and sin relevance; present when asked "
         "(per_layer=True)."
     )
+    token_type_relevance: list[float] | None = Field(
+        None, description="Relevance of each position's token-type (segment) embedding, in "
+        "pa-lrp, for models that have one (BERT family); null otherwise.")
     combined_relevance: list[float] = Field(
         description="Token and positional relevance combined as `combination` says, max-normalised."
     )
@@ -226,7 +271,7 @@ class Explanation(RelevanceRow):
 
     wire_format_version: str = Field(
         WIRE_FORMAT_VERSION_1,
-        description="Version of this wire format ('2' today; absent means '1'). Within a major "
+        description="Version of this wire format ('2.1' today; absent means '1'). Within a major "
         "version (the part before any '.') fields are only added, never renamed or removed.")
     model: str
     mode: Mode
@@ -251,6 +296,9 @@ class Explanation(RelevanceRow):
         "declared sources (documents, messages or spans).")
     id: str | None = Field(
         None, description="Set by the server ('expl-<hex>'): reopens this explanation later.")
+    other: "Explanation | None" = Field(
+        None, description="Target 'similarity': the other text's explanation (same fields; its "
+        "own `other` is null). Its relevance conserves the other half of the cosine.")
 
     # --- convenience -------------------------------------------------------------------------
     def top_tokens(self, k: int = 10, by: str = "combined_relevance") -> list[tuple[Token, float]]:
@@ -275,3 +323,5 @@ class Explanation(RelevanceRow):
         from .render import print_explanation
 
         print_explanation(self, console=console)
+
+Explanation.model_rebuild()

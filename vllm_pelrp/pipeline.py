@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,18 @@ from .engine.backward import (
     relevance_from_layer_inputs,
     run_forward,
 )
+from .engine.additive import AdditiveRelevance, AdditiveWeights, lm_logits, relevance_from_forward
+from .engine.additive import run_forward as run_additive_forward
+from .engine.additive import sequence_classification_logits
+from .engine.heads import (
+    ClassifierHead,
+    HeadTargetError,
+    Pooling,
+    dimension_seed,
+    label_seed,
+    pool,
+    similarity_seeds,
+)
 from .explanation import Explanation, Mode, ResolvedTarget, SpanTarget, Token, TokenIdTarget
 from .prompts import message_contents
 from .grounding import (
@@ -72,6 +84,8 @@ __all__ = [
     "BackwardFailure", "BackwardJob", "BackwardResult", "CostError", "ExplainInputError",
     "GroundingError", "Plan", "PromptError", "TargetError", "assemble", "backward_reply",
     "check_token_ids", "complete_next", "compute", "job", "message_contents", "plan",
+    "EncoderJob", "EncoderPlan", "EncoderResult", "assemble_encoder", "compute_encoder",
+    "encoder_job", "plan_encoder",
 ]
 
 
@@ -217,6 +231,12 @@ class BackwardResult(BaseModel):
     softmax_absorbed: list[list[float]] = Field(description="(B, L)")
     bias_absorbed: list[list[float]] | None = Field(
         None, description="(B, L); None for a model without biases.")
+    position_embedding: list[list[float]] | None = Field(
+        None, description="(B, T): an additive position table's relevance (BERT, GPT-2; the "
+        "cos/sin lists are then (B, 0, T)); None for a rotary model.")
+    position_kind: Literal["learned", "absolute"] | None = None
+    token_type: list[list[float]] | None = Field(
+        None, description="(B, T): the token-type embedding's relevance (BERT); None without.")
     next_token_id: int | None = None
     seconds: float = Field(0.0, description="Time of the whole job on the worker.")
     recomputed_rows: int = Field(0, description="Positions whose layer inputs were recomputed.")
@@ -234,28 +254,45 @@ class BackwardResult(BaseModel):
                 value = torch.nn.functional.pad(value, (0, length - value.shape[-1]))
             return value.tolist()
 
-        bias = result.bias_absorbed
+        def optional(tensor: torch.Tensor | None, pad: bool = False) -> list | None:
+            return None if tensor is None else lists(tensor, pad)
+
         # lists of floats straight from tensors: nothing to validate (the receiver does)
         return cls.model_construct(
             token=lists(result.token, True), positional_cos=lists(result.positional_cos, True),
             positional_sin=lists(result.positional_sin, True),
             target_logit=lists(result.target_logit),
             softmax_absorbed=lists(result.softmax_absorbed),
-            bias_absorbed=None if bias is None else lists(bias), **fields)
+            bias_absorbed=optional(result.bias_absorbed),
+            position_embedding=optional(result.position_embedding, True),
+            position_kind=result.position_kind, token_type=optional(result.token_type, True),
+            **fields)
 
     def relevance(self) -> RelevanceResult:
         """The engine's ``RelevanceResult`` again (fp32 CPU tensors), for ``assemble``."""
         def tensor(value: list) -> torch.Tensor:  # through numpy: 4x faster than torch.tensor
             return torch.from_numpy(np.asarray(value, dtype=np.float32))
 
-        bias = self.bias_absorbed
+        def optional(value: list | None) -> torch.Tensor | None:
+            return None if value is None else tensor(value)
+
+        token = tensor(self.token)
+        rows, length = token.shape if token.dim() == 2 else (len(self.token), 0)
+
+        def layered(value: list) -> torch.Tensor:  # (B, 0, T) arrives as [[]] per row
+            out = tensor(value)
+            return out if out.dim() == 3 else out.reshape(rows, 0, length)
+
         return RelevanceResult(
-            token=tensor(self.token),
-            positional_cos=tensor(self.positional_cos),
-            positional_sin=tensor(self.positional_sin),
+            token=token,
+            positional_cos=layered(self.positional_cos),
+            positional_sin=layered(self.positional_sin),
             target_logit=tensor(self.target_logit),
             softmax_absorbed=tensor(self.softmax_absorbed),
-            bias_absorbed=None if bias is None else tensor(bias),
+            bias_absorbed=optional(self.bias_absorbed),
+            position_embedding=optional(self.position_embedding),
+            position_kind=self.position_kind,
+            token_type=optional(self.token_type),
         )
 
 
@@ -317,6 +354,8 @@ def compute(
     started = time.perf_counter()
     total = len(job.token_ids)
     device = weights.device
+    if isinstance(weights, AdditiveWeights):  # GPT-2 family: a forward from the ids, always
+        return _compute_additive(weights, job, started)
     recomputed = 0
     if layer_inputs is None:
         if forward is None:
@@ -346,6 +385,41 @@ def compute(
                                          seconds=time.perf_counter() - started)
 
 
+def additive_as_relevance(result: AdditiveRelevance, position_kind: str) -> RelevanceResult:
+    """The additive engine's result in the shape ``assemble`` reads: no rotary parts (cos/sin
+    (B, 0, T)), the position table's relevance as ``position_embedding``; the embedding
+    LayerNorm's β is booked with layer 0's biases, the head's (ln_f, pooler, classifier) with the
+    last layer's (only their sum reaches the wire)."""
+    rows, length = result.token.shape
+    bias = result.bias_absorbed.clone()
+    bias[:, 0] += result.embedding_bias_absorbed
+    bias[:, -1] += result.head_bias_absorbed
+    empty = result.token.new_zeros(rows, 0, length)
+    return RelevanceResult(result.token, empty, empty, result.target, result.softmax_absorbed,
+                           bias, position_embedding=result.positional,
+                           position_kind=position_kind, token_type=result.token_type)
+
+
+def _compute_additive(weights: AdditiveWeights, job: BackwardJob, started: float
+                      ) -> BackwardResult:
+    """``compute`` for a decoder whose positions are an additive table (GPT-2): a forward of the
+    job's ids (there is no recording to read), then the backward of its logit rows."""
+    ids = torch.tensor(job.token_ids, device=weights.device)
+    forward = run_additive_forward(weights, ids)
+    rows = [[(int(p), int(t)) for p, t in row] for row in job.seeds]
+    next_token_id = None
+    if job.next_first:
+        next_token_id = int(lm_logits(weights, forward.final_hidden[-1:])[0].argmax())
+        rows = [[(len(job.token_ids) - 1, next_token_id)]] + rows
+    if not rows:
+        raise ValueError("the job has no targets")
+    result = relevance_from_forward(weights, forward, LogitSeeds.from_rows(rows), job.mode)
+    return BackwardResult.from_relevance(
+        additive_as_relevance(result, weights.spec.position_kind), len(job.token_ids),
+        next_token_id=next_token_id, recomputed_rows=len(job.token_ids),
+        seconds=time.perf_counter() - started)
+
+
 # ---- 4. the explanation -----------------------------------------------------------------------
 def assemble(plan: Plan, result: BackwardResult, *, model: str, per_layer: bool = False,
              combination: str = DEFAULT_COMBINATION) -> Explanation:
@@ -367,3 +441,208 @@ def assemble(plan: Plan, result: BackwardResult, *, model: str, per_layer: bool 
     if plan.grounding is not None:
         explanation.grounding = ground(explanation, relevance, plan.grounding, plan.sentence_row)
     return explanation
+
+
+# ---- encoders: embedding, reranking and classification models -----------------------------------
+# The same four steps for a BERT-family encoder (``engine/additive.py``, ``engine/heads.py``): the
+# target is a function of the pooled embedding or of the classifier head, not a logit of the LM.
+ENCODER_TARGET_HELP = ("{'dimension': k} (of the pooled embedding, before normalisation), "
+                       "{'similarity': other_text} or {'label': i}")
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    """An encoder explanation before the model runs: the texts' token ids (one, or two for
+    'similarity': the explained text first, the other second), their token types, the target
+    (``{'dimension': k}``, ``{'similarity': 1}``, ``{'label': i}``) and each text's decoded
+    tokens."""
+
+    texts: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    target: dict[str, int]
+    mode: str
+    spans: list[tuple[str, list[Token]]]
+    label_name: str | None = None
+
+
+class EncoderJob(BaseModel):
+    """One encoder explanation to compute (API process → worker)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[list[int]] = Field(description="Token ids of each text: one, or two for "
+                                   "'similarity' (the explained text first).")
+    token_type_ids: list[list[int]] | None = Field(
+        None, description="Per text, its token types (a cross-encoder's pair); None: all 0.")
+    target: dict[Literal["dimension", "similarity", "label"], int] = Field(
+        description="{'dimension': k}, {'similarity': 1} (the index of the other text) or "
+        "{'label': i}.")
+    mode: Mode
+
+
+class EncoderResult(BaseModel):
+    """Raw relevance of an encoder job (worker → API process): one ``BackwardResult`` of one
+    row per text, and the target's value (the cosine for 'similarity')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[BackwardResult]
+    value: float
+    seconds: float = 0.0
+
+
+def _encoder_tokens(tokenizer: Any, text: str | Sequence[int], pair: str | None, param: str,
+                    max_length: int | None) -> tuple[list[int], list[int] | None]:
+    if isinstance(text, str):
+        encoded = tokenizer(text, pair) if pair is not None else tokenizer(text)
+        ids = [int(i) for i in encoded["input_ids"]]
+        types = encoded.get("token_type_ids")
+        types = [int(t) for t in types] if types is not None else None
+    else:
+        if pair is not None:
+            raise PromptError("a text pair needs the first text as text, not token ids", param)
+        ids, types = [int(i) for i in text], None
+    if not ids:
+        raise PromptError("the text has no tokens", param)
+    if max_length is not None and len(ids) > max_length:
+        raise PromptError(f"{len(ids)} tokens exceed the model's {max_length} positions", param)
+    return ids, types
+
+
+def plan_encoder(tokenizer: Any, text: str | Sequence[int], target: Any, *,
+                 mode: str = "pa-lrp", text_pair: str | None = None, vocab_size: int,
+                 max_length: int | None = None, has_token_types: bool = True,
+                 label_names: dict[int, str] | None = None) -> EncoderPlan:
+    """Validate and tokenize an encoder explanation of ``text`` (a string or token ids;
+    ``text_pair``: a cross-encoder's second text). ``target``: ``{'dimension': k}``,
+    ``{'similarity': other}`` (a text or token ids) or ``{'label': i or name}``. Raises
+    ``ExplainInputError`` subclasses naming the field at fault."""
+    check_mode(mode)
+    if hasattr(target, "model_dump"):
+        target = target.model_dump()
+    if not isinstance(target, dict) or len(target) != 1 or \
+            next(iter(target)) not in ("dimension", "similarity", "label"):
+        raise TargetError(f"unknown encoder target {target!r}; allowed: {ENCODER_TARGET_HELP}")
+    kind, value = next(iter(target.items()))
+    ids, types = _encoder_tokens(tokenizer, text, text_pair, "text", max_length)
+    texts, token_types = [ids], [types]
+    label_name = None
+    if kind == "similarity":
+        if text_pair is not None:
+            raise TargetError("'similarity' compares two texts' embeddings; a text pair is for "
+                              "a cross-encoder's {'label': i}")
+        if isinstance(value, bool) or isinstance(value, int):
+            raise TargetError("{'similarity': other} takes the other text (or its token ids); "
+                              "an index of another input is for /v1/embeddings")
+        if not isinstance(value, (str, list, tuple)):
+            raise TargetError(f"{{'similarity': other}}: other must be text or token ids, got "
+                              f"{value!r}")
+        other_ids, other_types = _encoder_tokens(tokenizer, value, None, "target", max_length)
+        texts.append(other_ids)
+        token_types.append(other_types)
+        resolved = {"similarity": 1}
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+                (kind == "dimension" and not isinstance(value, int)):
+            raise TargetError(f"{{'{kind}': …}} takes a whole number"
+                              f"{' or a label name' if kind == 'label' else ''}, got {value!r}")
+        if kind == "label" and isinstance(value, str):
+            by_name = {name: int(i) for i, name in (label_names or {}).items()}
+            if value not in by_name:
+                raise TargetError(f"unknown label {value!r}; allowed: "
+                                  f"{', '.join(map(repr, by_name)) or 'label indices'}")
+            value = by_name[value]
+        if kind == "label" and label_names:
+            label_name = label_names.get(int(value))
+        resolved = {kind: int(value)}
+    for number, row in enumerate(texts):
+        if any(not 0 <= i < vocab_size for i in row):
+            raise PromptError(f"token ids must lie in [0, {vocab_size}): the model's vocabulary",
+                              "text" if number == 0 else "target")
+    if not has_token_types or all(t is None for t in token_types):
+        token_type_ids = None
+    else:
+        token_type_ids = [t if t is not None else [0] * len(ids)
+                          for t, ids in zip(token_types, texts)]
+    spans = [token_spans(tokenizer, row, len(row)) for row in texts]
+    return EncoderPlan(texts, token_type_ids, resolved, mode, spans, label_name)
+
+
+def encoder_job(plan: EncoderPlan) -> EncoderJob:
+    return EncoderJob(texts=plan.texts, token_type_ids=plan.token_type_ids, target=plan.target,
+                      mode=plan.mode)
+
+
+@torch.no_grad()
+def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooling,
+                    head: ClassifierHead | None = None) -> EncoderResult:
+    """Raw relevance of an encoder job: a forward of each text, the target's seed from the head
+    (``engine/heads.py``), the backward of each text."""
+    started = time.perf_counter()
+    device = weights.device
+    kind, value = next(iter(job.target.items()))
+    if (kind == "similarity") != (len(job.texts) == 2) or len(job.texts) not in (1, 2):
+        raise ValueError(f"a {kind!r} job needs {'two texts' if kind == 'similarity' else 'one text'}")
+    types = job.token_type_ids or [None] * len(job.texts)
+    forwards = [run_additive_forward(weights, torch.tensor(ids, device=device),
+                                     None if t is None else torch.tensor(t, device=device))
+                for ids, t in zip(job.texts, types)]
+    hidden = [f.final_hidden for f in forwards]
+    try:
+        if kind == "similarity":
+            both = similarity_seeds(hidden[0], hidden[1], pooling)
+            seeds, value = [both.first, both.second], float(both.cosine)
+        elif kind == "dimension":
+            seeds = [dimension_seed(hidden[0], value, pooling)]
+            value = float(pool(hidden[0], pooling)[value])
+        else:
+            if head is None:
+                raise HeadTargetError("this model has no sequence-classification head: "
+                                      "{'label': i} needs one (BertForSequenceClassification); "
+                                      "an embedding model allows {'dimension': k} and "
+                                      "{'similarity': other}")
+            seeds = [label_seed(hidden[0], value, head)]
+            value = float(sequence_classification_logits(weights, hidden[0])[value])
+    except HeadTargetError as error:
+        raise TargetError(str(error)) from None
+    texts = []
+    for ids, forward, seed in zip(job.texts, forwards, seeds):
+        result = relevance_from_forward(weights, forward, seed, job.mode)
+        texts.append(BackwardResult.from_relevance(
+            additive_as_relevance(result, weights.spec.position_kind), len(ids),
+            recomputed_rows=len(ids)))
+    return EncoderResult(texts=texts, value=value, seconds=time.perf_counter() - started)
+
+
+def _encoder_target(plan: EncoderPlan, value: float, side: int) -> ResolvedTarget:
+    kind, index = next(iter(plan.target.items()))
+    if kind == "similarity":
+        which = "this text" if side == 0 else "the other text"
+        description = (f"cosine similarity {value:.4f} of the two texts' pooled embeddings; "
+                       f"{which} explains half of it (norms held, uniform rule)")
+        return ResolvedTarget(kind="similarity", description=description, positions=[],
+                              token_ids=[], value=value)
+    if kind == "dimension":
+        return ResolvedTarget(kind="dimension", positions=[], token_ids=[], dimension=index,
+                              value=value, description=f"dimension {index} of the pooled "
+                              f"embedding (before normalisation): {value:.4f}")
+    name = f" ({plan.label_name!r})" if plan.label_name else ""
+    return ResolvedTarget(kind="label", positions=[], token_ids=[], label=index, value=value,
+                          description=f"logit of label {index}{name}: {value:.4f}")
+
+
+def assemble_encoder(plan: EncoderPlan, result: EncoderResult, *, model: str,
+                     combination: str = DEFAULT_COMBINATION) -> Explanation:
+    """The wire-format ``Explanation`` of the first text; for 'similarity' the other text's is
+    its ``other``."""
+    if len(result.texts) != len(plan.texts):
+        raise ValueError(f"the result has {len(result.texts)} texts, the plan {len(plan.texts)}")
+    explanations = []
+    for side, (ids, spans, raw) in enumerate(zip(plan.texts, plan.spans, result.texts)):
+        explanations.append(build_explanation(
+            raw.relevance(), [_encoder_target(plan, result.value, side)], ids, len(ids), None,
+            model=model, mode=plan.mode, combination=combination, spans=spans))
+    first = explanations[0]
+    if len(explanations) == 2:
+        first.other = explanations[1]
+    return first

@@ -91,11 +91,17 @@ class RelevanceResult:
     target_logit: Tensor
     softmax_absorbed: Tensor  # (B, L): relevance the softmax rule drops, Σ R(probs) − Σ R(scores)
     bias_absorbed: Tensor | None = None  # (B, L): relevance the biases keep (ε-rule); None: no biases
+    # Models whose positions are an additive table (engine/additive.py; cos/sin are then (B, 0, T)):
+    position_embedding: Tensor | None = None  # (B, T): Σ_d R(P[t]), the table's relevance
+    position_kind: str | None = None  # "learned" or "absolute": what the table is
+    token_type: Tensor | None = None  # (B, T): the token-type embedding's relevance (BERT)
 
     @property
     def positional(self) -> Tensor:
-        """Per position: Σ over layers of the cos and sin parts, (B, T)."""
-        return (self.positional_cos + self.positional_sin).sum(1)
+        """Per position: Σ over layers of the cos and sin parts, plus an additive position
+        table's relevance, (B, T)."""
+        rotary = (self.positional_cos + self.positional_sin).sum(1)
+        return rotary if self.position_embedding is None else rotary + self.position_embedding
 
 
 @dataclass
