@@ -501,3 +501,166 @@ def test_cli_api_errors_are_one_line(exc, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert str(exc) in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+# --- encoders and additive position tables (wire format 2.1) ---------------------------------
+QUERY_PIECES = ["[CLS]", " the", " cat", " sits", " on", " the", " mat", ".", "[SEP]"]
+DOCUMENT_PIECES = ["[CLS]", " a", " fe", "line", " rests", " on", " a", " rug", ".", "[SEP]"]
+
+
+def _tokens(pieces, prompt_length=None):
+    tokens, offset = [], 0
+    prompt_length = len(pieces) if prompt_length is None else prompt_length
+    for i, piece in enumerate(pieces):
+        tokens.append(Token(index=i, id=200 + i, text=piece, start=offset, end=offset + len(piece),
+                            role="prompt" if i < prompt_length else "completion"))
+        offset += len(piece)
+    return "".join(pieces), tokens
+
+
+def make_additive_explanation(pieces, target, *, seed=0, token_types=True, kind="learned",
+                              prompt_length=None, logit=None) -> Explanation:
+    """An explanation of a model whose positions are one additive table (BERT, GPT-2): a
+    ``position_embedding`` part, token-type relevance for BERT, conserving ``logit``."""
+    text, tokens = _tokens(pieces, prompt_length)
+    n = len(tokens)
+    g = torch.Generator().manual_seed(seed)
+    token = (torch.randn(n, generator=g) * 0.05).tolist()
+    table = (torch.randn(n, generator=g) * 0.01).tolist()
+    types = (torch.rand(n, generator=g) * 0.004).tolist() if token_types else None
+    logit = logit if logit is not None else sum(token) + sum(table) + sum(types or []) + 0.02
+    combined = _normalise([t + p for t, p in zip(token, table)])
+    return Explanation(
+        wire_format_version=WIRE_FORMAT_VERSION, model="all-MiniLM-L6-v2", mode="pa-lrp",
+        text=text, prompt_length=len(pieces) if prompt_length is None else prompt_length,
+        tokens=tokens, target=target, target_logit=logit, token_relevance=token,
+        positional_relevance=table,
+        positional_parts=[PositionalPart(name="position_embedding", kind=kind, relevance=table)],
+        token_type_relevance=types, combined_relevance=combined,
+        conservation=Conservation(
+            target_logit=logit, token_sum=sum(token), positional_sum=sum(table),
+            token_type_sum=sum(types or []), relative_error=0.02 / abs(logit),
+            softmax_absorbed=0.015, bias_absorbed=0.005, relative_error_excluding_softmax=3e-8))
+
+
+COSINE = 0.558404
+
+
+def make_similarity() -> Explanation:
+    def target(which):
+        return ResolvedTarget(kind="similarity", positions=[], token_ids=[], value=COSINE,
+                              description=f"cosine similarity {COSINE:.4f} of the two texts' pooled "
+                              f"embeddings; {which} explains half of it (norms held, uniform rule)")
+    other = make_additive_explanation(DOCUMENT_PIECES, target("the other text"), seed=1,
+                                      logit=COSINE / 2)
+    main = make_additive_explanation(QUERY_PIECES, target("this text"), logit=COSINE / 2)
+    return main.model_copy(update={"other": other})
+
+
+def _tokens_in(page: str, container_id: str) -> int:
+    match = re.search(rf'id="{container_id}">(.*?)</div>', page, re.S)
+    assert match, container_id
+    return match.group(1).count('<span class="tok"')
+
+
+def test_similarity_html_shows_both_texts_side_by_side():
+    ex = make_similarity()
+    other = ex.other
+    page = explanation_html(ex)
+    # two columns, each with its heatmap, on the right tokens
+    assert '<div class="pair">' in page
+    assert _tokens_in(page, "query-tokens") == len(ex.tokens)
+    assert _tokens_in(page, "document-tokens") == len(other.tokens)
+    assert page.count('<span class="tok"') == len(ex.tokens) + len(other.tokens)
+    assert page.count('<span class="tok" data-i="0" data-side="other"') == 1
+    assert page.index('id="query-tokens"') < page.index('id="document-tokens"')
+    parser = _Collector()
+    parser.feed(page)
+    assert parser.urls == []
+    assert parser._text == [display_token(t.text) for t in [*ex.tokens, *other.tokens]]
+    # each side's tooltips carry its own numbers
+    document = [s for s in parser.token_spans if s.get("data-side") == "other"]
+    assert len(document) == len(other.tokens)
+    assert format_number(other.token_relevance[2]) in document[2]["title"]
+    # the target: the cosine, half on each side
+    assert format_number(COSINE) in page and "cosine similarity" in page
+    assert page.count(format_number(COSINE / 2)) >= 2
+    # one position-table plot per text, a bar per token
+    for svg_id, side in (("positional-bars", ex), ("positional-bars-document", other)):
+        svg = re.search(rf'<svg id="{svg_id}".*?</svg>', page, re.S).group(0)
+        assert svg.count('<rect class="bar"') == len(side.tokens)
+    assert Explanation.model_validate_json(_embedded_json(page)) == ex
+    assert ex.to_html() == page
+
+
+def test_position_table_and_token_types_are_labelled():
+    ex = make_similarity()
+    page = explanation_html(ex)
+    out = _render(ex)
+    assert "learned position table" in page and "learned position table" in out
+    assert "RoPE" not in page and "per layer" not in page and "layer-heatmap" not in page
+    assert "RoPE" not in out and "rope_cos" not in out
+    assert "Σ token-type relevance" in page and "Σ token-type relevance" in out
+    assert format_number(ex.conservation.token_type_sum) in out
+    assert 'value="token_type"' in page and "token-type rel." in page and "token-type rel." in out
+    assert f"token-type relevance {format_number(ex.token_type_relevance[3])}" in page
+    absolute = make_additive_explanation(QUERY_PIECES, ex.target, kind="absolute",
+                                         token_types=False)
+    page = explanation_html(absolute)
+    assert "absolute position table" in page and "absolute position table" in _render(absolute)
+    assert 'value="token_type"' not in page and "token-type" not in page
+
+
+def test_rich_similarity_prints_query_then_document_with_the_target_value():
+    ex = make_similarity()
+    out = _render(ex, top_k=3)
+    assert f"cosine {format_number(COSINE)}" in out
+    assert "this side explains half" in " ".join(out.split())
+    assert out.index("query") < out.index("document")
+    # each text's heatmap, under its own label
+    query_at, document_at = out.index("the cat sits"), out.index("a feline rests")
+    assert query_at < document_at
+    assert "prompt" not in out and "completion" not in out  # an encoder has input only
+    assert f"{len(ex.tokens)} input" in out and f"{len(ex.other.tokens)} input" in out
+    assert out.count(format_number(COSINE / 2)) >= 2
+
+
+def test_dimension_and_label_targets_render():
+    target = ResolvedTarget(kind="dimension", positions=[], token_ids=[], dimension=3, value=0.2431,
+                            description="dimension 3 of the pooled embedding (before "
+                                        "normalisation): 0.2431")
+    ex = make_additive_explanation(QUERY_PIECES, target, logit=0.2431)
+    out = _render(ex)
+    assert "target value" in out and "0.2431" in out and "dimension 3" in out
+    page = explanation_html(ex)
+    assert "target value" in page and _tokens_in(page, "input-tokens") == len(ex.tokens)
+    assert '<div class="pair">' not in page
+    label = ResolvedTarget(kind="label", positions=[], token_ids=[], label=1, value=-1.25,
+                           description="logit of label 1 ('entailment'): -1.2500")
+    ex = make_additive_explanation(QUERY_PIECES, label, logit=-1.25)
+    assert "'entailment'" in _render(ex) and "-1.2500" in _render(ex)
+    assert "entailment" in explanation_html(ex)
+
+
+def test_gpt2_explanation_renders_its_position_table():
+    """A causal LM with an additive table (GPT-2): prompt and completion as for RoPE models,
+    the positional part labelled as the learned table, no token types."""
+    pieces = ["The", " capital", " of", " Italy", " is", " Rome", "."]
+    target = ResolvedTarget(kind="completion", description="sum of the logits of completion "
+                            "tokens [0, 2)", positions=[4, 5], token_ids=[205, 206], span=(0, 2))
+    ex = make_additive_explanation(pieces, target, token_types=False, prompt_length=5)
+    ex = ex.model_copy(update={"model": "gpt2"})
+    out = _render(ex)
+    assert "5 prompt + 2 completion" in out and "completion" in out
+    assert "Σ position_embedding" in out and "RoPE" not in out
+    page = explanation_html(ex)
+    assert _tokens_in(page, "prompt-tokens") == 5 and _tokens_in(page, "completion-tokens") == 2
+    assert "learned position table" in page and "RoPE" not in page
+    assert 'value="token_type"' not in page
+    assert Explanation.model_validate_json(_embedded_json(page)) == ex
+
+
+def test_rotary_pages_keep_their_rope_wording():
+    page = explanation_html(make_explanation())
+    assert "RoPE" in page and "position table" not in page and '<div class="pair">' not in page
+    assert 'value="token_type"' not in page and 'data-side' not in page.split("<script")[0]

@@ -143,9 +143,47 @@ def _row_top_inputs(
     return [(explanation.tokens[i], values[i]) for i in order]
 
 
-def _part_sums(explanation: Explanation) -> list[tuple[str, float]]:
-    """(name, Σ relevance) of each named positional part (wire format 2; none in version 1)."""
-    return [(part.name, sum(part.relevance)) for part in explanation.positional_parts or []]
+def _part_sums(explanation: Explanation, labelled: bool = False) -> list[tuple[str, float]]:
+    """(name, Σ relevance) of each named positional part (wire format 2; none in version 1);
+    ``labelled``: an additive table's name says what it is (``part_label``)."""
+    return [(part_label(part.name, part.kind) if labelled else part.name, sum(part.relevance))
+            for part in explanation.positional_parts or []]
+
+
+def _encoder_target_pairs(explanation: Explanation) -> list[tuple[str, str]]:
+    """The summary's first lines for an encoder target: its value, and for a similarity what
+    this side's relevance conserves (half the cosine)."""
+    target = explanation.target
+    if target.kind == "similarity":
+        return [("cosine", format_number(target.value)),
+                ("this side explains", f"half: {format_number(explanation.target_logit)}")]
+    return [("target value", format_number(explanation.target_logit))]
+
+
+ENCODER_TARGETS = ("dimension", "similarity", "label")
+"""``target.kind`` of an encoder explanation (wire format 2.1): all its tokens are input."""
+
+
+def is_encoder(explanation: Explanation) -> bool:
+    """An encoder explanation (embedding, similarity or classifier target): no completion."""
+    return explanation.target.kind in ENCODER_TARGETS
+
+
+def part_label(name: str, kind: str) -> str:
+    """How a positional part is named on screen: rotary parts by name (rope_cos, rope_sin), the
+    one additive table as what it is (``position_embedding (learned position table)``)."""
+    return name if kind == "rotary" else f"{name} ({kind} position table)"
+
+
+def target_summary(explanation: Explanation) -> str:
+    """One line on the target. A similarity: its cosine and what this side's relevance conserves
+    (``similarity: cosine 0.5584, this side explains half (0.2792)``); otherwise the
+    description (a dimension's or label's value is in it)."""
+    target = explanation.target
+    if target.kind == "similarity":
+        return (f"similarity: cosine {format_number(target.value)}, this side explains half "
+                f"({format_number(explanation.target_logit)})")
+    return target.description  # dimension / label: "… of the pooled embedding …: value"
 
 
 def _layer_sums(explanation: Explanation) -> list[tuple[int, float, float]]:
@@ -161,18 +199,44 @@ def print_explanation(
     field: str = "combined_relevance",
     top_k: int = 10,
 ) -> None:
-    """Print a token heatmap of ``field`` and summary tables to ``console`` (default: stdout)."""
+    """Print a token heatmap of ``field`` and summary tables to ``console`` (default: stdout).
+    A similarity explanation (with ``other``) prints both texts, the query and then the
+    document, each with its heatmap, summary and top tokens."""
+    from rich.console import Console
+    from rich.rule import Rule
+    from rich.text import Text
+
+    field = resolve_field(field)
+    console = console or Console()
+    if explanation.other is not None:  # a similarity: both texts, one after the other
+        other = explanation.other
+        head = Text()
+        head.append("similarity  ", style="bold")
+        head.append(f"cosine {format_number(explanation.target.value)}", style="bold")
+        head.append(f" = query {format_number(explanation.target_logit)} + document "
+                    f"{format_number(other.target_logit)}")
+        head.append("  (each text explains half)", style="dim")
+        console.print(head)
+        for side, shown in (("query", explanation), ("document", other)):
+            console.print(Rule(f"[bold]{side}[/bold]", style="cyan"))
+            _print_one(shown, console, field, top_k, side)
+        return
+    _print_one(explanation, console, field, top_k, None)
+
+
+def _print_one(explanation: Explanation, console: Console, field: str, top_k: int,
+               side: str | None) -> None:
+    """``print_explanation`` of one text; ``side``: 'query' / 'document' of a similarity."""
     from rich import box
     from rich.color import Color
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.panel import Panel
     from rich.rule import Rule
     from rich.style import Style
     from rich.table import Table
     from rich.text import Text
 
-    field = resolve_field(field)
-    console = console or Console()
+    encoder = is_encoder(explanation)
     values = getattr(explanation, field)
     max_abs = _max_abs(values)
     view = next(k for k, v in FIELDS.items() if v == field)
@@ -199,7 +263,8 @@ def print_explanation(
 
     prompt = [t for t in explanation.tokens if t.role == "prompt"]
     completion = [t for t in explanation.tokens if t.role == "completion"]
-    parts: list = [Text("prompt", style="bold cyan"), heat_text(prompt)]
+    parts: list = [Text(side or ("input" if encoder else "prompt"), style="bold cyan"),
+                   heat_text(prompt)]
     if completion:
         parts += [Rule("completion", style="magenta", characters="╌"), heat_text(completion)]
     legend = Text("  −max ")
@@ -223,7 +288,8 @@ def print_explanation(
     head = Text()
     head.append("summary  ", style="bold")
     for j, (key, value) in enumerate((("model", explanation.model), ("mode", explanation.mode),
-                                      ("target", explanation.target.description))):
+                                      ("target", target_summary(explanation) if encoder
+                                       else explanation.target.description))):
         if j:
             head.append(" · ", style="dim")
         head.append(f"{key} ", style="dim")
@@ -233,15 +299,21 @@ def print_explanation(
     for style in ("dim", "", "dim", ""):
         summary.add_column(style=style, no_wrap=True)
     n_completion = len(explanation.tokens) - explanation.prompt_length
+    token_types = explanation.token_type_relevance is not None
     pairs = [
-        ("target logit", Text(format_number(explanation.target_logit))),
-        ("tokens", Text(f"{explanation.prompt_length} prompt + {n_completion} completion")),
+        *([(key, Text(value)) for key, value in _encoder_target_pairs(explanation)] if encoder
+          else [("target logit", Text(format_number(explanation.target_logit)))]),
+        ("tokens", Text(f"{len(explanation.tokens)} input" if encoder else
+                        f"{explanation.prompt_length} prompt + {n_completion} completion")),
         ("Σ token relevance", Text(format_number(c.token_sum))),
         ("Σ positional relevance", Text(format_number(c.positional_sum))),
-        *((f"  Σ {name}", Text(format_number(value))) for name, value in _part_sums(explanation)),
+        *((f"  Σ {label}", Text(format_number(value)))
+          for label, value in _part_sums(explanation, labelled=True)),
+        *([("Σ token-type relevance", Text(format_number(c.token_type_sum)))] if token_types
+          else []),
         ("positional share", Text(format_share(explanation.positional_share))),
-        ("reached inputs", Text(format_share((c.token_sum + c.positional_sum) / c.target_logit)
-                                if c.target_logit else "–")),
+        ("reached inputs", Text(format_share((c.token_sum + c.positional_sum + c.token_type_sum)
+                                             / c.target_logit) if c.target_logit else "–")),
         ("softmax rule absorbed", Text(format_number(c.softmax_absorbed))),
         *([("biases kept", Text(format_number(c.bias_absorbed)))] if c.bias_absorbed else []),
         ("conservation rel. error", Text(format_number(c.relative_error))),
@@ -266,17 +338,22 @@ def print_explanation(
     if top_k > 0 and explanation.tokens:
         top = Table(box=box.SIMPLE_HEAD, title=f"top {top_k} tokens by |{view}|",
                     title_justify="left", title_style="bold", pad_edge=False)
-        for name, kw in (("#", {"justify": "right"}), ("pos", {"justify": "right"}), ("role", {}),
-                         ("token", {}), (view, {"justify": "right"}),
-                         ("token rel.", {"justify": "right"}), ("positional rel.", {"justify": "right"})):
+        right = {"justify": "right"}
+        for name, kw in (("#", right), ("pos", right), *([] if encoder else [("role", {})]),
+                         ("token", {}), (view, right), ("token rel.", right),
+                         ("positional rel.", right),
+                         *([("token-type rel.", right)] if token_types else [])):
             top.add_column(name, **kw)
         for rank, (tok, value) in enumerate(explanation.top_tokens(top_k, by=field), 1):
             cell = Text(short_token(tok.text), style=Style(
                 bgcolor=Color.from_rgb(*heat_rgb(value, max_abs)),
                 color=Color.parse(_fg_for(value, max_abs))))
-            top.add_row(str(rank), str(tok.index), tok.role, cell, format_number(value),
+            top.add_row(str(rank), str(tok.index), *([] if encoder else [tok.role]), cell,
+                        format_number(value),
                         format_number(explanation.token_relevance[tok.index]),
-                        format_number(explanation.positional_relevance[tok.index]))
+                        format_number(explanation.positional_relevance[tok.index]),
+                        *([format_number(explanation.token_type_relevance[tok.index])]
+                          if token_types else []))
         console.print(top)
 
     # Per-layer positional relevance: a sparkline, then the sums in side-by-side column groups.
@@ -440,16 +517,29 @@ td.num { text-align: right; font-family: ui-monospace, SFMono-Regular, Menlo, Co
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre; }
 tr.row { cursor: pointer; } tr.row:hover { background: #f6f8fa; } tr.row.sel { background: #ddf4ff; }
 .note { color: var(--muted); font-size: 12px; }
+.pair { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px;
+  align-items: start; }
+.pair h3 { font-size: 15px; margin: 8px 0 6px; }
+.cards.small { margin: 8px 0; gap: 6px; }
+.cards.small .card { min-width: 110px; padding: 4px 10px; }
+.cards.small .card .v { font-size: 14px; }
+@media (max-width: 820px) { .pair { grid-template-columns: minmax(0, 1fr); } }
 """
 
 _JS = """
 (function () {
   var data = JSON.parse(document.getElementById('explanation').textContent);
-  var FIELDS = {combined: 'combined_relevance', token: 'token_relevance', positional: 'positional_relevance'};
+  var FIELDS = {combined: 'combined_relevance', token: 'token_relevance', positional: 'positional_relevance',
+                token_type: 'token_type_relevance'};
+  var SIDES = data.other ? ['main', 'other'] : ['main'];
+  var NAMES = {main: 'query', other: 'document'};
   var state = {view: 'combined', row: -1};
   var spans = Array.prototype.slice.call(document.querySelectorAll('span.tok'));
+  var bySide = {main: [], other: []};
   var info = document.getElementById('info');
   var rowLabel = document.getElementById('row-label');
+  function sideOf(el) { return el.dataset.side === 'other' ? 'other' : 'main'; }
+  spans.forEach(function (s) { bySide[sideOf(s)][+s.dataset.i] = s; });
   function fmt(x) {
     if (x === null || x === undefined || !isFinite(x)) return String(x);
     var a = Math.abs(x);
@@ -463,13 +553,19 @@ _JS = """
     var c = [0, 1, 2].map(function (i) { return Math.round(255 + (b[i] - 255) * t); });
     return {bg: 'rgb(' + c.join(',') + ')', fg: t > 0.55 ? '#ffffff' : '#111111'};
   }
-  function source() { return state.row < 0 ? data : data.rows[state.row]; }
-  function values() { return source()[FIELDS[state.view]] || []; }
+  // a similarity's two texts share one scale (both explain half the cosine, in the same units)
+  function source(side) {
+    if (side === 'other') return data.other;
+    return state.row < 0 ? data : data.rows[state.row];
+  }
+  function values(side) { return source(side)[FIELDS[state.view]] || []; }
   function paint() {
-    var vals = values(), m = 0;
-    vals.forEach(function (v) { if (v !== null && isFinite(v)) m = Math.max(m, Math.abs(v)); });
+    var m = 0;
+    SIDES.forEach(function (side) {
+      values(side).forEach(function (v) { if (v !== null && isFinite(v)) m = Math.max(m, Math.abs(v)); });
+    });
     spans.forEach(function (s) {
-      var c = rgb(vals[+s.dataset.i], m);
+      var c = rgb(values(sideOf(s))[+s.dataset.i], m);
       s.style.background = c.bg; s.style.color = c.fg;
     });
     document.getElementById('max-abs').textContent = fmt(m);
@@ -489,19 +585,22 @@ _JS = """
   });
   var reset = document.getElementById('row-reset');
   if (reset) reset.addEventListener('click', function () { state.row = -1; paint(); });
-  function show(i) {
-    var t = data.tokens[i], src = source();
-    info.textContent = '#' + i + ' ' + t.role + '  ' + JSON.stringify(t.text) + '  id ' + t.id +
+  function show(i, side) {
+    var src = source(side), t = (side === 'other' ? data.other : data).tokens[i];
+    var types = src.token_type_relevance;
+    info.textContent = (data.other ? NAMES[side] + ' ' : '') + '#' + i + ' ' + t.role + '  ' +
+      JSON.stringify(t.text) + '  id ' + t.id +
       '  token ' + fmt(src.token_relevance[i]) + '  positional ' + fmt(src.positional_relevance[i]) +
-      '  combined ' + fmt(src.combined_relevance[i]);
+      (types ? '  token type ' + fmt(types[i]) : '') + '  combined ' + fmt(src.combined_relevance[i]);
   }
-  function highlight(i, on) { if (spans[i]) spans[i].classList.toggle('hl', on); }
+  function highlight(i, side, on) { var s = bySide[side][i]; if (s) s.classList.toggle('hl', on); }
   spans.forEach(function (s) {
-    s.addEventListener('mouseenter', function () { show(+s.dataset.i); });
+    s.addEventListener('mouseenter', function () { show(+s.dataset.i, sideOf(s)); });
   });
   document.querySelectorAll('svg [data-i]').forEach(function (el) {
-    el.addEventListener('mouseenter', function () { show(+el.dataset.i); highlight(+el.dataset.i, true); });
-    el.addEventListener('mouseleave', function () { highlight(+el.dataset.i, false); });
+    var side = sideOf(el);
+    el.addEventListener('mouseenter', function () { show(+el.dataset.i, side); highlight(+el.dataset.i, side, true); });
+    el.addEventListener('mouseleave', function () { highlight(+el.dataset.i, side, false); });
   });
   paint();
 })();
@@ -517,8 +616,12 @@ def _embedded_json(explanation: Explanation) -> str:
     return explanation.model_dump_json().replace("</", "<\\/").replace("<!--", "<\\u0021--")
 
 
-def _bar_svg(explanation: Explanation) -> str:
+def _bar_svg(explanation: Explanation, svg_id: str = "positional-bars", side: str = "") -> str:
+    """Positional relevance per position, one bar each; ``side``: 'other' for the document of a
+    similarity (its bars carry ``data-side``)."""
     values = explanation.positional_relevance
+    side_attr = f' data-side="{side}"' if side else ""
+    what = "positional" if _rotary_or_none(explanation) else "position table"
     n = len(values)
     width, height, left, pad = 1000.0, 180.0, 56.0, 14.0
     plot_w = width - left - 8
@@ -527,7 +630,7 @@ def _bar_svg(explanation: Explanation) -> str:
     top = _max_abs(values)
     bw = plot_w / max(n, 1)
     parts = [
-        f'<svg id="positional-bars" viewBox="0 0 {width:g} {height:g}" role="img" '
+        f'<svg id="{svg_id}" viewBox="0 0 {width:g} {height:g}" role="img" '
         f'aria-label="positional relevance per position">',
         f'<line x1="{left:g}" y1="{mid:g}" x2="{width - 8:g}" y2="{mid:g}" stroke="#8c959f" '
         f'stroke-width="1"/>',
@@ -543,9 +646,9 @@ def _bar_svg(explanation: Explanation) -> str:
             h = 0.0
         y = mid - h if (v or 0) >= 0 else mid
         r, g, b = POSITIVE_RGB if (v or 0) >= 0 else NEGATIVE_RGB
-        label = f"#{i} {short_token(tok.text) if tok else ''}: positional {format_number(v)}"
+        label = f"#{i} {short_token(tok.text) if tok else ''}: {what} {format_number(v)}"
         parts.append(
-            f'<rect class="bar" data-i="{i}" x="{left + i * bw:.2f}" y="{y:.2f}" '
+            f'<rect class="bar" data-i="{i}"{side_attr} x="{left + i * bw:.2f}" y="{y:.2f}" '
             f'width="{max(bw * 0.85, 0.5):.2f}" height="{max(h, 0.5):.2f}" fill="rgb({r},{g},{b})">'
             f"<title>{_e(label)}</title></rect>"
         )
@@ -601,8 +704,10 @@ def _layer_svg(explanation: Explanation) -> str:
     return "".join(parts)
 
 
-def _token_span(explanation: Explanation, tok: Token, field: str, max_abs: float) -> str:
+def _token_span(explanation: Explanation, tok: Token, field: str, max_abs: float,
+                side: str = "") -> str:
     i = tok.index
+    types = explanation.token_type_relevance
     values = getattr(explanation, field)
     value = values[i] if i < len(values) else None
     r, g, b = heat_rgb(value, max_abs)
@@ -613,10 +718,12 @@ def _token_span(explanation: Explanation, tok: Token, field: str, max_abs: float
         f"positional relevance {format_number(explanation.positional_relevance[i])}",
         *(f"  {part.name} {format_number(part.relevance[i])}"
           for part in explanation.positional_parts or []),
+        *([f"token-type relevance {format_number(types[i])}"] if types is not None else []),
         f"combined {format_number(explanation.combined_relevance[i])}",
     ])
+    side_attr = f' data-side="{side}"' if side else ""
     return (
-        f'<span class="tok" data-i="{i}" style="background:rgb({r},{g},{b});'
+        f'<span class="tok" data-i="{i}"{side_attr} style="background:rgb({r},{g},{b});'
         f'color:{_fg_for(value, max_abs)}" title="{_e(title)}">{_e(display_token(tok.text))}</span>'
     )
 
@@ -677,72 +784,204 @@ def _grounding_html(explanation: Explanation) -> str:
     return html_
 
 
-def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
-    """A self-contained HTML page (inline CSS, JS and SVG; nothing is fetched)."""
-    field = "combined_relevance"
-    values = explanation.combined_relevance
-    max_abs = _max_abs(values)
+def _rotary_or_none(explanation: Explanation) -> bool:
+    """No additive position table among the parts: a RoPE model, a version-1 document, or a mode
+    that gives positions nothing (``[]``)."""
+    return all(part.kind == "rotary" for part in explanation.positional_parts or [])
+
+
+def _positional_note(explanation: Explanation) -> str:
+    if _rotary_or_none(explanation):
+        return ("Sum over layers of the cos and sin relevance of each position's RoPE "
+                "inputs (summed target). Hover a bar to find its token.")
+    kinds = sorted({part.kind for part in explanation.positional_parts if part.kind != "rotary"})
+    return (f"Relevance of each position's row of the {_e(' / '.join(kinds))} position table "
+            "(<code>position_embedding</code>: one table added to the token embedding, no "
+            "layers). Hover a bar to find its token.")
+
+
+def _cards(explanation: Explanation, *, side: bool = False) -> list[tuple[str, str, str]]:
+    """(label, value, css class) of the summary cards; ``side``: one text of a similarity, whose
+    target the page's head cards already show."""
     c = explanation.conservation
-    n_completion = len(explanation.tokens) - explanation.prompt_length
-
-    prompt = [t for t in explanation.tokens if t.role == "prompt"]
-    completion = [t for t in explanation.tokens if t.role == "completion"]
-    heat = ['<div class="heat"><div class="label">prompt</div><div class="tokens" id="prompt-tokens">']
-    heat += [_token_span(explanation, t, field, max_abs) for t in prompt]
-    heat.append("</div>")
-    if completion:
-        heat.append('<div class="label completion">completion</div>'
-                    '<div class="tokens" id="completion-tokens">')
-        heat += [_token_span(explanation, t, field, max_abs) for t in completion]
-        heat.append("</div>")
-    heat.append("</div>")
-
+    encoder = is_encoder(explanation)
     closure = c.relative_error_excluding_softmax
     err_class = "good" if closure <= 1e-3 else ("warn" if closure <= 1e-2 else "bad")
-    cards = [
-        ("target logit", format_number(explanation.target_logit), ""),
+    n_completion = len(explanation.tokens) - explanation.prompt_length
+    if not encoder:
+        target = [("target logit", format_number(explanation.target_logit), "")]
+    elif side:
+        target = [("explains (½ cosine)", format_number(explanation.target_logit), "")]
+    else:
+        target = [(k, v, "") for k, v in _encoder_target_pairs(explanation)]
+    types = explanation.token_type_relevance is not None
+    return [
+        *target,
         ("Σ token relevance", format_number(c.token_sum), ""),
         ("Σ positional relevance", format_number(c.positional_sum), ""),
-        *((f"Σ {name}", format_number(value), "") for name, value in _part_sums(explanation)),
+        *((f"Σ {label}", format_number(value), "")
+          for label, value in _part_sums(explanation, labelled=encoder)),
+        *([("Σ token-type relevance", format_number(c.token_type_sum), "")] if types else []),
         ("positional share", format_share(explanation.positional_share), ""),
         ("conservation rel. error", format_number(c.relative_error), ""),
         ("softmax rule absorbed", format_number(c.softmax_absorbed), ""),
         *([("biases kept", format_number(c.bias_absorbed), "")] if c.bias_absorbed else []),
         ("error excl. softmax", format_number(closure), err_class),
-        ("tokens", f"{explanation.prompt_length} + {n_completion}", ""),
+        ("tokens", str(len(explanation.tokens)) if encoder
+         else f"{explanation.prompt_length} + {n_completion}", ""),
     ]
-    cards_html = "".join(
+
+
+def _cards_html(cards: list[tuple[str, str, str]], small: bool = False) -> str:
+    body = "".join(
         f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div></div>'
         for k, v, cls in cards
     )
+    return f'<div class="cards{" small" if small else ""}">{body}</div>'
 
-    views = "".join(
+
+def _heat_html(explanation: Explanation, field: str, max_abs: float, *, label: str | None = None,
+               tokens_id: str | None = None, side: str = "") -> str:
+    """The token heatmap: prompt (or ``label``) and completion; an encoder's tokens are input."""
+    prompt = [t for t in explanation.tokens if t.role == "prompt"]
+    completion = [t for t in explanation.tokens if t.role == "completion"]
+    label = label or ("input" if is_encoder(explanation) else "prompt")
+    tokens_id = tokens_id or f"{label}-tokens"
+    heat = [f'<div class="heat"><div class="label">{_e(label)}</div>'
+            f'<div class="tokens" id="{_e(tokens_id)}">']
+    heat += [_token_span(explanation, t, field, max_abs, side) for t in prompt]
+    heat.append("</div>")
+    if completion:
+        heat.append('<div class="label completion">completion</div>'
+                    '<div class="tokens" id="completion-tokens">')
+        heat += [_token_span(explanation, t, field, max_abs, side) for t in completion]
+        heat.append("</div>")
+    heat.append("</div>")
+    return "".join(heat)
+
+
+def _top_table(explanation: Explanation, top_k: int, field: str, max_abs: float) -> str:
+    """The top-k tokens by |field|; an encoder's table has no role column and, with token
+    types, a token-type column. "" when there is nothing to list."""
+    encoder = is_encoder(explanation)
+    types = explanation.token_type_relevance
+    rows = []
+    for rank, (tok, value) in enumerate(explanation.top_tokens(max(top_k, 0), by=field), 1):
+        rows.append(
+            f'<tr><td class="num">{rank}</td><td class="num">{tok.index}</td>'
+            + ("" if encoder else f"<td>{_e(tok.role)}</td>")
+            + f"<td>{_chip(tok.text, value, max_abs)}</td><td class=\"num\">{_e(format_number(value))}</td>"
+            f'<td class="num">{_e(format_number(explanation.token_relevance[tok.index]))}</td>'
+            f'<td class="num">{_e(format_number(explanation.positional_relevance[tok.index]))}</td>'
+            + (f'<td class="num">{_e(format_number(types[tok.index]))}</td>'
+               if types is not None else "")
+            + "</tr>"
+        )
+    if not rows:
+        return ""
+    return ("<table><thead><tr><th>#</th><th>pos</th>" + ("" if encoder else "<th>role</th>")
+            + "<th>token</th><th>combined</th><th>token rel.</th><th>positional rel.</th>"
+            + ("<th>token-type rel.</th>" if types is not None else "")
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _views_html(explanation: Explanation) -> str:
+    names = list(FIELDS)
+    if explanation.token_type_relevance is not None or (
+            explanation.other is not None and explanation.other.token_type_relevance is not None):
+        names.append("token_type")
+    return "".join(
         f'<label><input type="radio" name="view" value="{name}"{" checked" if name == "combined" else ""}>'
-        f"<span>{name}</span></label>"
-        for name in FIELDS
+        f"<span>{name.replace('_', ' ')}</span></label>"
+        for name in names
     )
 
-    top_rows = []
-    for rank, (tok, value) in enumerate(explanation.top_tokens(max(top_k, 0), by=field), 1):
-        top_rows.append(
-            f'<tr><td class="num">{rank}</td><td class="num">{tok.index}</td><td>{_e(tok.role)}</td>'
-            f"<td>{_chip(tok.text, value, max_abs)}</td><td class=\"num\">{_e(format_number(value))}</td>"
-            f'<td class="num">{_e(format_number(explanation.token_relevance[tok.index]))}</td>'
-            f'<td class="num">{_e(format_number(explanation.positional_relevance[tok.index]))}</td></tr>'
-        )
+
+def _page(explanation: Explanation, body: list[str]) -> str:
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>PA-LRP explanation — {_e(explanation.model)}</title><style>{_CSS}</style></head><body>",
+        "<h1>PA-LRP explanation</h1>",
+        *body,
+        f'<script type="application/json" id="explanation">{_embedded_json(explanation)}</script>',
+        f"<script>{_JS}</script></body></html>\n",
+    ])
+
+
+def _controls_html(explanation: Explanation, max_abs: float, row_label: str = "") -> str:
+    return (f'<div class="controls"><div class="seg" role="radiogroup" aria-label="relevance">'
+            f"{_views_html(explanation)}</div>"
+            '<span class="legend">−max <span class="bar"></span> +max · max |value| = '
+            f'<b id="max-abs">{_e(format_number(max_abs))}</b></span>{row_label}</div>')
+
+
+def _similarity_html(explanation: Explanation, top_k: int) -> str:
+    """A similarity: the two texts side by side (query: the explained text; document: ``other``),
+    each with its heatmap, cards, top tokens and position-table plot, on one colour scale."""
+    field = "combined_relevance"
+    other = explanation.other
+    sides = (("query", explanation, ""), ("document", other, "other"))
+    max_abs = max(_max_abs(explanation.combined_relevance), _max_abs(other.combined_relevance))
+    worst = max(explanation.conservation.relative_error_excluding_softmax,
+                other.conservation.relative_error_excluding_softmax)
+    head_cards = [
+        ("cosine similarity", format_number(explanation.target.value), ""),
+        ("query explains (½)", format_number(explanation.target_logit), ""),
+        ("document explains (½)", format_number(other.target_logit), ""),
+        ("error excl. softmax (worse side)", format_number(worst),
+         "good" if worst <= 1e-3 else ("warn" if worst <= 1e-2 else "bad")),
+        ("tokens", f"{len(explanation.tokens)} + {len(other.tokens)}", ""),
+    ]
+
+    def pair(blocks: list[str]) -> str:
+        return '<div class="pair">' + "".join(f"<div>{b}</div>" for b in blocks) + "</div>"
+
+    heat = pair([
+        f'<h3>{name} <span class="note">{"the explained text" if not side else "the other text (explanation.other)"}</span></h3>'
+        + _heat_html(shown, field, max_abs, label=name, tokens_id=f"{name}-tokens", side=side)
+        + _cards_html(_cards(shown, side=True), small=True)
+        for name, shown, side in sides])
+    sections = []
+    tops = [(name, _top_table(shown, top_k, field, max_abs)) for name, shown, _ in sides]
+    if any(table for _, table in tops):
+        sections.append(f"<h2>Top {top_k} tokens by |combined relevance|</h2>"
+                        + pair([f"<h3>{name}</h3>{table}" for name, table in tops]))
+    sections.append(
+        "<h2>Positional relevance per position</h2>"
+        f'<p class="note">{_positional_note(explanation)}</p>'
+        + pair([f"<h3>{name}</h3>"
+                + _bar_svg(shown, "positional-bars" + ("-" + name if side else ""), side)
+                for name, shown, side in sides]))
+    return _page(explanation, [
+        f'<div class="meta">model <b>{_e(explanation.model)}</b> · mode <b>{_e(explanation.mode)}</b>'
+        f" · target <b>similarity</b>: the cosine of the two texts' pooled embeddings; each text's "
+        "relevance conserves half of it (norms held, uniform rule)</div>",
+        _cards_html(head_cards),
+        "<h2>Token heatmaps</h2>",
+        _controls_html(explanation, max_abs),
+        heat,
+        '<div id="info">hover a token for details</div>',
+        *sections,
+    ])
+
+
+def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
+    """A self-contained HTML page (inline CSS, JS and SVG; nothing is fetched). A similarity
+    explanation (with ``other``) shows its two texts side by side."""
+    if explanation.other is not None:
+        return _similarity_html(explanation, top_k)
+    field = "combined_relevance"
+    max_abs = _max_abs(explanation.combined_relevance)
+    encoder = is_encoder(explanation)
 
     sections = []
-    if top_rows:
-        sections.append(
-            f"<h2>Top {top_k} tokens by |combined relevance|</h2>"
-            '<table><thead><tr><th>#</th><th>pos</th><th>role</th><th>token</th><th>combined</th>'
-            "<th>token rel.</th><th>positional rel.</th></tr></thead><tbody>"
-            + "".join(top_rows) + "</tbody></table>"
-        )
+    top = _top_table(explanation, top_k, field, max_abs)
+    if top:
+        sections.append(f"<h2>Top {top_k} tokens by |combined relevance|</h2>" + top)
     sections += [
         "<h2>Positional relevance per position</h2>"
-        '<p class="note">Sum over layers of the cos and sin relevance of each position\'s RoPE '
-        "inputs (summed target). Hover a bar to find its token.</p>" + _bar_svg(explanation),
+        f'<p class="note">{_positional_note(explanation)}</p>' + _bar_svg(explanation),
     ]
     if explanation.positional_relevance_per_layer:
         sums = _layer_sums(explanation)
@@ -791,21 +1030,15 @@ def explanation_html(explanation: Explanation, *, top_k: int = 10) -> str:
     row_label = (
         '<span class="note">showing: <b id="row-label"></b></span>' if explanation.rows else ""
     )
-    return "".join([
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PA-LRP explanation — {_e(explanation.model)}</title><style>{_CSS}</style></head><body>",
-        "<h1>PA-LRP explanation</h1>",
+    target = (f"<b>{_e(explanation.target.kind)}</b>: {_e(explanation.target.description)}"
+              if encoder else f"<b>{_e(explanation.target.description)}</b>")
+    return _page(explanation, [
         f'<div class="meta">model <b>{_e(explanation.model)}</b> · mode <b>{_e(explanation.mode)}</b>'
-        f" · target <b>{_e(explanation.target.description)}</b></div>",
-        f'<div class="cards">{cards_html}</div>',
+        f" · target {target}</div>",
+        _cards_html(_cards(explanation)),
         "<h2>Token heatmap</h2>",
-        f'<div class="controls"><div class="seg" role="radiogroup" aria-label="relevance">{views}</div>'
-        '<span class="legend">−max <span class="bar"></span> +max · max |value| = '
-        f'<b id="max-abs">{_e(format_number(max_abs))}</b></span>{row_label}</div>',
-        "".join(heat),
+        _controls_html(explanation, max_abs, row_label),
+        _heat_html(explanation, field, max_abs),
         '<div id="info">hover a token for details</div>',
         *sections,
-        f'<script type="application/json" id="explanation">{_embedded_json(explanation)}</script>',
-        f"<script>{_JS}</script></body></html>\n",
     ])
