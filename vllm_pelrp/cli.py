@@ -3,6 +3,7 @@
     pelrp explain "The capital of France is" --max-new-tokens 8
     pelrp explain - --target per_token --html out.html < prompt.txt
     pelrp explain --messages-json chat.json --completion "Paris." --json out.json
+    pelrp explain --model all-MiniLM-L6-v2 "A cat sits." --similarity "A feline rests." --html s.html
     pelrp serve --port 8000 --dtype float32      # vLLM server with explanations (docs/serving.md)
 
 Subcommands are argparse subparsers; ``main`` returns the exit status (2 for usage and input
@@ -21,6 +22,11 @@ from .assemble import COMBINATIONS, DEFAULT_COMBINATION
 from .explanation import MODES
 
 TARGET_HELP = "next | completion | per_token | span:I:J | token:ID"
+DEFAULT_MAX_NEW_TOKENS = 32
+# An encoder (BERT family, e.g. all-MiniLM-L6-v2) is explained for one of these targets.
+ENCODER_TARGET_FLAGS = ("--similarity", "--dimension", "--label")
+ENCODER_HELP = ("an encoder's target is one of --similarity TEXT, --dimension K or --label I "
+                "(with --text-pair TEXT for a cross-encoder)")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -80,6 +86,18 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _label_type(value: str) -> int | str:
+    """``--label``: an index (``1``) or a name of the model's id2label (``entailment``)."""
+    text = value.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a label index or name, got ''")
+    if text.lstrip("-").isdigit():
+        if text.startswith("-"):
+            raise argparse.ArgumentTypeError(f"expected a label index >= 0 or a name, got {value!r}")
+        return int(text)
+    return text
+
+
 def _err_console():
     from rich.console import Console
 
@@ -130,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                          " '-' for stdin")
     ex.add_argument("--completion", metavar="TEXT",
                     help="explain this completion instead of generating one")
-    ex.add_argument("--max-new-tokens", type=_non_negative_int, default=32, metavar="N",
+    ex.add_argument("--max-new-tokens", type=_non_negative_int, default=DEFAULT_MAX_NEW_TOKENS,
+                    metavar="N",
                     help="tokens to generate greedily when no --completion is given (default 32; "
                          "0 = explain the next-token prediction)")
     ex.add_argument("--target", type=_target_type, default=None, metavar="TARGET",
@@ -156,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens in the top-relevance table (default 10)")
     ex.add_argument("--show", choices=("combined", "token", "positional"), default="combined",
                     help="relevance shown in the terminal heatmap (default combined)")
+    enc = ex.add_argument_group(
+        "encoders", "BERT-family models (--model all-MiniLM-L6-v2, a cross-encoder): PROMPT is the "
+        "text to explain, for exactly one of these targets")
+    enc.add_argument("--similarity", metavar="TEXT",
+                     help="the cosine of PROMPT's and TEXT's embeddings: both texts are explained "
+                          "(each conserves half; TEXT's explanation is the JSON's 'other')")
+    enc.add_argument("--dimension", type=_non_negative_int, metavar="K",
+                     help="dimension K of PROMPT's pooled embedding (before normalisation)")
+    enc.add_argument("--label", type=_label_type, metavar="I",
+                     help="a sequence classifier's / cross-encoder's label: an index or a name")
+    enc.add_argument("--text-pair", metavar="TEXT",
+                     help="a cross-encoder's second text (PROMPT first), with --label or "
+                          "--dimension")
     ex.set_defaults(func=cmd_explain)
 
     sv = sub.add_parser(
@@ -220,7 +252,42 @@ def _read_messages(path: str) -> list[dict[str, Any]]:
     return data
 
 
+def _encoder_target(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The encoder target the flags ask for (None: none); refuses combinations that do not fit
+    an encoder, naming what is allowed."""
+    given = [(flag, value) for flag, value in (
+        ("--similarity", getattr(args, "similarity", None)),
+        ("--dimension", getattr(args, "dimension", None)),
+        ("--label", getattr(args, "label", None))) if value is not None]
+    pair = getattr(args, "text_pair", None)
+    if not given:
+        if pair is not None:
+            raise CliError(f"--text-pair is a cross-encoder's second text: give it with --label I "
+                           f"(or --dimension K); {ENCODER_HELP}")
+        return None
+    if len(given) > 1:
+        raise CliError(f"give one encoder target, not {' and '.join(f for f, _ in given)}: "
+                       f"{ENCODER_HELP}")
+    flag, value = given[0]
+    decoder_only = [name for name, used in (
+        ("--messages-json", args.messages_json is not None),
+        ("--completion", args.completion is not None),
+        ("--target", args.target is not None),
+        ("--max-new-tokens", args.max_new_tokens != DEFAULT_MAX_NEW_TOKENS),
+        ("--per-layer", args.per_layer),
+        ("--no-chat", args.no_chat)) if used]
+    if decoder_only:
+        raise CliError(f"{', '.join(decoder_only)} {'is' if len(decoder_only) == 1 else 'are'} "
+                       f"for causal LMs, not with {flag}: an encoder explanation takes PROMPT and "
+                       f"{ENCODER_HELP}; --mode, --combination, --json, --html apply")
+    if flag == "--similarity" and pair is not None:
+        raise CliError("--similarity compares two texts' embeddings (PROMPT and TEXT); "
+                       "--text-pair is a cross-encoder's second text, for --label I")
+    return {flag[2:]: value}
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    _encoder_target(args)
     if args.prompt is None and args.messages_json is None:
         hint = ""
         if args.json not in (None, "-"):
@@ -238,10 +305,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from .render import explanation_html, print_explanation
-
     _check_args(args)
     json_to_stdout = args.json == "-"
     err = _err_console()
@@ -249,28 +312,59 @@ def cmd_explain(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     chat = False if args.no_chat else None
 
+    encoder_target = _encoder_target(args)
     with err.status("[bold]loading model…", spinner="dots") as status:
         explainer = load_explainer(model=args.model, dtype=args.dtype, device=args.device)
-        prompt_ids = explainer.encode_prompt(prompt, messages=messages, chat=chat)
-        if args.completion is not None:
-            completion_ids = explainer.encode_completion(args.completion)
-        elif args.max_new_tokens > 0:
-            status.update(f"[bold]generating up to {args.max_new_tokens} tokens…")
-            completion_ids = explainer.generate(prompt_ids, max_new_tokens=args.max_new_tokens)
+        name = args.model or "the default model"
+        if not hasattr(explainer, "generate"):  # an EncoderExplainer: no generation
+            if encoder_target is None:
+                raise CliError(f"{name} is an encoder: {ENCODER_HELP} (--target, --completion "
+                               "and --messages-json are for causal LMs)")
+            status.update(f"[bold]explaining ({args.mode}, target "
+                          f"{_describe_target(encoder_target)})…")
+            explanation = explainer.explain(prompt, target=encoder_target,
+                                            text_pair=args.text_pair, mode=args.mode,
+                                            combination=args.combination)
+        elif encoder_target is not None:
+            flag = "--" + next(iter(encoder_target)).replace("_", "-")
+            raise CliError(f"{flag} is for encoders (BERT family, e.g. all-MiniLM-L6-v2); {name} "
+                           f"is a causal LM: its targets are --target {TARGET_HELP}")
         else:
-            completion_ids = []
-        target = args.target
-        if target is None:
-            target = "completion" if completion_ids else "next"
-        status.update(f"[bold]explaining ({args.mode}, target {_describe_target(target)})…")
-        explanation = explainer.explain(
-            input_ids=prompt_ids,
-            completion=completion_ids,
-            target=target,
-            mode=args.mode,
-            per_layer=args.per_layer,
-            combination=args.combination,
-        )
+            explanation = _explain_causal(args, explainer, prompt, messages, chat, status)
+    _output(args, explanation, err, json_to_stdout)
+    return 0
+
+
+def _explain_causal(args: argparse.Namespace, explainer: Any, prompt: str | None,
+                    messages: list[dict[str, Any]] | None, chat: bool | None, status: Any):
+    """Encode, generate (unless --completion) and explain on a causal LM."""
+    prompt_ids = explainer.encode_prompt(prompt, messages=messages, chat=chat)
+    if args.completion is not None:
+        completion_ids = explainer.encode_completion(args.completion)
+    elif args.max_new_tokens > 0:
+        status.update(f"[bold]generating up to {args.max_new_tokens} tokens…")
+        completion_ids = explainer.generate(prompt_ids, max_new_tokens=args.max_new_tokens)
+    else:
+        completion_ids = []
+    target = args.target
+    if target is None:
+        target = "completion" if completion_ids else "next"
+    status.update(f"[bold]explaining ({args.mode}, target {_describe_target(target)})…")
+    explanation = explainer.explain(
+        input_ids=prompt_ids,
+        completion=completion_ids,
+        target=target,
+        mode=args.mode,
+        per_layer=args.per_layer,
+        combination=args.combination,
+    )
+    return explanation
+
+
+def _output(args: argparse.Namespace, explanation: Any, err: Any, json_to_stdout: bool) -> None:
+    from rich.console import Console
+
+    from .render import explanation_html, print_explanation
 
     if json_to_stdout:
         sys.stdout.write(explanation.model_dump_json(indent=2) + "\n")
@@ -286,7 +380,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         written.append(args.html)
     for path in written:
         err.print(f"[green]wrote[/green] {path}", highlight=False)
-    return 0
 
 
 # --- serve ----------------------------------------------------------------------------------
@@ -373,6 +466,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _describe_target(target: str | dict[str, Any]) -> str:
     if isinstance(target, dict):
+        if "similarity" in target:
+            return "similarity"
+        if "dimension" in target or "label" in target:
+            kind, value = next(iter(target.items()))
+            return f"{kind} {value}"
         if "span" in target:
             return f"span {target['span'][0]}:{target['span'][1]}"
         return f"token id {target['token_id']}"
