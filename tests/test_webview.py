@@ -4,7 +4,9 @@ Unit part: the bounded store of recent explanations and the routes on a bare Fas
 part: a real server (tests/_live_server.py) and Debian's Chromium (``/usr/bin/chromium``,
 headless) driven by Playwright's Python package: type a prompt and two documents, submit, and
 check the page against the explanation the server returned; reopen it by id; the page may make
-no request to any other host. The screenshot goes to tests/artifacts/webview.png.
+no request to any other host. The screenshot goes to tests/artifacts/webview.png. And, without a
+model, the page on a bare app drawing stored explanations: an encoder's similarity (two texts side
+by side; tests/artifacts/webview_similarity.png), then a rotary decoder's.
 """
 
 from __future__ import annotations
@@ -307,3 +309,105 @@ def test_page_explains_a_prompt_with_documents(server, browser):
     assert explanation["id"] not in other.inner_text("#recent-list")
     assert given_explanation["id"] not in other.inner_text("#recent-list")
     context.close()
+
+
+# --- encoders (wire format 2.1): a stored similarity explanation, no model --------------------------
+def test_summary_of_an_encoder_explanation():
+    from test_render import make_similarity
+
+    wire = json.loads(make_similarity().model_dump_json())
+    wire["text"] = "[CLS] the cat sits on the mat. [SEP]"
+    wire["other"]["text"] = "[CLS] a feline rests on a rug. [SEP]"
+    RecentExplanations().add(wire)
+    summary = webview.summarize(wire, 0.0)
+    assert summary["target_kind"] == "similarity" and summary["target_value"] == wire["target"]["value"]
+    assert summary["prompt"] == "the cat sits on the mat." and summary["completion"] == ""
+    assert summary["other"] == "a feline rests on a rug."
+    assert webview.summarize(_explanation(id="expl-" + "b" * 32), 0.0)["other"] is None
+
+
+@pytest.fixture(scope="module")
+def page_only_server():
+    """The page and its routes on a bare FastAPI app (uvicorn in a thread): no model, a store to
+    put explanations in."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = FastAPI()
+    store = RecentExplanations(capacity=8)
+    webview.attach(app, store)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", store
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_page_draws_a_similarity_side_by_side(page_only_server, browser):
+    """A similarity explanation reopened by id: query and document side by side, each with its
+    heatmap and its position-table plot; the tooltip gives the hovered side's numbers."""
+    from test_render import make_explanation, make_similarity
+
+    url, store = page_only_server
+    explanation = make_similarity()
+    other = explanation.other
+    key = store.add(json.loads(explanation.model_dump_json()))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{url}/pelrp?id={key}")
+    page.wait_for_selector("#result[data-state=done]")
+
+    assert page.locator("#heatmap.pair .side").count() == 2
+    assert page.locator("#heatmap [data-part=query] .tok").count() == len(explanation.tokens)
+    assert page.locator("#heatmap [data-part=document] .tok").count() == len(other.tokens)
+    assert page.locator("#heatmap [data-part=completion]").count() == 0
+    plots = page.locator("#positional-plot svg")
+    assert plots.count() == 2
+    assert plots.nth(0).locator(".pos-bars rect").count() == len(explanation.tokens)
+    assert plots.nth(1).locator(".pos-bars rect").count() == len(other.tokens)
+    assert "learned position table" in page.inner_text("#positional-legend")
+    assert "RoPE" not in page.inner_text("#positional-legend")
+    assert f"cosine {explanation.target.value:.4f}" in page.inner_text("#result-meta")
+    conservation = page.inner_text("#conservation")
+    assert "query" in conservation and "document" in conservation
+    assert "position_embedding (learned position table)" in conservation
+    assert "Σ token-type relevance" in conservation
+
+    page.hover('#heatmap .tok[data-side="other"][data-index="2"]')
+    tip = page.inner_text("#tooltip")
+    assert "document #2" in tip and f"{other.token_relevance[2]:.4f}" in tip
+    assert f"{other.token_type_relevance[2]:.4f}" in tip
+    assert page.locator('.tok.active[data-side="other"]').count() == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webview_similarity.png"), full_page=True)
+    page.wait_for_selector("#recent-list li a")
+    assert "≈" in page.inner_text("#recent-list")
+
+    # then a rotary decoder's explanation on the same page: prompt and completion, one plot
+    rotary = make_explanation()
+    key = store.add(json.loads(rotary.model_dump_json()))
+    page.fill("#open-id", key)
+    page.click("#open-form button")
+    page.wait_for_selector(f'#result-id:text("{key}")')
+    assert page.locator("#heatmap.pair").count() == 0
+    assert page.locator("#heatmap [data-part=prompt] .tok").count() == rotary.prompt_length
+    assert page.locator("#heatmap [data-part=completion] .tok").count() == (
+        len(rotary.tokens) - rotary.prompt_length)
+    assert page.locator("#positional-plot svg").count() == 1
+    assert "RoPE" in page.inner_text("#positional-legend")
+    page.hover('#heatmap .tok[data-index="5"]')
+    assert f"{rotary.token_relevance[5]:.4f}" in page.inner_text("#tooltip")
+    assert errors == []
+    page.close()

@@ -57,6 +57,8 @@ STATIC_FILES = {"pelrp.js": "text/javascript; charset=utf-8",
                 "pelrp.css": "text/css; charset=utf-8"}
 ID_PATTERN = re.compile(r"^expl-[0-9a-f]{32}$")
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
+_ENCODER_SPECIAL = re.compile(r"\[(?:CLS|SEP|PAD)\]|</?s>")  # BERT's and RoBERTa's markers
+ENCODER_TARGETS = ("dimension", "similarity", "label")
 
 
 def new_explanation_id() -> str:
@@ -81,26 +83,37 @@ def _last_message(prompt: str) -> str:
 
 
 def summarize(explanation: dict[str, Any], created: float) -> dict[str, Any]:
-    """The line the page lists for a stored explanation."""
+    """The line the page lists for a stored explanation. An encoder's (wire format 2.1) has its
+    target's kind and value, and for a similarity the other text (``other``)."""
     tokens = explanation.get("tokens") or []
     length = int(explanation.get("prompt_length") or 0)
     text = explanation.get("text") or ""
     cut = tokens[length]["start"] if length < len(tokens) else len(text)
     grounding = explanation.get("grounding") or None
-    return {
+    target = explanation.get("target") or {}
+    summary = {
         "id": explanation["id"],
         "created": created,
         "model": explanation.get("model"),
         "mode": explanation.get("mode"),
-        "target": (explanation.get("target") or {}).get("description"),
+        "target": target.get("description"),
+        "target_kind": target.get("kind"),
+        "target_value": target.get("value"),
         "num_tokens": len(tokens),
         "prompt_length": length,
         "prompt": _preview(_last_message(text[:cut]), 120),
         "completion": _preview(text[cut:], 120),
+        "other": None,
         "grounding_score": grounding["grounding_score"] if grounding else None,
         "low_grounding": grounding.get("low_grounding") if grounding else None,
         "num_sources": len(grounding["sources"]) if grounding else 0,
     }
+    if target.get("kind") in ENCODER_TARGETS:  # all input: the text without [CLS] / [SEP]
+        other = explanation.get("other") or None
+        summary["prompt"] = _preview(_ENCODER_SPECIAL.sub(" ", text), 120)
+        if other:
+            summary["other"] = _preview(_ENCODER_SPECIAL.sub(" ", other.get("text") or ""), 120)
+    return summary
 
 
 @dataclass

@@ -12,6 +12,8 @@
   const PALETTE = ["#1a7f37", "#8250df", "#bc4c00", "#0969da", "#bf3989", "#4d2d00", "#1b7c83", "#9a6700"];
   const POS = [220, 38, 38];
   const NEG = [37, 99, 235];
+  // wire format 2.1: the targets of an encoder (all its tokens are input)
+  const ENCODER_TARGETS = ["dimension", "similarity", "label"];
 
   let modelName = null;
   let current = null;  // the explanation on screen
@@ -210,14 +212,17 @@
       });
       const preview = document.createElement("span");
       preview.className = "preview";
-      preview.textContent = `${item.prompt} → ${item.completion}`;
+      preview.textContent = item.other !== undefined && item.other !== null
+        ? `${item.prompt} ≈ ${item.other}` : `${item.prompt} → ${item.completion}`;
       preview.title = preview.textContent;
       const meta = document.createElement("span");
       meta.className = "muted";
       const when = new Date(item.created * 1000).toLocaleTimeString();
       const grounded = item.grounding_score === null ? ""
         : ` · grounding ${item.grounding_score.toFixed(2)}${item.low_grounding ? " (low)" : ""}`;
-      meta.textContent = `${when} · ${item.mode} · ${item.num_tokens} tokens${grounded}`;
+      const target = ENCODER_TARGETS.includes(item.target_kind) && item.target_value !== null &&
+        item.target_value !== undefined ? ` · ${item.target_kind} ${Number(item.target_value).toFixed(3)}` : "";
+      meta.textContent = `${when} · ${item.mode} · ${item.num_tokens} tokens${target}${grounded}`;
       li.append(link, preview, meta);
       list.append(li);
     }
@@ -248,6 +253,19 @@
   const number = (v, digits) => (v === null || v === undefined) ? "–" : Number(v).toFixed(digits === undefined ? 4 : digits);
   const percent = (v) => `${(100 * v).toFixed(1)} %`;
 
+  // wire format 2.1: encoder targets and an additive position table
+  const isEncoder = (explanation) => ENCODER_TARGETS.includes(explanation.target.kind);
+  const SIDE_NAMES = {main: "query", other: "document"};
+  const sideData = (side) => (side === "other" ? current.other : current);
+  function partLabel(part) {
+    return part.kind === "rotary" ? part.name : `${part.name} (${part.kind} position table)`;
+  }
+  function positionTable(explanation) {
+    const kinds = (explanation.positional_parts || []).filter((part) => part.kind !== "rotary")
+      .map((part) => part.kind);
+    return kinds.length ? kinds.join(" / ") : null;
+  }
+
   function element(tag, className, text) {
     const node = document.createElement(tag);
     if (className) node.className = className;
@@ -274,9 +292,25 @@
     section.dataset.state = "rendering";
     $("result-id").textContent = explanation.id || "";
     const completionTokens = explanation.tokens.length - explanation.prompt_length;
-    $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · ` +
-      `${explanation.target.description} · ${explanation.prompt_length} prompt + ` +
-      `${completionTokens} completion tokens · target logit ${number(explanation.target_logit, 3)}`;
+    const target = explanation.target;
+    if (explanation.other) {
+      $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · similarity: ` +
+        `cosine ${number(target.value)} · query ${explanation.tokens.length} + document ` +
+        `${explanation.other.tokens.length} tokens · each text explains half`;
+    } else if (isEncoder(explanation)) {
+      $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · ` +
+        `${target.description} · ${explanation.tokens.length} input tokens · target value ` +
+        `${number(explanation.target_logit, 3)}`;
+    } else {
+      $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · ` +
+        `${target.description} · ${explanation.prompt_length} prompt + ` +
+        `${completionTokens} completion tokens · target logit ${number(explanation.target_logit, 3)}`;
+    }
+    const table = positionTable(explanation);
+    $("positional-legend").textContent = table
+      ? `per position: the relevance of its row of the ${table} position table ` +
+        "(position_embedding: one table added to the token embedding, no layers)"
+      : "per position (sum over layers of the RoPE cos and sin parts)";
     renderGrounding(explanation);
     renderHeatmap(explanation);
     renderPositional(explanation);
@@ -286,12 +320,28 @@
   }
 
   function renderHeatmap(explanation) {
-    const owner = sourceOfToken(explanation);
-    const sources = explanation.grounding ? explanation.grounding.sources : [];
     const box = $("heatmap");
     box.replaceChildren();
-    const parts = [["Prompt", 0, explanation.prompt_length],
-                   ["Completion", explanation.prompt_length, explanation.tokens.length]];
+    box.classList.toggle("pair", Boolean(explanation.other));
+    if (explanation.other) {  // a similarity: query and document side by side
+      for (const [side, shown] of [["main", explanation], ["other", explanation.other]]) {
+        const column = element("div", "side");
+        column.dataset.side = side;
+        box.append(column);
+        drawTokens(column, shown, side, side === "other" ? "Document" : "Query");
+      }
+      return;
+    }
+    drawTokens(box, explanation, "main");
+  }
+
+  function drawTokens(box, explanation, side, label) {
+    const owner = sourceOfToken(explanation);
+    const sources = explanation.grounding ? explanation.grounding.sources : [];
+    const count = explanation.tokens.length;
+    const parts = label ? [[label, 0, count]]
+      : isEncoder(explanation) ? [["Input", 0, count]]
+      : [["Prompt", 0, explanation.prompt_length], ["Completion", explanation.prompt_length, count]];
     for (const [name, start, end] of parts) {
       box.append(element("div", "part-label", `${name} · tokens ${start}–${Math.max(start, end - 1)}`));
       const flow = element("div", "tokens");
@@ -300,6 +350,7 @@
         const token = explanation.tokens[i];
         const span = element("span", "tok", token.text === "" ? "∅" : token.text);
         span.dataset.index = String(i);
+        if (side === "other") span.dataset.side = side;
         span.style.backgroundColor = colour(explanation.combined_relevance[i]);
         if (/^<\|.*\|>$/.test(token.text)) span.classList.add("special");
         if (owner[i] >= 0) {
@@ -376,10 +427,25 @@
   }
 
   function renderPositional(explanation) {
-    const values = explanation.positional_relevance;
-    const count = values.length;
     const box = $("positional-plot");
     box.replaceChildren();
+    box.classList.toggle("pair", Boolean(explanation.other));
+    if (explanation.other) {
+      for (const [side, shown] of [["main", explanation], ["other", explanation.other]]) {
+        const column = element("div", "side");
+        column.dataset.side = side;
+        column.append(element("div", "part-label", SIDE_NAMES[side]));
+        box.append(column);
+        drawPositional(column, shown, side);
+      }
+      return;
+    }
+    drawPositional(box, explanation, "main");
+  }
+
+  function drawPositional(box, explanation, side) {
+    const values = explanation.positional_relevance;
+    const count = values.length;
     const width = Math.max(300, box.clientWidth || 1000);
     const height = 170, left = 48, right = 8, top = 10, bottom = 22;
     const plotWidth = width - left - right, middle = top + (height - top - bottom) / 2;
@@ -409,8 +475,11 @@
           fill: PALETTE[k % PALETTE.length], "fill-opacity": 0.1});
       });
     }
-    add("rect", {x: left + explanation.prompt_length * step, y: top, height: height - top - bottom,
-      width: (count - explanation.prompt_length) * step, fill: "#8c959f", "fill-opacity": 0.12});
+    const encoder = isEncoder(explanation);
+    if (!encoder) {
+      add("rect", {x: left + explanation.prompt_length * step, y: top, height: height - top - bottom,
+        width: (count - explanation.prompt_length) * step, fill: "#8c959f", "fill-opacity": 0.12});
+    }
     add("line", {class: "axis", x1: left, x2: width - right, y1: middle, y2: middle});
     const bars = add("g", {class: "pos-bars"});
     values.forEach((value, i) => {
@@ -432,38 +501,63 @@
     add("text", {class: "axis-label", x: left - 4, y: middle + 4, "text-anchor": "end"}, "0");
     add("text", {class: "axis-label", x: left - 4, y: height - bottom, "text-anchor": "end"}, `−${largest.toPrecision(2)}`);
     add("text", {class: "axis-label", x: left, y: height - 6}, "position 0");
-    add("text", {class: "axis-label", x: left + explanation.prompt_length * step + 3, y: top + 10},
-        `completion from ${explanation.prompt_length}`);
+    if (!encoder) {
+      add("text", {class: "axis-label", x: left + explanation.prompt_length * step + 3, y: top + 10},
+          `completion from ${explanation.prompt_length}`);
+    }
     add("text", {class: "axis-label", x: width - right, y: height - 6, "text-anchor": "end"}, String(count - 1));
-    add("line", {class: "cursor", id: "plot-cursor", x1: -10, x2: -10, y1: top, y2: height - bottom});
+    add("line", {class: "cursor plot-cursor", id: side === "other" ? "plot-cursor-other" : "plot-cursor",
+                 x1: -10, x2: -10, y1: top, y2: height - bottom});
     svg.addEventListener("mousemove", (event) => {
       const box = svg.getBoundingClientRect();
       const x = (event.clientX - box.left) * (width / box.width);
       const index = Math.floor((x - left) / step);
-      if (index >= 0 && index < count) showTip(index, event); else hideTip();
+      if (index >= 0 && index < count) showTip(index, event, side); else hideTip();
     });
+    svg.dataset.side = side;
     svg.addEventListener("mouseleave", hideTip);
     box.append(svg);
     svg.dataset.step = String(step);
     svg.dataset.left = String(left);
   }
 
-  function renderConservation(explanation) {
+  function conservationRows(explanation) {
     const c = explanation.conservation;
-    const rows = [
-      ["target logit", number(c.target_logit)],
+    const encoder = isEncoder(explanation);
+    const types = explanation.token_type_relevance;
+    return [
+      [encoder ? (explanation.target.kind === "similarity" ? "this text explains (½ cosine)"
+        : "target value") : "target logit", number(c.target_logit)],
       ["Σ token relevance", number(c.token_sum)],
       ["Σ positional relevance", number(c.positional_sum)],
       ...(explanation.positional_parts || []).map((part) =>
-        [`  Σ ${part.name}`, number(part.relevance.reduce((a, b) => a + b, 0))]),
+        [`  Σ ${encoder ? partLabel(part) : part.name}`, number(part.relevance.reduce((a, b) => a + b, 0))]),
+      ...(types ? [["Σ token-type relevance", number(c.token_type_sum || 0)]] : []),
       ["relative error |Σ − logit| / |logit|", number(c.relative_error)],
       ["absorbed by the softmax rule", number(c.softmax_absorbed)],
       ...(c.bias_absorbed ? [["kept by biases", number(c.bias_absorbed)]] : []),
       ["relative error without the softmax and bias parts", number(c.relative_error_excluding_softmax)],
     ];
+  }
+
+  function renderConservation(explanation) {
     const table = $("conservation");
     table.replaceChildren();
-    for (const [name, value] of rows) {
+    if (explanation.other) {  // name | query | document
+      const head = element("tr");
+      head.append(element("th", "", `cosine similarity ${number(explanation.target.value)}`),
+                  element("th", "num", "query"), element("th", "num", "document"));
+      table.append(head);
+      const other = conservationRows(explanation.other);
+      conservationRows(explanation).forEach(([name, value], k) => {
+        const row = element("tr");
+        row.append(element("td", "", name), element("td", "num", value),
+                   element("td", "num", other[k] ? other[k][1] : "–"));
+        table.append(row);
+      });
+      return;
+    }
+    for (const [name, value] of conservationRows(explanation)) {
       const row = element("tr");
       row.append(element("td", "", name), element("td", "num", value));
       table.append(row);
@@ -471,22 +565,27 @@
   }
 
   // ---- hover --------------------------------------------------------------------------------
-  function showTip(index, event) {
+  function showTip(index, event, side) {
     if (!current) return;
-    const token = current.tokens[index];
+    side = side === "other" && current.other ? "other" : "main";
+    const shown = sideData(side);
+    const token = shown.tokens[index];
+    if (!token) return;
     const tip = $("tooltip");
     tip.replaceChildren();
+    const types = shown.token_type_relevance;
     const rows = [
-      ["token", `#${index} · ${token.role}`],
+      ["token", `${current.other ? SIDE_NAMES[side] + " " : ""}#${index} · ${isEncoder(shown) ? "input" : token.role}`],
       ["text", null],
-      ["token relevance", number(current.token_relevance[index])],
-      ["positional relevance", number(current.positional_relevance[index])],
-      // wire format 2: the positional relevance by named input (rope_cos, rope_sin, …)
-      ...(current.positional_parts || []).map((part) => [`  ${part.name}`, number(part.relevance[index])]),
-      ["combined", number(current.combined_relevance[index], 3)],
+      ["token relevance", number(shown.token_relevance[index])],
+      ["positional relevance", number(shown.positional_relevance[index])],
+      // wire format 2: the positional relevance by named input (rope_cos, rope_sin, position_embedding)
+      ...(shown.positional_parts || []).map((part) => [`  ${part.name}`, number(part.relevance[index])]),
+      ...(types ? [["token-type relevance", number(types[index])]] : []),
+      ["combined", number(shown.combined_relevance[index], 3)],
     ];
-    const owner = sourceOfToken(current)[index];
-    if (owner >= 0) rows.push(["source", current.grounding.sources[owner].name]);
+    const owner = sourceOfToken(shown)[index];
+    if (owner >= 0) rows.push(["source", shown.grounding.sources[owner].name]);
     const table = element("table");
     for (const [name, value] of rows) {
       const row = element("tr");
@@ -504,10 +603,11 @@
     tip.style.left = `${x}px`;
     tip.style.top = `${y}px`;
     document.querySelectorAll(".tok.active").forEach((n) => n.classList.remove("active"));
-    const span = document.querySelector(`.tok[data-index="${index}"]`);
+    const span = document.querySelector(side === "other" ? `.tok[data-side="other"][data-index="${index}"]`
+      : `.tok[data-index="${index}"]:not([data-side="other"])`);
     if (span) span.classList.add("active");
-    const svg = document.querySelector("#positional-plot svg");
-    const cursor = document.getElementById("plot-cursor");
+    const svg = document.querySelector(`#positional-plot svg${side === "other" ? '[data-side="other"]' : ""}`);
+    const cursor = document.getElementById(side === "other" ? "plot-cursor-other" : "plot-cursor");
     if (svg && cursor) {
       const x0 = Number(svg.dataset.left) + (index + 0.4) * Number(svg.dataset.step);
       cursor.setAttribute("x1", x0);
@@ -518,8 +618,10 @@
   function hideTip() {
     $("tooltip").hidden = true;
     document.querySelectorAll(".tok.active").forEach((n) => n.classList.remove("active"));
-    const cursor = document.getElementById("plot-cursor");
-    if (cursor) { cursor.setAttribute("x1", -10); cursor.setAttribute("x2", -10); }
+    document.querySelectorAll(".plot-cursor").forEach((cursor) => {
+      cursor.setAttribute("x1", -10);
+      cursor.setAttribute("x2", -10);
+    });
   }
 
   // ---- start --------------------------------------------------------------------------------
@@ -550,7 +652,7 @@
   });
   $("heatmap").addEventListener("mouseover", (event) => {
     const span = event.target.closest(".tok");
-    if (span) showTip(Number(span.dataset.index), event);
+    if (span) showTip(Number(span.dataset.index), event, span.dataset.side || "main");
   });
   $("heatmap").addEventListener("mouseleave", hideTip);
   window.addEventListener("popstate", openFromLocation);
