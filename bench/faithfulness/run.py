@@ -4,6 +4,8 @@
     python -m bench.faithfulness --model DIR         # a checkpoint directory (LLaMA, Mistral,
                                                      # Qwen2, Qwen3, Gemma 3; base or instruct)
     python -m bench.faithfulness --n-dev 40 --n-test 100 --length 64   # larger
+    python -m bench.faithfulness --tasks retrieval   # the third task: query-document cosine
+                                                     # under all-MiniLM-L6-v2 (retrieval.py)
 
 Steps: (1) dev split: the four ways of combining token and positional relevance (plus the
 token-only and position-only parts) are scored; the best mean score over the tasks wins.
@@ -262,24 +264,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "vllm_pelrp.shipped_models.ensure_checkpoint('gemma-3-270m')); default: the "
                         "embedded SmolLM2-135M-Instruct. Prompts are plain text (no chat template), so "
                         "base models work as they are"),
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of: " + ", ".join(TASKS))
-    p.add_argument("--n-dev", type=int, default=8, help="dev cases per task (combination choice)")
-    p.add_argument("--n-test", type=int, default=12, help="test cases per task")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma list of: " + ", ".join(TASKS) + "; or 'retrieval' alone (a sentence "
+                        "encoder, default all-MiniLM-L6-v2: see bench/faithfulness/retrieval.py)")
+    p.add_argument("--n-dev", type=int, default=None,
+                   help="dev cases per task (decoder tasks: 8, for the combination choice; retrieval: 40)")
+    p.add_argument("--n-test", type=int, default=None, help="test cases per task (12; retrieval: 60)")
     p.add_argument("--length", type=int, default=30, help="context tokens for next-token prediction")
-    p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps")
-    p.add_argument("--batch-size", type=int, default=8, help="perturbed inputs per forward")
+    p.add_argument("--ig-steps", type=int, default=None, help="Integrated Gradients steps (16; retrieval: 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="perturbed inputs per forward (8; retrieval: 64)")
+    p.add_argument("--random-seeds", type=int, default=3,
+                   help="retrieval: seeds of the random baseline per case (its curves are their mean)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine one thread was 3-4x "
                         "faster than two; use 2 on an idle one; 0 = torch's default)")
     p.add_argument("--neutral", default="auto",
-                   help="replacement token: auto (the paper's UNK-or-'#', see tasks.py), unk, or a token's text")
+                   help="replacement token: auto (the paper's UNK-or-'#', see tasks.py; retrieval: '.', "
+                        "see retrieval.neutral_token), unk, or a token's text (retrieval also: mask, pad)")
     p.add_argument("--no-lxt", action="store_true", help="skip the external LXT AttnLRP")
     p.add_argument("--combination", default=None, choices=list(COMBINATIONS),
-                   help="skip the dev split and use this combination as PA-LRP")
+                   help="skip the dev split and use this combination as PA-LRP (retrieval: the "
+                        "combination PA-LRP stands for, default the library's; no split is skipped)")
     p.add_argument("--dev-only", action="store_true",
                    help="only the dev split (the combination choice); writes dev.md / dev.json")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default {DEFAULT_OUT.relative_to(REPO)}; retrieval: "
+                        f"{(DEFAULT_OUT / 'retrieval-minilm').relative_to(REPO)})")
     args = p.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if "retrieval" in tasks:
+        if tasks != ["retrieval"]:
+            p.error("run the retrieval task on its own (--tasks retrieval): it explains a "
+                    "sentence encoder, not the decoder of the other tasks")
+        from .retrieval import run as run_retrieval
+
+        return run_retrieval(args, argv)
+    for name, default in (("n_dev", 8), ("n_test", 12), ("ig_steps", 16), ("batch_size", 8),
+                          ("out", DEFAULT_OUT)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ex.name = "SmolLM2-135M-Instruct"
     neutral_id, neutral_text = neutral_token_id(ex.tokenizer, args.neutral)
     methods = Methods(ex, neutral_id, ig_steps=args.ig_steps)
-    tasks = [t for t in args.tasks.split(",") if t]
     print(f"model {ex.name} ({model_dir}); neutral token {neutral_text!r} (id {neutral_id}); "
           f"threads {torch.get_num_threads()}", flush=True)
 
