@@ -172,3 +172,63 @@ def test_pa_lrp_beats_random_and_gradient_x_input(smollm2, one_thread):
     print("probability scores on the fixed cases:", mean)
     assert mean[PALRP] - mean["random"] >= MARGIN_OVER_RANDOM, mean
     assert mean[PALRP] - mean["grad-x-input"] >= MARGIN_OVER_GRAD_X_INPUT, mean
+
+
+# ---- the retrieval task (all-MiniLM-L6-v2, the query–document cosine) ----------------------------
+def test_retrieval_data():
+    """The frozen pairs: small, unique ids, both splits, and no query copies its document."""
+    from bench.faithfulness.data.build_retrieval import QUERY_TEMPLATE
+
+    assert (DATA / "retrieval.jsonl").stat().st_size <= 100_000
+    items = load_items("retrieval")
+    assert len(items) >= 100
+    assert len({item["id"] for item in items}) == len(items)
+    assert {item["split"] for item in items} == {"dev", "test"}
+    assert sum(item["split"] == "dev" for item in items) >= 40
+    assert sum(item["split"] == "test" for item in items) >= 60
+    prefix, suffix = QUERY_TEMPLATE.split("{}")
+    for item in items:
+        assert item["query"].startswith(prefix) and item["query"].endswith(suffix)
+        synopsis = item["query"][len(prefix):-len(suffix)]
+        assert " ".join(synopsis.lower().split()) not in " ".join(item["document"].lower().split())
+        assert 20 <= len(item["document"].split()) <= 60 and item["package"]
+
+
+def test_retrieval_end_to_end(one_thread):
+    """Two dev pairs through the retrieval task's methods and flipping (no LXT, 4 IG steps):
+    shapes, document-only in-place flipping, the unflipped cosine at the curves' ends, and
+    random's curves unlike PA-LRP's."""
+    from vllm_pelrp import load_explainer
+
+    from bench.faithfulness.retrieval import (
+        PALRP, RANDOM, REFERENCE, RetrievalMethods, load_retrieval_cases, neutral_token,
+        run_split, summarise)
+
+    ex = load_explainer("all-MiniLM-L6-v2")
+    neutral_id, text = neutral_token(ex.tokenizer)
+    assert text == "." and neutral_id not in ex.tokenizer.all_special_ids
+    methods = RetrievalMethods(ex, neutral_id, ig_steps=4, random_seeds=2)
+    cases = load_retrieval_cases("dev", 2, ex.tokenizer)
+    assert len(cases) == 2
+    for case in cases:  # [CLS] and [SEP] stay; every other document token may flip
+        assert case.mutable == list(range(1, len(case.doc_ids) - 1))
+    wanted = [PALRP, REFERENCE, "integrated-gradients", "attention-last", RANDOM]
+    per_case, times, cost = run_split(methods, cases, wanted, neutral_id, None, 64, "check")
+    assert set(per_case) == set(wanted) and set(times) == set(wanted)
+    for name, curves in per_case.items():
+        assert len(curves) == 2
+        for case, c in zip(cases, curves):
+            assert set(c.curves) == set(CURVES)
+            assert all(len(c.curves[k]["cosine"]) == len(FRACTIONS) for k in CURVES)
+            cosine = methods.engine_value[case.item_id]  # the engine's cosine = the HF model's
+            assert c.curves["deletion_morf"]["cosine"][0] == pytest.approx(cosine, abs=1e-5)
+            assert c.curves["insertion_morf"]["cosine"][-1] == pytest.approx(cosine, abs=1e-5)
+            assert c.aucs["deletion_gap"] == pytest.approx(
+                c.aucs["deletion_lerf"] - c.aucs["deletion_morf"])
+    assert len(per_case[RANDOM][0].aucs["per_seed_score"]) == 2
+    for case_index in range(2):
+        pa, rnd = per_case[PALRP][case_index], per_case[RANDOM][case_index]
+        assert not np.allclose(pa.curves["deletion_morf"]["cosine"], rnd.curves["deletion_morf"]["cosine"])
+    summary = summarise(per_case)
+    assert summary[PALRP]["n"] == 2 and "vs_reference" in summary[PALRP]
+    assert cost["forwards"] > 0
