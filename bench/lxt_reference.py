@@ -26,7 +26,7 @@ The model family comes from config.json's ``architectures``: Llama/Mistral ->
 Gemma3ForCausalLM -> ``Gemma3ForCausalLM`` (text-only Gemma 3). For every case: that model
 (fp32, eager attention), its transformers module patched with
 ``lxt.efficient.monkey_patch(modeling_<family>, lxt.efficient.models.<family>.<rule set>)``
-(patching is process-global: one family per process); ``inputs_embeds =
+(patching is process-global: one decoder family per process); ``inputs_embeds =
 model.get_input_embeddings()(input_ids)`` as a leaf that requires grad (for Gemma 3 that
 module already multiplies by sqrt(hidden_size), and the model does not scale inputs_embeds
 again); ``logit = logits[0, target_position, target_token_id]``; ``logit.backward()``
@@ -35,9 +35,9 @@ again); ``logit = logits[0, target_position, target_token_id]``; ``logit.backwar
 BERT and GPT-2 (additive position embeddings; ``BertModel``, ``BertForSequenceClassification``,
 ``GPT2LMHeadModel``): LXT's ``lxt.efficient.models.bert.attnLRP`` (it replaces
 ``modeling_bert``'s classes with LXT's annotated copies; LXT 2.1 has no CP-LRP set for BERT) and
-``lxt.efficient.models.gpt2.{attnLRP, cp_LRP}``. A case may name its own ``"model"`` directory
-(same family as ``--model``) and gives a target object (the flat target_position /
-target_token_id above still means a GPT-2 logit)::
+``lxt.efficient.models.gpt2.{attnLRP, cp_LRP}``; one process holds both (``--model`` of either).
+A case may name its own ``"model"`` directory (BERT or GPT-2, when ``--model`` is) and gives a
+target object (the flat target_position / target_token_id above still means a GPT-2 logit)::
 
     {"input_ids": [...], "token_type_ids": [...] (BERT, optional), "model": DIR (optional),
      "target": {"kind": "logit", "position": p, "token_id": t}            # GPT2LMHeadModel
@@ -95,6 +95,8 @@ import torch
 # ---------------------------------------------------------------------------
 
 def _stub_torchvision() -> bool:
+    if "torchvision" in sys.modules:  # the real one, or this stub (second family's patch)
+        return False
     if importlib.util.find_spec("torchvision") is not None:
         return False
     tv = types.ModuleType("torchvision")
@@ -165,32 +167,45 @@ def _import_lxt(family: str = "llama"):
     return monkey_patch, rules
 
 
-_PATCHED: tuple[str, str] | None = None  # (mode, family)
+_PATCHED: tuple[str, frozenset[str]] | None = None  # (mode, families)
 
 
 def apply_patch(mode: str, family: str = "llama") -> None:
-    """Patch one family's transformers module globally (once per process).
+    """Patch one family's transformers module globally (once per process and family).
 
     As LXT documents: ``monkey_patch(modeling_<family>, lxt.efficient.models.<family>.attnLRP)``
-    (``cp_LRP`` for CP-LRP); ``gradient`` patches nothing.
+    (``cp_LRP`` for CP-LRP); ``gradient`` patches nothing. A process holds one decoder family,
+    or the additive families (BERT and GPT-2) together in one mode: their rule sets patch their
+    own modeling modules and ``torch.nn.LayerNorm`` / ``Dropout`` with the same functions (the
+    second family's identical patches of those two are skipped as already applied).
     """
     global _PATCHED
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
-    if _PATCHED is not None:
-        same = _PATCHED == (mode, family) or _PATCHED[0] == mode == "gradient"
-        if not same:
-            raise RuntimeError(f"process already patched for {_PATCHED!r}")
-        return
     if mode != "gradient" and mode not in RULE_SETS.get(family, ("attnlrp", "cp-lrp")):
         raise SystemExit(f"LXT 2.1 has no {mode} rule set for {family} "
                          f"(available: {', '.join(RULE_SETS[family])}, gradient)")
+    if _PATCHED is not None:
+        patched_mode, families = _PATCHED
+        if patched_mode == mode and (family in families or mode == "gradient"):
+            return
+        if not (patched_mode == mode and family in ADDITIVE_FAMILIES
+                and families <= set(ADDITIVE_FAMILIES)):
+            raise RuntimeError(f"process already patched for {_patched_text(_PATCHED)}; "
+                               f"cannot add {mode} {family}")
     if mode != "gradient":
         modeling = importlib.import_module(FAMILIES[family][0])
         monkey_patch, rules = _import_lxt(family)
         rule_set = getattr(rules, {"attnlrp": "attnLRP", "cp-lrp": "cp_LRP"}[mode])
-        monkey_patch(modeling, rule_set)
-    _PATCHED = (mode, family)
+        with warnings.catch_warnings():
+            if _PATCHED is not None:  # "LayerNorm already patched": the first family did it
+                warnings.simplefilter("ignore")
+            monkey_patch(modeling, rule_set)
+    _PATCHED = (mode, (_PATCHED[1] if _PATCHED else frozenset()) | {family})
+
+
+def _patched_text(patched: tuple[str, frozenset[str]]) -> str:
+    return f"{patched[0]} {'+'.join(sorted(patched[1]))}"
 
 
 # ---------------------------------------------------------------------------
@@ -250,8 +265,9 @@ def load_model(model_dir: str):
 
     arch = architecture_of(model_dir)
     family = ARCHITECTURES[arch]
-    if _PATCHED is not None and _PATCHED[0] != "gradient" and _PATCHED[1] != family:
-        raise RuntimeError(f"process patched for {_PATCHED[1]!r}, checkpoint is {family!r}")
+    if _PATCHED is not None and _PATCHED[0] != "gradient" and family not in _PATCHED[1]:
+        raise RuntimeError(f"process patched for {_patched_text(_PATCHED)}, "
+                           f"checkpoint is {family!r}")
     module_name, model_name, config_name = FAMILIES[family]
     kwargs = {}
     if family in ADDITIVE_FAMILIES:
@@ -482,20 +498,26 @@ def _normalize_additive_case(case: dict, family: str, arch: str, vocab: int) -> 
     return out
 
 
-def _run_additive_case(case: dict, models: dict, family: str, mode: str, do_time: bool,
+def _run_additive_case(case: dict, models: dict, mode: str, do_time: bool,
                        repeats: int) -> dict:
-    """One BERT/GPT-2 case, on its own ``"model"`` directory if it names one (same family)."""
+    """One BERT/GPT-2 case, on its own ``"model"`` directory if it names one (BERT or GPT-2:
+    the other additive family is patched into this process when first met)."""
     model_dir = os.path.abspath(case.get("model") or next(iter(models)))
     if model_dir not in models:
-        if family_of(model_dir) != family:
-            raise SystemExit(f"{model_dir} is {family_of(model_dir)}, this process is {family}")
+        family = family_of(model_dir)
+        if family not in ADDITIVE_FAMILIES:
+            raise SystemExit(f"{model_dir} is {family}: a case's own model must be "
+                             f"{' or '.join(ADDITIVE_FAMILIES)}")
+        apply_patch(mode, family)
         models[model_dir], _ = load_model(model_dir)
     model = models[model_dir]
     arch = type(model).__name__
+    family = ARCHITECTURES[arch]
     if family == "gpt2" and case.get("token_type_ids") is not None:
         raise ValueError("token_type_ids are for BERT only")
     checked = _normalize_additive_case(case, family, arch, model.config.vocab_size)
-    res = {"model": model_dir, "architecture": arch, "n_tokens": len(checked["input_ids"]),
+    res = {"model": model_dir, "family": family, "architecture": arch,
+           "n_tokens": len(checked["input_ids"]),
            "target": checked["target"], **explain_additive(model, checked)}
     if do_time:
         times = []  # the explanation above is the warm-up
@@ -649,7 +671,7 @@ def main(argv=None) -> int:
     out_cases = []
     for case in spec["cases"]:
         if family in ADDITIVE_FAMILIES:
-            out_cases.append(_run_additive_case(case, models, family, mode, do_time, repeats))
+            out_cases.append(_run_additive_case(case, models, mode, do_time, repeats))
             continue
         ids, pos, tok = _normalize_case(case, cfg.vocab_size)
         input_ids = torch.tensor([ids])
