@@ -47,6 +47,7 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from ..explanation import Explanation
 from .protocol import (
     EXPLAIN_REQUEST_TARGETS,
+    UNION_FIELDS,
     CompactExplanation,
     ExplainOptions,
     ExplainRequest,
@@ -180,10 +181,15 @@ class OpenAIErrorRoute(APIRoute):
     error shape with a plain message that names the field, not with FastAPI's ``{"detail":
     ...}`` or a Python repr of pydantic's errors."""
 
+    def described(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """The body's fields by place, and what a field allows, for the messages."""
+        if self.path == "/v1/explain":
+            return {"": list(ExplainRequest.model_fields)}, {"target": EXPLAIN_REQUEST_TARGETS}
+        return {}, {}
+
     def get_route_handler(self):
         handler = super().get_route_handler()
-        fields = {"": list(ExplainRequest.model_fields)} if self.path == "/v1/explain" else {}
-        allowed = {"target": EXPLAIN_REQUEST_TARGETS} if self.path == "/v1/explain" else {}
+        fields, allowed = self.described()
 
         async def route_handler(request: Request):
             try:
@@ -211,6 +217,8 @@ def _first_param(errors: list[dict[str, Any]]) -> str | None:
             return cause.param
         names = [str(p) for p in item.get("loc") or () if isinstance(p, str) and p != "body"
                  and p.isidentifier()]
+        if names and names[0] in UNION_FIELDS:  # not a branch of the union ("SpanTarget")
+            return names[0]
         if names:
             return ".".join(names[:2])
     return None
@@ -224,7 +232,7 @@ class PelrpEndpointPlugin:
     """The endpoint plugin (``VLLM_PLUGINS=pelrp``)."""
 
     name = "pelrp"
-    required_tasks = ("generate",)
+    required_tasks = ("generate", "embed", "classify")  # pooling models: encoder_api.py
 
     def __init__(self) -> None:
         self.original: dict[str, Any] = {}
@@ -275,6 +283,10 @@ class PelrpEndpointPlugin:
                 return error_response("explanations are not initialised", 500)
             return JSONResponse(await service.stats())
 
+        from . import encoder_api
+
+        # a pooling model (BERT family): /v1/embeddings, /score, /rerank and its /v1/explain
+        encoder_api.attach(app, router, OpenAIErrorRoute, ERRORS)
         app.include_router(router)
         # GET /pelrp and /v1/explanations (serving/webview.py)
         webview.attach(app, responses=ERRORS, route_class=OpenAIErrorRoute)
@@ -333,8 +345,12 @@ class PelrpEndpointPlugin:
 
     # ---- /v1/completions and /v1/chat/completions ---------------------------------------------
     async def handle(self, request, raw_request: Request, path: str):
-        original = self.original[path]
+        original = self.original.get(path)
         options: ExplainOptions | None = request.explain
+        if original is None:  # vLLM serves no such route here (a pooling model)
+            from .encoder_api import decoder_route_refused
+
+            return decoder_route_refused(path, options)
         if options is None:
             return await original(request, raw_request)
         service = _service(raw_request)
