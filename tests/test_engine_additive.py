@@ -1,21 +1,19 @@
 """The additive-position engine (BERT, RoBERTa, GPT-2, a sinusoidal-table GPT-2) against Hugging
-Face's forward, the independent float64 reference (``explicit_reference_additive.py``) and LXT;
+Face's forward and the independent float64 reference (``explicit_reference_additive.py``);
 conservation, the split of pa-lrp against attnlrp, the vLLM layout, tensor parallelism and the
-errors of bad targets. Tiny random models (``tiny_additive.py``): seconds."""
+errors of bad targets. Tiny random models (``tiny_additive.py``): seconds. Agreement with LXT
+2.1: ``test_lxt_agreement.py``."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from explicit_reference_additive import explicit_additive_relevance
-from tiny_additive import POSITIONS, save_tiny_additive, sinusoidal_table, tiny_additive
+from tiny_additive import POSITIONS, sinusoidal_table, tiny_additive
 from vllm_pelrp.engine.additive import (
     LogitSeeds,
     additive_relevance,
@@ -38,8 +36,6 @@ from vllm_pelrp.engine.heads import (
 from vllm_pelrp.engine.spec import UnsupportedModelError
 from vllm_pelrp.models import architecture_for, decoder_architecture_for
 
-ROOT = Path(__file__).resolve().parents[1]
-LXT_PYTHON = ROOT / ".venv-lxt" / "bin" / "python"
 MODES = ["pa-lrp", "attnlrp", "cp-lrp"]
 LENGTH = 13
 TOLERANCE = 1e-4
@@ -455,44 +451,6 @@ def test_bad_targets_name_what_is_allowed():
         additive_relevance(gpt2, ids, LogitSeeds.from_rows([[(13, 5)]]))
     with pytest.raises(ValueError, match="no token-type embedding"):
         encoder_forward(gpt2, ids, types)
-
-
-# ---- LXT 2.1 -------------------------------------------------------------------------------------
-def test_attnlrp_matches_lxt(tmp_path):
-    """Checkpoints written here load in transformers 4.57; LXT's efficient AttnLRP on them gives
-    g at the embedding sum: our attnlrp token = Σ_d (E + P + T) ⊙ g and our pa-lrp token =
-    Σ_d E ⊙ g (what LXT users read off ``inputs_embeds``)."""
-    if not LXT_PYTHON.exists():
-        pytest.fail(f"{LXT_PYTHON} is missing: run `bash bench/lxt_env.sh`")
-    ids, types = inputs("bert", seed=5)
-    cases = [
-        ("bert", {"dimension": 7}, dict(family="bert", arch="BertModel",
-                                        target=["dimension", 7])),
-        ("bert_cls", {"label": 1}, dict(family="bert", arch="BertForSequenceClassification",
-                                        target=["label", 1])),
-        ("gpt2", {"logits": [(LENGTH - 1, 33)]}, dict(family="gpt2", arch="GPT2LMHeadModel",
-                                                      target=["logit", LENGTH - 1, 33])),
-    ]
-    jobs = []
-    for kind, _, job in cases:
-        directory = save_tiny_additive(kind, tmp_path / kind)
-        jobs.append(dict(job, dir=str(directory), ids=ids.tolist(),
-                         token_types=types.tolist() if kind.startswith("bert") else None))
-    (tmp_path / "in.json").write_text(json.dumps(jobs))
-    subprocess.run([str(LXT_PYTHON), str(ROOT / "tests" / "_lxt_additive.py"),
-                    str(tmp_path / "in.json"), str(tmp_path / "out.json")],
-                   check=True, timeout=600, capture_output=True)
-    reference = json.loads((tmp_path / "out.json").read_text())
-    for (kind, target, _), lxt in zip(cases, reference):
-        assert lxt["transformers"].startswith("4.")
-        _, weights = model_and_weights(kind)
-        case_types = types if kind.startswith("bert") else None
-        seed = _engine_target(kind, weights, ids, case_types, target)
-        attn = additive_relevance(weights, ids, seed, "attnlrp", token_type_ids=case_types)
-        pa = additive_relevance(weights, ids, seed, "pa-lrp", token_type_ids=case_types)
-        assert float(attn.target[0]) == pytest.approx(lxt["value"], rel=1e-5, abs=1e-6)
-        assert relative_l2(attn.token[0], lxt["total"]) < 1e-4
-        assert relative_l2(pa.token[0], lxt["word"]) < 1e-4
 
 
 # ---- a real encoder ------------------------------------------------------------------------------

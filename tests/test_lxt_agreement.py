@@ -1,65 +1,36 @@
-"""Our ``attnlrp`` mode against LXT's efficient AttnLRP (``lxt`` from PyPI), fp32.
+"""Our explanations against LXT 2.1's efficient AttnLRP (``lxt`` from PyPI), fp32.
 
-LXT 2.1 needs transformers 4.x, so it runs in its own environment (``bench/lxt_env.sh``, which
-``scripts/test.sh`` creates) on the same checkpoint: SmolLM2 (LLaMA), tiny random checkpoints
-of every family (``tests/tiny_models.py``: LLaMA, Qwen2, Qwen3, Gemma 3 with inputs longer
-than its sliding window) and, marked slow, the real Gemma 3 270M. Target: token relevance
-within 1e-3 relative L2, target logits equal.
+LXT needs transformers 4.x, so it runs in its own environment through ``bench/lxt_reference.py``
+(``tests/lxt_driver.py``) on the same checkpoint. Within 1e-3 relative L2 per token:
+
+* rotary decoders, ``attnlrp``: SmolLM2 (LLaMA), tiny random checkpoints of every family
+  (``tests/tiny_models.py``: LLaMA, Qwen2, Qwen3, Gemma 3 with inputs longer than its sliding
+  window) and, marked slow, the real Gemma 3 270M; target logits equal;
+* additive position embeddings (tiny BERT, BERT classifier and GPT-2 of
+  ``tests/tiny_additive.py``; marked slow, the real all-MiniLM-L6-v2), through
+  ``load_explainer(DIR).explain``: our ``attnlrp`` (and GPT-2's ``cp-lrp``) gives a token all of
+  R(x_t) = Σ_d (E + P (+ T)) ⊙ g, LXT's relevance at the embedding sum; our ``pa-lrp`` splits it,
+  its token part Σ_d E ⊙ g being LXT's own gradient×input at ``inputs_embeds`` (the word
+  embeddings), its positional and token-type parts Σ_d P ⊙ g and Σ_d T ⊙ g. Targets: a pooled
+  dimension, a cosine similarity (both texts), a classifier label of a text pair (token types 0
+  and 1), a GPT-2 logit; their values equal.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from lxt_driver import as_arrays, lxt_relevance, relative_l2, run_lxt, run_lxt_jobs
 from vllm_pelrp.default_model import default_checkpoint_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-LXT_PYTHON = ROOT / ".venv-lxt" / "bin" / "python"
+TOLERANCE = 1e-3
 TEXTS = [
     "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
 ]
-
-
-def run_lxt(cases, mode="attnlrp", model_dir=None):
-    """LXT's explanation of ``cases`` on ``model_dir`` (default: SmolLM2), one subprocess."""
-    if model_dir is None:
-        model_dir = default_checkpoint_dir()
-    if not LXT_PYTHON.exists():
-        pytest.fail(f"{LXT_PYTHON} is missing: run `bash bench/lxt_env.sh` (scripts/test.sh does)")
-    work = Path(__import__("tempfile").mkdtemp())
-    (work / "in.json").write_text(json.dumps({"cases": cases, "mode": mode, "time": False}))
-    subprocess.run(
-        [str(LXT_PYTHON), str(ROOT / "bench" / "lxt_reference.py"), "--model",
-         str(model_dir), "--input-json", str(work / "in.json"),
-         "--output-json", str(work / "out.json")],
-        check=True, timeout=600,
-    )
-    return json.loads((work / "out.json").read_text())
-
-
-def test_attnlrp_matches_lxt(smollm2):
-    cases = []
-    for text in TEXTS:
-        ids = smollm2.encode_prompt(text, chat=False)
-        ours = smollm2.explain(input_ids=ids, target="next", mode="attnlrp")
-        cases.append({"input_ids": ids, "target_position": len(ids) - 1,
-                      "target_token_id": ours.target.token_ids[0], "ours": ours})
-    reference = run_lxt([{k: v for k, v in c.items() if k != "ours"} for c in cases])
-    assert reference["versions"]["transformers"].startswith("4.")
-    for case, lxt_case in zip(cases, reference["cases"]):
-        ours = torch.tensor(case["ours"].token_relevance, dtype=torch.float64)
-        theirs = torch.tensor(lxt_case["relevance"], dtype=torch.float64)
-        assert lxt_case["logit"] == pytest.approx(case["ours"].target_logit, rel=1e-5)
-        relative_l2 = float((ours - theirs).norm() / theirs.norm())
-        print(f"relative L2 vs LXT: {relative_l2:.2e} ({len(ours)} tokens)", file=sys.stderr)
-        assert relative_l2 < 1e-3
 
 
 def compare_with_lxt(explainer, inputs, model_dir):
@@ -70,20 +41,23 @@ def compare_with_lxt(explainer, inputs, model_dir):
         ours = explainer.explain(input_ids=ids, target="next", mode="attnlrp")
         cases.append({"input_ids": ids, "target_position": len(ids) - 1,
                       "target_token_id": ours.target.token_ids[0], "ours": ours})
-    reference = run_lxt([{k: v for k, v in c.items() if k != "ours"} for c in cases],
-                        model_dir=model_dir)
-    assert reference["versions"]["transformers"].startswith("4.")
+    reference = run_lxt(model_dir, [{k: v for k, v in c.items() if k != "ours"} for c in cases])
     results = []
     for case, lxt_case in zip(cases, reference["cases"]):
-        ours = torch.tensor(case["ours"].token_relevance, dtype=torch.float64)
-        theirs = torch.tensor(lxt_case["relevance"], dtype=torch.float64)
-        assert len(ours) == len(theirs) == len(case["input_ids"])
+        ours = case["ours"].token_relevance
+        assert len(ours) == len(lxt_case["relevance"]) == len(case["input_ids"])
         assert lxt_case["logit"] == pytest.approx(case["ours"].target_logit, rel=1e-5)
-        relative_l2 = float((ours - theirs).norm() / theirs.norm())
-        print(f"{reference['family']}: relative L2 vs LXT {relative_l2:.2e} "
+        error = relative_l2(ours, lxt_case["relevance"])
+        print(f"{reference['family']}: relative L2 vs LXT {error:.2e} "
               f"({len(ours)} tokens)", file=sys.stderr)
-        results.append((relative_l2, len(ours)))
+        results.append((error, len(ours)))
     return results
+
+
+def test_attnlrp_matches_lxt(smollm2):
+    inputs = [smollm2.encode_prompt(text, chat=False) for text in TEXTS]
+    for error, _ in compare_with_lxt(smollm2, inputs, default_checkpoint_dir()):
+        assert error < TOLERANCE
 
 
 def _tiny_inputs(vocab_size, lengths=(9, 30), seed=0):
@@ -108,8 +82,8 @@ def test_attnlrp_matches_lxt_tiny(family, tmp_path):
             logits = explainer.hf_model(torch.tensor([ids])).logits[0, -1]
         ours = explainer.explain(input_ids=ids, target="next", mode="attnlrp")
         assert ours.target.token_ids[0] == int(logits.argmax())
-    for relative_l2, _ in compare_with_lxt(explainer, inputs, model_dir):
-        assert relative_l2 < 1e-3
+    for error, _ in compare_with_lxt(explainer, inputs, model_dir):
+        assert error < TOLERANCE
 
 
 GEMMA_TEXTS = [
@@ -130,5 +104,166 @@ def test_attnlrp_matches_lxt_gemma3_270m():
     tokenizer = explainer.tokenizer
     inputs = [[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
               for text in GEMMA_TEXTS]
-    for relative_l2, _ in compare_with_lxt(explainer, inputs, model_dir):
-        assert relative_l2 < 1e-3
+    for error, _ in compare_with_lxt(explainer, inputs, model_dir):
+        assert error < TOLERANCE
+
+
+# ---- additive position embeddings: BERT and GPT-2 ------------------------------------------------
+WORDS = " ".join(f"w{i}" for i in range(7, 19))  # the tiny word-level tokenizer's words
+OTHER_WORDS = " ".join(f"w{i}" for i in (40, 9, 11, 52, 13, 60))
+TINY_CASES = ["bert-dimension", "bert-similarity", "bert_cls-label-pair", "gpt2-logit-attnlrp",
+              "gpt2-logit-cp-lrp"]
+
+
+def check_against_lxt(name: str, ours: dict, lxt: dict, mode: str = "attnlrp") -> None:
+    """``ours[mode]`` (attnlrp or cp-lrp) gives each token all of R(x_t): LXT's Σ_d (E+P(+T))⊙g;
+    ``ours["pa-lrp"]`` (if given) splits it: its token, positional and token-type parts are
+    LXT's Σ_d E⊙g, P⊙g, T⊙g. Both texts of a similarity target; the target values equal.
+    The relative L2 errors are printed."""
+    whole = ours[mode]
+    value = whole.target.value if whole.target.value is not None else whole.target_logit
+    assert lxt["target_value"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    sides = [("", lambda e: e)] + ([("_other", lambda e: e.other)] if whole.other else [])
+    for suffix, side in sides:
+        # the driver's own checks: S = E + P (+ T), and the gradient at S is the one at E
+        assert lxt["check_sum_equals_parts" + suffix] < 1e-5
+        assert lxt["check_grad_sum_equals_grad_embeds" + suffix] == 0.0
+        rows = [(f"{mode} token", side(whole).token_relevance,
+                 lxt["relevance_embedding_sum" + suffix])]
+        if "pa-lrp" in ours:
+            pa = side(ours["pa-lrp"])
+            rows += [("pa-lrp token", pa.token_relevance, lxt["relevance" + suffix]),
+                     ("pa-lrp position", pa.positional_relevance,
+                      lxt["relevance_position" + suffix])]
+            if "relevance_token_type" + suffix in lxt:
+                rows.append(("pa-lrp token type", pa.token_type_relevance,
+                             lxt["relevance_token_type" + suffix]))
+        for what, mine, theirs in rows:
+            error = relative_l2(mine, theirs)
+            print(f"{name}{' (other text)' if suffix else ''}: {what} vs LXT relative L2 "
+                  f"{error:.2e} ({len(mine)} tokens)", file=sys.stderr)
+            assert error < TOLERANCE, (name, suffix, what, error)
+
+
+def _ids(explanation) -> list[int]:
+    return [token.id for token in explanation.tokens]
+
+
+def _tiny_explainer(kind: str, directory):
+    from tiny_additive import save_tiny_additive, tiny_config
+    from tiny_models import tiny_tokenizer
+
+    from vllm_pelrp import load_explainer
+
+    save_tiny_additive(kind, directory)
+    tiny_tokenizer(tiny_config(kind).vocab_size).save_pretrained(directory)
+    return load_explainer(str(directory))
+
+
+@pytest.fixture(scope="module")
+def tiny_additive_vs_lxt(tmp_path_factory) -> dict:
+    """Per case of TINY_CASES: (ours per mode, LXT's result, LXT's mode). The tiny BERT is a
+    plain checkpoint, so its explainer pools [CLS] (the dimension target); the similarity pools
+    the mean, as a sentence-transformers model does; the classifier explains a text pair. LXT in
+    two processes at once: attnlrp (BERT and GPT-2 together) and GPT-2's cp-lrp."""
+    from vllm_pelrp.engine.heads import Pooling
+    from vllm_pelrp.explainer import EncoderExplainer
+
+    root = tmp_path_factory.mktemp("lxt-additive")
+    bert = _tiny_explainer("bert", root / "bert")
+    assert bert.pooling.mode == "cls"
+    mean = EncoderExplainer(bert.hf_model, bert.tokenizer, pooling=Pooling("mean", normalize=True))
+    classifier = _tiny_explainer("bert_cls", root / "bert_cls")
+    # the word-level tokenizer returns a pair's token types (0, then 1) when asked for them
+    classifier.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    gpt2 = _tiny_explainer("gpt2", root / "gpt2")
+    pair_types = classifier.tokenizer(WORDS, OTHER_WORDS)["token_type_ids"]
+    assert set(pair_types) == {0, 1}
+    gpt2_ids = gpt2.encode_prompt(WORDS, chat=False)
+    both = ("attnlrp", "pa-lrp")
+    ours = {
+        "bert-dimension": {m: bert.explain(WORDS, target={"dimension": 5}, mode=m)
+                           for m in both},
+        "bert-similarity": {m: mean.explain(WORDS, target={"similarity": OTHER_WORDS}, mode=m)
+                            for m in both},
+        "bert_cls-label-pair": {m: classifier.explain(WORDS, text_pair=OTHER_WORDS,
+                                                      target={"label": 1}, mode=m)
+                                for m in both},
+        "gpt2-logit": {m: gpt2.explain(input_ids=gpt2_ids, target="next", mode=m)
+                       for m in both + ("cp-lrp",)},
+    }
+    similarity = ours["bert-similarity"]["attnlrp"]
+    gpt2_next = ours["gpt2-logit"]["attnlrp"]
+    gpt2_case = {"model": str(root / "gpt2"), "input_ids": gpt2_ids,
+                 "target_position": len(gpt2_ids) - 1,
+                 "target_token_id": gpt2_next.target.token_ids[0]}
+    attnlrp_cases = [
+        {"model": str(root / "bert"), "input_ids": _ids(ours["bert-dimension"]["attnlrp"]),
+         "target": {"kind": "pooled", "dim": 5, "pooling": "cls"}},
+        {"model": str(root / "bert"), "input_ids": _ids(similarity),
+         "target": {"kind": "cosine", "other_input_ids": _ids(similarity.other),
+                    "pooling": "mean"}},
+        {"model": str(root / "bert_cls"),
+         "input_ids": _ids(ours["bert_cls-label-pair"]["attnlrp"]),
+         "token_type_ids": pair_types, "target": {"kind": "class", "label": 1}},
+        gpt2_case,
+    ]
+    attnlrp, cp_lrp = run_lxt_jobs([(root / "bert", attnlrp_cases, "attnlrp"),
+                                    (root / "gpt2", [gpt2_case], "cp-lrp")])
+    attnlrp, cp_lrp = as_arrays(attnlrp), as_arrays(cp_lrp)
+    return {
+        "bert-dimension": (ours["bert-dimension"], attnlrp[0], "attnlrp"),
+        "bert-similarity": (ours["bert-similarity"], attnlrp[1], "attnlrp"),
+        "bert_cls-label-pair": (ours["bert_cls-label-pair"], attnlrp[2], "attnlrp"),
+        "gpt2-logit-attnlrp": (ours["gpt2-logit"], attnlrp[3], "attnlrp"),
+        "gpt2-logit-cp-lrp": ({"cp-lrp": ours["gpt2-logit"]["cp-lrp"]}, cp_lrp[0], "cp-lrp"),
+    }
+
+
+@pytest.mark.parametrize("case", TINY_CASES)
+def test_additive_matches_lxt_tiny(tiny_additive_vs_lxt, case):
+    ours, lxt, mode = tiny_additive_vs_lxt[case]
+    if case == "bert-similarity":  # both texts are compared
+        assert "relevance_other" in lxt and ours[mode].other is not None
+    check_against_lxt(case, ours, lxt, mode)
+
+
+@pytest.mark.slow
+def test_additive_matches_lxt_minilm():
+    """The real all-MiniLM-L6-v2 (mean pooling, normalised) through the public API: a pooled
+    dimension and the cosine of two texts, both sides; LXT in one process."""
+    from vllm_pelrp import load_explainer
+    from vllm_pelrp.shipped_models import ensure_checkpoint
+
+    explainer = load_explainer("all-MiniLM-L6-v2")
+    assert explainer.pooling.mode == "mean"
+    text, other = "The cat sits on the mat.", "A feline rests on a rug."
+    both = ("attnlrp", "pa-lrp")
+    ours = {
+        "minilm-dimension": {m: explainer.explain(text, target={"dimension": 7}, mode=m)
+                             for m in both},
+        "minilm-similarity": {m: explainer.explain(text, target={"similarity": other}, mode=m)
+                              for m in both},
+    }
+    similarity = ours["minilm-similarity"]["attnlrp"]
+    model_dir = str(ensure_checkpoint("all-MiniLM-L6-v2", progress=False))
+    lxt = as_arrays(run_lxt(model_dir, [
+        {"input_ids": _ids(ours["minilm-dimension"]["attnlrp"]),
+         "target": {"kind": "pooled", "dim": 7, "pooling": "mean"}},
+        {"input_ids": _ids(similarity),
+         "target": {"kind": "cosine", "other_input_ids": _ids(similarity.other),
+                    "pooling": "mean"}},
+    ]))
+    assert similarity.target.value == pytest.approx(0.558404, abs=1e-5)
+    for (name, explanations), result in zip(ours.items(), lxt):
+        check_against_lxt(name, explanations, result)
+
+
+def test_no_lxt_cp_lrp_for_bert(tmp_path):
+    """LXT 2.1 has no CP-LRP rule set for BERT (hence no BERT cp-lrp case above): the driver
+    says so instead of failing on a missing attribute (it exits before loading transformers)."""
+    from tiny_additive import save_tiny_additive
+
+    bert = save_tiny_additive("bert", tmp_path / "bert")
+    with pytest.raises(RuntimeError, match="no cp-lrp rule set for bert"):
+        lxt_relevance(bert, [4, 5, 6], {"kind": "pooled", "dim": 0}, mode="cp-lrp")
