@@ -379,6 +379,50 @@ def test_errors_are_400s_and_the_server_stays_up(served):
     assert reply.status_code == 200 and reply.json()["data"][0]["explanation"]
 
 
+# ---- a cross-encoder -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cross_encoder_scores_explain_the_pair_logit(tmp_path_factory):
+    """A BertForSequenceClassification with one label, scored by vLLM as a cross-encoder: each
+    score's explanation is the query + document pair's label-0 logit (the score is its
+    sigmoid), equal to the offline pipeline; label targets on /v1/explain name the labels."""
+    import math
+
+    from tiny_additive import save_tiny_additive
+
+    from vllm_pelrp import load_explainer
+    from vllm_pelrp.shipped_models import ensure_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny-cross-encoder")
+    save_tiny_additive("bert_cls", directory, seed=1, vocab_size=30522, hidden_size=128,
+                       intermediate_size=256, max_position_embeddings=128, num_labels=1,
+                       id2label={0: "relevant"}, label2id={"relevant": 0})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(ensure_checkpoint("all-MiniLM-L6-v2") / name, directory / name)
+    process, base = _serve(directory, tmp_path_factory.mktemp("logs") / "cross.log", "--eager")
+    try:
+        explainer = load_explainer(str(directory))
+        reply = _post(base, "/score", {"queries": QUERY, "documents": TEXTS[:2],
+                                       "explain": True})
+        assert reply.status_code == 200, reply.text
+        for item, document in zip(reply.json()["data"], TEXTS):
+            explanation = item["explanation"]
+            assert explanation["target"]["kind"] == "label"
+            assert abs(1 / (1 + math.exp(-explanation["target"]["value"])) - item["score"]) \
+                < SCORE_TOL
+            reference = explainer.explain(QUERY, text_pair=document, target={"label": 0})
+            assert_equals_offline(explanation, reference)
+        reply = _post(base, "/v1/explain", {"prompt": QUERY, "text_pair": TEXTS[0],
+                                            "target": {"label": "relevant"}})
+        assert reply.status_code == 200, reply.text
+        assert_equals_offline(reply.json(), explainer.explain(QUERY, text_pair=TEXTS[0],
+                                                              target={"label": 0}))
+        reply = _post(base, "/v1/explain", {"prompt": QUERY, "target": {"label": 2}})
+        assert reply.status_code == 400
+        assert "allowed 0 to 0 (0: 'relevant')" in reply.json()["error"]["message"]
+    finally:
+        _stop(process)
+
+
 # ---- the real all-MiniLM-L6-v2 ---------------------------------------------------------------
 @pytest.mark.slow
 def test_real_minilm_served_equals_offline(tmp_path_factory):
