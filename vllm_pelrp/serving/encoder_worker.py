@@ -79,7 +79,10 @@ def _fit_tables(raw: dict, spec: Any, tp: int) -> None:
         rows = int(getattr(spec, EMBEDDING_TABLES[table]) or 0)
         if not rows:
             continue
-        if raw[name].shape[0] < rows and tp > 1:
+        if tp > 1:
+            # always: a VocabParallelEmbedding shards even a table smaller than one shard (2
+            # token types padded to 64 rows: rank 1 holds padding only); a replicated table
+            # gathers into copies of itself, whose first rows are the table again
             from vllm.distributed import tensor_model_parallel_all_gather
 
             raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)
