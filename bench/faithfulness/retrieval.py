@@ -665,7 +665,8 @@ def report(result: dict, summaries: dict[str, dict], times: dict[str, list[float
                          f"{np.median(ig):.3f}, max {np.max(ig):.3f}.")
         lines.append("")
     lines += combination_choice(result, summaries)
-    lines += ["## Time per explanation (both splits)", ""] + timing_table(times)
+    lines += [f"## Time per explanation ({' and '.join(summaries)} split"
+              f"{'s' if len(summaries) > 1 else ''} of this run)", ""] + timing_table(times)
     lines += ["", "PA-LRP rows share one engine pass (query and document). LXT runs in its own "
               "process (transformers 4.57, eager attention); its time is one explanation of "
               "both texts.", ""]
