@@ -435,9 +435,19 @@ def test_real_minilm_served_equals_offline(tmp_path_factory):
     try:
         explainer = load_explainer(str(directory))
         started = time.perf_counter()
-        reply = _post(base, "/rerank", {"model": "all-MiniLM-L6-v2", "query": QUERY,
-                                        "documents": TEXTS, "explain": True})
+        model = {"model": "all-MiniLM-L6-v2"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # concurrent explained requests
+            rerank, score, embeddings, embeddings_text = [
+                pool.submit(_post, base, path, body, 600) for path, body in (
+                ("/rerank", {**model, "query": QUERY, "documents": TEXTS, "explain": True}),
+                ("/score", {**model, "queries": QUERY, "documents": TEXTS[::-1],
+                            "explain": {"mode": "pa-lrp"}}),
+                ("/v1/embeddings", {**model, "input": TEXTS[:2],
+                                    "explain": {"target": {"similarity": 1}}}),
+                ("/v1/embeddings", {**model, "input": TEXTS[2:],
+                                    "explain": {"target": {"similarity": QUERY}}}))]
         seconds = time.perf_counter() - started
+        reply = rerank.result()
         assert reply.status_code == 200, reply.text
         for result in reply.json()["results"]:
             explanation = result["explanation"]
@@ -445,11 +455,21 @@ def test_real_minilm_served_equals_offline(tmp_path_factory):
             assert abs(explanation["target"]["value"] - result["relevance_score"]) < SCORE_TOL
             assert_equals_offline(explanation, explainer.explain(
                 QUERY, target={"similarity": TEXTS[result["index"]]}))
-        reply = _post(base, "/v1/embeddings", {"input": TEXTS[:2],
-                                               "explain": {"target": {"similarity": 1}}})
+        reply = score.result()
+        assert reply.status_code == 200, reply.text
+        for item, document in zip(reply.json()["data"], TEXTS[::-1]):
+            assert abs(item["explanation"]["target"]["value"] - item["score"]) < SCORE_TOL
+            assert_equals_offline(item["explanation"],
+                                  explainer.explain(QUERY, target={"similarity": document}))
+        reply = embeddings.result()
         assert reply.status_code == 200, reply.text
         assert_equals_offline(reply.json()["data"][0]["explanation"],
                               explainer.explain(TEXTS[0], target={"similarity": TEXTS[1]}))
+        reply = embeddings_text.result()
+        assert reply.status_code == 200, reply.text
+        for item, text in zip(reply.json()["data"], TEXTS[2:]):
+            assert_equals_offline(item["explanation"],
+                                  explainer.explain(text, target={"similarity": QUERY}))
         print(f"MiniLM: rerank of {len(TEXTS)} documents explained in {seconds:.2f} s")
     finally:
         _stop(process)
