@@ -94,6 +94,7 @@ class _ExplainMixin:
         # explain from the top level or vllm_xargs (never both, unless equal); client-sent
         # pelrp_* fields of vllm_xargs are dropped: the server tags what the worker records
         if isinstance(data, dict):
+            _check_integer_sizes(data)
             options, data = extract_explain(data)
             data["explain"] = options
         return data
@@ -108,6 +109,24 @@ class _ExplainMixin:
                 raise ValueError(f"vllm_xargs.{name}: values must be str, int, float or a list "
                                  "of those")
         return value
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_integer_sizes(value: Any, path: str = "") -> None:
+    """Every whole number of the body fits 64 bits: vLLM hands its integer fields to code that
+    overflows on larger ones (stream_interval=2**68 answered 500 with an empty message)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_integer_sizes(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_integer_sizes(item, f"{path}[{index}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and \
+            not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"{path or 'the body'}: {value} does not fit a 64-bit integer; whole "
+                         f"numbers must lie in [{INT64[0]}, {INT64[1]}]")
 
 
 class ExplainCompletionRequest(_ExplainMixin, CompletionRequest):
