@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving_bench import free_port, stop  # noqa: E402
+from serving_bench import free_port, launch, stop  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 DATA = ROOT / "bench" / "faithfulness" / "data" / "retrieval.jsonl"
@@ -32,7 +32,6 @@ DATA = ROOT / "bench" / "faithfulness" / "data" / "retrieval.jsonl"
 
 def start(compiled: bool, log: Path):
     import os
-    import subprocess
 
     port = free_port()
     env = dict(os.environ)
@@ -40,21 +39,7 @@ def start(compiled: bool, log: Path):
     command = [sys.executable, "-m", "vllm_pelrp.cli", "serve", "--model", MODEL, "--port",
                str(port), "--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
                "--seed", "0", *([] if compiled else ["--eager"])]
-    process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited, see {log}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server did not start, see {log}")
+    return launch(command, env, port, log, timeout=900)
 
 
 def cases(documents: int) -> tuple[str, list[str]]:

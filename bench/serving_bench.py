@@ -67,10 +67,15 @@ def start(plugin: bool, log: str, compiled: bool = True):
                    str(ensure_default_checkpoint()), "--served-model-name", MODEL, "--host",
                    "127.0.0.1", "--port", str(port), *([] if compiled else ["--enforce-eager"]),
                    *COMMON]
+    return launch(command, env, port, log)
+
+
+def launch(command: list[str], env: dict, port: int, log, timeout: float = 600):
+    """Start a server process (its output to ``log``) and wait until /v1/models answers."""
     process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited, see {log}")

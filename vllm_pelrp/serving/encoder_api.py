@@ -27,10 +27,8 @@ Errors are 400s in OpenAI's shape naming what is allowed; nothing heavy runs on 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import uuid
 from typing import Annotated, Any, Sequence
 
 from fastapi import APIRouter, Depends, Request
@@ -63,7 +61,6 @@ EMBEDDING_TARGETS = ("{'dimension': k}, {'similarity': i} (input i of this reque
                      "classifier)")
 EXPLAIN_TARGETS = ("{'dimension': k}, {'similarity': 'text'} (or token ids) or {'label': i} "
                    "(a sequence classifier)")
-POLL_SECONDS = 0.01
 
 
 # ---- request shapes ------------------------------------------------------------------------
@@ -569,23 +566,7 @@ async def run_encoder_jobs(service: ExplainService, jobs: list[pipeline.EncoderJ
                            ) -> list[pipeline.EncoderResult | dict[str, Any]]:
     """The jobs on the worker (``pelrp_encoder_submit``, then ``pelrp_poll``): each an
     ``EncoderResult`` or the worker's ``{"error", "input_error", "param"}``."""
-    ticket = uuid.uuid4().hex
-    await service.engine.collective_rpc("pelrp_encoder_submit",
-                                        args=(ticket, [job.model_dump() for job in jobs]))
-    try:
-        while True:
-            reply = (await service.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
-            if reply is not None:
-                break
-            await asyncio.sleep(POLL_SECONDS)
-    except asyncio.CancelledError:  # the client left: skip the jobs not started
-        task = asyncio.get_running_loop().create_task(
-            service.engine.collective_rpc("pelrp_cancel", args=(ticket,)))
-        service._tasks.add(task)
-        task.add_done_callback(service._tasks.discard)
-        raise
-    if "error" in reply:
-        raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
+    reply = await service.on_worker("pelrp_encoder_submit", jobs)
 
     def parse() -> list[pipeline.EncoderResult | dict[str, Any]]:
         out: list[pipeline.EncoderResult | dict[str, Any]] = []

@@ -266,17 +266,19 @@ class ExplainService:
                 "reserved_requests": len(self.reserved), "info": self.info,
                 "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
-    async def run_jobs(self, jobs: list[BackwardJob]) -> list[BackwardResult | BackwardFailure]:
+    async def on_worker(self, submit: str, jobs: Sequence[Any]) -> dict[str, Any]:
+        """Submit ``jobs`` (pydantic messages) with the worker method ``submit``
+        (``pelrp_submit``, ``pelrp_encoder_submit``), poll until done and return the reply
+        (``{"results": [...]}``); a client that leaves cancels the jobs not yet done."""
         ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
-        await self.engine.collective_rpc("pelrp_submit",
-                                         args=(ticket, [job.model_dump() for job in jobs]))
+        await self.engine.collective_rpc(submit, args=(ticket, [job.model_dump() for job in jobs]))
         try:
             while True:
                 reply = (await self.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
                 if reply is not None:
                     break
                 await asyncio.sleep(POLL_SECONDS)
-        except asyncio.CancelledError:  # the client left: stop the backward between layers
+        except asyncio.CancelledError:  # the client left: stop the backward between slices
             task = asyncio.get_running_loop().create_task(
                 self.engine.collective_rpc("pelrp_cancel", args=(ticket,)))
             self._tasks.add(task)
@@ -284,6 +286,10 @@ class ExplainService:
             raise
         if "error" in reply:
             raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
+        return reply
+
+    async def run_jobs(self, jobs: list[BackwardJob]) -> list[BackwardResult | BackwardFailure]:
+        reply = await self.on_worker("pelrp_submit", jobs)
         # validating a large result takes a while: off the event loop
         results = await self.offload(lambda: [pipeline.backward_reply(r)
                                               for r in reply["results"]])
