@@ -4,6 +4,9 @@
   target is the model's own argmax next token (as the paper's Wikipedia task). All text tokens
   are mutable; special tokens the tokenizer adds (a BOS such as Gemma's ``<bos>``) come on top
   of the ``length`` and are never flipped.
+* ``prose``: the same next-token task on passages of technical prose from the GNU Info manuals
+  of Debian packages (``data/prose.jsonl``, built by ``data/build_prose.py``), long enough for
+  contexts of 128 and 512 tokens.
 * ``quiz``: a four-way multiple-choice question from BSD quiz(6) answer files::
 
       Question: What is the capital of Norway?
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).parent / "data"
-TASKS = ("nexttoken", "quiz")
+TASKS = ("nexttoken", "quiz", "prose")
+NEXT_TOKEN_TASKS = ("nexttoken", "prose")  # the first ``length`` tokens of a text, its argmax next
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -58,7 +62,7 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=special)["input_ids"]]
 
 
-def nexttoken_case(item: dict, tokenizer: Any, length: int) -> Case | None:
+def nexttoken_case(item: dict, tokenizer: Any, length: int, task: str = "nexttoken") -> Case | None:
     """The tokenizer's leading special tokens (Gemma's ``<bos>``; none for SmolLM2), then the
     first ``length`` text tokens: N = ``length`` mutable tokens whatever the tokenizer adds."""
     ids = _encode(tokenizer, item["text"], special=True)
@@ -70,7 +74,7 @@ def nexttoken_case(item: dict, tokenizer: Any, length: int) -> Case | None:
         return None
     ids = ids[: lead + length]
     mutable = [i for i, t in enumerate(ids) if t not in special]
-    return Case("nexttoken", item["id"], ids, mutable, meta={"source": item["source"]})
+    return Case(task, item["id"], ids, mutable, meta={"source": item["source"]})
 
 
 def letter_ids(tokenizer: Any) -> list[int]:
@@ -97,6 +101,13 @@ def quiz_case(item: dict, tokenizer: Any) -> Case:
                 meta={"source": item["source"], "answer": item["answer"]})
 
 
+def task_case(task: str, item: dict, tokenizer: Any, length: int) -> Case | None:
+    """One item as a case of ``task`` (None: the text is shorter than ``length`` tokens)."""
+    if task in NEXT_TOKEN_TASKS:
+        return nexttoken_case(item, tokenizer, length, task)
+    return quiz_case(item, tokenizer)
+
+
 def load_cases(task: str, split: str, count: int, tokenizer: Any, length: int = 40) -> list[Case]:
     """The first ``count`` usable items of ``split`` ("dev" or "test"), in file order."""
     if task not in TASKS:
@@ -105,7 +116,7 @@ def load_cases(task: str, split: str, count: int, tokenizer: Any, length: int = 
     for item in load_items(task):
         if item["split"] != split:
             continue
-        case = nexttoken_case(item, tokenizer, length) if task == "nexttoken" else quiz_case(item, tokenizer)
+        case = task_case(task, item, tokenizer, length)
         if case is not None:
             cases.append(case)
         if len(cases) == count:
