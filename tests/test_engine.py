@@ -361,24 +361,34 @@ def test_mistral_sliding_window_forward_matches_hf():
 
 
 def test_combinations_follow_their_formulas(smollm2: Explainer):
-    """combined_relevance: the default (signed-per-part) and the paper's abs-single, by hand."""
+    """combined_relevance under every combination, by hand; no argument gives the default."""
+    from vllm_pelrp.assemble import COMBINATIONS, DEFAULT_COMBINATION, PAPER_COMBINATION
+
     prompt = smollm2.encode_prompt(PROMPT, chat=False)
     default = smollm2.explain(input_ids=prompt, per_layer=True)
-    paper = smollm2.explain(input_ids=prompt, per_layer=True, combination="abs-single")
-    assert default.combination == "signed-per-part" and paper.combination == "abs-single"
+    assert default.combination == DEFAULT_COMBINATION and PAPER_COMBINATION == "abs-single"
     token = torch.tensor(default.token_relevance, dtype=torch.float64)
     cos = torch.tensor([layer.cos for layer in default.positional_relevance_per_layer], dtype=torch.float64)
     sin = torch.tensor([layer.sin for layer in default.positional_relevance_per_layer], dtype=torch.float64)
+    layers = torch.cat([cos, sin])
 
     def normalise(x):
         return x / x.abs().max()
 
-    expected_paper = normalise(token + cos.abs().sum(0) + sin.abs().sum(0))
-    positional = sum(normalise(layer) for layer in torch.cat([cos, sin]))
-    expected_default = normalise(normalise(token) + normalise(positional))
-    assert torch.allclose(torch.tensor(paper.combined_relevance, dtype=torch.float64), expected_paper, atol=1e-5)
-    assert torch.allclose(torch.tensor(default.combined_relevance, dtype=torch.float64), expected_default, atol=1e-5)
-    with pytest.raises(ValueError, match="allowed: signed-per-part"):
+    expected = {
+        "abs-single-w0.25": normalise(token + 0.25 * layers.abs().sum(0)),
+        "abs-single": normalise(token + layers.abs().sum(0)),  # the paper's --single-norm
+        "signed-single": normalise(token + layers.sum(0)),
+        "abs-per-part": normalise(normalise(token) + normalise(sum(normalise(x) for x in layers.abs()))),
+        "signed-per-part": normalise(normalise(token) + normalise(sum(normalise(x) for x in layers))),
+    }
+    assert set(expected) == set(COMBINATIONS)
+    for name, value in expected.items():
+        got = default if name == DEFAULT_COMBINATION else smollm2.explain(
+            input_ids=prompt, per_layer=True, combination=name)
+        assert got.combination == name
+        assert torch.allclose(torch.tensor(got.combined_relevance, dtype=torch.float64), value, atol=1e-5), name
+    with pytest.raises(ValueError, match="allowed: " + COMBINATIONS[0]):
         smollm2.explain(input_ids=prompt, combination="best")
 
 

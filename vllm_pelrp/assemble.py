@@ -15,6 +15,9 @@ import torch
 
 from .engine.backward import MODES, LogitSeeds, RelevanceResult
 from .explanation import (
+    COMBINATIONS,
+    DEFAULT_COMBINATION,
+    PAPER_COMBINATION,  # noqa: F401  (re-exported)
     POSITIONAL_KINDS,
     WIRE_FORMAT_VERSION,
     Conservation,
@@ -186,19 +189,23 @@ def token_spans(tokenizer: Any, ids: Sequence[int], prompt_length: int) -> tuple
     return "".join(pieces), tokens
 
 
-# How token and positional relevance combine into ``combined_relevance``: each positional
-# component (per layer, the cos and the sin part; an additive position table once) is kept signed
-# or made absolute; "single" normalises the sum once (the paper's --single-norm), "per-part"
-# max-normalises the token part, each component and the positional sum before adding. The default is the faithfulness benchmark's dev winner
-# (docs/faithfulness.md); "abs-single" is the paper's code.
-COMBINATIONS = ("signed-per-part", "signed-single", "abs-per-part", "abs-single")
-DEFAULT_COMBINATION = "signed-per-part"
-PAPER_COMBINATION = "abs-single"
+# COMBINATIONS, DEFAULT_COMBINATION and PAPER_COMBINATION live with the wire format
+# (explanation.py) and are imported from here too, where combine_parts implements them.
 
 
 def _max_normalise(x: torch.Tensor) -> torch.Tensor:
     peak = x.abs().max()
     return x / peak if peak > 0 else x
+
+
+def combination_rule(combination: str) -> tuple[bool, bool, float]:
+    """(signed, per_part, positional weight) of a combination name: ``{signed|abs}-{single|
+    per-part}``, optionally ``-w<weight>`` (the positional part's weight; 1 without it)."""
+    name, _, weight = combination.partition("-w")
+    sign, _, norm = name.partition("-")
+    if sign not in ("signed", "abs") or norm not in ("single", "per-part"):
+        raise ValueError(f"not a combination name: {combination!r}")
+    return sign == "signed", norm == "per-part", float(weight) if weight else 1.0
 
 
 def combine_parts(token: torch.Tensor, components: Iterable[torch.Tensor],
@@ -208,25 +215,33 @@ def combine_parts(token: torch.Tensor, components: Iterable[torch.Tensor],
 
     "single" sums the (signed or absolute) components with the token part and max-normalises
     once; "per-part" max-normalises each component, their sum P and the token part before adding.
+    "-w<weight>" scales the positional sum before it is added.
     """
     if combination not in COMBINATIONS:
         raise ExplainInputError(f"unknown combination {combination!r}; allowed: "
                                 f"{', '.join(COMBINATIONS)}", "combination")
-    signed, per_part = combination.startswith("signed"), combination.endswith("per-part")
+    return combine_by_rule(token, components, *combination_rule(combination))
+
+
+def combine_by_rule(token: torch.Tensor, components: Iterable[torch.Tensor], signed: bool,
+                    per_part: bool, weight: float = 1.0) -> torch.Tensor:
+    """R̂ = norm(T + w·P) with T = R_tok and P = Σ_c c (signed) or Σ_c |c|; per part, T, P and
+    every component c are max-normalised first (``combine_parts`` for the named ones)."""
     positional = torch.zeros_like(token)
     for component in components:
         value = component if signed else component.abs()
         positional = positional + (_max_normalise(value) if per_part else value)
     if per_part:
         token, positional = _max_normalise(token), _max_normalise(positional)
-    return _max_normalise(token + positional)
+    return _max_normalise(token + weight * positional)
 
 
 def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       combination: str = DEFAULT_COMBINATION) -> torch.Tensor:
     """Combined relevance (T,) from token (T,) and per-layer cos/sin (L, T), max-normalised.
 
-    abs-single (the paper): (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max|·|.
+    abs-single (the paper): (R_tok + Σ_l |R_cos,l| + |R_sin,l|) / max|·|; abs-single-w0.25 (the
+    default): (R_tok + ¼ Σ_l |R_cos,l| + |R_sin,l|) / max|·|.
     signed-per-part: R_tok/max|R_tok| + P/max|P|, P = Σ_l R_cos,l/max|R_cos,l| + R_sin,l/max|R_sin,l|.
     """
     return combine_parts(token, [*cos, *sin], combination)

@@ -20,6 +20,19 @@ from pydantic_core import PydanticCustomError
 Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
 MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
 
+# How ``combined_relevance`` joins token and positional relevance (``assemble.combine_parts``):
+# each positional component (per layer, the cos and the sin part; an additive position table once)
+# is kept signed or made absolute; "single" normalises the sum once (the paper's --single-norm),
+# "per-part" max-normalises the token part, each component and the positional sum before adding;
+# "-w<weight>" weights the positional sum. The default is the faithfulness study's dev winner over
+# two models, 128- and 512-token next-token prediction and multiple choice (docs/faithfulness.md,
+# "At scale"): the paper's sum with a quarter of its positional part. "abs-single" is the paper's
+# code; "signed-per-part" was the default before the study.
+COMBINATIONS: tuple[str, ...] = ("abs-single-w0.25", "abs-single", "abs-per-part", "signed-single",
+                                 "signed-per-part")
+DEFAULT_COMBINATION = "abs-single-w0.25"
+PAPER_COMBINATION = "abs-single"
+
 # The version of the wire format this code writes (docs/wire-format.md, "Versions"). "1" is the
 # format before the field existed; a document without ``wire_format_version`` is version "1".
 WIRE_FORMAT_VERSION = "2.1"
@@ -275,10 +288,13 @@ class Explanation(RelevanceRow):
         "version (the part before any '.') fields are only added, never renamed or removed.")
     model: str
     mode: Mode
+    # Read as the paper's abs-single when absent: documents written before the field existed
+    # all used it. What the library writes by default is DEFAULT_COMBINATION.
     combination: str = Field(
-        "signed-per-part",
-        description="How combined_relevance was formed: signed-per-part (default), signed-single, "
-        "abs-per-part or abs-single (the paper's code). See docs/wire-format.md.",
+        PAPER_COMBINATION,
+        description=f"How combined_relevance was formed: one of {', '.join(COMBINATIONS)}; "
+        f"{DEFAULT_COMBINATION} is the library's default, {PAPER_COMBINATION} the paper's code "
+        "(and what a document without this field used). See docs/wire-format.md.",
     )
     text: str = Field(description="Decoded prompt + completion; token offsets index into it.")
     prompt_length: int = Field(description="Number of prompt tokens; the rest are completion.")
