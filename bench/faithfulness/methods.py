@@ -23,40 +23,71 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vllm_pelrp.assemble import combine_relevance
+from vllm_pelrp.assemble import DEFAULT_COMBINATION as LIBRARY_DEFAULT
+from vllm_pelrp.assemble import (
+    COMBINATIONS as LIBRARY_COMBINATIONS,
+    PAPER_COMBINATION,
+    combination_rule,
+    combine_by_rule,
+)
 from vllm_pelrp.engine.backward import LogitSeeds, relevance_from_input_ids
 
 from .tasks import Case
 
-# The four ways to combine token and positional relevance compared on the dev split.
-# signed: a layer's cos (or sin) part keeps its sign; abs: |.| per layer and per cos/sin
-# (the paper). single: one normalisation of the sum (paper --single-norm); per-part: the token
-# part, every layer's cos and sin part, and the positional sum are each max-normalised first
-# (the paper without --single-norm).
-COMBINATIONS = {
-    "pa-lrp[abs,single]": dict(signed=False, per_part=False),
-    "pa-lrp[abs,per-part]": dict(signed=False, per_part=True),
-    "pa-lrp[signed,single]": dict(signed=True, per_part=False),
-    "pa-lrp[signed,per-part]": dict(signed=True, per_part=True),
-}
-PAPER_DEFAULT = "pa-lrp[abs,single]"  # the paper's code (assemble.PAPER_COMBINATION)
-# The dev split's winner in the default run (docs/faithfulness.md), the library's default
-# (assemble.DEFAULT_COMBINATION); the CI check uses it.
-DEFAULT_COMBINATION = "pa-lrp[signed,per-part]"
+def combination_label(name: str) -> str:
+    """The library's combination name ("abs-single", "abs-single-w0.25") as the benchmark shows
+    it ("pa-lrp[abs,single]", "pa-lrp[abs,single,w=0.25]")."""
+    signed, per_part, weight = combination_rule(name)
+    label = f"pa-lrp[{'signed' if signed else 'abs'},{'per-part' if per_part else 'single'}"
+    return label + (f",w={weight:g}]" if weight != 1.0 else "]")
+
+
+# The library's named ways to combine token and positional relevance (assemble.COMBINATIONS),
+# under the benchmark's labels. signed: a layer's cos (or sin) part keeps its sign; abs: |.| per
+# layer and per cos/sin (the paper). single: one normalisation of the sum (paper --single-norm);
+# per-part: the token part, every layer's cos and sin part, and the positional sum are each
+# max-normalised first (the paper without --single-norm); w: the positional part's weight.
+COMBINATIONS = {combination_label(name): name for name in LIBRARY_COMBINATIONS}
+PAPER_DEFAULT = combination_label(PAPER_COMBINATION)  # the paper's code
+# The library's default (the study's dev winner, docs/faithfulness.md); the CI check uses it.
+DEFAULT_COMBINATION = combination_label(LIBRARY_DEFAULT)
 
 
 def combine(token: np.ndarray, cos: np.ndarray, sin: np.ndarray, signed: bool,
-            per_part: bool) -> np.ndarray:
-    """Combined relevance, max-normalised: the library's own ``combine_relevance``."""
-    name = f"{'signed' if signed else 'abs'}-{'per-part' if per_part else 'single'}"
-    return combine_relevance(torch.from_numpy(token), torch.from_numpy(cos),
-                             torch.from_numpy(sin), name).numpy()
+            per_part: bool, weight: float = 1.0) -> np.ndarray:
+    """Combined relevance, max-normalised: the library's own rule (``combine_by_rule``)."""
+    components = [*torch.from_numpy(cos), *torch.from_numpy(sin)]
+    return combine_by_rule(torch.from_numpy(token), components, signed, per_part, weight).numpy()
+
+
+def token_only(token: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """PA-LRP's token part alone: R_tok."""
+    return token
+
+
+def position_only(token: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """PA-LRP's positional part alone: Σ_l |R_cos,l| + |R_sin,l|."""
+    return np.abs(cos).sum(0) + np.abs(sin).sum(0)
+
+
+def _combination(signed: bool, per_part: bool, weight: float = 1.0) -> Callable[..., np.ndarray]:
+    return lambda token, cos, sin: combine(token, cos, sin, signed, per_part, weight)
+
+
+# The candidates for the default (the study's dev stage): name -> f(token, cos, sin) -> (T,): the
+# library's combinations, the token part alone, and a half weight on the paper's positional sum.
+# The weighted variants came from the first dev numbers: Σ_l |R_cos,l| + |R_sin,l| is about 3x the
+# token part in total (SmolLM2), so the paper's sum is mostly positional magnitude.
+CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    **{label: _combination(*combination_rule(name)) for label, name in COMBINATIONS.items()},
+    "pa-lrp token-only": token_only,
+    "pa-lrp[abs,single,w=0.5]": _combination(False, False, 0.5),
+}
 
 
 def pa_lrp_variants(token: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
-    out = {name: combine(token, cos, sin, **kw) for name, kw in COMBINATIONS.items()}
-    out["pa-lrp token-only"] = token
-    out["pa-lrp position-only"] = np.abs(cos).sum(0) + np.abs(sin).sum(0)
+    out = {name: fn(token, cos, sin) for name, fn in CANDIDATES.items()}
+    out["pa-lrp position-only"] = position_only(token, cos, sin)
     return out
 
 

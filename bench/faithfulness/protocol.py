@@ -24,9 +24,12 @@ For one input and one relevance vector:
 
   Order is by the signed relevance (``np.argsort(x)``, the paper's default without
   ``--reverse_default_abs``); ties are broken by position (stable sort).
-* Per curve and fraction three readings: the target **logit**, the target **probability**
+* Per curve and fraction four readings: the target **logit**, the target **probability**
   (softmax over the whole vocabulary, or over the answer letters for multiple choice, as the
-  paper's ``correct_subset``), and the squared logit drop (y0 − y)² (the paper's MSE).
+  paper's ``correct_subset``), the **normalised probability** min(p/p₀, 1) (p₀ on the
+  unflipped input: each case's curve runs from 1 at the input, so every case counts alike; the
+  cap keeps a flip that makes the target likelier than on the input from outweighing whole
+  cases), and the squared logit drop (y0 − y)² (the paper's MSE).
 * Areas: trapezoid rule over the fractions (``sklearn.metrics.auc``), per case, then averaged
   (the same as the paper's area of the mean curve: both are linear).
 
@@ -44,7 +47,7 @@ import numpy as np
 
 FRACTIONS = np.round(np.linspace(0.0, 1.0, 11), 10)
 CURVES = ("deletion_morf", "deletion_lerf", "insertion_morf", "insertion_lerf")
-READINGS = ("logit", "prob", "sqdrop")
+READINGS = ("logit", "prob", "nprob", "sqdrop")
 
 
 def n_flipped(fraction: float, count: int) -> int:
@@ -124,6 +127,8 @@ class CaseCurves:
             curves[name] = {
                 "logit": [r.logit for r in readings],
                 "prob": [r.prob for r in readings],
+                "nprob": [min(r.prob / original.prob, 1.0) if original.prob > 0 else 0.0
+                          for r in readings],
                 "sqdrop": [(original.logit - r.logit) ** 2 for r in readings],
             }
         result = cls(curves)
@@ -136,16 +141,19 @@ def summarise(curves: dict[str, dict[str, list[float]]],
     """AUCs of every curve and reading, the gaps, and the paper's named metrics.
 
     ``deletion_gap`` = AUC(deletion LeRF) − AUC(deletion MoRF); ``insertion_gap`` =
-    AUC(insertion MoRF) − AUC(insertion LeRF): larger is more faithful. ``score`` = their mean.
+    AUC(insertion MoRF) − AUC(insertion LeRF): larger is more faithful. ``score`` = their mean,
+    ``gap`` = their sum. Readings: ``prob`` is the target probability, ``nprob`` the same divided
+    by its value on the unflipped input, at most 1 (each case counts alike; the study's gap).
     """
     aucs = {f"{name}_{reading}": trapezoid_auc(curves[name][reading], fractions)
             for name in CURVES for reading in READINGS}
-    for reading in ("logit", "prob"):
+    for reading in ("logit", "prob", "nprob"):
         deletion = aucs[f"deletion_lerf_{reading}"] - aucs[f"deletion_morf_{reading}"]
         insertion = aucs[f"insertion_morf_{reading}"] - aucs[f"insertion_lerf_{reading}"]
         aucs[f"deletion_gap_{reading}"] = deletion
         aucs[f"insertion_gap_{reading}"] = insertion
         aucs[f"score_{reading}"] = (deletion + insertion) / 2
+        aucs[f"gap_{reading}"] = deletion + insertion
     # the paper's table (NLP/eval_pert_*.py analyze): generation = insertion MoRF,
     # pruning = deletion LeRF; MERF/LERF = insertion logit AUCs, most/least relevant first.
     aucs["paper_generate_AU_AC"] = aucs["insertion_morf_prob"]

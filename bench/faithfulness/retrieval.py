@@ -61,7 +61,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .methods import timed
+from .methods import combination_label, timed
 from .protocol import CURVES, FRACTIONS, CaseCurves, ReadingCache, curve_inputs, trapezoid_auc
 from .tasks import load_items
 
@@ -78,12 +78,6 @@ SE_RULE = 2.0  # a paired difference counts only beyond this many standard error
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("deletion_morf", "deletion_lerf", "deletion_gap", "insertion_morf", "insertion_lerf",
         "insertion_gap", "ins_minus_del", "score")
-
-
-def combination_label(name: str) -> str:
-    """The library's combination name ("signed-per-part") as the benchmark shows it."""
-    sign, norm = name.split("-", 1)
-    return f"pa-lrp[{sign},{norm}]"
 
 
 # ---- cases ------------------------------------------------------------------------------------
