@@ -537,8 +537,9 @@ def run(args: Any, argv: Sequence[str] | None) -> int:
         raise SystemExit(f"{model_dir}: the retrieval task needs a sentence-embedding encoder")
     from vllm_pelrp.assemble import DEFAULT_COMBINATION
 
-    combination = (args.combination or DEFAULT_COMBINATION).replace("pa-lrp[", "").replace(
-        "]", "").replace(",", "-")
+    from .methods import COMBINATIONS as LABELS  # benchmark label -> library name
+
+    combination = LABELS.get(args.combination, args.combination) or DEFAULT_COMBINATION
     neutral_id, neutral_text = neutral_token(ex.tokenizer, args.neutral)
     methods = RetrievalMethods(ex, neutral_id, ig_steps=ig_steps, random_seeds=args.random_seeds,
                                combination=combination)
