@@ -17,7 +17,7 @@ Settings (one "setting" = model × task × context length):
 Stages. ``dev``: every candidate combination (``methods.CANDIDATES``) and our AttnLRP on the
 dev split; the winner is the candidate with the largest mean over all
 dev settings of its paired difference to AttnLRP's gap. ``test``: the winner, the paper's combination, our
-AttnLRP and gradient×input on the test split (``--test-methods``; every
+AttnLRP and gradient×input on the test split (``--test-method``; every
 method costs the same 18 flipped forwards per case, whatever its explanation costs).
 
 Every case is one record in ``OUT/<model>/<setting>-<split>.jsonl`` as soon as it is done, so a
@@ -52,9 +52,9 @@ SETTINGS = {"prose@128": ("prose", 128), "prose@512": ("prose", 512), "quiz": ("
 BASELINE = "attnlrp (ours)"
 GRADIENT = "grad-x-input"
 KEY = "gap_nprob"  # the ranking quantity
-# cases per split and setting: the default run takes about 110 minutes on this 2-core machine
+# cases per split and setting: the default run takes about 90 minutes on this 2-core machine
 DEFAULT_SIZES = {"dev": {"prose@128": 16, "prose@512": 2, "quiz": 20},
-                 "test": {"prose@128": 24, "prose@512": 4, "quiz": 30}}
+                 "test": {"prose@128": 24, "prose@512": 10, "quiz": 30}}
 FULL_SIZES = {split: {s: 150 for s in SETTINGS} for split in ("dev", "test")}
 MIN_CASES_FOR_VERDICT = 10  # below this a standard error says too little to call a difference
 TEST_METHODS = ("PA-LRP", PAPER_DEFAULT, BASELINE, GRADIENT)
@@ -275,12 +275,36 @@ def stats_table(stats: dict[str, dict]) -> list[str]:
     return lines
 
 
+def summary_table(out: Path, models: Sequence[str], split: str) -> list[str]:
+    """One row per model and setting: PA-LRP (the default) against our AttnLRP, and the paired
+    differences of the paper's combination and of gradient×input to AttnLRP."""
+    lines = [f"## Summary ({split} split)", "",
+             "| model | setting | n | PA-LRP gap | AttnLRP gap | Δ PA-LRP ± SE | ratio | verdict | "
+             f"Δ {PAPER_DEFAULT} ± SE | Δ grad×input ± SE |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        for setting in SETTINGS:
+            records = load_records(records_path(out, model, setting, split))
+            stats = setting_stats(records) if records else {}
+            if "PA-LRP" not in stats:
+                continue
+            pa, base = stats["PA-LRP"], stats[BASELINE]
+
+            def delta(name: str) -> str:
+                return fmt(stats[name]["delta"], stats[name]["delta_se"]) if name in stats else "—"
+
+            lines.append(f"| {model} | {setting} | {pa['n']} | {fmt(pa['gap'], pa['se'])} | "
+                         f"{fmt(base['gap'], base['se'])} | {delta('PA-LRP')} | {pa['ratio']:.3f} | "
+                         f"{pa['verdict']} | {delta(PAPER_DEFAULT)} | {delta(GRADIENT)} |")
+    return lines
+
+
 def report(out: Path, models: Sequence[str], command: str) -> dict[str, Any]:
     winner, selection = choose(out, models)
     result: dict[str, Any] = {"command": command, "key": KEY, "winner": winner,
                               "selection": selection, "settings": {}}
     lines = ["# Faithfulness at scale: PA-LRP against AttnLRP", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}` (records on disk are reused: a run resumes; the report "
+             "covers every record there)", "",
              "gap = deletion gap + insertion gap on the normalised target probability p/p₀ "
              "(flipping to the neutral token in place at 0, 0.1, …, 1.0); mean ± standard error "
              "over cases; Δ = the method's gap minus our AttnLRP's on the same cases; a verdict "
@@ -288,10 +312,23 @@ def report(out: Path, models: Sequence[str], command: str) -> dict[str, Any]:
     if winner:
         lines += ["## Dev: choosing the default", "",
                   f"Settings: {', '.join(selection['settings'])}.", "",
-                  "| candidate | mean Δ gap vs AttnLRP over the dev settings |", "|---|---|"]
+                  "Δ gap vs AttnLRP (paired, ± SE) per dev setting; n cases in the header.", ""]
+        per_setting = {}
+        for model in models:
+            for setting in SETTINGS:
+                records = load_records(records_path(out, model, setting, "dev"))
+                if records:
+                    per_setting[f"{model} {setting} (n={len(records)})"] = setting_stats(records)
+        lines += ["| candidate | mean Δ | " + " | ".join(per_setting) + " |",
+                  "|---|---|" + "---|" * len(per_setting)]
         for m, v in sorted(selection["mean_delta"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {'**' + m + '**' if m == winner else m} | {v:+.3f} |")
+            cells = [fmt(st[m]["delta"], st[m]["delta_se"]) if m in st else "—"
+                     for st in per_setting.values()]
+            lines.append(f"| {'**' + m + '**' if m == winner else m} | {v:+.3f} | " + " | ".join(cells) + " |")
+        lines.append("| attnlrp (ours): gap | — | " + " | ".join(
+            fmt(st[BASELINE]["gap"], st[BASELINE]["se"]) for st in per_setting.values()) + " |")
         lines.append("")
+    lines += summary_table(out, models, "test") + [""]
     for split in ("test", "dev"):
         for model in models:
             for setting in SETTINGS:
@@ -318,12 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="override one size, e.g. test:prose@512=30")
     p.add_argument("--winner", default=None, choices=sorted(CANDIDATES),
                    help="skip the dev choice and test this candidate as PA-LRP")
-    p.add_argument("--test-methods", default=",".join(TEST_METHODS))
+    p.add_argument("--test-method", action="append", default=None, metavar="NAME",
+                   help="a method for the test split, repeatable (default: "
+                        f"{'; '.join(TEST_METHODS)}; PA-LRP is the dev winner)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="only write the report")
     args = p.parse_args(argv)
-    command = "python -m bench.faithfulness.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python -m bench.faithfulness.study"] + [a for a in given if a != "--report"])
     models = [m for m in args.models.split(",") if m]
     sizes = json.loads(json.dumps(FULL_SIZES if args.scale == "full" else DEFAULT_SIZES))
     for override in args.size:
@@ -342,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "test" in stages:
             winner = args.winner or choose(args.out, models)[0] or DEFAULT_COMBINATION
             print(f"test: PA-LRP = {winner}", flush=True)
-            names = [m for m in args.test_methods.split(",") if m]
+            names = args.test_method or list(TEST_METHODS)
             for model in models:
                 run_stage(args.out, model, "test", sizes["test"], names, winner, args.workers)
     report(args.out, models, command)
