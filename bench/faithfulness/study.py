@@ -3,7 +3,7 @@ prediction at 128 and 512 tokens and multiple choice, with paired statistics; th
 combination is chosen on the dev splits of all of them together.
 
     python -m bench.faithfulness.study                      # the default run (sizes below)
-    python -m bench.faithfulness.study --scale full         # ≥ 150 dev + 150 test per task
+    python -m bench.faithfulness.study --scale full         # 150 dev + 150 test per setting
     python -m bench.faithfulness.study --report             # tables from what is on disk
 
 Settings (one "setting" = model × task × context length):
@@ -12,13 +12,13 @@ Settings (one "setting" = model × task × context length):
 * tasks: ``prose@128`` and ``prose@512`` (next-token on GNU Info manual passages, the model's
   argmax next token, ``tasks.py``), and ``quiz`` (four-way multiple choice, the answer letter);
 * the protocol of ``protocol.py``: in-place flipping to the neutral token at 0, 0.1, …, 1.0;
-  **gap** = deletion gap + insertion gap on the normalised target probability p/p₀.
+  **gap** = deletion gap + insertion gap on the normalised target probability min(p/p₀, 1).
 
 Stages. ``dev``: every candidate combination (``methods.CANDIDATES``) and our AttnLRP on the
-dev split; the winner is the candidate with the largest mean over all
-dev settings of its paired difference to AttnLRP's gap. ``test``: the winner, the paper's combination, our
-AttnLRP and gradient×input on the test split (``--test-method``; every
-method costs the same 18 flipped forwards per case, whatever its explanation costs).
+dev split; the winner is the candidate with the largest mean, over all dev settings, of its
+paired difference to AttnLRP's gap. ``test``: the winner (as ``PA-LRP``), the paper's
+combination, our AttnLRP and gradient×input on the test split (``--test-method``; every method
+costs the same 18 flipped forwards per case, whatever its explanation costs).
 
 Every case is one record in ``OUT/<model>/<setting>-<split>.jsonl`` as soon as it is done, so a
 run can be stopped and resumed (cases on disk are skipped; a case on disk that lacks a requested
@@ -43,16 +43,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .methods import CANDIDATES, DEFAULT_COMBINATION, PAPER_DEFAULT
-from .protocol import CURVES, FRACTIONS
+from .protocol import CURVES
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(__file__).parent / "results" / "study"
 MODELS = ("SmolLM2-135M-Instruct", "gemma-3-270m")
 SETTINGS = {"prose@128": ("prose", 128), "prose@512": ("prose", 512), "quiz": ("quiz", 0)}
 BASELINE = "attnlrp (ours)"
 GRADIENT = "grad-x-input"
 KEY = "gap_nprob"  # the ranking quantity
-# cases per split and setting: the default run takes about 90 minutes on this 2-core machine
+# cases per split and setting: the default run takes 1.5 to 2 hours on this 2-core machine
 DEFAULT_SIZES = {"dev": {"prose@128": 16, "prose@512": 2, "quiz": 20},
                  "test": {"prose@128": 24, "prose@512": 10, "quiz": 30}}
 FULL_SIZES = {split: {s: 150 for s in SETTINGS} for split in ("dev", "test")}
@@ -191,6 +190,7 @@ def run_stage(out: Path, model: str, split: str, sizes: dict[str, int], names: S
                                        f"the stored {previous['target_id']}")
                 previous["methods"].update(record["methods"])
                 previous["forwards"] += record["forwards"]
+                previous["flip_s"] += record["flip_s"]
                 previous["pa_lrp"] = previous.get("pa_lrp") or record["pa_lrp"]
             write_records(records_path(out, model, setting, split), stored[setting].values())
             elapsed = time.perf_counter() - start
