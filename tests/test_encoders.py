@@ -12,7 +12,7 @@ import torch
 from tiny_additive import save_tiny_additive, tiny_config
 from tiny_models import tiny_tokenizer
 from vllm_pelrp import load_explainer
-from vllm_pelrp.assemble import ExplainInputError, TargetError
+from vllm_pelrp.errors import ExplainInputError, TargetError
 from vllm_pelrp.explainer import EncoderExplainer, Explainer
 from vllm_pelrp.explanation import Explanation
 

@@ -14,7 +14,7 @@ import torch
 import vllm  # noqa: F401  (scripts/test.sh installs it)
 
 from vllm_pelrp import Explainer, pipeline
-from vllm_pelrp.assemble import CostError, ExplainInputError, PromptError, TargetError
+from vllm_pelrp.errors import CostError, ExplainInputError, PromptError, TargetError
 from vllm_pelrp.grounding import GroundingError, documents_into_messages
 
 from _fake_engine import FakeWorker, make_app, over_msgpack

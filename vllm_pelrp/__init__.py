@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Explainer": ".explainer",
     "load_explainer": ".explainer",
-    "MAX_PER_TOKEN_ROWS": ".assemble",
+    "MAX_PER_TOKEN_ROWS": ".targets",
     "Explanation": ".explanation",
     "Mode": ".explanation",
     "RelevanceRow": ".explanation",
@@ -23,7 +23,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .assemble import MAX_PER_TOKEN_ROWS
+    from .targets import MAX_PER_TOKEN_ROWS
     from .explainer import Explainer, load_explainer
     from .explanation import Explanation, Mode, RelevanceRow, Token
 

@@ -11,15 +11,9 @@ from typing import Any, Sequence
 import torch
 
 from . import pipeline, prompts
-from .assemble import (
-    COMBINATIONS,
-    DEFAULT_COMBINATION,
-    MAX_PER_TOKEN_ROWS,
-    ExplainInputError,
-    PromptError,
-    check_mode,
-    token_spans,
-)
+from .assemble import COMBINATIONS, DEFAULT_COMBINATION, token_spans
+from .errors import ExplainInputError, PromptError
+from .targets import MAX_PER_TOKEN_ROWS, check_mode
 from .engine.additive import AdditiveWeights, encoder_forward
 from .engine.heads import ClassifierHead, Pooling, normalized, pool
 from .engine.spec import ModelWeights

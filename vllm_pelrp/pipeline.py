@@ -30,21 +30,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from .assemble import (
-    DEFAULT_COMBINATION,
+from .assemble import DEFAULT_COMBINATION, build_explanation, ground, token_spans
+from .errors import CostError, ExplainInputError, GroundingError, PromptError, TargetError
+from .targets import (
     MAX_PER_TOKEN_ROWS,
-    CostError,
-    ExplainInputError,
-    GroundingError,
-    PromptError,
-    TargetError,
-    build_explanation,
     check_mode,
-    ground,
     needs_next_token,
     parse_target,
     resolve_targets,
-    token_spans,
 )
 from .engine.backward import (
     DEFAULT_CACHE_BUDGET_BYTES,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .assemble import GroundingError, PromptError
+from .errors import GroundingError, PromptError
 from .grounding import documents_into_messages, render_documents
 
 

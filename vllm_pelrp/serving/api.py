@@ -54,7 +54,7 @@ from .protocol import (
     describe_errors,
     extract_explain,
 )
-from ..assemble import ExplainInputError
+from ..errors import ExplainInputError
 from .. import prompts
 from .service import Choice, ChoiceError, ExplainError, ExplainService
 from . import webview

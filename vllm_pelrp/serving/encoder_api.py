@@ -41,7 +41,7 @@ from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreReques
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from .. import pipeline
-from ..assemble import ExplainInputError, PromptError, TargetError
+from ..errors import ExplainInputError, PromptError, TargetError
 from ..explanation import EncoderTargetSpec, Explanation
 from .metrics import get_metrics, observed
 from .protocol import CompactExplanation, Mode, TopK, TokenId, describe_errors

@@ -162,7 +162,7 @@ class EncoderWorkerMixin:
 
     def _pelrp_run_encoder(self, jobs: list[dict[str, Any]], ticket: str | None
                            ) -> list[dict[str, Any]]:
-        from ..assemble import ExplainInputError
+        from ..errors import ExplainInputError
         from ..pipeline import EncoderJob, compute_encoder
 
         state = self._pelrp()
