@@ -12,10 +12,11 @@ this module was first imported.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
+
+from vllm_pelrp import settings  # absolute: transformers probes a top-level "kernels" too
 
 from .rope_lrp_reference import _check_rope_lrp_args, rope_lrp_backward_reference
 
@@ -204,7 +205,7 @@ def rope_lrp_backward_triton(
         and not _precise_trig_failed
         and not interpreted
         and dev.type == "cuda"
-        and os.environ.get(FAST_TRIG_ENV, "0") != "1"
+        and not settings.get(FAST_TRIG_ENV)
     )
     num_warps = 4 if block_h * block_half <= 2048 else 8
     kwargs = {} if interpreted else {"num_warps": num_warps}
@@ -260,7 +261,7 @@ def _use_triton(device: torch.device, backend: str) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return os.environ.get(FORCE_TRITON_ENV, "0") == "1" and _kernel_is_interpreted()
+        return settings.get(FORCE_TRITON_ENV) and _kernel_is_interpreted()
     return False
 
 

@@ -1,7 +1,7 @@
 """One real ``pelrp serve`` (default model, float32, loopback, a port in 18500-18599) shared by
 ``test_metrics.py`` and ``test_webview.py``: started on first use, stopped when the pytest session
 ends (``config.add_cleanup``), so the two modules pay one server start between them.
-``PELRP_TEST_SERVER=http://127.0.0.1:PORT`` uses a server already running instead (started
+``VLLM_PELRP_TEST_SERVER=http://127.0.0.1:PORT`` uses a server already running instead (started
 with the arguments below, API keys included)."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from vllm_pelrp import settings
 
 MODEL = "SmolLM2-135M-Instruct"
 PORTS = range(18500, 18600)
@@ -77,8 +79,8 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
         if config.stash[_KEY].startswith("failed: "):  # one start per session, not per module
             raise RuntimeError(config.stash[_KEY])
         return config.stash[_KEY]
-    if os.environ.get("PELRP_TEST_SERVER"):  # a server already running (while developing)
-        config.stash[_KEY] = os.environ["PELRP_TEST_SERVER"].rstrip("/")
+    if running := settings.get("VLLM_PELRP_TEST_SERVER"):  # a server already running
+        config.stash[_KEY] = running.rstrip("/")
         return config.stash[_KEY]
     from vllm_pelrp.default_model import ensure_default_checkpoint
 

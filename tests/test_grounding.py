@@ -158,13 +158,13 @@ def test_pelrp_serve_grounding_threshold_reaches_the_server(monkeypatch, tmp_pat
         ["serve", "--model", str(tmp_path), "--grounding-threshold", "0.45"])
     args.vllm_args = unknown
     _, env = cli.serve_command(args)
-    assert env["PELRP_GROUNDING_THRESHOLD"] == "0.45"
-    monkeypatch.setenv("PELRP_GROUNDING_THRESHOLD", env["PELRP_GROUNDING_THRESHOLD"])
+    assert env["VLLM_PELRP_GROUNDING_THRESHOLD"] == "0.45"
+    monkeypatch.setenv("VLLM_PELRP_GROUNDING_THRESHOLD", env["VLLM_PELRP_GROUNDING_THRESHOLD"])
     assert grounding_threshold_from_env() == 0.45
-    monkeypatch.setenv("PELRP_GROUNDING_THRESHOLD", "lots")
+    monkeypatch.setenv("VLLM_PELRP_GROUNDING_THRESHOLD", "lots")
     with pytest.raises(ValueError, match="expected a number from 0 to 1"):
         grounding_threshold_from_env()
-    monkeypatch.delenv("PELRP_GROUNDING_THRESHOLD")
+    monkeypatch.delenv("VLLM_PELRP_GROUNDING_THRESHOLD")
     assert grounding_threshold_from_env() == DEFAULT_GROUNDING_THRESHOLD
     assert cli.main(["serve", "--grounding-threshold", "1.5", "--dry-run"]) == 2
 

@@ -28,6 +28,8 @@ import openai
 import httpx
 import torch
 
+from vllm_pelrp import settings
+
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -54,9 +56,9 @@ def _free_port() -> int:
 
 
 # Both servers keep vLLM's torch.compile, the deployment default: the plugin records through
-# its custom op. PELRP_TEST_EAGER=1 runs both eager instead (the plugin then records with
+# its custom op. VLLM_PELRP_TEST_EAGER=1 runs both eager instead (the plugin then records with
 # Python hooks; startup is faster).
-COMPILED = os.environ.get("PELRP_TEST_EAGER") != "1"
+COMPILED = not settings.get("VLLM_PELRP_TEST_EAGER")
 
 
 def _start_command(args: list[str], log: Path, env_extra: dict | None = None):

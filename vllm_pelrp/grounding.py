@@ -25,10 +25,12 @@ from typing import Annotated, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from .assemble import GroundingError
+from . import settings
+from .errors import GroundingError
 from .explanation import Grounding, SentenceSupport, SourceRelevance, Token, whole_number
+from .targets import span_target
 
-DEFAULT_GROUNDING_THRESHOLD = 0.3
+DEFAULT_GROUNDING_THRESHOLD = settings.SETTINGS["VLLM_PELRP_GROUNDING_THRESHOLD"].default
 MAX_DOCUMENTS = 64
 MAX_SOURCES = 64
 # Sentence rows join the main target in one batched backward; a longer completion explains its
@@ -521,21 +523,12 @@ def _clip(value: float) -> float:
     return min(1.0, max(0.0, value))
 
 
-GROUNDING_THRESHOLD_ENV = "PELRP_GROUNDING_THRESHOLD"  # set by pelrp serve --grounding-threshold
+GROUNDING_THRESHOLD_ENV = "VLLM_PELRP_GROUNDING_THRESHOLD"  # pelrp serve --grounding-threshold
 
 
 def grounding_threshold_from_env() -> float:
-    """The server's default threshold: ``$PELRP_GROUNDING_THRESHOLD`` or 0.3."""
-    import os
-
-    value = os.environ.get(GROUNDING_THRESHOLD_ENV)
-    if not value:
-        return DEFAULT_GROUNDING_THRESHOLD
-    try:
-        return check_threshold(float(value))
-    except ValueError:
-        raise ValueError(f"{GROUNDING_THRESHOLD_ENV}={value!r}: expected a number from 0 to 1") \
-            from None
+    """The server's default threshold: ``$VLLM_PELRP_GROUNDING_THRESHOLD`` or 0.3."""
+    return settings.get(GROUNDING_THRESHOLD_ENV)
 
 
 def check_threshold(threshold: float) -> float:
@@ -580,7 +573,6 @@ def sentence_rows(main_targets: Sequence, plan: GroundingPlan, prompt_length: in
                   completion_ids: Sequence[int]) -> tuple[list, list[int]]:
     """The targets of the batched backward (main rows first, then one span row per sentence not
     already among them) and, per sentence, the index of its row."""
-    from .assemble import span_target
 
     targets = list(main_targets)
     keys = {(tuple(t.positions), tuple(t.token_ids)): b for b, t in enumerate(targets)}

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -39,6 +38,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import settings
 
 MARKER_FILE = "vllm_pelrp_conversion.json"
 
@@ -54,9 +55,9 @@ class ShippedModel:
 
 def cache_dir() -> Path:
     """Root of the user cache (``$VLLM_PELRP_CACHE``, else ``$XDG_CACHE_HOME/vllm-pelrp``)."""
-    if env := os.environ.get("VLLM_PELRP_CACHE"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-pelrp"
+    if folder := settings.get("VLLM_PELRP_CACHE"):
+        return Path(folder)
+    return Path(settings.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-pelrp"
 
 
 def checkpoint_dir(name: str) -> Path:

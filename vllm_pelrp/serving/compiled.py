@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .env import env_switch
+from .. import settings
 
 _ACTIVE: list[Any] = [None]
 
@@ -95,7 +95,7 @@ _call_on_fresh_chunk = type(_call)(
 
 def fresh_chunk_forward() -> bool:
     """Default on; ``VLLM_PELRP_FRESH_CHUNK=0`` calls the model's forward directly."""
-    return env_switch("VLLM_PELRP_FRESH_CHUNK")
+    return settings.get("VLLM_PELRP_FRESH_CHUNK")
 
 
 def run_forward_on_fresh_chunk(model: torch.nn.Module) -> bool:

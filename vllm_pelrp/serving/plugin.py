@@ -23,9 +23,8 @@ installing the package never alters a vLLM deployment.
 from __future__ import annotations
 
 import logging
-import os
 
-from .env import env_switch
+from .. import settings
 
 PLUGIN_NAME = "pelrp"
 EXTENSION = "vllm_pelrp.serving.worker.PelrpWorkerExtension"
@@ -34,10 +33,7 @@ _registered = False
 
 
 def enabled() -> bool:
-    value = os.environ.get("VLLM_PLUGINS")
-    if value is None:
-        return False
-    return PLUGIN_NAME in [name.strip() for name in value.split(",")]
+    return PLUGIN_NAME in (settings.get("VLLM_PLUGINS") or ())
 
 
 def register() -> None:
@@ -64,19 +60,19 @@ def _log_like_vllm() -> None:
     """Write the package's log lines where and how vLLM writes its own, at its level: without a
     handler of their own, Python prints only their warnings, bare, and drops the info lines.
     Not with ``VLLM_CONFIGURE_LOGGING=0``: whoever configures logging then handles ours too."""
-    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0":
+    if not settings.get("VLLM_CONFIGURE_LOGGING"):
         return
     ours = logging.getLogger("vllm_pelrp")
     if any(isinstance(handler, _ToVllmLogger) for handler in ours.handlers):
         return
     ours.addHandler(_ToVllmLogger())
-    ours.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    ours.setLevel(settings.get("VLLM_LOGGING_LEVEL"))
 
 
 def compiled_recording() -> bool:
     """Default: keep vLLM's torch.compile and record through the ``pelrp::record_layer_input``
     op (``compiled.py``). ``VLLM_PELRP_COMPILED=0`` forces eager mode and Python hooks."""
-    return env_switch("VLLM_PELRP_COMPILED")
+    return settings.get("VLLM_PELRP_COMPILED")
 
 
 def decoder_path(hf_config) -> str:

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
 from .. import pipeline
-from ..assemble import MAX_PER_TOKEN_ROWS, ExplainInputError, GroundingError
+from ..errors import ExplainInputError, GroundingError
+from ..targets import MAX_PER_TOKEN_ROWS
 from ..explanation import Explanation, SpanTarget
 from ..grounding import MAX_SENTENCES, grounding_threshold_from_env
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, Plan
-from .env import env_number
+from .. import settings
 from .keys import new_secret, sign_key
 from .metrics import get_metrics, observed
 from .protocol import CompactExplanation, ExplainOptions, TopToken
@@ -29,14 +30,15 @@ logger = logging.getLogger("vllm_pelrp.serving")
 POLL_SECONDS = 0.02
 GROUNDING_PREFIX = "sources: "  # starts the message of sources that cannot be placed
 COST_ENV = "VLLM_PELRP_MAX_EXPLAIN_COST"
-DEFAULT_MAX_COST = 65536  # target rows x tokens of one request's backward passes
+# target rows x tokens of one request's backward passes
+DEFAULT_MAX_COST = settings.SETTINGS[COST_ENV].default
 API_THREADS = 4  # tokenization, grounding plans and assembly: off the event loop
 T = TypeVar("T")
 
 
 def explain_cost_cap_from_env() -> int:
     """The most a request's explanation may cost, in target rows x tokens (every choice)."""
-    return env_number(COST_ENV, DEFAULT_MAX_COST, integer=True)
+    return settings.get(COST_ENV)
 
 
 class ExplainError(Exception):

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .env import env_switch
+from .. import settings
 
 ENV = "VLLM_PELRP_SPARE_CORES"
 IDLE_SECONDS = 0.1
@@ -39,7 +39,7 @@ IDLE_SECONDS = 0.1
 def spare_cores() -> set[int]:
     """Cores the engine process may use that this worker process is not bound to ({} if none,
     if the worker runs more than one OpenMP thread, or if ``VLLM_PELRP_SPARE_CORES=0``)."""
-    if not env_switch(ENV):
+    if not settings.get(ENV):
         return set()
     if torch.get_num_threads() != 1 or not hasattr(os, "sched_getaffinity"):
         return set()

@@ -49,7 +49,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from .env import env_number, env_text
+from .. import settings
 from .metrics import add_explanation_sink
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -142,9 +142,9 @@ class RecentExplanations:
 
     @classmethod
     def from_env(cls) -> "RecentExplanations":
-        return cls(env_number("PELRP_RECENT_EXPLANATIONS", 256, integer=True),
-                   int(env_number("PELRP_RECENT_MB", 64) * 2**20),
-                   env_number("PELRP_RECENT_TTL_S", 3600))
+        return cls(settings.get("VLLM_PELRP_RECENT_EXPLANATIONS"),
+                   int(settings.get("VLLM_PELRP_RECENT_MB") * 2**20),
+                   settings.get("VLLM_PELRP_RECENT_TTL_S"))
 
     def __len__(self) -> int:
         with self._lock:
@@ -245,13 +245,13 @@ def attach(app: FastAPI, store: RecentExplanations | None = None,
            responses: dict[int | str, dict[str, Any]] | None = None,
            route_class: type | None = None) -> RecentExplanations:
     """Add the page's routes to ``app`` and start keeping explanations in ``store`` (default:
-    one sized by ``PELRP_RECENT_EXPLANATIONS`` / ``PELRP_RECENT_MB`` / ``PELRP_RECENT_TTL_S``,
+    one sized by ``VLLM_PELRP_RECENT_EXPLANATIONS`` / ``_RECENT_MB`` / ``_RECENT_TTL_S``,
     read here so that a bad value stops the server at start instead of leaving it without the
     plugin). ``responses``: the error responses to document on the data routes;
     ``route_class``: the routes' class (the endpoint plugin's OpenAI-shaped errors)."""
     if store is None:
         store = RecentExplanations.from_env()
-    operator_key = env_text(OPERATOR_ENV)
+    operator_key = settings.get(OPERATOR_ENV)
     add_explanation_sink(store.add)
     router = APIRouter(**({"route_class": route_class} if route_class else {}))
     page = STATIC_DIR / "index.html"

@@ -27,20 +27,20 @@ import torch
 from ..engine.spec import ModelWeights
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
 from .encoder_worker import EncoderWorkerMixin, is_encoder, served_additive_weights
-from .env import env_number
+from .. import settings
 from .keys import verify_key
 from .recorder import Recorder, RecordingError
 from .scheduler import FairScheduler
 from .spare_cores import SpareCoreExecutor, spare_cores
 
-DEFAULT_CAP_MB = 2048
+DEFAULT_CAP_MB = settings.SETTINGS["VLLM_PELRP_MAX_RECORD_MB"].default
 MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
 # target rows per slice of a layer's backward: a short explanation waits for at most one slice
 ROW_CHUNK = 4
 
 
 def cap_bytes_from_env() -> int:
-    return int(env_number("VLLM_PELRP_MAX_RECORD_MB", DEFAULT_CAP_MB) * 2**20)
+    return int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20)
 
 
 def served_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
