@@ -2,8 +2,10 @@
 name (like vLLM's model registry or LXT's ``DEFAULT_MAP``). A file declares an ``Architecture``
 (``base.py``: rotary decoders) or an ``AdditiveArchitecture`` (``additive_base.py``: positions
 added to the input, BERT, RoBERTa, GPT-2): how its config becomes the engine's spec, its Hugging
-Face and vLLM weight names. ``kind`` tells them apart ("decoder" / "additive"); a file that
-declares several architectures keeps them in ``ARCHITECTURES`` by name."""
+Face and vLLM weight names, and the ``model_type`` of configs that name no architectures.
+``kind`` tells them apart ("decoder" / "additive"); a file that declares several architectures
+keeps them in ``ARCHITECTURES`` by name. ``MODEL_FILES`` is the one table; the registry by name,
+the decoder list and the model types are derived from the files."""
 
 from __future__ import annotations
 
@@ -14,29 +16,31 @@ from ..engine.spec import UnsupportedModelError
 from .additive_base import AdditiveArchitecture
 from .base import Architecture
 
-# architectures name → module of this package (the rotary decoders first: error messages list
-# the registry in this order)
-REGISTRY: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-    "BertModel": "bert",
-    "BertForSequenceClassification": "bert",
-    "RobertaModel": "roberta",
-    "XLMRobertaModel": "roberta",
-    "GPT2LMHeadModel": "gpt2",
-}
+# The one table: the model files of this package, the rotary decoders first (error messages list
+# the registry in this order). Everything else is derived from what the files declare.
+MODEL_FILES = ("llama", "qwen2", "qwen3", "gemma3", "bert", "roberta", "gpt2")
+
+
+def _declared() -> dict[str, Architecture | AdditiveArchitecture]:
+    """Each declared architecture by Hugging Face ``architectures`` name."""
+    found: dict[str, Architecture | AdditiveArchitecture] = {}
+    for file in MODEL_FILES:
+        module = importlib.import_module(f"{__name__}.{file}")
+        declared = getattr(module, "ARCHITECTURES", None) or {
+            name: module.ARCHITECTURE for name in module.ARCHITECTURE.names}
+        for name, arch in declared.items():
+            if name in found:
+                raise RuntimeError(f"architecture {name} is declared twice (models/{file}.py)")
+            found[name] = arch
+    return found
+
+
+REGISTRY: dict[str, Architecture | AdditiveArchitecture] = _declared()
 SUPPORTED_ARCHITECTURES = tuple(REGISTRY)
-DECODER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                         "Qwen3ForCausalLM", "Gemma3ForCausalLM")
+DECODER_ARCHITECTURES = tuple(name for name, arch in REGISTRY.items() if arch.kind == "decoder")
 # configs that name no architectures: by model_type
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM", "bert": "BertModel",
-               "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-               "gpt2": "GPT2LMHeadModel"}
+MODEL_TYPES = {model_type: name for arch in REGISTRY.values()
+               for model_type, name in arch.model_types.items()}
 
 
 def architecture(name: str) -> Architecture | AdditiveArchitecture:
@@ -44,8 +48,7 @@ def architecture(name: str) -> Architecture | AdditiveArchitecture:
         raise UnsupportedModelError(
             f"architecture {name} is not supported by the PA-LRP engine; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    module = importlib.import_module(f"{__name__}.{REGISTRY[name]}")
-    return getattr(module, "ARCHITECTURES", {}).get(name) or module.ARCHITECTURE
+    return REGISTRY[name]
 
 
 def architecture_for(config: Any) -> Architecture | AdditiveArchitecture:

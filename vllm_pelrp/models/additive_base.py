@@ -120,6 +120,8 @@ class AdditiveArchitecture:
     hf: AdditiveNames
     vllm: AdditiveNames
     blocks: tuple[str, ...] = ()  # the shared blocks it uses, for the docs
+    # configs that name no architectures: their ``model_type`` → one of ``names``
+    model_types: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def decoder(self) -> str:

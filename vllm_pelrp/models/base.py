@@ -71,6 +71,8 @@ class Architecture:
     vllm_layer: Names
     decoder: str = "model"  # vLLM: ``<decoder>.layers``, ``<decoder>.embed_tokens``, ``<decoder>.norm``
     blocks: tuple[str, ...] = field(default=())  # the shared blocks it uses, for the docs
+    # configs that name no architectures: their ``model_type`` → one of ``names``
+    model_types: Mapping[str, str] = field(default_factory=dict)
 
     def weights_from_hf(self, model: Any) -> ModelWeights:
         """Views of a Hugging Face model's parameters (no copies)."""

@@ -102,7 +102,8 @@ def classifier_spec(config: Any, tensor_parallel_size: int = 1) -> AdditiveSpec:
 BLOCKS = ("additive_embedding[word+learned position+token type]", "layer_norm+bias",
           "linear+bias", "attention[bidirectional]", "mlp[gelu]")
 ARCHITECTURE = AdditiveArchitecture(
-    names=("BertModel",), spec=spec, hf=BERT_HF, vllm=BERT_VLLM, blocks=BLOCKS)
+    names=("BertModel",), spec=spec, hf=BERT_HF, vllm=BERT_VLLM, blocks=BLOCKS,
+    model_types={"bert": "BertModel"})
 SEQUENCE_CLASSIFICATION = AdditiveArchitecture(
     names=("BertForSequenceClassification",), spec=classifier_spec, hf=BERT_CLS_HF,
     vllm=BERT_CLS_VLLM, blocks=BLOCKS + ("pooler[tanh]", "classifier"))

@@ -36,6 +36,7 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
 
 ARCHITECTURE = Architecture(
     names=("Gemma3ForCausalLM",),
+    model_types={"gemma3_text": "Gemma3ForCausalLM"},
     spec=spec,
     hf_layer={**LLAMA_HF_LAYER, **QK_NORM, **SANDWICH},
     vllm_layer={**LLAMA_VLLM_LAYER, **QK_NORM, **SANDWICH},

@@ -68,5 +68,6 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> AdditiveSpec:
 
 ARCHITECTURE = AdditiveArchitecture(
     names=("GPT2LMHeadModel",), spec=spec, hf=GPT2_HF, vllm=GPT2_VLLM,
+    model_types={"gpt2": "GPT2LMHeadModel"},
     blocks=("additive_embedding[word+learned position]", "layer_norm+bias", "linear+bias",
             "attention[causal]", "mlp[gelu_tanh]", "lm_head[tied]"))

@@ -19,6 +19,7 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
 
 ARCHITECTURE = Architecture(
     names=("LlamaForCausalLM", "MistralForCausalLM"),
+    model_types={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"},
     spec=spec,
     hf_layer=LLAMA_HF_LAYER,
     vllm_layer=LLAMA_VLLM_LAYER,

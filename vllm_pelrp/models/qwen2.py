@@ -23,6 +23,7 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
 
 ARCHITECTURE = Architecture(
     names=("Qwen2ForCausalLM",),
+    model_types={"qwen2": "Qwen2ForCausalLM"},
     spec=spec,
     hf_layer={**LLAMA_HF_LAYER, **QKV_BIAS_HF},
     vllm_layer={**LLAMA_VLLM_LAYER, **QKV_BIAS_VLLM},

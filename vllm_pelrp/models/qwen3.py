@@ -17,6 +17,7 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> DecoderSpec:
 
 ARCHITECTURE = Architecture(
     names=("Qwen3ForCausalLM",),
+    model_types={"qwen3": "Qwen3ForCausalLM"},
     spec=spec,
     hf_layer={**LLAMA_HF_LAYER, **QK_NORM},
     vllm_layer={**LLAMA_VLLM_LAYER, **QK_NORM},

@@ -22,4 +22,5 @@ def spec(config: Any, tensor_parallel_size: int = 1) -> AdditiveSpec:
 
 ARCHITECTURE = AdditiveArchitecture(
     names=("RobertaModel", "XLMRobertaModel"), spec=spec, hf=BERT_HF, vllm=BERT_VLLM,
+    model_types={"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"},
     blocks=BLOCKS)
