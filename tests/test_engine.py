@@ -7,8 +7,15 @@ import torch
 
 from explicit_reference import explicit_relevance
 from vllm_pelrp import Explainer
-from vllm_pelrp.adapters.hf import spec_from_config, weights_from_hf
-from vllm_pelrp.adapters.vllm_layout import weights_from_vllm_state
+from vllm_pelrp.models import decoder_architecture_for
+
+
+def spec_from_config(config, tensor_parallel_size=1):
+    return decoder_architecture_for(config).spec(config, tensor_parallel_size)
+
+
+def weights_from_hf(model):
+    return decoder_architecture_for(model.config).weights_from_hf(model)
 from vllm_pelrp.engine.backward import (
     LogitSeeds,
     forward_layer_inputs,
@@ -255,7 +262,8 @@ def test_vllm_fused_layout_gives_the_same_relevance(tiny_llama):
             [state.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         state[p + "mlp.gate_up_proj.weight"] = torch.cat(
             [state.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
-    fused = weights_from_vllm_state(state, spec_from_config(tiny_llama.config))
+    fused = decoder_architecture_for(tiny_llama.config).weights_from_vllm(
+        state, spec_from_config(tiny_llama.config))
     plain = weights_from_hf(tiny_llama)
     input_ids = torch.randint(0, 101, (12,))
     seeds = LogitSeeds.from_rows([[(11, 7)], [(4, 9), (8, 2)]])

@@ -58,11 +58,11 @@ def test_integers_beyond_64_bits_are_a_400_naming_the_field():
 def test_worker_reports_unsupported_architecture():
     from transformers import OPTConfig
 
-    from vllm_pelrp.adapters.hf import spec_from_config
+    from vllm_pelrp.models import decoder_architecture_for
     from vllm_pelrp.engine.spec import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM"):
-        spec_from_config(OPTConfig(architectures=["OPTForCausalLM"]))
+        decoder_architecture_for(OPTConfig(architectures=["OPTForCausalLM"]))
 
 
 def test_cap_is_checked_before_generation():
@@ -402,7 +402,8 @@ def test_openapi_schema_is_built_before_serving_and_served_as_built():
 def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkeypatch):
     """Every on/off switch accepts the same spellings; a typo is an error that names the
     setting and what it allows, not a silent default."""
-    from vllm_pelrp.serving import compiled, env, plugin, worker
+    from vllm_pelrp import settings
+    from vllm_pelrp.serving import compiled, plugin, worker
     from vllm_pelrp.serving.webview import RecentExplanations
 
     switches = {"VLLM_PELRP_COMPILED": plugin.compiled_recording,
@@ -425,14 +426,14 @@ def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkey
     monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "-1")
     with pytest.raises(ValueError, match="out of range; allowed: a number >= 0"):
         worker.cap_bytes_from_env()
-    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "12")
-    monkeypatch.setenv("PELRP_RECENT_MB", "1.5")
+    monkeypatch.setenv("VLLM_PELRP_RECENT_EXPLANATIONS", "12")
+    monkeypatch.setenv("VLLM_PELRP_RECENT_MB", "1.5")
     store = RecentExplanations.from_env()
     assert (store.capacity, store.max_bytes) == (12, 3 * 2**19)
-    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "2.5")
-    with pytest.raises(ValueError, match="PELRP_RECENT_EXPLANATIONS='2.5' is out of range; "
+    monkeypatch.setenv("VLLM_PELRP_RECENT_EXPLANATIONS", "2.5")
+    with pytest.raises(ValueError, match="VLLM_PELRP_RECENT_EXPLANATIONS='2.5' is out of range; "
                                          "allowed: a whole number >= 0"):
         RecentExplanations.from_env()
-    monkeypatch.setenv("PELRP_RECENT_EXPLANATIONS", "nan")
+    monkeypatch.setenv("VLLM_PELRP_RECENT_EXPLANATIONS", "nan")
     with pytest.raises(ValueError, match="out of range"):
-        env.env_number("PELRP_RECENT_EXPLANATIONS", 1, integer=True)
+        settings.get("VLLM_PELRP_RECENT_EXPLANATIONS")

@@ -97,10 +97,6 @@ class DecoderSpec:
         return RopeSpec(self.rope_theta, self.rope_scaling)
 
 
-# The LLaMA-family name the engine was first written for; every decoder is a DecoderSpec now.
-LlamaSpec = DecoderSpec
-
-
 @dataclass
 class LayerWeights:
     """One decoder layer; projection weights are (out_features, in_features) as in nn.Linear.
