@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-Mode = Literal["pa-lrp", "attnlrp", "cp-lrp"]
-MODES: tuple[str, ...] = ("pa-lrp", "attnlrp", "cp-lrp")
+from .vocabulary import ENCODER_TARGETS, MODES, Mode  # noqa: F401  (re-exported: the wire names)
 
 # How ``combined_relevance`` joins token and positional relevance (``assemble.combine_parts``):
 # each positional component (per layer, the cos and the sin part; an additive position table once)

@@ -41,8 +41,8 @@ from .blocks import (
 )
 from .rules import linear_rule, uniform_product_rule
 from .spec import DecoderSpec, LayerWeights, ModelWeights, RopeSpec
+from ..vocabulary import MODES  # noqa: F401  (re-exported)
 
-MODES = ("pa-lrp", "attnlrp", "cp-lrp")
 # "fused": the attention rules through PyTorch's fused (flash) attention backward, no T×T
 # tensor; "reference": the rules applied one by one on explicit T×T blocks (for the tests).
 ATTENTION_BACKWARD = "fused"

@@ -28,9 +28,9 @@ from torch import Tensor
 from .additive import AdditiveWeights, HiddenSeed
 from .rules import bias_relevance, tanh_identity_rule
 from .spec import UnsupportedModelError
+from ..vocabulary import ENCODER_TARGETS
 
 POOLINGS = ("mean", "cls", "max")
-ENCODER_TARGETS = ("dimension", "similarity", "label")
 TARGET_HELP = "{'dimension': k}, {'similarity': other_text} or {'label': i}"
 
 
