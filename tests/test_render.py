@@ -223,7 +223,12 @@ def _embedded_json(page: str) -> str:
     return match.group(1)
 
 
-def _assert_self_contained(page: str) -> _Collector:
+def embedded_explanation(page: str) -> Explanation:
+    """The explanation a page written by ``to_html`` draws (its embedded JSON)."""
+    return Explanation.model_validate_json(_embedded_json(page))
+
+
+def assert_self_contained(page: str) -> _Collector:
     """Nothing on the page is fetched: no src, no href but a data: URL, no host named but the SVG
     namespace, no @import; the web view's style and script are inlined, whole."""
     assert page.lower().startswith("<!doctype html>")
@@ -251,7 +256,7 @@ def _assert_self_contained(page: str) -> _Collector:
 def test_html_is_self_contained_and_inlines_script_style_and_json():
     ex = make_explanation()
     page = ex.to_html()
-    _assert_self_contained(page)
+    assert_self_contained(page)
     assert page == explanation_page(ex)
     assert page.count("</script>") == 2  # the JSON block and the script
     assert "<title>PA-LRP explanation · test-model &lt;&amp;&gt;</title>" in page
@@ -285,7 +290,7 @@ def test_html_of_each_kind_of_explanation_round_trips(name):
             del row["positional_parts"]
         ex = Explanation.model_validate_json(json.dumps(wire))
     page = ex.to_html()
-    _assert_self_contained(page)
+    assert_self_contained(page)
     assert Explanation.model_validate_json(_embedded_json(page)) == ex
 
 
@@ -518,7 +523,7 @@ def test_cli_explain_with_fake_explainer(tmp_path, capsys, monkeypatch):
     assert fake.calls["prompt"] == ("hello", None, False)
     assert Explanation.model_validate_json(json_path.read_text()) == make_explanation()
     page = html_path.read_text()
-    _assert_self_contained(page)
+    assert_self_contained(page)
     assert Explanation.model_validate_json(_embedded_json(page)) == make_explanation()
     assert "Paris" in capsys.readouterr().out
 
