@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from test_encoders import OTHER, TEXT, _pair_tokenizer, _sentence_dir
+from test_render import assert_self_contained, embedded_explanation
 from tiny_additive import save_tiny_additive, tiny_config
 from tiny_models import tiny_tokenizer
 from vllm_pelrp import cli, load_explainer
@@ -69,8 +70,9 @@ def test_dimension_writes_json_and_html_and_prints_the_target(checkpoints, capsy
     assert wire == load_explainer(model).explain(TEXT, target={"dimension": 5})
     assert "target value" in out and "dimension 5" in out
     assert "learned position table" in out
-    page = html_path.read_text()
-    assert page.count('<span class="tok"') == len(wire.tokens) and "learned position table" in page
+    page = html_path.read_text()  # the web view's drawing of it: tests/test_webview.py
+    assert_self_contained(page)
+    assert embedded_explanation(page) == wire and 'data-top-k="3"' in page
 
 
 def test_similarity_terminal_and_html_show_both_texts(checkpoints, capsys, tmp_path):
@@ -80,7 +82,10 @@ def test_similarity_terminal_and_html_show_both_texts(checkpoints, capsys, tmp_p
     out = capsys.readouterr().out
     assert out.index("query") < out.index("document") and "cosine" in out
     page = html_path.read_text()
-    assert 'id="query-tokens"' in page and 'id="document-tokens"' in page
+    assert_self_contained(page)
+    drawn = embedded_explanation(page)
+    assert drawn.target.kind == "similarity" and drawn.other is not None
+    assert "cosine" in drawn.target.description
 
 
 def test_label_with_a_text_pair_equals_the_offline_api(checkpoints, capsys):

@@ -1,10 +1,14 @@
-"""Rendering (terminal + HTML) and CLI argument parsing, on a synthetic Explanation (no model)."""
+"""Rendering (terminal + the HTML page's assembly) and CLI argument parsing, on a synthetic
+Explanation (no model). The HTML page is drawn by the web view's script: what it draws is checked
+in a browser, offline, by tests/test_webview.py."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -18,19 +22,17 @@ from vllm_pelrp.explanation import (
     WIRE_FORMAT_VERSION,
     Conservation,
     Explanation,
+    Grounding,
     LayerPositionalRelevance,
     PositionalPart,
     RelevanceRow,
     ResolvedTarget,
+    SentenceSupport,
+    SourceRelevance,
     Token,
 )
-from vllm_pelrp.render import (
-    display_token,
-    explanation_html,
-    format_number,
-    format_share,
-    print_explanation,
-)
+from vllm_pelrp.html_page import STATIC_DIR, explanation_page
+from vllm_pelrp.terminal import display_token, format_number, format_share, print_explanation
 
 PROMPT_PIECES = ["<|im_start|>", "user", "\n", "if a < b", " & c", "</script>", "<|im_end|>\n"]
 COMPLETION_PIECES = [" Paris", " <b>bold</b>", "\n\n", "."]
@@ -182,86 +184,144 @@ def test_display_token():
 
 
 # --- HTML -----------------------------------------------------------------------------------
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # a name in the script, not a request
+
+
 class _Collector(HTMLParser):
+    """The page's URLs (src / href), its elements' ids and the text of its <script> / <style>."""
+
     def __init__(self):
         super().__init__()
-        self.token_spans = []
-        self.urls = []
-        self._in_tok = 0
-        self._text: list[str] = []
+        self.urls, self.ids, self.scripts, self.styles = [], [], [], []
+        self._in = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         for key in ("src", "href"):
-            if attrs.get(key):
+            if key in attrs:
                 self.urls.append(attrs[key])
-        if tag == "span" and attrs.get("class") == "tok":
-            self.token_spans.append(attrs)
-            self._in_tok += 1
-            self._text.append("")
+        if attrs.get("id"):
+            self.ids.append(attrs["id"])
+        if tag in ("script", "style"):
+            self._in = tag
+            (self.scripts if tag == "script" else self.styles).append((attrs, ""))
 
     def handle_endtag(self, tag):
-        if tag == "span" and self._in_tok:
-            self._in_tok -= 1
+        self._in = None
 
     def handle_data(self, data):
-        if self._in_tok:
-            self._text[-1] += data
+        if self._in:
+            target = self.scripts if self._in == "script" else self.styles
+            attrs, text = target[-1]
+            target[-1] = (attrs, text + data)
 
 
 def _embedded_json(page: str) -> str:
-    match = re.search(r'<script type="application/json" id="explanation">(.*?)</script>', page, re.S)
+    match = re.search(r'<script type="application/json" id="explanation"[^>]*>(.*?)</script>',
+                      page, re.S)
     assert match, "embedded JSON missing"
     return match.group(1)
 
 
-def test_html_self_contained_and_escaped():
-    ex = make_explanation()
-    page = explanation_html(ex)
-    assert page.startswith("<!DOCTYPE html>")
-    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, re.I)
-    assert "http://" not in page and "https://" not in page
-    assert "<link" not in page and "@import" not in page
+def embedded_explanation(page: str) -> Explanation:
+    """The explanation a page written by ``to_html`` draws (its embedded JSON)."""
+    return Explanation.model_validate_json(_embedded_json(page))
 
+
+def assert_self_contained(page: str) -> _Collector:
+    """Nothing on the page is fetched: no src, no href but a data: URL, no host named but the SVG
+    namespace, no @import; the web view's style and script are inlined, whole."""
+    assert page.lower().startswith("<!doctype html>")
     parser = _Collector()
     parser.feed(page)
-    assert parser.urls == []
-    assert len(parser.token_spans) == len(ex.tokens)
-    assert page.count('<span class="tok"') == len(ex.tokens)
-    # Span text is the (escaped, then unescaped by the parser) visible token text.
-    assert parser._text == [display_token(t.text) for t in ex.tokens]
-    # Raw markup from tokens never reaches the page unescaped.
-    assert "if a &lt; b" in page and " &amp; c" in page and "&lt;/script&gt;" in page
-    assert "<b>bold</b>" not in page.split('<script type="application/json"')[0]
-    assert page.count("</script>") == 2  # the JSON block and the inline JS
-    # Tooltips carry id and relevance numbers.
-    title = parser.token_spans[5]["title"]
-    assert "id 105" in title and format_number(ex.token_relevance[5]) in title
-    assert format_number(ex.positional_relevance[5]) in title
-    # Summary numbers, view selector, SVG plots and the rows table.
-    assert format_number(ex.target_logit) in page
-    assert format_share(ex.positional_share) in page
-    for view in ("combined", "token", "positional"):
-        assert f'value="{view}"' in page
-    assert 'id="positional-bars"' in page and 'id="layer-heatmap"' in page
-    assert page.count('<tr class="row"') == len(ex.rows)
-    assert "test-model &lt;&amp;&gt;" in page
+    assert all(url.startswith("data:") for url in parser.urls), parser.urls
+    assert not re.search(r"\bsrc\s*=", page.split("<script", 1)[0], re.I)
+    hosts = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", page)) - {"http://www.w3.org"}
+    assert not hosts, hosts
+    assert page.count("http://") == page.count(SVG_NAMESPACE) and "https://" not in page
+    assert "@import" not in page and "@font-face" not in page
+    assert [text for _, text in parser.styles] == [
+        "\n" + (STATIC_DIR / "pelrp.css").read_text(encoding="utf-8")]
+    inline = [(attrs, text) for attrs, text in parser.scripts if attrs.get("type") is None]
+    assert [text for _, text in inline] == [
+        "\n" + (STATIC_DIR / "pelrp.js").read_text(encoding="utf-8")]
+    assert not [attrs for attrs, _ in parser.scripts if "src" in attrs]
+    # the elements the script draws into are on the page (index.html's own markup)
+    for element_id in ("result", "heatmap", "positional-plot", "grounding", "source-bars",
+                       "top-tokens", "layer-plot", "rows", "conservation", "tooltip"):
+        assert element_id in parser.ids, element_id
+    return parser
+
+
+def test_html_is_self_contained_and_inlines_script_style_and_json():
+    ex = make_explanation()
+    page = ex.to_html()
+    assert_self_contained(page)
+    assert page == explanation_page(ex)
+    assert page.count("</script>") == 2  # the JSON block and the script
+    assert "<title>PA-LRP explanation · test-model &lt;&amp;&gt;</title>" in page
+    # raw markup from tokens never reaches the page as markup: only inside the escaped JSON
+    assert "<b>bold</b>" not in page and "</script>\"" not in page
+    assert 'data-top-k="10"' in page and 'data-top-k="3"' in ex.to_html(top_k=3)
+    with pytest.raises(ValueError, match="top_k"):
+        ex.to_html(top_k=-1)
 
 
 def test_html_embedded_json_round_trips():
     ex = make_explanation()
-    payload = _embedded_json(explanation_html(ex))
-    assert "</" not in payload
+    payload = _embedded_json(ex.to_html())
+    assert "</" not in payload and "<!--" not in payload
     assert Explanation.model_validate_json(payload) == ex
     assert json.loads(payload)["tokens"][5]["text"] == "</script>"
 
 
-def test_html_minimal_explanation():
-    ex = make_explanation(per_layer=False, rows=False)
-    page = explanation_html(ex)
-    assert 'id="layer-heatmap"' not in page and '<tr class="row"' not in page
+@pytest.mark.parametrize("name", ["minimal", "similarity", "grounded", "version 1"])
+def test_html_of_each_kind_of_explanation_round_trips(name):
+    if name == "minimal":
+        ex = make_explanation(per_layer=False, rows=False)
+    elif name == "similarity":
+        ex = make_similarity()
+    elif name == "grounded":
+        ex = make_grounded()
+    else:
+        wire = json.loads(make_explanation().model_dump_json())
+        del wire["wire_format_version"]
+        for row in [wire, *wire["rows"]]:
+            del row["positional_parts"]
+        ex = Explanation.model_validate_json(json.dumps(wire))
+    page = ex.to_html()
+    assert_self_contained(page)
     assert Explanation.model_validate_json(_embedded_json(page)) == ex
-    assert ex.to_html() == page
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules a file imports when it runs: every import but those under ``if TYPE_CHECKING:``
+    (lazy imports inside functions count); relative imports as ``.name``."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
+               and ast.unparse(branch.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+               for inner in branch.body for node in ast.walk(inner)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+    return found
+
+
+def test_renderers_do_not_import_the_explanation_module():
+    """The dependency goes one way: Explanation.to_html / .print import the renderers, which
+    take the explanation as an argument and import nothing of the package at run time."""
+    package = Path(__file__).parent.parent / "vllm_pelrp"
+    for name in ("terminal.py", "html_page.py"):
+        imports = _runtime_imports(package / name)
+        assert not {m for m in imports if m.startswith(".") or m.startswith("vllm_pelrp")}, (
+            name, imports)
+    assert {".html_page", ".terminal"} <= _runtime_imports(package / "explanation.py")
+    assert not (package / "render.py").exists()
 
 
 # --- wire format ------------------------------------------------------------------------------
@@ -299,7 +359,7 @@ def test_version_1_json_still_validates_and_renders():
     assert old.positional_relevance == ex.positional_relevance
     assert old.positional_relevance_per_layer == ex.positional_relevance_per_layer
     assert "Σ rope_cos" not in _render(old)
-    assert Explanation.model_validate_json(_embedded_json(explanation_html(old))) == old
+    assert Explanation.model_validate_json(_embedded_json(old.to_html())) == old
 
 
 def test_positional_parts_rendered():
@@ -307,11 +367,6 @@ def test_positional_parts_rendered():
     out = _render(ex)
     for part in ex.positional_parts:
         assert f"Σ {part.name}" in out and format_number(sum(part.relevance)) in out
-    parser = _Collector()
-    parser.feed(explanation_html(ex))
-    title = parser.token_spans[5]["title"]
-    for part in ex.positional_parts:
-        assert f"{part.name} {format_number(part.relevance[5])}" in title
 
 
 def _fake_result(rows: int, length: int, rotary: bool, seed: int = 0) -> RelevanceResult:
@@ -467,7 +522,9 @@ def test_cli_explain_with_fake_explainer(tmp_path, capsys, monkeypatch):
     assert fake.calls["explain"]["per_layer"] is True
     assert fake.calls["prompt"] == ("hello", None, False)
     assert Explanation.model_validate_json(json_path.read_text()) == make_explanation()
-    assert html_path.read_text().startswith("<!DOCTYPE html>")
+    page = html_path.read_text()
+    assert_self_contained(page)
+    assert Explanation.model_validate_json(_embedded_json(page)) == make_explanation()
     assert "Paris" in capsys.readouterr().out
 
     # --json to stdout prints only the JSON; next-token default without a completion.
@@ -557,58 +614,17 @@ def make_similarity() -> Explanation:
     return main.model_copy(update={"other": other})
 
 
-def _tokens_in(page: str, container_id: str) -> int:
-    match = re.search(rf'id="{container_id}">(.*?)</div>', page, re.S)
-    assert match, container_id
-    return match.group(1).count('<span class="tok"')
-
-
-def test_similarity_html_shows_both_texts_side_by_side():
-    ex = make_similarity()
-    other = ex.other
-    page = explanation_html(ex)
-    # two columns, each with its heatmap, on the right tokens
-    assert '<div class="pair">' in page
-    assert _tokens_in(page, "query-tokens") == len(ex.tokens)
-    assert _tokens_in(page, "document-tokens") == len(other.tokens)
-    assert page.count('<span class="tok"') == len(ex.tokens) + len(other.tokens)
-    assert page.count('<span class="tok" data-i="0" data-side="other"') == 1
-    assert page.index('id="query-tokens"') < page.index('id="document-tokens"')
-    parser = _Collector()
-    parser.feed(page)
-    assert parser.urls == []
-    assert parser._text == [display_token(t.text) for t in [*ex.tokens, *other.tokens]]
-    # each side's tooltips carry its own numbers
-    document = [s for s in parser.token_spans if s.get("data-side") == "other"]
-    assert len(document) == len(other.tokens)
-    assert format_number(other.token_relevance[2]) in document[2]["title"]
-    # the target: the cosine, half on each side
-    assert format_number(COSINE) in page and "cosine similarity" in page
-    assert page.count(format_number(COSINE / 2)) >= 2
-    # one position-table plot per text, a bar per token
-    for svg_id, side in (("positional-bars", ex), ("positional-bars-document", other)):
-        svg = re.search(rf'<svg id="{svg_id}".*?</svg>', page, re.S).group(0)
-        assert svg.count('<rect class="bar"') == len(side.tokens)
-    assert Explanation.model_validate_json(_embedded_json(page)) == ex
-    assert ex.to_html() == page
-
-
 def test_position_table_and_token_types_are_labelled():
     ex = make_similarity()
-    page = explanation_html(ex)
     out = _render(ex)
-    assert "learned position table" in page and "learned position table" in out
-    assert "RoPE" not in page and "per layer" not in page and "layer-heatmap" not in page
+    assert "learned position table" in out
     assert "RoPE" not in out and "rope_cos" not in out
-    assert "Σ token-type relevance" in page and "Σ token-type relevance" in out
+    assert "Σ token-type relevance" in out and "token-type rel." in out
     assert format_number(ex.conservation.token_type_sum) in out
-    assert 'value="token_type"' in page and "token-type rel." in page and "token-type rel." in out
-    assert f"token-type relevance {format_number(ex.token_type_relevance[3])}" in page
     absolute = make_additive_explanation(QUERY_PIECES, ex.target, kind="absolute",
                                          token_types=False)
-    page = explanation_html(absolute)
-    assert "absolute position table" in page and "absolute position table" in _render(absolute)
-    assert 'value="token_type"' not in page and "token-type" not in page
+    out = _render(absolute)
+    assert "absolute position table" in out and "token-type" not in out
 
 
 def test_rich_similarity_prints_query_then_document_with_the_target_value():
@@ -632,35 +648,54 @@ def test_dimension_and_label_targets_render():
     ex = make_additive_explanation(QUERY_PIECES, target, logit=0.2431)
     out = _render(ex)
     assert "target value" in out and "0.2431" in out and "dimension 3" in out
-    page = explanation_html(ex)
-    assert "target value" in page and _tokens_in(page, "input-tokens") == len(ex.tokens)
-    assert '<div class="pair">' not in page
     label = ResolvedTarget(kind="label", positions=[], token_ids=[], label=1, value=-1.25,
                            description="logit of label 1 ('entailment'): -1.2500")
     ex = make_additive_explanation(QUERY_PIECES, label, logit=-1.25)
     assert "'entailment'" in _render(ex) and "-1.2500" in _render(ex)
-    assert "entailment" in explanation_html(ex)
 
 
-def test_gpt2_explanation_renders_its_position_table():
-    """A causal LM with an additive table (GPT-2): prompt and completion as for RoPE models,
-    the positional part labelled as the learned table, no token types."""
+def make_gpt2() -> Explanation:
+    """A causal LM with an additive table (GPT-2): prompt and completion as for RoPE models."""
     pieces = ["The", " capital", " of", " Italy", " is", " Rome", "."]
     target = ResolvedTarget(kind="completion", description="sum of the logits of completion "
                             "tokens [0, 2)", positions=[4, 5], token_ids=[205, 206], span=(0, 2))
     ex = make_additive_explanation(pieces, target, token_types=False, prompt_length=5)
-    ex = ex.model_copy(update={"model": "gpt2"})
+    return ex.model_copy(update={"model": "gpt2"})
+
+
+def make_grounded() -> Explanation:
+    """``make_explanation`` with two declared sources (prompt tokens 1–3 and 3–5) and a grounding
+    of its completion, one sentence supported by the first source."""
+    ex = make_explanation(rows=False)
+    sources = []
+    for k, (start, end) in enumerate(((1, 3), (3, 5))):
+        token = sum(ex.token_relevance[start:end])
+        positional = sum(ex.positional_relevance[start:end])
+        sources.append(SourceRelevance(
+            index=k, name=f"document {k + 1}", kind="document", token_start=start,
+            token_end=end, char_start=ex.tokens[start].start, char_end=ex.tokens[end - 1].end,
+            token_relevance=token, positional_relevance=positional, share=0.3 - 0.1 * k,
+            token_share=0.25 - 0.1 * k, positional_share=0.05))
+    sentence = SentenceSupport(
+        index=0, text=" Paris <b>bold</b>", span=(0, 2), char_start=ex.tokens[7].start,
+        char_end=ex.tokens[8].end, target_logit=1.5, source_shares=[0.3, 0.2],
+        source_relevance=[0.4, -0.1], supporting_sources=[0], grounding_score=0.5)
+    grounding = Grounding(sources=sources, grounding_score=0.5, instruction_share=0.4,
+                          positional_share=0.1, threshold=0.3, low_grounding=False,
+                          supporting_sources=[0], sentences=[sentence])
+    return ex.model_copy(update={"grounding": grounding})
+
+
+def test_gpt2_explanation_prints_its_position_table():
+    ex = make_gpt2()
     out = _render(ex)
     assert "5 prompt + 2 completion" in out and "completion" in out
     assert "Σ position_embedding" in out and "RoPE" not in out
-    page = explanation_html(ex)
-    assert _tokens_in(page, "prompt-tokens") == 5 and _tokens_in(page, "completion-tokens") == 2
-    assert "learned position table" in page and "RoPE" not in page
-    assert 'value="token_type"' not in page
-    assert Explanation.model_validate_json(_embedded_json(page)) == ex
 
 
-def test_rotary_pages_keep_their_rope_wording():
-    page = explanation_html(make_explanation())
-    assert "RoPE" in page and "position table" not in page and '<div class="pair">' not in page
-    assert 'value="token_type"' not in page and 'data-side' not in page.split("<script")[0]
+def test_grounding_prints_sources_and_sentences():
+    ex = make_grounded()
+    out = _render(ex)
+    assert "grounding score 50.0%" in out and "grounded (threshold 30.0%)" in out
+    assert "document 1" in out and "document 2" in out and "outside: positions" in out
+    assert "Paris <b>bold</b>" in out

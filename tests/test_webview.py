@@ -411,3 +411,151 @@ def test_page_draws_a_similarity_side_by_side(page_only_server, browser):
     assert f"{rotary.token_relevance[5]:.4f}" in page.inner_text("#tooltip")
     assert errors == []
     page.close()
+
+
+# --- the HTML file (Explanation.to_html): the same script, offline, no server ----------------------
+def _open_file(browser, tmp_path, explanation, name, top_k=10):
+    """Open ``explanation.to_html()`` from disk in a context with the network off; every request
+    the page makes is recorded (only the file itself may be one)."""
+    path = tmp_path / f"{name}.html"
+    path.write_text(explanation.to_html(top_k=top_k), encoding="utf-8")
+    context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
+    context.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:")
+                  else route.continue_())
+    page = context.new_page()
+    requested, errors = [], []
+    page.on("request", lambda r: requested.append(r.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.as_uri())
+    page.wait_for_selector("#result[data-state=done]")
+    return context, page, requested, errors, path
+
+
+def _texts(page, selector):
+    return page.evaluate("(s) => Array.from(document.querySelectorAll(s), n => n.textContent)",
+                         selector)
+
+
+def test_html_file_draws_offline_what_the_web_view_draws(browser, tmp_path):
+    """A grounded rotary explanation with per-layer relevance, opened as a file with the network
+    off: heatmap, positional plot, per-layer plot, source bars, sentences, top tokens and
+    conservation are drawn from the embedded JSON; the view and a per-token row recolour the
+    tokens; nothing is requested. Screenshot: /tmp/render_offline.png."""
+    from test_render import make_explanation, make_grounded
+
+    from vllm_pelrp.terminal import display_token
+
+    explanation = make_grounded()
+    context, page, requested, errors, path = _open_file(browser, tmp_path, explanation, "grounded")
+    tokens, n = explanation.tokens, len(explanation.tokens)
+    assert page.is_hidden("#ask") and page.is_hidden("#recent") and page.is_hidden("#key-form")
+    assert page.inner_text("#model-name") == explanation.model
+    # the heatmap: every token, its text as the terminal shows it, prompt and completion
+    assert _texts(page, "#heatmap .tok") == [display_token(t.text) for t in tokens]
+    assert page.locator("#heatmap [data-part=completion] .tok").count() == n - explanation.prompt_length
+    in_sources = sum(s.token_end - s.token_start for s in explanation.grounding.sources)
+    assert page.locator("#heatmap .tok.in-source").count() == in_sources
+    # the positional plot, one bar per position; the per-layer plot and its sums
+    assert page.locator("#positional-plot svg .pos-bars rect").count() == n
+    assert "RoPE" in page.inner_text("#positional-legend")
+    layers = explanation.positional_relevance_per_layer
+    assert page.is_visible("#layer-plot svg")
+    assert page.locator("#layer-plot rect.layer-cell").count() == sum(
+        1 for layer in layers for c, s in zip(layer.cos, layer.sin) if c + s != 0)
+    assert page.locator("#layer-sums tr").count() == len(layers) + 1
+    # grounding: the score, one bar per source, the outside shares, the sentence
+    grounding = explanation.grounding
+    assert page.inner_text("#grounding-score") == f"{grounding.grounding_score:.2f}"
+    assert page.locator(".source-bar").count() == len(grounding.sources) == 2
+    assert page.locator("#source-bars .bar-label").count() == len(grounding.sources) + 2
+    assert "document 1 · document · tokens 1–3" in page.get_attribute(
+        "#source-bars .bar-label >> nth=0", "title")
+    assert "Paris <b>bold</b>" in page.inner_text("#sentences")
+    # the top tokens by |combined|, the conservation numbers
+    top = explanation.top_tokens(10)
+    assert page.locator("#top-tokens tr").count() == len(top) + 1
+    first = _texts(page, "#top-tokens tr:nth-child(2) td")
+    assert first[1] == str(top[0][0].index) and first[4] == f"{top[0][1]:.4f}"
+    conservation = page.inner_text("#conservation")
+    assert f"{explanation.conservation.token_sum:.4f}" in conservation
+    assert f"{100 * explanation.positional_share:.1f} %" in conservation
+    assert "7 prompt + 4 completion" in conservation
+    # hover: the token's numbers
+    page.hover('#heatmap .tok[data-index="5"]')
+    tip = page.inner_text("#tooltip")
+    assert "105" in tip and f"{explanation.token_relevance[5]:.4f}" in tip
+    assert f"{explanation.positional_parts[0].relevance[5]:.4f}" in tip
+    page.mouse.move(0, 0)
+    # the token view: its scale and its top token
+    page.click("#view-select label:has-text('token') >> nth=0")
+    assert page.inner_text("#view-name") == "token"
+    assert page.inner_text("#max-abs") == f"{max(map(abs, explanation.token_relevance)):.4f}"
+    assert _texts(page, "#top-tokens tr:nth-child(2) td")[1] == "5"  # "</script>": 2.0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path="/tmp/render_offline.png", full_page=True)
+    assert errors == [] and set(requested) <= {path.as_uri()}, (errors, requested)
+    context.close()
+
+    # per-token rows: a click recolours the tokens by that row (inputs after it: no relevance)
+    explanation = make_explanation()
+    context, page, requested, errors, path = _open_file(browser, tmp_path, explanation, "rows")
+    assert page.locator("#rows tr.row").count() == len(explanation.rows)
+    assert page.is_hidden("#row-shown") and page.is_hidden("#grounding")
+    last = f'#heatmap .tok[data-index="{n - 1}"]'
+    background = "getComputedStyle(document.querySelector(s)).backgroundColor"
+    assert not page.evaluate(f"(s) => {background}", last).endswith(", 0)")
+    page.click('#rows tr.row[data-row="1"]')
+    assert page.is_visible("#row-shown")
+    assert explanation.rows[1].target.description in page.inner_text("#row-label")
+    assert page.evaluate(f"(s) => {background}", last).endswith(", 0)")
+    page.click("#row-reset")
+    assert page.is_hidden("#row-shown")
+    assert not page.evaluate(f"(s) => {background}", last).endswith(", 0)")
+    assert errors == [] and set(requested) <= {path.as_uri()}, (errors, requested)
+    context.close()
+
+
+def test_html_file_of_encoder_explanations(browser, tmp_path):
+    """A similarity (two texts side by side, token types, a learned position table) and a
+    dimension target, as files, offline; top_k from to_html."""
+    from test_render import QUERY_PIECES, make_additive_explanation, make_gpt2, make_similarity
+
+    from vllm_pelrp.explanation import ResolvedTarget
+
+    explanation = make_similarity()
+    other = explanation.other
+    context, page, requested, errors, path = _open_file(browser, tmp_path, explanation, "similarity",
+                                                        top_k=3)
+    assert page.locator("#heatmap.pair .side").count() == 2
+    assert page.locator("#heatmap [data-part=query] .tok").count() == len(explanation.tokens)
+    assert page.locator("#heatmap [data-part=document] .tok").count() == len(other.tokens)
+    assert page.locator("#positional-plot svg").count() == 2
+    assert "learned position table" in page.inner_text("#positional-legend")
+    assert page.locator("#top-tokens .side table").count() == 2
+    assert page.locator("#top-tokens .side tr").count() == 2 * (3 + 1)
+    assert "token type" in page.inner_text("#view-select")
+    assert page.is_hidden("#layers") and page.is_hidden("#rows-section")
+    page.click("#view-select label:has-text('token type')")
+    assert page.inner_text("#max-abs") == "{:.4f}".format(max(
+        map(abs, explanation.token_type_relevance + other.token_type_relevance)))
+    assert errors == [] and set(requested) <= {path.as_uri()}, (errors, requested)
+    context.close()
+
+    target = ResolvedTarget(kind="dimension", positions=[], token_ids=[], dimension=3, value=0.2431,
+                            description="dimension 3 of the pooled embedding: 0.2431")
+    for name, explanation in (("dimension", make_additive_explanation(QUERY_PIECES, target,
+                                                                       logit=0.2431)),
+                              ("gpt2", make_gpt2())):
+        context, page, requested, errors, path = _open_file(browser, tmp_path, explanation, name)
+        if name == "dimension":
+            assert page.locator("#heatmap [data-part=input] .tok").count() == len(explanation.tokens)
+            assert "target value" in page.inner_text("#conservation")
+            assert "token type" in page.inner_text("#view-select")
+        else:
+            assert page.locator("#heatmap [data-part=prompt] .tok").count() == 5
+            assert page.locator("#heatmap [data-part=completion] .tok").count() == 2
+            assert "token type" not in page.inner_text("#view-select")
+        assert "learned position table" in page.inner_text("#positional-legend")
+        assert "RoPE" not in page.inner_text("#positional-legend")
+        assert errors == [] and set(requested) <= {path.as_uri()}, (errors, requested)
+        context.close()

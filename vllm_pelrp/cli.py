@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                     help="write the explanation JSON to FILE (no FILE or '-': print only the JSON "
                          "to stdout; put --json after PROMPT)")
-    ex.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
+    ex.add_argument("--html", metavar="FILE",
+                    help="write a self-contained HTML page to FILE (the web view's drawing, "
+                         "opens offline)")
     ex.add_argument("--top-k", type=_non_negative_int, default=10, metavar="N",
                     help="tokens in the top-relevance table (default 10)")
     ex.add_argument("--show", choices=("combined", "token", "positional"), default="combined",
@@ -364,7 +366,7 @@ def _explain_causal(args: argparse.Namespace, explainer: Any, prompt: str | None
 def _output(args: argparse.Namespace, explanation: Any, err: Any, json_to_stdout: bool) -> None:
     from rich.console import Console
 
-    from .render import explanation_html, print_explanation
+    from .terminal import print_explanation
 
     if json_to_stdout:
         sys.stdout.write(explanation.model_dump_json(indent=2) + "\n")
@@ -376,7 +378,7 @@ def _output(args: argparse.Namespace, explanation: Any, err: Any, json_to_stdout
         _write(args.json, explanation.model_dump_json(indent=2) + "\n")
         written.append(args.json)
     if args.html:
-        _write(args.html, explanation_html(explanation, top_k=args.top_k))
+        _write(args.html, explanation.to_html(top_k=args.top_k))
         written.append(args.html)
     for path in written:
         err.print(f"[green]wrote[/green] {path}", highlight=False)

@@ -43,6 +43,10 @@ WIRE_FORMAT_VERSION_1 = "1"
 PositionalKind = Literal["rotary", "learned", "absolute"]
 POSITIONAL_KINDS: tuple[str, ...] = get_args(PositionalKind)
 
+# ``ResolvedTarget.kind`` of an encoder explanation (wire format 2.1): all its tokens are input,
+# there is no completion. The views ask ``Explanation.is_encoder`` rather than this tuple.
+ENCODER_TARGETS: tuple[str, ...] = ("dimension", "similarity", "label")
+
 
 def _not_text(value: Any) -> Any:
     """Whole numbers of the wire format: ``3`` and ``3.0`` (JSON Schema's integers), never
@@ -329,14 +333,24 @@ class Explanation(RelevanceRow):
         total = token + positional
         return positional / total if total else 0.0
 
-    def to_html(self) -> str:
-        from .render import explanation_html
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder explanation (embedding, similarity or classifier target): no completion."""
+        return self.target.kind in ENCODER_TARGETS
 
-        return explanation_html(self)
+    # --- views: the renderers take the explanation; they never import this module -------------
+    def to_html(self, *, top_k: int = 10) -> str:
+        """A self-contained HTML page: the web view's script and style with this explanation's
+        JSON inlined, drawn in the browser; it opens offline (``file://``, nothing fetched)."""
+        from .html_page import explanation_page
 
-    def print(self, console=None) -> None:
-        from .render import print_explanation
+        return explanation_page(self, top_k=top_k)
 
-        print_explanation(self, console=console)
+    def print(self, console=None, *, field: str = "combined_relevance", top_k: int = 10) -> None:
+        """A token heatmap and summary tables in the terminal (rich)."""
+        from .terminal import print_explanation
+
+        print_explanation(self, console=console, field=field, top_k=top_k)
+
 
 Explanation.model_rebuild()

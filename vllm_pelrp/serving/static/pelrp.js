@@ -4,6 +4,9 @@
 // On a server with --api-key it asks for the key when the server answers 401 and sends it as a
 // bearer token (kept in this tab's sessionStorage only). It remembers the ids of the
 // explanations it made (localStorage): a server without --api-key lists only those.
+// It is also the only HTML renderer of an explanation: Explanation.to_html() (html_page.py)
+// inlines this script and the explanation's JSON into index.html (element #explanation); the
+// script then draws that explanation and talks to no server, so the file opens offline.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -17,6 +20,13 @@
 
   let modelName = null;
   let current = null;  // the explanation on screen
+  // a page written by Explanation.to_html(): the explanation is embedded, there is no server
+  const embedded = document.getElementById("explanation");
+  // what the heatmap shows: one relevance field, of the summed target or of one per-token row
+  const VIEWS = [["combined", "combined_relevance"], ["token", "token_relevance"],
+                 ["positional", "positional_relevance"], ["token type", "token_type_relevance"]];
+  const state = {view: "combined_relevance", row: -1};
+  let topK = 10;
   const KEY_ITEM = "pelrp-api-key";
   const IDS_ITEM = "pelrp-explanation-ids";
   const MAX_IDS = 100;
@@ -273,6 +283,58 @@
     return node;
   }
 
+  // token text made visible: a newline is "⏎" and a line break, a tab "⇥", other control
+  // characters \xNN, the empty token "∅" (as the terminal view shows them)
+  function displayToken(text) {
+    if (text === "") return "∅";
+    let out = "";
+    for (const ch of text.replace(/\r\n/g, "\n")) {
+      const code = ch.codePointAt(0);
+      if (ch === "\n") out += "⏎\n";
+      else if (ch === "\t") out += "⇥";
+      else if (ch === "\r") out += "↵";
+      else if (code < 32 || code === 127) out += `\\x${code.toString(16).padStart(2, "0")}`;
+      else out += ch;
+    }
+    return out;
+  }
+
+  function shortToken(text, limit) {
+    const shown = displayToken(text).replace(/\n/g, "");
+    return shown.length > limit ? `${shown.slice(0, limit - 1)}…` : shown;
+  }
+
+  const sidesShown = () => (current.other ? ["main", "other"] : ["main"]);
+  const viewName = () => VIEWS.find(([, field]) => field === state.view)[0];
+  // the numbers shown for a side: a selected per-token row's, else the explanation's own
+  function relevanceOf(side) {
+    const shown = sideData(side);
+    return side === "main" && state.row >= 0 && shown.rows ? shown.rows[state.row] : shown;
+  }
+  const viewValues = (side) => relevanceOf(side)[state.view] || [];
+  // one scale for every side shown (a similarity's two halves are in the same units)
+  function viewScale() {
+    let top = 0;
+    for (const side of sidesShown()) {
+      for (const value of viewValues(side)) if (Number.isFinite(value)) top = Math.max(top, Math.abs(value));
+    }
+    return top;
+  }
+  const scaled = (value, top) => (top > 0 && Number.isFinite(value) ? value / top : 0);
+
+  function chip(text, value, title) {
+    const node = element("span", "chip", shortToken(text, 20));
+    node.style.backgroundColor = colour(value);
+    if (title) node.title = title;
+    return node;
+  }
+
+  function tableHead(table, names) {
+    const head = element("tr");
+    for (const name of names) head.append(element("th", name.startsWith("#") || name === "pos" ? "num" : "", name));
+    table.append(head);
+  }
+
   // source index of each token position (-1: none)
   function sourceOfToken(explanation) {
     const owner = new Array(explanation.tokens.length).fill(-1);
@@ -287,6 +349,7 @@
 
   function render(explanation) {
     current = explanation;
+    state.row = -1;
     const section = $("result");
     section.hidden = false;
     section.dataset.state = "rendering";
@@ -312,8 +375,12 @@
         "(position_embedding: one table added to the token embedding, no layers)"
       : "per position (sum over layers of the RoPE cos and sin parts)";
     renderGrounding(explanation);
+    renderViewSelect(explanation);
     renderHeatmap(explanation);
+    renderRows(explanation);
+    paintTokens();
     renderPositional(explanation);
+    renderLayers(explanation);
     renderConservation(explanation);
     section.dataset.state = "done";
     section.dataset.explanationId = explanation.id || "";
@@ -348,10 +415,9 @@
       flow.dataset.part = name.toLowerCase();
       for (let i = start; i < end; i++) {
         const token = explanation.tokens[i];
-        const span = element("span", "tok", token.text === "" ? "∅" : token.text);
+        const span = element("span", "tok", displayToken(token.text));
         span.dataset.index = String(i);
         if (side === "other") span.dataset.side = side;
-        span.style.backgroundColor = colour(explanation.combined_relevance[i]);
         if (/^<\|.*\|>$/.test(token.text)) span.classList.add("special");
         if (owner[i] >= 0) {
           span.classList.add("in-source");
@@ -361,6 +427,177 @@
         flow.append(span);
       }
       box.append(flow);
+    }
+  }
+
+  // ---- the relevance shown: field selector, per-token rows, colours -------------------------
+  function renderViewSelect(explanation) {
+    const box = $("view-select");
+    box.replaceChildren();
+    const types = Boolean(explanation.token_type_relevance ||
+      (explanation.other && explanation.other.token_type_relevance));
+    if (state.view === "token_type_relevance" && !types) state.view = "combined_relevance";
+    for (const [name, field] of VIEWS) {
+      if (field === "token_type_relevance" && !types) continue;
+      const option = element("label");
+      const input = element("input");
+      input.type = "radio";
+      input.name = "view";
+      input.value = field;
+      input.checked = field === state.view;
+      input.addEventListener("change", () => { state.view = field; paintTokens(); });
+      option.append(input, element("span", "", name));
+      box.append(option);
+    }
+  }
+
+  // colour the tokens (and the top-token table) by the view's relevance, |value| / max |value|
+  function paintTokens() {
+    const top = viewScale();
+    document.querySelectorAll("#heatmap .tok").forEach((span) => {
+      const side = span.dataset.side === "other" ? "other" : "main";
+      span.style.backgroundColor = colour(scaled(viewValues(side)[Number(span.dataset.index)], top));
+    });
+    $("max-abs").textContent = number(top);
+    document.querySelectorAll("#view-name, .view-name").forEach((node) => { node.textContent = viewName(); });
+    const row = state.row >= 0 && current.rows ? current.rows[state.row] : null;
+    $("row-shown").hidden = !row;
+    $("row-label").textContent = row ? `row ${state.row}: ${row.target.description}` : "";
+    document.querySelectorAll("#rows tr.row").forEach((tr) => {
+      tr.classList.toggle("selected", Number(tr.dataset.row) === state.row);
+    });
+    renderTopTokens(top);
+  }
+
+  function renderTopTokens(top) {
+    const box = $("top-tokens");
+    box.replaceChildren();
+    box.classList.toggle("pair", Boolean(current.other));
+    $("top-tokens-section").hidden = topK === 0;
+    for (const side of sidesShown()) {
+      const shown = sideData(side), numbers = relevanceOf(side), values = viewValues(side);
+      const encoder = isEncoder(shown), types = numbers.token_type_relevance;
+      const column = element("div", "side");
+      column.dataset.side = side;
+      if (current.other) column.append(element("div", "part-label", SIDE_NAMES[side]));
+      const table = element("table", "top-tokens");
+      tableHead(table, ["#", "pos", ...(encoder ? [] : ["role"]), "token", viewName(), "token rel.",
+        "positional rel.", ...(types ? ["token-type rel."] : [])]);
+      const order = values.map((value, i) => i)
+        .sort((a, b) => Math.abs(values[b]) - Math.abs(values[a])).slice(0, topK);
+      order.forEach((i, rank) => {
+        const token = shown.tokens[i];
+        const row = element("tr");
+        const cell = element("td");
+        cell.append(chip(token.text, scaled(values[i], top)));
+        row.append(element("td", "num", String(rank + 1)), element("td", "num", String(i)),
+          ...(encoder ? [] : [element("td", "", token.role)]), cell,
+          element("td", "num", number(values[i])), element("td", "num", number(numbers.token_relevance[i])),
+          element("td", "num", number(numbers.positional_relevance[i])),
+          ...(types ? [element("td", "num", number(types[i]))] : []));
+        table.append(row);
+      });
+      column.append(table);
+      box.append(column);
+    }
+  }
+
+  // (text, id) of the token whose logit is a per-token row's target
+  function rowTargetToken(explanation, row) {
+    const id = row.target.token_ids.length ? row.target.token_ids[0] : null;
+    if (row.target.span) {
+      const token = explanation.tokens[explanation.prompt_length + row.target.span[0]];
+      if (token && token.id === id) return [token.text, id];
+    }
+    const found = explanation.tokens.slice(explanation.prompt_length).find((token) => token.id === id);
+    return [found ? found.text : `<id ${id}>`, id];
+  }
+
+  function renderRows(explanation) {
+    const rows = explanation.rows || [];
+    $("rows-section").hidden = rows.length === 0;
+    const table = $("rows");
+    table.replaceChildren();
+    if (!rows.length) return;
+    tableHead(table, ["row", "pos", "target token", "logit", "rel. error", "top 3 input tokens (combined)"]);
+    rows.forEach((row, k) => {
+      const [text, id] = rowTargetToken(explanation, row);
+      const values = row.combined_relevance;
+      // the inputs the target can see: up to its last position
+      const seen = (row.target.positions.length ? Math.max(...row.target.positions) : values.length - 1) + 1;
+      const top = Math.max(0, ...values.map(Math.abs));
+      const inputs = element("td");
+      values.slice(0, seen).map((value, i) => i).sort((a, b) => Math.abs(values[b]) - Math.abs(values[a]))
+        .slice(0, 3).forEach((i) => inputs.append(
+          chip(explanation.tokens[i].text, scaled(values[i], top), `#${i} combined ${number(values[i])}`)));
+      const target = element("td");
+      target.append(chip(text, 0), element("span", "muted", ` id ${id}`));
+      const tr = element("tr", "row");
+      tr.dataset.row = String(k);
+      tr.append(element("td", "num", String(k)), element("td", "num", row.target.positions.join(",")), target,
+        element("td", "num", number(row.target_logit)), element("td", "num", number(row.conservation.relative_error)),
+        inputs);
+      tr.addEventListener("click", () => { state.row = state.row === k ? -1 : k; paintTokens(); });
+      table.append(tr);
+    });
+  }
+
+  // positional relevance per layer (RoPE models with per_layer): rows layers, columns positions
+  function renderLayers(explanation) {
+    const layers = explanation.other ? [] : (explanation.positional_relevance_per_layer || []);
+    $("layers").hidden = layers.length === 0;
+    const box = $("layer-plot");
+    box.replaceChildren();
+    const sums = $("layer-sums");
+    sums.replaceChildren();
+    if (!layers.length) return;
+    const count = explanation.tokens.length;
+    const width = Math.max(300, box.clientWidth || 1000);
+    const left = 48, right = 8, cell = Math.max(6, Math.min(14, 300 / layers.length));
+    const height = cell * layers.length + 24;
+    const step = (width - left - right) / Math.max(1, count);
+    const signed = layers.map((layer) => layer.cos.map((cos, i) => (cos || 0) + (layer.sin[i] || 0)));
+    const top = Math.max(0, ...signed.map((values) => Math.max(0, ...values.map(Math.abs))));
+    const every = Math.max(1, Math.ceil(layers.length / 15));
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", "positional relevance per layer and position");
+    const add = (parent, tag, attributes, text) => {
+      const node = document.createElementNS(SVG, tag);
+      for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+      if (text !== undefined) node.textContent = text;
+      parent.append(node);
+      return node;
+    };
+    layers.forEach((layer, r) => {
+      const y = 6 + r * cell;
+      if (r % every === 0) {
+        add(svg, "text", {class: "axis-label", x: left - 4, y: y + cell - 3, "text-anchor": "end"}, `L${layer.layer}`);
+      }
+      signed[r].forEach((value, i) => {
+        if (value === 0) return;
+        const rect = add(svg, "rect", {class: "layer-cell", x: left + i * step, y, width: step, height: cell,
+          fill: colour(scaled(value, top), 1)});
+        rect.dataset.layer = String(layer.layer);
+        rect.dataset.index = String(i);
+        add(rect, "title", {}, `layer ${layer.layer}, #${i}: cos ${number(layer.cos[i])}, sin ${number(layer.sin[i])}`);
+      });
+    });
+    if (!isEncoder(explanation) && explanation.prompt_length > 0 && explanation.prompt_length < count) {
+      const x = left + explanation.prompt_length * step;
+      add(svg, "line", {class: "axis", x1: x, x2: x, y1: 2, y2: height - 16, "stroke-dasharray": "4 3"});
+    }
+    add(svg, "text", {class: "axis-label", x: left, y: height - 4}, "position 0");
+    add(svg, "text", {class: "axis-label", x: width - right, y: height - 4, "text-anchor": "end"}, String(count - 1));
+    box.append(svg);
+    tableHead(sums, ["layer", "Σ|cos|", "Σ|sin|"]);
+    const mass = (values) => values.reduce((total, value) => total + Math.abs(value), 0);
+    for (const layer of layers) {
+      const row = element("tr");
+      row.append(element("td", "num", String(layer.layer)), element("td", "num", number(mass(layer.cos))),
+                 element("td", "num", number(mass(layer.sin))));
+      sums.append(row);
     }
   }
 
@@ -379,12 +616,12 @@
     $("grounding-threshold").textContent =
       `share of the prompt's relevance on the sources · threshold ${grounding.threshold}`;
 
-    const addBar = (label, colourCss, tokenShare, positionalShare, value, extraClass) => {
+    const addBar = (label, colourCss, tokenShare, positionalShare, value, extraClass, title) => {
       const name = element("div", `bar-label ${extraClass || ""}`);
       const dot = element("span", "dot");
       dot.style.background = colourCss;
       name.append(dot, document.createTextNode(label));
-      name.title = label;
+      name.title = title || label;
       const track = element("div", `bar-track ${extraClass || ""}`);
       const tokenPart = element("div", "bar-token");
       tokenPart.style.width = `${Math.max(0, 100 * tokenShare)}%`;
@@ -400,7 +637,9 @@
     grounding.sources.forEach((source, k) => {
       const track = addBar(source.name, PALETTE[k % PALETTE.length], source.token_share,
         source.positional_share, `${percent(source.share)} (token ${percent(source.token_share)}, ` +
-        `positional ${percent(source.positional_share)})`, "");
+        `positional ${percent(source.positional_share)})`, "",
+        `${source.name} · ${source.kind} · tokens ${source.token_start}–${source.token_end} · ` +
+        `signed relevance ${number(source.token_relevance + source.positional_relevance)}`);
       track.classList.add("source-bar");
       track.dataset.source = String(source.index);
     });
@@ -412,12 +651,12 @@
     if (grounding.sentences && grounding.sentences.length) {
       const table = element("table");
       const head = element("tr");
-      for (const title of ["completion sentence", "grounding", "supported by"]) head.append(element("th", "", title));
+      for (const title of ["#", "completion sentence", "grounding", "supported by"]) head.append(element("th", "", title));
       table.append(head);
       for (const sentence of grounding.sentences) {
         const row = element("tr");
         const names = sentence.supporting_sources.map((k) => grounding.sources[k].name).join(", ");
-        row.append(element("td", "", sentence.text.trim()),
+        row.append(element("td", "num", String(sentence.index)), element("td", "", sentence.text.trim()),
                    element("td", "num", sentence.grounding_score.toFixed(2)),
                    element("td", "", names || "none"));
         table.append(row);
@@ -521,6 +760,12 @@
     svg.dataset.left = String(left);
   }
 
+  function positionalShare(explanation) {
+    const mass = (values) => values.reduce((total, value) => total + Math.abs(value), 0);
+    const token = mass(explanation.token_relevance), positional = mass(explanation.positional_relevance);
+    return token + positional > 0 ? positional / (token + positional) : 0;
+  }
+
   function conservationRows(explanation) {
     const c = explanation.conservation;
     const encoder = isEncoder(explanation);
@@ -537,6 +782,9 @@
       ["absorbed by the softmax rule", number(c.softmax_absorbed)],
       ...(c.bias_absorbed ? [["kept by biases", number(c.bias_absorbed)]] : []),
       ["relative error without the softmax and bias parts", number(c.relative_error_excluding_softmax)],
+      ["positional share (of |token| + |positional|)", percent(positionalShare(explanation))],
+      ["tokens", encoder ? `${explanation.tokens.length} input` : `${explanation.prompt_length} ` +
+        `prompt + ${explanation.tokens.length - explanation.prompt_length} completion`],
     ];
   }
 
@@ -573,16 +821,19 @@
     if (!token) return;
     const tip = $("tooltip");
     tip.replaceChildren();
-    const types = shown.token_type_relevance;
+    const numbers = relevanceOf(side);
+    const types = numbers.token_type_relevance;
     const rows = [
       ["token", `${current.other ? SIDE_NAMES[side] + " " : ""}#${index} · ${isEncoder(shown) ? "input" : token.role}`],
       ["text", null],
-      ["token relevance", number(shown.token_relevance[index])],
-      ["positional relevance", number(shown.positional_relevance[index])],
+      ["id", String(token.id)],
+      ...(numbers !== shown ? [["target", `row ${state.row}: ${numbers.target.description}`]] : []),
+      ["token relevance", number(numbers.token_relevance[index])],
+      ["positional relevance", number(numbers.positional_relevance[index])],
       // wire format 2: the positional relevance by named input (rope_cos, rope_sin, position_embedding)
-      ...(shown.positional_parts || []).map((part) => [`  ${part.name}`, number(part.relevance[index])]),
+      ...(numbers.positional_parts || []).map((part) => [`  ${part.name}`, number(part.relevance[index])]),
       ...(types ? [["token-type relevance", number(types[index])]] : []),
-      ["combined", number(shown.combined_relevance[index], 3)],
+      ["combined", number(numbers.combined_relevance[index], 3)],
     ];
     const owner = sourceOfToken(shown)[index];
     if (owner >= 0) rows.push(["source", shown.grounding.sources[owner].name]);
@@ -655,8 +906,18 @@
     if (span) showTip(Number(span.dataset.index), event, span.dataset.side || "main");
   });
   $("heatmap").addEventListener("mouseleave", hideTip);
-  window.addEventListener("popstate", openFromLocation);
-  servedModel().catch(() => {});
-  loadRecent();
-  openFromLocation();
+  $("row-reset").addEventListener("click", () => { state.row = -1; paintTokens(); });
+  if (embedded) {  // a file written by Explanation.to_html(): draw it, ask no server anything
+    const explanation = JSON.parse(embedded.textContent);
+    topK = Math.max(0, Number(embedded.dataset.topK || 10));
+    for (const id of ["ask", "recent", "key-form"]) $(id).hidden = true;
+    document.body.dataset.view = "file";
+    $("model-name").textContent = explanation.model;
+    render(explanation);
+  } else {
+    window.addEventListener("popstate", openFromLocation);
+    servedModel().catch(() => {});
+    loadRecent();
+    openFromLocation();
+  }
 })();
