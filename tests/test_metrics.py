@@ -221,9 +221,11 @@ def test_metrics_are_on_vllms_metrics_endpoint(server):
     for name in ("pelrp_grounding_score_count", "pelrp_low_grounding_total",
                  "pelrp_explanation_seconds_count", "pelrp_recorded_activation_bytes",
                  "pelrp_reserved_activation_bytes", "pelrp_explanations_total",
-                 "pelrp_backward_queue_seconds_count"):
+                 "pelrp_backward_queue_seconds_count", "pelrp_recording_cap_bytes",
+                 "pelrp_refused_recording_keys"):
         assert name in names, name
     assert any(name.startswith("vllm:") for name in names)  # the same endpoint as vLLM's own
+    assert sample(samples, "pelrp_recording_cap_bytes") > 0  # the default model records
 
 
 @pytest.mark.slow
