@@ -51,4 +51,15 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends \
     chromium fonts-dejavu-core
 fi
+
+# The Prometheus rules in deploy/ are checked and unit-tested by promtool (tests/test_deploy.py),
+# from Debian's prometheus package. Only promtool is used: on a host with systemd the package
+# also starts a Prometheus server (`systemctl disable --now prometheus` if it is not wanted).
+if ! command -v promtool >/dev/null; then
+  echo "[setup] installing Debian's prometheus package (promtool tests the alerting rules)"
+  SUDO=(); [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends \
+    prometheus
+fi
 echo "[setup] done: $VENV/bin/pelrp is ready"

@@ -99,11 +99,12 @@ def test_gauge_refresh_survives_a_hung_a_cancelled_and_a_failed_worker_call(monk
                 raise asyncio.CancelledError()  # e.g. the reply's future was cancelled
             if len(calls) == 3:
                 raise RuntimeError("engine not ready")
-            return [{"bytes": 5}, {"bytes": 2}]  # two ranks
+            return [{"bytes": 5, "refused_keys": 3}, {"bytes": 2, "refused_keys": 3}]  # 2 ranks
 
     class Service:
         engine = Engine()
         reserved = {"req": 11}
+        cap_bytes = 100
 
     async def scenario():
         task = asyncio.create_task(pelrp_metrics.refresh_activation_gauges(
@@ -115,6 +116,8 @@ def test_gauge_refresh_survives_a_hung_a_cancelled_and_a_failed_worker_call(monk
                 break
         assert value("pelrp_recorded_activation_bytes") == 7, calls
         assert value("pelrp_reserved_activation_bytes") == 11
+        assert value("pelrp_recording_cap_bytes") == 100
+        assert value("pelrp_refused_recording_keys") == 3  # each rank saw the same 3 requests
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -122,6 +125,47 @@ def test_gauge_refresh_survives_a_hung_a_cancelled_and_a_failed_worker_call(monk
 
     asyncio.run(scenario())
     assert calls[:4] == ["pelrp_stats"] * 4
+
+
+def test_idle_server_reads_the_refused_keys_only_every_idle_interval(monkeypatch):
+    """A forged recording key reserves nothing, so an idle server must still read the workers'
+    refused count now and then, and otherwise leave the workers alone."""
+    registry = CollectorRegistry()
+    monkeypatch.setattr(pelrp_metrics, "_metrics", PelrpMetrics(registry))
+
+    def run(idle_interval: float) -> list[str]:
+        calls, ticks = [], []
+
+        class Engine:
+            async def collective_rpc(self, method, args=()):
+                calls.append(method)
+                return [{"bytes": 0, "refused_keys": len(calls)}]
+
+        class Service:
+            engine = Engine()
+
+            @property
+            def reserved(self):  # read once per tick of the task
+                ticks.append(1)
+                return {}
+
+        async def scenario():
+            task = asyncio.create_task(pelrp_metrics.refresh_activation_gauges(
+                Service(), interval=0.001, idle_interval=idle_interval))
+            while len(ticks) < 10:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(scenario())
+        return calls
+
+    assert run(idle_interval=10**6) == ["pelrp_stats"]  # the reading at start, then none
+    polled = run(idle_interval=0.0)
+    assert len(polled) > 1
+    assert registry.get_sample_value("pelrp_refused_recording_keys") == len(polled)
+    assert registry.get_sample_value("pelrp_recording_cap_bytes") == 0  # no cap: no recording
 
 
 def test_metrics_reach_vllms_multiprocess_registry(tmp_path):
@@ -177,9 +221,11 @@ def test_metrics_are_on_vllms_metrics_endpoint(server):
     for name in ("pelrp_grounding_score_count", "pelrp_low_grounding_total",
                  "pelrp_explanation_seconds_count", "pelrp_recorded_activation_bytes",
                  "pelrp_reserved_activation_bytes", "pelrp_explanations_total",
-                 "pelrp_backward_queue_seconds_count"):
+                 "pelrp_backward_queue_seconds_count", "pelrp_recording_cap_bytes",
+                 "pelrp_refused_recording_keys"):
         assert name in names, name
     assert any(name.startswith("vllm:") for name in names)  # the same endpoint as vLLM's own
+    assert sample(samples, "pelrp_recording_cap_bytes") > 0  # the default model records
 
 
 @pytest.mark.slow

@@ -15,10 +15,13 @@ shared files like vLLM's own, so they appear on that same endpoint in both cases
 | ``pelrp_recorded_activation_bytes`` | gauge | | activations recorded on the workers now (all ranks) |
 | ``pelrp_reserved_activation_bytes`` | gauge | | recording memory reserved by the API process now |
 | ``pelrp_backward_queue_seconds`` | histogram | | time a backward pass waited for the worker (before and between its slices) |
+| ``pelrp_recording_cap_bytes`` | gauge | | the recording memory cap (``VLLM_PELRP_MAX_RECORD_MB``; 0: nothing is recorded) |
+| ``pelrp_refused_recording_keys`` | gauge | | requests the workers refused to record since they started: key forged, reused or over its choices (a count read from the workers, hence a gauge; use ``increase()``) |
 
-The recorded-bytes gauge is refreshed by ``refresh_activation_gauges`` (a task of the API
-process): every ``interval`` seconds while explained requests are in flight, and once more after
-the last one; a scrape never waits for a worker.
+The worker-side gauges are refreshed by ``refresh_activation_gauges`` (a task of the API
+process): every ``interval`` seconds while explained requests are in flight, once more after
+the last one, and every ``idle_interval`` seconds otherwise (refused keys come with requests
+that reserved nothing); a scrape never waits for a worker.
 """
 
 from __future__ import annotations
@@ -76,6 +79,15 @@ class PelrpMetrics:
             "Seconds a backward pass waited for the worker while others ran (before its first "
             "slice and between slices; serving/scheduler.py).", buckets=QUEUE_BUCKETS,
             registry=registry)
+        self.cap_bytes = Gauge(
+            "pelrp_recording_cap_bytes",
+            "Recording memory cap of the explanations, in bytes (VLLM_PELRP_MAX_RECORD_MB); "
+            "0 where nothing is recorded.", multiprocess_mode="livemostrecent", registry=registry)
+        self.refused_keys = Gauge(
+            "pelrp_refused_recording_keys",
+            "Requests the workers refused to record since they started because their recording "
+            "key was forged, reused or over its choices (read from the workers: use increase()).",
+            multiprocess_mode="livemostrecent", registry=registry)
         for mode in MODES:  # every series exists (at 0) before the first explanation
             self.latency.labels(mode=mode)
             for outcome in ("ok", "error"):
@@ -166,26 +178,35 @@ def _hand_to_sinks(explanations: list[dict[str, Any]], owner: str | None) -> Non
 
 
 async def refresh_activation_gauges(service: Any, interval: float = 0.5,
-                                    rpc_timeout: float = 10.0) -> None:
+                                    rpc_timeout: float = 10.0, idle_interval: float = 30.0) -> None:
     """Keep the activation gauges current without a worker call per scrape: the reserved bytes
-    (API process) every ``interval`` s; the recorded bytes (``pelrp_stats`` on the workers) every
-    ``interval`` s while anything is reserved or the last reading was not 0. Idle servers make no
-    worker calls. A worker call that fails, is cancelled from inside, or takes longer than
-    ``rpc_timeout`` s is logged and retried on the next tick: nothing but cancelling this task
-    stops it (a stopped task would freeze both gauges at their last values)."""
+    and the cap (API process) every ``interval`` s; the recorded bytes and the refused keys
+    (``pelrp_stats`` on the workers) every ``interval`` s while anything is reserved or the last
+    reading was not 0, else every ``idle_interval`` s (a forged key reserves nothing, so an idle
+    server still reads the refused count). A worker call that fails, is cancelled from inside,
+    or takes longer than ``rpc_timeout`` s is logged and retried on the next tick: nothing but
+    cancelling this task stops it (a stopped task would freeze the gauges at their last values).
+    """
     metrics = get_metrics()
     last: int | None = None
+    read_at = -float("inf")  # loop time of the last worker reading
+    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     failure = ""  # the last failure logged at warning level (each new one is logged once)
     while True:
         reserved = sum(service.reserved.values())
         metrics.reserved_bytes.set(reserved)
-        if reserved or last != 0:
+        metrics.cap_bytes.set(getattr(service, "cap_bytes", 0))
+        if reserved or last != 0 or loop.time() - read_at >= idle_interval:
+            read_at = loop.time()
             try:
                 stats = await asyncio.wait_for(service.engine.collective_rpc("pelrp_stats"),
                                                rpc_timeout)
                 last = sum(int(worker.get("bytes", 0)) for worker in stats)
                 metrics.recorded_bytes.set(last)
+                # every rank sees every request: the most any rank refused, not their sum
+                metrics.refused_keys.set(max((int(w.get("refused_keys", 0)) for w in stats),
+                                             default=0))
                 failure = ""
             except asyncio.CancelledError:
                 if task is not None and task.cancelling():
