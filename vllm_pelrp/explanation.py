@@ -43,9 +43,9 @@ WIRE_FORMAT_VERSION_1 = "1"
 PositionalKind = Literal["rotary", "learned", "absolute"]
 POSITIONAL_KINDS: tuple[str, ...] = get_args(PositionalKind)
 
-# ``ResolvedTarget.kind`` of an encoder explanation (wire format 2.1): all its tokens are input,
-# there is no completion. The views ask ``Explanation.is_encoder`` rather than this tuple.
-ENCODER_TARGETS: tuple[str, ...] = ("dimension", "similarity", "label")
+# ``ENCODER_TARGETS`` (vocabulary.py) are the ``ResolvedTarget.kind`` of an encoder explanation
+# (wire format 2.1): all its tokens are input, there is no completion. The views ask
+# ``Explanation.is_encoder`` rather than the tuple.
 
 
 def _not_text(value: Any) -> Any:
