@@ -25,6 +25,7 @@ from ..engine.additive import (
     AdditiveWeights,
 )
 from ..engine.spec import UnsupportedModelError
+from .base import layer_from_state
 
 LayerNames = Mapping[str | tuple[str, ...], str]
 
@@ -70,30 +71,11 @@ def additive_weights_from_state(
 ) -> AdditiveWeights:
     """``AdditiveWeights`` from parameters by name; packed tensors are split into row views,
     (in, out) weights transposed as views: nothing is copied."""
-    layers = []
-    for index in range(spec.num_layers):
-        at = names.layers.format(i=index)
-        parts: dict[str, Tensor] = {}
-        for fields, name in names.layer.items():
-            if at + name not in state:
-                raise UnsupportedModelError(f"the checkpoint has no parameter {at + name}")
-            tensor = state[at + name]
-            if names.transposed and tensor.dim() == 2:
-                tensor = tensor.T
-            if isinstance(fields, str):
-                parts[fields] = tensor
-                continue
-            sizes = [spec.num_heads * spec.head_dim] * len(fields)  # q, k, v: all heads alike
-            if tensor.shape[0] != sum(sizes):
-                raise ValueError(f"{at + name} has {tensor.shape[0]} rows; expected "
-                                 f"{' + '.join(map(str, sizes))} for {spec.num_heads} heads of "
-                                 f"dim {spec.head_dim}")
-            parts.update(zip(fields, tensor.split(sizes)))
-        required = [f for f in ADDITIVE_LAYER_FIELDS if f not in parts and
-                    AdditiveLayerWeights.__dataclass_fields__[f].default is not None]
-        if required:
-            raise ValueError(f"no weights named for {', '.join(required)}")
-        layers.append(AdditiveLayerWeights(**parts))
+    layers = [layer_from_state(state, names.layers.format(i=index), names.layer,
+                               AdditiveLayerWeights,
+                               lambda field: spec.num_heads * spec.head_dim,  # q, k, v alike
+                               f"{spec.num_heads} heads of dim {spec.head_dim}", names.transposed)
+              for index in range(spec.num_layers)]
     top: dict[str, Tensor | None] = {}
     for name, path in names.top.items():
         if path in state:

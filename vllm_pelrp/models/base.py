@@ -13,6 +13,7 @@ Shared name tables for the LLaMA-style layout live here; a model file adds what 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -20,7 +21,6 @@ from torch import Tensor
 
 from ..engine.spec import (
     FULL_ATTENTION,
-    LAYER_FIELDS,
     SLIDING_ATTENTION,
     SUPPORTED_ROPE_TYPES,
     DecoderSpec,
@@ -96,6 +96,35 @@ def _rows(spec: DecoderSpec, name: str) -> int:
     return spec.intermediate_size  # gate, up
 
 
+def layer_from_state(state: Mapping[str, Tensor], at: str, names: Mapping[Any, str],
+                     layer_type: type, rows: Callable[[str], int], shapes: str,
+                     transposed: bool = False) -> Any:
+    """One ``layer_type`` of weights from the parameters named ``at + name``: a packed tensor
+    (several fields to one name) is split into row views of ``rows(field)`` rows each, (in, out)
+    weights are transposed as views if ``transposed``; nothing is copied. ``shapes`` says what
+    the rows were expected from, for the error."""
+    parts: dict[str, Tensor] = {}
+    for fields, name in names.items():
+        if at + name not in state:
+            raise UnsupportedModelError(f"the checkpoint has no parameter {at + name}")
+        tensor = state[at + name]
+        if transposed and tensor.dim() == 2:
+            tensor = tensor.T
+        if isinstance(fields, str):
+            parts[fields] = tensor
+            continue
+        sizes = [rows(f) for f in fields]
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"{at + name} has {tensor.shape[0]} rows; expected "
+                             f"{' + '.join(map(str, sizes))} for {shapes}")
+        parts.update(zip(fields, tensor.split(sizes)))
+    missing = [f.name for f in dataclasses.fields(layer_type)
+               if f.name not in parts and f.default is not None]
+    if missing:
+        raise ValueError(f"no weights named for {', '.join(missing)}")
+    return layer_type(**parts)
+
+
 def weights_from_state(
     state: Mapping[str, Tensor], spec: DecoderSpec, layer_names: Names, prefix: str,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
@@ -103,29 +132,11 @@ def weights_from_state(
     """``ModelWeights`` from parameters by name: ``{prefix}layers.{i}.<layer name>``,
     ``{prefix}embed_tokens.weight``, ``{prefix}norm.weight`` and ``lm_head.weight`` (absent:
     tied to the embeddings). Packed tensors are split into row views; nothing is copied."""
-    layers = []
-    for index in range(spec.num_layers):
-        at = f"{prefix}layers.{index}."
-        parts: dict[str, Tensor] = {}
-        for fields, name in layer_names.items():
-            if at + name not in state:
-                raise UnsupportedModelError(f"the checkpoint has no parameter {at + name}")
-            tensor = state[at + name]
-            if isinstance(fields, str):
-                parts[fields] = tensor
-                continue
-            sizes = [_rows(spec, f) for f in fields]
-            if tensor.shape[0] != sum(sizes):
-                raise ValueError(
-                    f"{at + name} has {tensor.shape[0]} rows; expected {' + '.join(map(str, sizes))}"
-                    f" for {spec.num_heads} heads / {spec.num_kv_heads} kv heads of dim "
-                    f"{spec.head_dim} and intermediate size {spec.intermediate_size}")
-            parts.update(zip(fields, tensor.split(sizes)))
-        missing = [f for f in LAYER_FIELDS if f not in parts and
-                   LayerWeights.__dataclass_fields__[f].default is not None]
-        if missing:
-            raise ValueError(f"no weights named for {', '.join(missing)}")
-        layers.append(LayerWeights(**parts))
+    shapes = (f"{spec.num_heads} heads / {spec.num_kv_heads} kv heads of dim {spec.head_dim} "
+              f"and intermediate size {spec.intermediate_size}")
+    layers = [layer_from_state(state, f"{prefix}layers.{index}.", layer_names, LayerWeights,
+                               lambda field: _rows(spec, field), shapes)
+              for index in range(spec.num_layers)]
     embed = state[prefix + "embed_tokens.weight"]
     return ModelWeights(spec=spec, embed_tokens=embed, layers=layers,
                         final_norm=state[prefix + "norm.weight"],
