@@ -123,9 +123,6 @@ class LayerWeights:
     mlp_output_norm: Tensor | None = None
 
 
-LAYER_FIELDS = tuple(LayerWeights.__dataclass_fields__)
-
-
 @dataclass
 class ModelWeights:
     """Everything the relevance backward needs.
