@@ -1,6 +1,6 @@
 """Our explanations against LXT 2.1's efficient AttnLRP (``lxt`` from PyPI), fp32.
 
-LXT needs transformers 4.x, so it runs in its own environment through ``bench/lxt_reference.py``
+LXT needs transformers 4.x, so it runs in its own environment through ``references/lxt_reference.py``
 (``tests/lxt_driver.py``) on the same checkpoint. Within 1e-3 relative L2 per token:
 
 * rotary decoders, ``attnlrp``: SmolLM2 (LLaMA), tiny random checkpoints of every family
