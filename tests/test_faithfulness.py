@@ -276,6 +276,7 @@ def test_retrieval_data():
         assert 20 <= len(item["document"].split()) <= 60 and item["package"]
 
 
+@pytest.mark.slow
 def test_retrieval_end_to_end(one_thread):
     """Two dev pairs through the retrieval task's methods and flipping (no LXT, 4 IG steps):
     shapes, document-only in-place flipping, the unflipped cosine at the curves' ends, and
