@@ -14,7 +14,8 @@ import pytest
 
 from _live_server import API_KEY, MODEL, http, shared_server
 
-pytestmark = pytest.mark.slow
+# the first module to ask for the shared server (alphabetically) pays its start, up to 600 s
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Why is the sky blue? Answer in one sentence."  # the script's default
