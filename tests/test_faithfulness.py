@@ -1,7 +1,7 @@
-"""Faithfulness (references/faithfulness, which the benchmark bench/quality/faithfulness runs): the flipping protocol, the metrics, the shipped
-tasks, the study's statistics, and one real check on the default model: on fixed 128-token
-next-token dev cases the default combination's gap beats our AttnLRP and gradient×input by a
-stated margin. No timing is asserted."""
+"""Faithfulness (references/faithfulness, which the runner bench/quality/faithfulness drives):
+the flipping protocol, the metrics, the shipped tasks, the study's statistics, and one real check
+on the default model: on fixed 128-token next-token dev cases the default combination's gap
+beats our AttnLRP and gradient×input by a stated margin. No timing is asserted."""
 
 from __future__ import annotations
 

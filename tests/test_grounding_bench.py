@@ -1,8 +1,9 @@
-"""Grounding benchmark (bench/quality/grounding): the shipped snapshot, the cases, ContextCite's ablated
-prompts, and one real check on the default model: on the first three dev cases our top-ranked
-document is the one the answer came from, and removing it costs the answer far more
-log-probability than removing a random document. ContextCite (its own environment, 64
-forwards per case) is not run here; `python -m bench.quality.grounding` runs it. No timing is asserted.
+"""Grounding cases and their measurement (references/grounding, which the benchmark
+bench/quality/grounding runs): the shipped snapshot, the cases, ContextCite's ablated prompts,
+and one real check on the default model: on the first three dev cases our top-ranked document
+is the one the answer came from, and removing it costs the answer far more log-probability than
+removing a random document. ContextCite (its own environment, 64 forwards per case) is not run
+here; `python -m bench.quality.grounding` runs it. No timing is asserted.
 """
 
 from __future__ import annotations
