@@ -16,7 +16,8 @@ Bounded by counts, not by time: a fixed seed per operation and mode (``SEED``), 
 ``EXAMPLES`` examples each, generation requests kept cheap (``max_tokens`` ≤ 3, ``n`` ≤ 2, no
 streaming, short texts). Every operation and mode must have sent at least its ``MINIMUM``
 requests, asserted one by one: a run that never reached ``/v1/completions`` fails instead of
-passing with nothing sent. (The run took 146 s here when written; pytest-timeout bounds a hang.)
+passing with nothing sent. (Every operation sent all its examples, 1,151 requests, in 146 s on a quiet
+machine and 278 s under a load average of 6; pytest-timeout bounds a hang.)
 The figures go to ``tests/artifacts/fuzz.json``.
 """
 
@@ -61,9 +62,9 @@ OPERATIONS = [
 # Requests each operation and mode must have sent. An operation without parameters or body has
 # one request to send and nothing to negate; a path's free-form id has nothing to negate either
 # (any string is an id to look up); the others must reach well into their examples.
-MINIMUM = {(method, path): {"positive": 60, "negative": 30} for method, path in OPERATIONS}
+MINIMUM = {(method, path): {"positive": 100, "negative": 60} for method, path in OPERATIONS}
 MINIMUM[("GET", "/v1/explain/stats")] = {"positive": 1}
-MINIMUM[("GET", "/v1/explanations/{explanation_id}")] = {"positive": 60}
+MINIMUM[("GET", "/v1/explanations/{explanation_id}")] = {"positive": 100}
 GENERATION = ("/v1/completions", "/v1/chat/completions")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
@@ -136,7 +137,7 @@ def _refusal(response) -> str:
     return re.sub(r"\(got .*?\)|'[^']*'|\d+", "_", message)[:120]
 
 
-@pytest.mark.timeout(1800)  # 146 s when written; a slow machine must not cut the run short
+@pytest.mark.timeout(1800)  # 146-278 s here; a slow machine must not cut the run short
 def test_fuzz_the_plugin_routes(server):
     schema = schemathesis.openapi.from_url(server + "/openapi.json", headers=AUTH, timeout=60)
     stalls = http.get(server + "/v1/explain/stats", timeout=30).json()["api_loop"]["stalls"]
