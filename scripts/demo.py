@@ -4,6 +4,7 @@ OpenAI SDK, and show the explanation in the terminal (and as HTML)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -15,11 +16,14 @@ from vllm_pelrp import Explanation
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "none"),
+                        help="the key the server was started with (--api-key), if any "
+                             "(default: $OPENAI_API_KEY)")
     parser.add_argument("--prompt", default="Why is the sky blue? Answer in one sentence.")
     parser.add_argument("--html", default="out/explanation.html")
     parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the server")
     args = parser.parse_args()
-    client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none")
+    client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key=args.api_key)
     deadline = time.time() + args.wait
     while True:
         try:

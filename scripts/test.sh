@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # LXT (the external AttnLRP reference) needs transformers 4.x: its own environment.
-bash bench/lxt_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+bash references/lxt_env.sh
+# --durations: the slowest tests, so a test that grows slow shows in every CI log.
+exec .venv/bin/python -m pytest -q --durations=30 "$@"

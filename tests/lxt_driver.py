@@ -1,6 +1,6 @@
-"""How the tests run LXT 2.1 (the reference AttnLRP): ``bench/lxt_reference.py``, the one LXT
-driver (also behind bench/faithfulness and bench/cpu_bench.py), in its own environment
-``.venv-lxt`` (LXT needs transformers 4.x; ``bash bench/lxt_env.sh`` makes it, scripts/test.sh
+"""How the tests run LXT 2.1 (the reference AttnLRP): ``references/lxt_reference.py``, the one LXT
+driver (also behind bench/quality/faithfulness and bench/perf/cpu_bench.py), in its own environment
+``.venv-lxt`` (LXT needs transformers 4.x; ``bash references/lxt_env.sh`` makes it, scripts/test.sh
 does). A helper module, not a test module: the test modules import it.
 
 - ``run_lxt(model_dir, cases, mode)``: one process, the driver's output as it is (decoders:
@@ -15,7 +15,7 @@ does). A helper module, not a test module: the test modules import it.
   ``_other``. Targets: ``{"kind": "logit", "position": p, "token_id": t}`` (or the flat
   ``target_position`` / ``target_token_id``), ``{"kind": "pooled", "dim": k, "pooling": "mean" |
   "cls"}``, ``{"kind": "cosine", "other_input_ids": [...], "pooling": ...}``, ``{"kind":
-  "class", "label": i}`` (see bench/lxt_reference.py).
+  "class", "label": i}`` (see references/lxt_reference.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LXT_PYTHON = ROOT / ".venv-lxt" / "bin" / "python"
-REFERENCE = ROOT / "bench" / "lxt_reference.py"
+REFERENCE = ROOT / "references" / "lxt_reference.py"
 
 
 def run_lxt_jobs(jobs: list[tuple]) -> list[dict]:
@@ -38,7 +38,7 @@ def run_lxt_jobs(jobs: list[tuple]) -> list[dict]:
     once; the outputs in order. A failed process raises ``RuntimeError`` with its stderr (after
     every process has ended)."""
     if not LXT_PYTHON.exists():
-        pytest.fail(f"{LXT_PYTHON} is missing: run `bash bench/lxt_env.sh` (scripts/test.sh does)")
+        pytest.fail(f"{LXT_PYTHON} is missing: run `bash references/lxt_env.sh` (scripts/test.sh does)")
     with tempfile.TemporaryDirectory(prefix="lxt-") as work:
         work = Path(work)
         running = []

@@ -1,7 +1,7 @@
-"""Faithfulness benchmark (bench/faithfulness): the flipping protocol, the metrics, the shipped
-tasks, the study's statistics, and one real check on the default model: on fixed 128-token
-next-token dev cases the default combination's gap beats our AttnLRP and gradient×input by a
-stated margin. No timing is asserted."""
+"""Faithfulness (references/faithfulness, which the runner bench/quality/faithfulness drives):
+the flipping protocol, the metrics, the shipped tasks, the study's statistics, and one real check
+on the default model: on fixed 128-token next-token dev cases the default combination's gap
+beats our AttnLRP and gradient×input by a stated margin. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.faithfulness.methods import COMBINATIONS, DEFAULT_COMBINATION, combine, pa_lrp_variants  # noqa: E402
-from bench.faithfulness.protocol import (  # noqa: E402
+from references.faithfulness.methods import COMBINATIONS, DEFAULT_COMBINATION, combine, pa_lrp_variants  # noqa: E402
+from references.faithfulness.protocol import (  # noqa: E402
     CURVES,
     FRACTIONS,
     CaseCurves,
@@ -27,7 +27,7 @@ from bench.faithfulness.protocol import (  # noqa: E402
     summarise,
     trapezoid_auc,
 )
-from bench.faithfulness.tasks import DATA, TASKS, load_items  # noqa: E402
+from references.faithfulness.tasks import DATA, TASKS, load_items  # noqa: E402
 
 NEUTRAL = 7
 
@@ -178,7 +178,7 @@ def test_prose_data(smollm2):
     assert min(long_enough.values()) >= 150, long_enough
 
 
-# ---- the study's statistics (bench/faithfulness/study.py) --------------------------------------
+# ---- the study's statistics (references/faithfulness/statistics.py) --------------------------------------
 def _records(gaps: dict[str, list[float]]) -> list[dict]:
     count = len(next(iter(gaps.values())))
     return [{"id": f"c{i}", "methods": {m: {"aucs": {"gap_nprob": v[i]}, "time_s": 1.0}
@@ -186,7 +186,7 @@ def _records(gaps: dict[str, list[float]]) -> list[dict]:
 
 
 def test_study_paired_statistics_and_choice(tmp_path):
-    from bench.faithfulness import study
+    from references.faithfulness import statistics as study
 
     base = [0.5, 0.9, 0.2, 0.7, 0.4, 0.6, 0.3, 0.8, 0.55, 0.65]
     records = _records({study.BASELINE: base,
@@ -237,16 +237,17 @@ def one_thread():
 
 @pytest.mark.slow
 def test_default_beats_attnlrp_and_gradient_x_input(smollm2, one_thread):
-    from bench.faithfulness import study
-    from bench.faithfulness.tasks import task_case
+    from references.faithfulness import statistics as study
+    from references.faithfulness.evaluate import bind, case_record
+    from references.faithfulness.tasks import task_case
 
-    study.bind(smollm2)
+    bind(smollm2)
     items = [i for i in load_items("prose") if i["split"] == "dev"
              and task_case("prose", i, smollm2.tokenizer, 128) is not None][:CHECK_CASES]
     names = ["PA-LRP", study.BASELINE, study.GRADIENT]
     gaps = {name: [] for name in names}
     for item in items:
-        record = study.case_record("prose", 128, item, names, DEFAULT_COMBINATION)
+        record = case_record("prose", 128, item, names, DEFAULT_COMBINATION)
         for name in names:
             gaps[name].append(record["methods"][name]["aucs"][study.KEY])
     mean = {name: float(np.mean(v)) for name, v in gaps.items()}
@@ -258,7 +259,7 @@ def test_default_beats_attnlrp_and_gradient_x_input(smollm2, one_thread):
 # ---- the retrieval task (all-MiniLM-L6-v2, the query–document cosine) ----------------------------
 def test_retrieval_data():
     """The frozen pairs: small, unique ids, both splits, and no query copies its document."""
-    from bench.faithfulness.data.build_retrieval import QUERY_TEMPLATE
+    from references.faithfulness.data.build_retrieval import QUERY_TEMPLATE
 
     assert (DATA / "retrieval.jsonl").stat().st_size <= 100_000
     items = load_items("retrieval")
@@ -275,13 +276,14 @@ def test_retrieval_data():
         assert 20 <= len(item["document"].split()) <= 60 and item["package"]
 
 
+@pytest.mark.slow
 def test_retrieval_end_to_end(one_thread):
     """Two dev pairs through the retrieval task's methods and flipping (no LXT, 4 IG steps):
     shapes, document-only in-place flipping, the unflipped cosine at the curves' ends, and
     random's curves unlike PA-LRP's."""
     from vllm_pelrp import load_explainer
 
-    from bench.faithfulness.retrieval import (
+    from references.faithfulness.retrieval import (
         PALRP, RANDOM, REFERENCE, RetrievalMethods, load_retrieval_cases, neutral_token,
         run_split, summarise)
 

@@ -1,8 +1,9 @@
-"""Grounding benchmark (bench/grounding): the shipped snapshot, the cases, ContextCite's ablated
-prompts, and one real check on the default model: on the first three dev cases our top-ranked
-document is the one the answer came from, and removing it costs the answer far more
-log-probability than removing a random document. ContextCite (its own environment, 64
-forwards per case) is not run here; `python -m bench.grounding` runs it. No timing is asserted.
+"""Grounding cases and their measurement (references/grounding, which the benchmark
+bench/quality/grounding runs): the shipped snapshot, the cases, ContextCite's ablated prompts,
+and one real check on the default model: on the first three dev cases our top-ranked document
+is the one the answer came from, and removing it costs the answer far more log-probability than
+removing a random document. ContextCite (its own environment, 64 forwards per case) is not run
+here; `python -m bench.quality.grounding` runs it. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.grounding.run import (  # noqa: E402
+from references.grounding.evaluate import (  # noqa: E402
     RANDOM,
     answer_source,
     prompt_for,
     run_case,
     subset_texts,
 )
-from bench.grounding.tasks import (  # noqa: E402
+from references.grounding.tasks import (  # noqa: E402
     DOCUMENTS_PER_CASE,
     load_cases,
     load_packages,

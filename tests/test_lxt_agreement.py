@@ -1,13 +1,13 @@
 """Our explanations against LXT 2.1's efficient AttnLRP (``lxt`` from PyPI), fp32.
 
-LXT needs transformers 4.x, so it runs in its own environment through ``bench/lxt_reference.py``
-(``tests/lxt_driver.py``) on the same checkpoint. Within 1e-3 relative L2 per token:
+All marked slow: LXT needs transformers 4.x, so it runs in its own environment (a subprocess)
+through ``references/lxt_reference.py`` (``tests/lxt_driver.py``) on the same checkpoint. Within 1e-3 relative L2 per token:
 
 * rotary decoders, ``attnlrp``: SmolLM2 (LLaMA), tiny random checkpoints of every family
   (``tests/tiny_models.py``: LLaMA, Qwen2, Qwen3, Gemma 3 with inputs longer than its sliding
-  window) and, marked slow, the real Gemma 3 270M; target logits equal;
+  window) and the real Gemma 3 270M; target logits equal;
 * additive position embeddings (tiny BERT, BERT classifier and GPT-2 of
-  ``tests/tiny_additive.py``; marked slow, the real all-MiniLM-L6-v2), through
+  ``tests/tiny_additive.py``; the real all-MiniLM-L6-v2), through
   ``load_explainer(DIR).explain``: our ``attnlrp`` (and GPT-2's ``cp-lrp``) gives a token all of
   R(x_t) = Σ_d (E + P (+ T)) ⊙ g, LXT's relevance at the embedding sum; our ``pa-lrp`` splits it,
   its token part Σ_d E ⊙ g being LXT's own gradient×input at ``inputs_embeds`` (the word
@@ -25,6 +25,9 @@ import torch
 
 from lxt_driver import as_arrays, lxt_relevance, relative_l2, run_lxt, run_lxt_jobs
 from vllm_pelrp.default_model import default_checkpoint_dir
+
+# every test here runs LXT in its own environment (a subprocess that loads transformers 4.x)
+pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-3
 TEXTS = [
@@ -92,7 +95,6 @@ GEMMA_TEXTS = [
 ]
 
 
-@pytest.mark.slow
 def test_attnlrp_matches_lxt_gemma3_270m():
     """Real Gemma 3 270M (converted once into the user cache), two short texts, BOS first."""
     from vllm_pelrp import load_explainer
@@ -228,7 +230,6 @@ def test_additive_matches_lxt_tiny(tiny_additive_vs_lxt, case):
     check_against_lxt(case, ours, lxt, mode)
 
 
-@pytest.mark.slow
 def test_additive_matches_lxt_minilm():
     """The real all-MiniLM-L6-v2 (mean pooling, normalised) through the public API: a pooled
     dimension and the cosine of two texts, both sides; LXT in one process."""

@@ -110,7 +110,10 @@ def test_gauge_refresh_survives_a_hung_a_cancelled_and_a_failed_worker_call(monk
         task = asyncio.create_task(pelrp_metrics.refresh_activation_gauges(
             Service(), interval=0.01, rpc_timeout=0.05))
         value = registry.get_sample_value
-        for _ in range(200):
+        # the fourth call answers after about 0.1 s (a 0.05 s timeout, then three 0.01 s
+        # periods); the loop gives it 30 s, so a loaded machine cannot fail the test, only a
+        # refresh that stopped
+        for _ in range(3000):
             await asyncio.sleep(0.01)
             if value("pelrp_recorded_activation_bytes") == 7:
                 break
@@ -323,8 +326,9 @@ def test_recorded_activation_gauge_follows_a_request(server, request):
         f"{http.get(server + '/v1/explain/stats', timeout=30).text}; server warnings:\n"
         f"{server_warnings(request.config)}")
     assert max(reserved) == base_reserved + expected, timeline
-    # both gauges are refreshed by a background task (every 0.5 s), not by the scrape
-    deadline = time.time() + 10
+    # both gauges are refreshed by a background task (every 0.5 s), not by the scrape; 60 s is
+    # 120 refresh periods, a bound for a refresh that stopped, not a measurement
+    deadline = time.time() + 60
     while sample(scrape(server), "pelrp_recorded_activation_bytes") > base_recorded:
         assert time.time() < deadline, "recorded-bytes gauge did not come back down"
         time.sleep(0.5)

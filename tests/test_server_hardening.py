@@ -87,7 +87,9 @@ def test_explanations_are_private_to_their_api_key(server):
 
 def test_a_5_mb_document_does_not_stall_the_event_loop(server):
     """Finding 3: a 5 MB document with ``explain`` took 9.35 s to get its 400, and /health
-    waited 8.9 s meanwhile. Now /health answers within 0.5 s throughout."""
+    waited 8.9 s meanwhile. Now the server's own loop watch logs no stall while it is refused,
+    and /health keeps answering: within 3 s (a bound for the 9 s stall, not a measurement; a
+    /health round trip takes milliseconds when the loop is free)."""
     stalls = _stats(server)["api_loop"]["stalls"]
     document = ("The committee reviewed the annual budget and the library's new wing. " * 80_000)
     assert len(document) >= 5_000_000
@@ -117,7 +119,7 @@ def test_a_5_mb_document_does_not_stall_the_event_loop(server):
         watcher.join()
     assert reply.status_code == 400, reply.text[:300]
     assert "characters" in reply.json()["error"]["message"]
-    assert max(latencies) <= 0.5, (max(latencies), took)
+    assert max(latencies) <= 3.0, (max(latencies), took)
     assert _stats(server)["api_loop"]["stalls"] == stalls
 
 

@@ -30,7 +30,9 @@ import torch
 
 from vllm_pelrp import settings
 
-pytestmark = pytest.mark.slow
+# two compiled servers start in the first test's setup (up to STARTUP_SECONDS): more than the
+# default 900 s limit allows on a busy machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MODEL = "SmolLM2-135M-Instruct"
 CAP_MB = 96  # recorded-activation cap of the test server: 96 MiB = 1456 tokens of SmolLM2

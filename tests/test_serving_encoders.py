@@ -233,6 +233,7 @@ def test_worker_reads_the_served_pooling_and_cuts_padded_tables():
 
 
 # ---- the served tiny BertModel ---------------------------------------------------------------
+@pytest.mark.slow
 def test_plain_embeddings_unchanged(served):
     """Without explain: vLLM's response (its fields, the model's embeddings); with explain the
     same response, each item with an ``explanation`` added."""
@@ -253,6 +254,7 @@ def test_plain_embeddings_unchanged(served):
     assert explained == data
 
 
+@pytest.mark.slow
 def test_embedding_similarity_equals_offline(served):
     """{'similarity': j}: every other input explained against input j (its own item: null);
     {'similarity': text}; each equal to the offline pipeline, its value the served cosine."""
@@ -279,6 +281,7 @@ def test_embedding_similarity_equals_offline(served):
         TEXTS[3], target={"similarity": QUERY}, mode="attnlrp"))
 
 
+@pytest.mark.slow
 def test_explain_route_takes_encoder_targets(served):
     base, _, explainer = served
     reply = _post(base, "/v1/explain", {"prompt": TEXTS[0], "target": {"dimension": 7},
@@ -296,6 +299,7 @@ def test_explain_route_takes_encoder_targets(served):
     assert abs(short["target"]["value"] - reference.target.value) < SCORE_TOL
 
 
+@pytest.mark.slow
 def test_score_and_rerank_explanations(served):
     """Each score's explanation: the query's, the document's in ``other``; value == score."""
     base, _, explainer = served
@@ -355,6 +359,7 @@ ERRORS = [
 ]
 
 
+@pytest.mark.slow
 def test_errors_are_400s_and_the_server_stays_up(served):
     base, _, explainer = served
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

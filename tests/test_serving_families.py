@@ -23,7 +23,8 @@ import vllm  # noqa: F401  (scripts/test.sh installs it)
 
 from test_serving import _rel, _start_command, _stop, _wait
 
-pytestmark = pytest.mark.slow
+# a server per family starts in the setup of its first test (one of them compiled)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REL_TOL = 1e-4
 FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled", "gpt2": "compiled"}

@@ -16,7 +16,8 @@ import httpx
 
 from test_serving import REL_TOL, _rel, _start_command, _stop, _wait  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# a two-rank server per family starts in each test's setup
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])

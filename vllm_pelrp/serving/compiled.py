@@ -23,8 +23,8 @@ _ACTIVE: list[Any] = [None]
 
 # Defined with torch.library.Library rather than torch.library.custom_op: the op runs 30 times
 # per model step for every request, and custom_op's Python wrappers (autograd, dispatch) made
-# each call cost ~22 us and 9 Python frames, against ~4 us and 2 here (bench/record_op_cost.py).
-# (The frame-stack chunk mappings that bench/worker_syscalls.py counts come from the size of the
+# each call cost ~22 us and 9 Python frames, against ~4 us and 2 here (bench/perf/record_op_cost.py).
+# (The frame-stack chunk mappings that bench/perf/worker_syscalls.py counts come from the size of the
 # generated graph's frame, not from this op's depth: this change left their count unchanged.)
 _LIBRARY = torch.library.Library("pelrp", "DEF")
 _LIBRARY.define(
@@ -75,7 +75,7 @@ def install_traced_hooks(model: torch.nn.Module, decoder: str = "model") -> bool
 # Inductor's generated ``call()`` for the 30 layers has a frame of about 8 KiB, and in vLLM's
 # worker it starts about 8 KiB into a chunk, so it ends a few bytes short of the chunk's end:
 # every Python-level op it calls (matrix products, KV-cache update, attention, the recording op)
-# then maps and unmaps a chunk, 8 times per layer per step (bench/worker_syscalls.py). Calling
+# then maps and unmaps a chunk, 8 times per layer per step (bench/perf/worker_syscalls.py). Calling
 # the model's forward through a frame larger than a chunk always opens a fresh 64 KiB chunk with
 # about 40 KiB free, so the compiled graph and its callees run without new mappings. A larger
 # ``co_stacksize`` only reserves stack slots; they are never written, so their pages are never

@@ -12,8 +12,8 @@ Routes (attached by the endpoint plugin):
 
 Privacy model. Every full explanation the server returns (generated or ``/v1/explain``) gets an
 ``id`` (``expl-`` + 32 hex digits from ``secrets``: 128 random bits) and is kept in memory, in a
-store bounded in count (``PELRP_RECENT_EXPLANATIONS``, default 256), in bytes of JSON
-(``PELRP_RECENT_MB``, default 64) and in time (``PELRP_RECENT_TTL_S``, default 3600 s). Who may
+store bounded in count (``VLLM_PELRP_RECENT_EXPLANATIONS``, default 256), in bytes of JSON
+(``VLLM_PELRP_RECENT_MB``, default 64) and in time (``VLLM_PELRP_RECENT_TTL_S``, default 3600 s). Who may
 read it:
 - with ``--api-key`` (or ``VLLM_API_KEY``): only requests bearing the API key that made it
   (the store keeps the key's SHA-256, never the key). ``GET /v1/explanations`` lists the

@@ -1,0 +1,1 @@
+"""Quality benchmarks: faithfulness (token flipping) and grounding (source attribution)."""

