@@ -131,6 +131,11 @@ class ExplainMessage(BaseModel):
         return message
 
 
+USER_DESCRIPTION = ("OpenAI's end-user field: who, behind the API key, asked. Recorded with the "
+                    "explanation; the operator listing (GET /v1/explanations?user=…) filters by "
+                    "it.")
+
+
 class ExplainRequest(BaseModel):
     """``POST /v1/explain``: explain a given prompt and completion without generating.
 
@@ -178,6 +183,7 @@ class ExplainRequest(BaseModel):
     grounding_threshold: Threshold | None = Field(
         None, description="As in `explain.grounding_threshold`.")
     sentences: StrictBool = Field(True, description="As in `explain.sentences`.")
+    user: StrictStr | None = Field(None, description=USER_DESCRIPTION)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExplainRequest":
