@@ -73,9 +73,12 @@ def test_explanations_are_private_to_their_api_key(server):
         "messages": [{"role": "user", "content": secret}], "completion": "Noted."})
     assert made.status_code == 200, made.text
     mine = made.json()["id"]
-    own = http.get(server + "/v1/explanations", timeout=30).json()["data"]
+    own = http.get(server + "/v1/explanations", params={"ids": mine}, timeout=30).json()["data"]
     assert mine in [item["id"] for item in own]
-    theirs = http.get(server + "/v1/explanations", headers=OTHER_AUTH, timeout=30)
+    unnamed = http.get(server + "/v1/explanations", timeout=30)  # ids are capabilities
+    assert unnamed.status_code == 400 and "4921" not in unnamed.text
+    theirs = http.get(server + "/v1/explanations", params={"ids": mine}, headers=OTHER_AUTH,
+                      timeout=30)
     assert theirs.status_code == 200
     assert mine not in theirs.text and "4921" not in theirs.text
     read = http.get(f"{server}/v1/explanations/{mine}", headers=OTHER_AUTH, timeout=30)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 
 logger = logging.getLogger("vllm_pelrp.serving")
 ERROR_ID_PREFIX = "err-"
@@ -32,10 +33,11 @@ def internal_failure(what: str, error: BaseException | None = None) -> str:
     """Log ``error`` (default: the exception being handled), with its traceback, under a new
     error id, and return the message a client gets instead of its text. ``what``: what failed,
     in a few words ("the explanation", "setting up explanations")."""
+    if error is None:
+        error = sys.exc_info()[1]
     error_id = new_error_id()
     logger.error("vllm-pelrp: %s failed (error id %s): %s", what, error_id,
-                 "" if error is None else f"{type(error).__name__}: {error}",
-                 exc_info=error if error is not None else True)
+                 "" if error is None else f"{type(error).__name__}: {error}", exc_info=error)
     return client_message(what, error_id)
 
 
