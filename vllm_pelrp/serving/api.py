@@ -10,8 +10,9 @@ handlers with ``return_token_ids``, then explained on the worker and returned wi
 ``GET /v1/explain/stats`` (recorded bytes: a debug view used by the tests).
 
 Every route here answers errors in OpenAI's shape (``{"error": {"message", "type", "param",
-"code"}}``), body-parse and validation errors included (``OpenAIErrorRoute``), and does nothing
-heavy on the event loop: the input is bounded by its character count before it is tokenized, and
+"code"}}``), body-parse and validation errors included (``OpenAIErrorRoute`` in ``http.py``;
+internal failures as a generic message with an error id), and does nothing heavy on the event
+loop: the input is bounded by its character count before it is tokenized, and
 tokenization, grounding plans, assembly and serialisation run on the service's threads.
 """
 

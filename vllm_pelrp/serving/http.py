@@ -11,7 +11,6 @@ traceback only the server's log (``failures.py``).
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from fastapi import Request
@@ -27,8 +26,6 @@ from ..assemble import ExplainInputError
 from .failures import internal_failure
 from .protocol import EXPLAIN_REQUEST_TARGETS, UNION_FIELDS, ExplainRequest, describe_errors
 from .service import ExplainError
-
-logger = logging.getLogger("vllm_pelrp.serving")
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
                404: "NotFoundError", 429: "TooManyRequests", 500: "InternalServerError"}
