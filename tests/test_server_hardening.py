@@ -150,7 +150,8 @@ def test_every_plugin_route_honours_the_api_key(server):
     """Every route the plugin adds (enumerated from the plugin itself, so a new route is
     covered too) answers 401 without the key, or with a wrong one, like vLLM's own routes; the
     page and its static files hold no data and are served to anyone (they ask for the key)."""
-    from vllm_pelrp.serving.api import OpenAIErrorRoute, PelrpEndpointPlugin
+    from vllm_pelrp.serving.api import PelrpEndpointPlugin
+    from vllm_pelrp.serving.http import OpenAIErrorRoute
 
     app = FastAPI()
     PelrpEndpointPlugin().attach_router(app)
