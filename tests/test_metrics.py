@@ -56,23 +56,24 @@ def test_observed_decorator_records_and_hands_explanations_to_sinks(monkeypatch)
     registry = CollectorRegistry()
     monkeypatch.setattr(pelrp_metrics, "_metrics", PelrpMetrics(registry))
     seen = []
-    monkeypatch.setattr(pelrp_metrics, "_sinks", [lambda e, owner: seen.append((e, owner))])
+    monkeypatch.setattr(pelrp_metrics, "_sinks", [lambda e, owner, user: seen.append((e, owner, user))])
 
     class Options:
         mode = "cp-lrp"
 
     class Service:
         @observed
-        async def explain_choices(self, key, choices, options, owner=None):
+        async def explain_choices(self, key, choices, options, owner=None, user=None):
             return {0: _explanation(0.5), 1: {"error": "no recording"}}
 
         @observed
         async def explain_tokens(self, prompt_ids, completion_ids, options, target):
             raise ValueError("bad prompt")
 
-    out = asyncio.run(Service().explain_choices("k", [], options=Options(), owner="key:x"))
+    out = asyncio.run(Service().explain_choices("k", [], options=Options(), owner="key:x",
+                                                user="alice"))
     assert set(out) == {0, 1}
-    assert seen == [(out[0], "key:x")]  # errors are not kept; the owner comes along
+    assert seen == [(out[0], "key:x", "alice")]  # errors are not kept; owner and user come along
     with pytest.raises(ValueError):
         asyncio.run(Service().explain_tokens([1], [2], Options(), "completion"))
     value = registry.get_sample_value

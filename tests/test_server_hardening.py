@@ -73,9 +73,12 @@ def test_explanations_are_private_to_their_api_key(server):
         "messages": [{"role": "user", "content": secret}], "completion": "Noted."})
     assert made.status_code == 200, made.text
     mine = made.json()["id"]
-    own = http.get(server + "/v1/explanations", timeout=30).json()["data"]
+    own = http.get(server + "/v1/explanations", params={"ids": mine}, timeout=30).json()["data"]
     assert mine in [item["id"] for item in own]
-    theirs = http.get(server + "/v1/explanations", headers=OTHER_AUTH, timeout=30)
+    unnamed = http.get(server + "/v1/explanations", timeout=30)  # ids are capabilities
+    assert unnamed.status_code == 400 and "4921" not in unnamed.text
+    theirs = http.get(server + "/v1/explanations", params={"ids": mine}, headers=OTHER_AUTH,
+                      timeout=30)
     assert theirs.status_code == 200
     assert mine not in theirs.text and "4921" not in theirs.text
     read = http.get(f"{server}/v1/explanations/{mine}", headers=OTHER_AUTH, timeout=30)
@@ -149,7 +152,8 @@ def test_every_plugin_route_honours_the_api_key(server):
     """Every route the plugin adds (enumerated from the plugin itself, so a new route is
     covered too) answers 401 without the key, or with a wrong one, like vLLM's own routes; the
     page and its static files hold no data and are served to anyone (they ask for the key)."""
-    from vllm_pelrp.serving.api import OpenAIErrorRoute, PelrpEndpointPlugin
+    from vllm_pelrp.serving.api import PelrpEndpointPlugin
+    from vllm_pelrp.serving.http import OpenAIErrorRoute
 
     app = FastAPI()
     PelrpEndpointPlugin().attach_router(app)

@@ -212,7 +212,8 @@ def test_worker_reads_the_served_pooling_and_cuts_padded_tables():
     from vllm.config.pooler import PoolerConfig
 
     from vllm_pelrp.engine.heads import Pooling
-    from vllm_pelrp.serving.encoder_worker import _fit_tables, served_pooling
+    from vllm_pelrp.serving.encoder_worker import served_pooling
+    from vllm_pelrp.serving.served_weights import fit_tables
 
     def config(**fields):
         return SimpleNamespace(pooler_config=PoolerConfig(**fields))
@@ -228,7 +229,7 @@ def test_worker_reads_the_served_pooling_and_cuts_padded_tables():
            "model.embeddings.position_embeddings.weight": torch.zeros(64, 8),
            "model.embeddings.token_type_embeddings.weight": torch.zeros(64, 8),
            "model.encoder.layer.0.output.dense.weight": torch.zeros(8, 16)}
-    _fit_tables(raw, spec, 1)
+    fit_tables(raw, spec, 1)
     assert [t.shape[0] for t in raw.values()] == [100, 40, 2, 8]
 
 

@@ -10,8 +10,9 @@ handlers with ``return_token_ids``, then explained on the worker and returned wi
 ``GET /v1/explain/stats`` (recorded bytes: a debug view used by the tests).
 
 Every route here answers errors in OpenAI's shape (``{"error": {"message", "type", "param",
-"code"}}``), body-parse and validation errors included (``OpenAIErrorRoute``), and does nothing
-heavy on the event loop: the input is bounded by its character count before it is tokenized, and
+"code"}}``), body-parse and validation errors included (``OpenAIErrorRoute`` in ``http.py``;
+internal failures as a generic message with an error id), and does nothing heavy on the event
+loop: the input is bounded by its character count before it is tokenized, and
 tokenization, grounding plans, assembly and serialisation run on the service's threads.
 """
 
@@ -25,11 +26,9 @@ from argparse import Namespace
 from typing import Any, AsyncIterator, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, field_validator, model_validator
-from starlette.exceptions import HTTPException  # what FastAPI raises (fastapi's subclasses it)
+from pydantic import Field, field_validator, model_validator
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
@@ -41,23 +40,22 @@ from vllm.entrypoints.openai.completion.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
 )
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from ..explanation import Explanation
-from .protocol import (
-    EXPLAIN_REQUEST_TARGETS,
-    UNION_FIELDS,
-    CompactExplanation,
-    ExplainOptions,
-    ExplainRequest,
-    describe_errors,
-    extract_explain,
-)
+from .protocol import CompactExplanation, ExplainOptions, ExplainRequest, extract_explain
 from ..errors import ExplainInputError
 from .. import prompts
 from .service import Choice, ChoiceError, ExplainError, ExplainService
-from . import webview
+from . import encoder_api, webview
+from .http import (
+    ERRORS,
+    OpenAIErrorRoute,
+    documented_errors as _errors,
+    dumps as _dumps,
+    error_response,
+    refused,
+)
 from .loopwatch import LoopWatch
 from .metrics import get_metrics, refresh_activation_gauges
 from .webview import owner_of
@@ -155,94 +153,6 @@ class ExplainedChatResponse(ChatCompletionResponse):
     choices: list[ExplainedChatChoice]
 
 
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 429: "TooManyRequests", 500: "InternalServerError"}
-
-
-def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(
-        status, "BadRequestError"), "param": param, "code": status}}, status_code=status)
-
-
-def refused(error: ExplainError | ExplainInputError, prefix: str = "") -> JSONResponse:
-    """The answer to a refused request: an ``ExplainError`` as it says; the user's
-    ``ExplainInputError`` (by its type, whatever its message) a 400 naming its field, under
-    ``prefix`` (where the route keeps the explain fields: "explain." in a completions request)."""
-    if isinstance(error, ExplainInputError):
-        error = ExplainError.of_input(error, prefix)
-    return error_response(error.message, error.status, error.param)
-
-
-class UnauthorizedResponse(BaseModel):
-    """vLLM's answer to a request under ``/v1`` without a valid ``--api-key`` bearer token."""
-
-    error: str = Field(description="'Unauthorized'")
-
-
-ERRORS = {  # the 4xx/5xx answers of the plugin's routes, documented in the OpenAPI schema
-    400: {"model": ErrorResponse, "description": "The request is invalid: the message names the "
-          "field, what was wrong and what is allowed."},
-    401: {"model": UnauthorizedResponse, "description": "The server runs with --api-key and the "
-          "request has no valid `Authorization: Bearer` key (vLLM's own answer)."},
-    403: {"model": ErrorResponse, "description": "Not allowed (the operator listing)."},
-    404: {"model": ErrorResponse, "description": "No such explanation that the caller may read."},
-    429: {"model": ErrorResponse, "description": "The recording memory is busy; retry later."},
-    500: {"model": ErrorResponse, "description": "The explanation failed on the worker."},
-}
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: ERRORS[code] for code in codes}
-
-
-class OpenAIErrorRoute(APIRoute):
-    """The plugin's routes: a body that cannot be parsed or validated is answered in OpenAI's
-    error shape with a plain message that names the field, not with FastAPI's ``{"detail":
-    ...}`` or a Python repr of pydantic's errors."""
-
-    def described(self) -> tuple[dict[str, list[str]], dict[str, str]]:
-        """The body's fields by place, and what a field allows, for the messages."""
-        if self.path == "/v1/explain":
-            return {"": list(ExplainRequest.model_fields)}, {"target": EXPLAIN_REQUEST_TARGETS}
-        return {}, {}
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-        fields, allowed = self.described()
-
-        async def route_handler(request: Request):
-            try:
-                return await handler(request)
-            except RequestValidationError as error:
-                errors = list(error.errors())
-                message = describe_errors(errors, fields=fields, allowed=allowed)
-                return error_response(message or "the request is invalid", 400,
-                                      _first_param(errors))
-            except HTTPException as error:  # e.g. "There was an error parsing the body"
-                if error.status_code >= 500:
-                    raise
-                return error_response(f"{error.detail}: the request body must be a JSON object "
-                                      "in UTF-8 (Content-Type: application/json)"
-                                      if error.status_code == 400 else str(error.detail),
-                                      error.status_code)
-
-        return route_handler
-
-
-def _first_param(errors: list[dict[str, Any]]) -> str | None:
-    for item in errors:
-        cause = (item.get("ctx") or {}).get("error")
-        if getattr(cause, "param", None):
-            return cause.param
-        names = [str(p) for p in item.get("loc") or () if isinstance(p, str) and p != "body"
-                 and p.isidentifier()]
-        if names and names[0] in UNION_FIELDS:  # not a branch of the union ("SpanTarget")
-            return names[0]
-        if names:
-            return ".".join(names[:2])
-    return None
-
-
 def _service(raw_request: Request) -> ExplainService | None:
     return getattr(raw_request.app.state, "pelrp_service", None)
 
@@ -301,8 +211,6 @@ class PelrpEndpointPlugin:
             if service is None:
                 return error_response("explanations are not initialised", 500)
             return JSONResponse(await service.stats())
-
-        from . import encoder_api
 
         # a pooling model (BERT family): /v1/embeddings, /score, /rerank and its /v1/explain
         encoder_api.attach(app, router, OpenAIErrorRoute, ERRORS)
@@ -367,9 +275,7 @@ class PelrpEndpointPlugin:
         original = self.original.get(path)
         options: ExplainOptions | None = request.explain
         if original is None:  # vLLM serves no such route here (a pooling model)
-            from .encoder_api import decoder_route_refused
-
-            return decoder_route_refused(path, options)
+            return encoder_api.decoder_route_refused(path, options)
         if options is None:
             return await original(request, raw_request)
         service = _service(raw_request)
@@ -405,6 +311,7 @@ class PelrpEndpointPlugin:
 
         wants_ids = bool(request.return_token_ids)
         owner = owner_of(raw_request)
+        user = getattr(request, "user", None)  # OpenAI's end-user field: recorded with the explanations
         request.explain = None
         request.vllm_xargs = {**(request.vllm_xargs or {}), "pelrp_key": key}
         request.return_token_ids = True
@@ -419,7 +326,7 @@ class PelrpEndpointPlugin:
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._stream(response.body_iterator, service, key,
                                                   options, chat, wants_ids, message_contents,
-                                                  owner)
+                                                  owner, user)
             return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             await service.release(key)
@@ -431,7 +338,7 @@ class PelrpEndpointPlugin:
             choices.append(Choice(choice["index"], list(prompt), list(choice.get("token_ids") or [])))
         try:
             explained = await service.explain_choices(key, choices, options, message_contents,
-                                                      owner=owner)
+                                                      owner=owner, user=user)
         except asyncio.CancelledError:  # the client went away while explaining
             service.release_soon(key)
             raise
@@ -458,7 +365,7 @@ class PelrpEndpointPlugin:
     async def _stream(self, body: AsyncIterator, service: ExplainService, key: str,
                       options: ExplainOptions, chat: bool, wants_ids: bool,
                       message_contents: list[str | None] | None = None,
-                      owner: str | None = None):
+                      owner: str | None = None, user: str | None = None):
         prompts: dict[int, list[int]] = {}
         completions: dict[int, list[int]] = {}
         shared_prompt: list[int] = []
@@ -479,7 +386,8 @@ class PelrpEndpointPlugin:
                         choices = [Choice(i, prompts.get(i) or shared_prompt, completions.get(i, []))
                                    for i in sorted(set(prompts) | set(completions))]
                         explained = await service.explain_choices(key, choices, options,
-                                                                  message_contents, owner=owner)
+                                                                  message_contents, owner=owner,
+                                                                  user=user)
                         finished = True
                         final = await service.offload(_dumps, _final_chunk(last, explained, chat))
                         out.append("data: " + final + "\n\n")
@@ -522,7 +430,7 @@ class PelrpEndpointPlugin:
             service.check_chars(chars, "the messages and completion" if messages is not None
                                 else "the prompt and completion")
             prompt_ids, completion_ids, message_contents = await service.offload(
-                _tokenize_given, request, messages, service.tokenizer)
+                _tokenize_given, request, messages, service)
             options = ExplainOptions(mode=request.mode, per_layer=request.per_layer,
                                      top_k=request.top_k,
                                      target="completion" if request.target == "next"
@@ -532,17 +440,12 @@ class PelrpEndpointPlugin:
                                      sentences=request.sentences)
             result = await service.explain_tokens(prompt_ids, completion_ids, options,
                                                   request.target, message_contents,
-                                                  owner=owner_of(raw_request))
+                                                  owner=owner_of(raw_request),
+                                                  user=request.user)
         except (ExplainError, ExplainInputError) as error:
             return refused(error)
         return Response(await service.offload(_dumps, result), media_type="application/json",
                         headers=low_grounding_header([result]))
-
-
-def _dumps(body: Any) -> str:
-    """JSON as FastAPI's JSONResponse writes it (run on the service's threads: an explanation
-    can be large)."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _text_chars(content: Any) -> int:
@@ -589,9 +492,11 @@ def _prepare_request(request, options: ExplainOptions, service: ExplainService,
 
 
 def _tokenize_given(request: ExplainRequest, messages: list[dict[str, Any]] | None,
-                    tokenizer: Any) -> tuple[list[int], list[int], list[str | None] | None]:
-    """``/v1/explain``'s prompt and completion token ids (on the service's threads), built as
-    the offline ``Explainer`` builds them (``prompts``)."""
+                    service: ExplainService,
+                    ) -> tuple[list[int], list[int], list[str | None] | None]:
+    """``/v1/explain``'s prompt and completion token ids (on the service's threads, each with its
+    own tokenizer), built as the offline ``Explainer`` builds them (``prompts``)."""
+    tokenizer = service.tokenizer
     if messages is None and not isinstance(request.prompt, str):
         prompt_ids = [int(i) for i in request.prompt]
         prompts.with_documents(None, None, request.documents)  # raises: documents need text

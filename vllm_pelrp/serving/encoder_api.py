@@ -43,14 +43,22 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_c
 from .. import pipeline
 from ..errors import ExplainInputError, PromptError, TargetError
 from ..explanation import EncoderTargetSpec, Explanation
+from .http import dumps, error_response, refused
 from .metrics import get_metrics, observed
-from .protocol import CompactExplanation, Mode, TopK, TokenId, describe_errors
-from .service import ExplainError, ExplainService, compact
+from .protocol import (
+    ENCODER_KIND,
+    USER_DESCRIPTION,
+    CompactExplanation,
+    Mode,
+    TokenId,
+    TopK,
+    describe_errors,
+)
+from .service import ChoiceError, ExplainError, ExplainService, compact
 from .webview import owner_of
 
 logger = logging.getLogger("vllm_pelrp.serving")
 
-ENCODER_KIND = "encoder"  # ExplainService.info["kind"] (encoder_worker.py)
 # vLLM's pooling routes this module wraps, by the kind of request they take
 ROUTES = {"/v1/embeddings": "embeddings", "/score": "score", "/v1/score": "score",
           "/rerank": "rerank", "/v1/rerank": "rerank", "/v2/rerank": "rerank"}
@@ -102,6 +110,7 @@ class EncoderExplainRequest(BaseModel):
     target: EncoderTargetSpec = Field(description=EXPLAIN_TARGETS)
     mode: Mode = "pa-lrp"
     top_k: TopK | None = None
+    user: StrictStr | None = Field(None, description=USER_DESCRIPTION)
 
 
 class EncoderCompactExplanation(CompactExplanation):
@@ -248,8 +257,6 @@ def decoder_route_refused(path: str, explain: Any) -> Response:
     pooling model): vLLM's own 404 without ``explain``, a 400 naming the encoder routes with."""
     if explain is None:
         return JSONResponse({"detail": "Not Found"}, status_code=404)
-    from .api import error_response
-
     return error_response(
         f"{path} is not served here: this server runs an encoder (vLLM's pooling runner), "
         f"which generates nothing to explain; explanations are on {ENCODER_ROUTES_TEXT} "
@@ -371,8 +378,6 @@ class EncoderHandlers:
 
     # ---- /v1/embeddings ----------------------------------------------------------------------
     async def embeddings(self, request: Any, raw_request: Request):
-        from .api import error_response, refused
-
         raw = (request.model_extra or {}).pop("explain", None)
         service = _service(raw_request)
         if service is None:
@@ -394,12 +399,10 @@ class EncoderHandlers:
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             return response
         return await self._respond(service, response, "data", "index",
-                                   dict(enumerate(plans)), options, raw_request)
+                                   dict(enumerate(plans)), options, raw_request, _user(request))
 
     # ---- /score and /rerank ----------------------------------------------------------------
     async def scores(self, request: Any, raw_request: Request, kind: str):
-        from .api import error_response, refused
-
         raw = (request.model_extra or {}).pop("explain", None)
         service = _service(raw_request)
         if service is None:
@@ -420,12 +423,11 @@ class EncoderHandlers:
             return response
         items = "data" if kind == "score" else "results"
         return await self._respond(service, response, items, "index", dict(enumerate(plans)),
-                                   options, raw_request)
+                                   options, raw_request, _user(request))
 
     async def _respond(self, service: ExplainService, response: JSONResponse, items: str,
-                       key: str, plans: dict[int, Any], options: Any, raw_request: Request):
-        from .api import _dumps, refused
-
+                       key: str, plans: dict[int, Any], options: Any, raw_request: Request,
+                       user: str | None = None):
         body = json.loads(response.body)
         returned = [item.get(key) for item in body.get(items) or []]
         wanted = {i: plans[i] for i in returned if plans.get(i) is not None}
@@ -436,7 +438,8 @@ class EncoderHandlers:
                 return refused(error)
         try:
             explained = await explain_encoder(service, wanted, options,
-                                              owner=owner_of(raw_request))
+                                              owner=owner_of(raw_request),
+                                              user=user)
         except ExplainError as error:
             return refused(error)
         failed = [e for e in explained.values() if "error" in e]
@@ -446,13 +449,11 @@ class EncoderHandlers:
             item["explanation"] = explained.get(item.get(key))
         headers = {k: v for k, v in response.headers.items()
                    if k.lower() not in ("content-length", "content-type")}
-        return Response(await service.offload(_dumps, body), media_type="application/json",
+        return Response(await service.offload(dumps, body), media_type="application/json",
                         headers=headers)
 
     # ---- /v1/explain -------------------------------------------------------------------------
     async def explain_given(self, request: EncoderExplainRequest, raw_request: Request):
-        from .api import _dumps, error_response, refused
-
         service = _service(raw_request)
         if service is None:
             return error_response("explanations are not initialised on this server", 500)
@@ -471,7 +472,8 @@ class EncoderHandlers:
             return refused(error)
         try:
             explained = await explain_encoder(service, {0: plan}, request,
-                                              owner=owner_of(raw_request))
+                                              owner=owner_of(raw_request),
+                                              user=_user(request))
         except ExplainError as error:
             return refused(error)
         result = explained[0]
@@ -480,7 +482,16 @@ class EncoderHandlers:
             if cause is not None:
                 return refused(cause)
             return error_response(result["error"], 500)
-        return Response(await service.offload(_dumps, result), media_type="application/json")
+        return Response(await service.offload(dumps, result), media_type="application/json")
+
+
+def _user(request: Any) -> str | None:
+    """OpenAI's end-user field, where the request carries one (recorded with the explanations:
+    the operator listing filters by it)."""
+    user = getattr(request, "user", None)
+    if user is None:
+        user = (getattr(request, "model_extra", None) or {}).get("user")
+    return user if isinstance(user, str) else None
 
 
 def _target_chars(target: dict[str, Any]) -> int:
@@ -582,11 +593,10 @@ async def run_encoder_jobs(service: ExplainService, jobs: list[pipeline.EncoderJ
 
 @observed  # metrics, ids and the web view's store (serving/metrics.py)
 async def explain_encoder(service: ExplainService, plans: dict[int, pipeline.EncoderPlan],
-                          options: Any, owner: str | None = None) -> dict[int, dict[str, Any]]:
+                          options: Any, owner: str | None = None, user: str | None = None,
+                          ) -> dict[int, dict[str, Any]]:
     """Explanations (wire dicts) by item index; an item whose job failed gets a
     ``ChoiceError`` (``cause``: the request's ``ExplainInputError``, when it was at fault)."""
-    from .service import ChoiceError
-
     if not plans:
         return {}
     indices = list(plans)

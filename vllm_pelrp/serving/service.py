@@ -22,7 +22,9 @@ from ..explanation import Explanation, SpanTarget
 from ..grounding import MAX_SENTENCES, grounding_threshold_from_env
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, Plan
 from .. import settings
+from .failures import internal_failure
 from .keys import new_secret, sign_key
+from .tokenizers import ThreadTokenizers
 from .metrics import get_metrics, observed
 from .protocol import CompactExplanation, ExplainOptions, TopToken
 
@@ -89,7 +91,7 @@ class Choice:
 class ExplainService:
     def __init__(self, engine_client: Any, tokenizer: Any, model_name: str) -> None:
         self.engine = engine_client
-        self.tokenizer = tokenizer
+        self.tokenizers = ThreadTokenizers(tokenizer)  # never vLLM's own object (tokenizers.py)
         self.model_name = model_name
         self.info: dict[str, Any] = {"error": "not initialised"}
         self.reserved: dict[str, int] = {}
@@ -102,6 +104,12 @@ class ExplainService:
         self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="pelrp-api")
         self._max_token_chars: int | None = None
 
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer, the calling thread's own copy (``tokenizers.py``): read
+        it on the thread that tokenizes, never hand it to another thread."""
+        return self.tokenizers.get()
+
     async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the service's threads: tokenization, grounding plans and assembly
         never block the event loop that serves every client."""
@@ -109,16 +117,25 @@ class ExplainService:
         return await loop.run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
 
     async def setup(self) -> None:
+        # this process's secret for the recording keys: it goes to the workers, never back
+        # (vLLM's dev mode shows any client what collective_rpc returns)
+        secret = new_secret()
         try:
-            # the workers keep the first secret an API process proposes and return it to all
-            infos = await self.engine.collective_rpc("pelrp_setup", args=(None, new_secret()))
+            infos = await self.engine.collective_rpc("pelrp_setup", args=(None, secret))
             self.info = dict(infos[0])
-            self.key_secret = self.info.pop("key_secret", None)
-            if not self.key_secret and not self.info.get("error"):
-                self.info["error"] = "the workers returned no recording-key secret"
-        except Exception as error:  # noqa: BLE001
-            self.info = {"error": f"worker extension unavailable ({type(error).__name__}: "
-                                  f"{error}); is VLLM_PLUGINS=pelrp set for the engine?"}
+            accepted = all(info.get("key_accepted") for info in infos)
+            self.info.pop("key_accepted", None)
+            if accepted:
+                self.key_secret = secret
+            elif not self.info.get("error"):
+                self.info["error"] = (
+                    "the workers refused this API process's recording-key secret: they keep one "
+                    "per API process that vLLM started, and as many were proposed already")
+        except Exception:  # noqa: BLE001 - its text stays in the log
+            self.info = {"error": "the worker extension is unavailable; is VLLM_PLUGINS=pelrp "
+                                  "set for the engine? ("
+                                  + internal_failure("setting up explanations") + ")"}
+        await self.offload(lambda: self.max_token_chars)  # the vocabulary read off the loop
         if self.info.get("error"):
             logger.warning("vllm-pelrp: explanations unavailable: %s", self.info["error"])
         elif self.info.get("kind") == "encoder":  # nothing recorded (serving/encoder_worker.py)
@@ -286,8 +303,8 @@ class ExplainService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             raise
-        if "error" in reply:
-            raise ExplainError(f"explanation failed on the worker: {reply['error']}", status=500)
+        if "error" in reply:  # the worker logged the text; this is its message with the id
+            raise ExplainError(reply["error"], status=500)
         return reply
 
     async def run_jobs(self, jobs: list[BackwardJob]) -> list[BackwardResult | BackwardFailure]:
@@ -320,12 +337,13 @@ class ExplainService:
     async def explain_choices(self, key: str | None, choices: list[Choice],
                               options: ExplainOptions,
                               message_contents: Sequence[str | None] | None = None,
-                              owner: str | None = None,
+                              owner: str | None = None, user: str | None = None,
                               ) -> dict[int, dict[str, Any]]:
         """Explanations (wire dicts) by choice index; a choice that cannot be explained gets a
         ``ChoiceError`` (``{"error": ...}``, with the ``ExplainInputError`` when the request is
         at fault). ``message_contents``: the chat messages' contents as rendered (for
-        ``message`` sources). ``owner``: who may read the stored explanations (``webview.py``).
+        ``message`` sources). ``owner``: who may read the stored explanations (``webview.py``);
+        ``user``: the end user the request named (OpenAI's ``user`` field), recorded with them.
         Always frees ``key``'s recordings."""
         out: dict[int, dict[str, Any]] = {}
         submitted = False
@@ -372,7 +390,7 @@ class ExplainService:
     async def explain_tokens(self, prompt_ids: list[int], completion_ids: list[int],
                              options: ExplainOptions, target: Any,
                              message_contents: Sequence[str | None] | None = None,
-                             owner: str | None = None,
+                             owner: str | None = None, user: str | None = None,
                              ) -> dict[str, Any]:
         """``/v1/explain``: no recording; the worker runs a plain forward for the layer inputs
         (and, for target 'next', decides the next token)."""

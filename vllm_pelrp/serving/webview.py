@@ -7,23 +7,26 @@ Routes (attached by the endpoint plugin):
 |---|---|
 | ``GET /pelrp``, ``GET /pelrp/`` | the page (``static/index.html``; ``?id=expl-…`` opens that explanation) |
 | ``GET /pelrp/static/{name}`` | its script and style sheet (only the files in ``STATIC_FILES``) |
-| ``GET /v1/explanations`` | summaries of the caller's recent explanations, newest first |
+| ``GET /v1/explanations`` | summaries of the recent explanations whose ids the caller names (``?ids=``), newest first; every one for the operator |
 | ``GET /v1/explanations/{id}`` | one of the caller's recent explanations (the wire format); 404 otherwise |
 
 Privacy model. Every full explanation the server returns (generated or ``/v1/explain``) gets an
 ``id`` (``expl-`` + 32 hex digits from ``secrets``: 128 random bits) and is kept in memory, in a
 store bounded in count (``VLLM_PELRP_RECENT_EXPLANATIONS``, default 256), in bytes of JSON
-(``VLLM_PELRP_RECENT_MB``, default 64) and in time (``VLLM_PELRP_RECENT_TTL_S``, default 3600 s). Who may
-read it:
-- with ``--api-key`` (or ``VLLM_API_KEY``): only requests bearing the API key that made it
-  (the store keeps the key's SHA-256, never the key). ``GET /v1/explanations`` lists the
-  caller's own; another key's id answers 404, the same as an unknown id;
-- without an API key the server cannot tell clients apart: the id is the capability, like a
-  share link. It is returned only to the client that made the explanation; whoever holds it can
-  read the explanation. ``GET /v1/explanations`` then lists only the ids given in ``?ids=``
-  (the web view keeps the ids it made in the browser) and refuses to list anything else;
-- an operator listing of every client's explanations (``?scope=all``) exists only when
-  ``VLLM_PELRP_OPERATOR_KEY`` is set, for requests sending it in ``X-Pelrp-Operator-Key``.
+(``VLLM_PELRP_RECENT_MB``, default 64) and in time (``VLLM_PELRP_RECENT_TTL_S``, default 3600 s). The id is
+a capability: it is returned only to the client that made the explanation, and nobody lists ids
+they did not name. The usual deployment puts a gateway in front of the server with one API key
+for many end users, so the key alone does not tell them apart. Who may read what:
+- ``GET /v1/explanations?ids=…`` lists the explanations among the named ids that the caller may
+  read (the web view keeps the ids it made in the browser); without ``ids`` it lists nothing;
+- with ``--api-key`` (or ``VLLM_API_KEY``) an explanation is read, by id or in a listing, only
+  with the API key that made it (the store keeps the key's SHA-256, never the key): another
+  key's id answers 404, the same as an unknown id. Without an API key, whoever holds the id can
+  read the explanation, like a share link;
+- the operator listing of every explanation (``?scope=all``, filtered to one end user with
+  ``?user=``: the OpenAI ``user`` field the request carried, which the store records) exists
+  only when ``VLLM_PELRP_OPERATOR_KEY`` is set, for requests sending it in
+  ``X-Pelrp-Operator-Key``; its summaries carry ``user``.
 
 Compact explanations (``top_k``) are neither stored nor given an id. The page (static HTML,
 script and style, no data) is served to anyone, like vLLM's ``/docs``; every route it reads
@@ -50,6 +53,8 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .. import settings
+from ..vocabulary import ENCODER_TARGETS
+from .http import error_response as _error
 from .metrics import add_explanation_sink
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -58,7 +63,6 @@ STATIC_FILES = {"pelrp.js": "text/javascript; charset=utf-8",
 ID_PATTERN = re.compile(r"^expl-[0-9a-f]{32}$")
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
 _ENCODER_SPECIAL = re.compile(r"\[(?:CLS|SEP|PAD)\]|</?s>")  # BERT's and RoBERTa's markers
-ENCODER_TARGETS = ("dimension", "similarity", "label")
 
 
 def new_explanation_id() -> str:
@@ -121,10 +125,12 @@ class _Stored:
     body: bytes
     summary: dict[str, Any]
     owner: str | None  # "key:<sha256 of the API key>"; None: readable by whoever holds the id
+    user: str | None  # the end user the request named (OpenAI's `user` field), for the operator
     expires: float  # time.monotonic()
 
 
 MAX_LISTED_IDS = 100  # as many as the page remembers
+MAX_USER_CHARS = 256  # of the `user` field, as stored and compared
 
 
 class RecentExplanations:
@@ -155,9 +161,11 @@ class RecentExplanations:
     def bytes(self) -> int:
         return self._bytes
 
-    def add(self, explanation: dict[str, Any], owner: str | None = None) -> str | None:
+    def add(self, explanation: dict[str, Any], owner: str | None = None,
+            user: str | None = None) -> str | None:
         """Give a full explanation (wire dict, changed in place) its ``id`` unless it has one,
-        and keep it for ``owner``. Compact explanations (no ``tokens``) are left alone."""
+        and keep it for ``owner``, noting the end ``user`` the request named (the operator
+        listing shows it). Compact explanations (no ``tokens``) are left alone."""
         if "tokens" not in explanation:
             return None
         if not explanation.get("id"):
@@ -168,7 +176,8 @@ class RecentExplanations:
         if self.capacity <= 0 or len(body) > self.max_bytes or self.ttl_seconds <= 0:
             return key
         now = time.monotonic()
-        stored = _Stored(body, summarize(explanation, time.time()), owner, now + self.ttl_seconds)
+        stored = _Stored(body, summarize(explanation, time.time()), owner, _user(user),
+                         now + self.ttl_seconds)
         with self._lock:
             if key in self._items:
                 self._bytes -= len(self._items.pop(key).body)
@@ -197,23 +206,25 @@ class RecentExplanations:
         return item.body if item is not None and _readable(item, owner) else None
 
     def summaries(self, owner: str | None = None, ids: list[str] | None = None,
-                  everyone: bool = False) -> list[dict[str, Any]]:
-        """Newest first: every explanation (``everyone``: the operator listing), or those
-        ``owner`` may read among ``ids``, or (``ids`` None) those ``owner`` made."""
+                  everyone: bool = False, user: str | None = None) -> list[dict[str, Any]]:
+        """Newest first: those ``owner`` may read among ``ids`` (the ids are capabilities: none
+        given, none listed); or, for the operator (``everyone``), every explanation, or those
+        of the end ``user`` when given, each with its ``user``."""
         with self._lock:
             self._expire(time.monotonic())
             items = list(self._items.values())
-        wanted = None if ids is None else set(ids)
-        out = []
-        for item in reversed(items):
-            if everyone:
-                out.append(item.summary)
-            elif wanted is not None:
-                if item.summary["id"] in wanted and _readable(item, owner):
-                    out.append(item.summary)
-            elif owner is not None and item.owner == owner:
-                out.append(item.summary)
-        return out
+        if everyone:
+            wanted_user = _user(user)
+            return [dict(item.summary, user=item.user) for item in reversed(items)
+                    if user is None or item.user == wanted_user]
+        wanted = set(ids or ())
+        return [item.summary for item in reversed(items)
+                if item.summary["id"] in wanted and _readable(item, owner)]
+
+
+def _user(user: object) -> str | None:
+    """The ``user`` field as stored: text, at most ``MAX_USER_CHARS`` characters."""
+    return user[:MAX_USER_CHARS] if isinstance(user, str) and user else None
 
 
 def _readable(item: _Stored, owner: str | None) -> bool:
@@ -233,12 +244,6 @@ def owner_of(request: Request) -> str | None:
 
 OPERATOR_ENV = "VLLM_PELRP_OPERATOR_KEY"
 OPERATOR_HEADER = "x-pelrp-operator-key"
-
-
-def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}[status]
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": status}}, status_code=status)
 
 
 def attach(app: FastAPI, store: RecentExplanations | None = None,
@@ -279,39 +284,42 @@ def attach(app: FastAPI, store: RecentExplanations | None = None,
             ids: str | None = Query(None, max_length=MAX_LISTED_IDS * 38,
                                     pattern=r"^[0-9a-z,-]*$", description=(
                 "Comma-separated explanation ids: list only these (each one that the caller "
-                "may read). Required on a server without --api-key.")),
+                "may read). Required, except for the operator listing: ids are capabilities, "
+                "and nobody lists ids they did not name.")),
             scope: Literal["own", "all"] = Query("own", description=(
                 "'all': every client's explanations, for the operator (needs "
-                f"VLLM_PELRP_OPERATOR_KEY on the server and its value in {OPERATOR_HEADER})."))):
-        """Summaries of the caller's recent explanations kept in memory, newest first."""
-        owner = owner_of(request)
-        if scope == "all":
+                f"VLLM_PELRP_OPERATOR_KEY on the server and its value in {OPERATOR_HEADER}).")),
+            user: str | None = Query(None, max_length=MAX_USER_CHARS, description=(
+                "The operator listing of one end user's explanations: those whose request "
+                "carried this OpenAI `user` field (implies scope=all)."))):
+        """Summaries of recent explanations kept in memory, newest first: those the caller
+        names in ``ids``, or every one for the operator."""
+        if scope == "all" or user is not None:
+            what = "the operator listing (scope=all" + (", user=…)" if user is not None else ")")
             given = request.headers.get(OPERATOR_HEADER) or ""
             if not operator_key:
-                return _error(f"the operator listing (scope=all) is off on this server; it is on "
-                              f"only when the server is started with {OPERATOR_ENV} set", 403,
-                              "scope")
+                return _error(f"{what} is off on this server; it is on only when the server is "
+                              f"started with {OPERATOR_ENV} set", 403,
+                              "scope" if user is None else "user")
             if not hmac.compare_digest(given.encode(), operator_key.encode()):
-                return _error(f"scope=all needs the operator key ({OPERATOR_ENV}) in the "
-                              f"{OPERATOR_HEADER} header", 403, "scope")
+                return _error(f"{what} needs the operator key ({OPERATOR_ENV}) in the "
+                              f"{OPERATOR_HEADER} header", 403, "scope" if user is None else "user")
             return JSONResponse({"object": "list", "capacity": store.capacity,
-                                 "data": store.summaries(everyone=True)})
-        wanted = None
-        if ids is not None:
-            wanted = [i for i in (part.strip() for part in ids.split(",")) if i]
-            bad = [i for i in wanted if not ID_PATTERN.match(i)]
-            if bad or len(wanted) > MAX_LISTED_IDS:
-                return _error(f"ids: {bad[0]!r} is not an explanation id; ids look like 'expl-' "
-                              "followed by 32 hex digits" if bad else
-                              f"ids: {len(wanted)} ids given; at most {MAX_LISTED_IDS}", 400, "ids")
-        elif owner is None:
+                                 "data": store.summaries(everyone=True, user=user)})
+        if ids is None:
             return _error(
-                "this server runs without --api-key, so it cannot tell clients apart and lists "
-                "no explanations of its own accord: give the ids of yours (?ids=expl-…,expl-…; "
-                "each id is returned with its explanation), or start the server with --api-key "
-                "to list the explanations made with your key", 400, "ids")
+                "explanation ids are capabilities: the server lists only the ids you name "
+                "(?ids=expl-…,expl-…; each id is returned with its explanation), never every "
+                "explanation made with an API key; the operator listing (scope=all) needs "
+                f"{OPERATOR_ENV}", 400, "ids")
+        wanted = [i for i in (part.strip() for part in ids.split(",")) if i]
+        bad = [i for i in wanted if not ID_PATTERN.match(i)]
+        if bad or len(wanted) > MAX_LISTED_IDS:
+            return _error(f"ids: {bad[0]!r} is not an explanation id; ids look like 'expl-' "
+                          "followed by 32 hex digits" if bad else
+                          f"ids: {len(wanted)} ids given; at most {MAX_LISTED_IDS}", 400, "ids")
         return JSONResponse({"object": "list", "capacity": store.capacity,
-                             "data": store.summaries(owner, wanted)})
+                             "data": store.summaries(owner_of(request), wanted)})
 
     @router.get("/v1/explanations/{explanation_id}", responses={
         k: v for k, v in documented.items() if k in (401, 404)})

@@ -16,23 +16,28 @@ nothing is repacked and the references are the live parameters (no copy).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from ..engine.spec import ModelWeights
+from ..errors import ExplainInputError
+from ..engine.spec import UnsupportedModelError
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
-from .encoder_worker import EncoderWorkerMixin, is_encoder, served_additive_weights
+from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .. import settings
+from .failures import SetupError, internal_failure
 from .keys import verify_key
 from .recorder import Recorder, RecordingError
 from .scheduler import FairScheduler
+from .served_weights import served_weights
 from .spare_cores import SpareCoreExecutor, spare_cores
 
+logger = logging.getLogger("vllm_pelrp.serving")
 DEFAULT_CAP_MB = settings.SETTINGS["VLLM_PELRP_MAX_RECORD_MB"].default
 MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
 # target rows per slice of a layer's backward: a short explanation waits for at most one slice
@@ -41,18 +46,6 @@ ROW_CHUNK = 4
 
 def cap_bytes_from_env() -> int:
     return int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20)
-
-
-def served_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by vLLM name, with the weights kept before CPU repacking."""
-    state: dict[str, torch.Tensor] = {}
-    for module_name, module in model.named_modules():
-        kept = getattr(module, "_pelrp_weight", None)
-        for name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{name}" if module_name else name
-            tensor = kept if (name == "weight" and kept is not None) else param
-            state[full] = tensor.detach()
-    return state
 
 
 class _State:
@@ -66,7 +59,9 @@ class _State:
         self.info: dict[str, Any] = {}
         self.pool: ThreadPoolExecutor | None = None
         self.scheduler = FairScheduler()
-        self.key_secret: str | None = None  # signs recording keys (keys.py); the API's first
+        # the secrets recording keys are signed with (keys.py): one per API process, proposed by
+        # it at its start; never returned by any method (vLLM's dev mode exposes the results)
+        self.key_secrets: list[str] = []
         self.recompute_executor: SpareCoreExecutor | None = None
         self.tickets: dict[str, Future] = {}
         self.cancelled: set[str] = set()
@@ -89,18 +84,25 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
     def pelrp_setup(self, cap_bytes: int | None = None,
                     key_secret: str | None = None) -> dict[str, Any]:
         """Install the recording hooks and build the engine weights (idempotent). Returns a
-        description (``error`` set when explanations cannot be served) and ``key_secret``: the
-        secret that recording keys are signed with, the first one an API process proposed (with
-        several API processes, every one of them gets the same)."""
+        description (``error`` set when explanations cannot be served) and ``key_accepted``:
+        whether ``key_secret``, the secret the calling API process signs its recording keys
+        with, is one the worker verifies keys with. The worker keeps the first secret of each
+        API process (as many as vLLM started: ``--api-server-count``) and refuses later ones.
+        No secret is ever returned: any client can read what this returns where vLLM's dev
+        mode serves ``/collective_rpc``."""
         state = self._pelrp()
-        if state.key_secret is None and key_secret:
-            state.key_secret = key_secret
+        if key_secret and key_secret not in state.key_secrets and \
+                len(state.key_secrets) < _api_processes(self.vllm_config):
+            state.key_secrets.append(key_secret)
         if state.recorder is None and state.weights is None and state.error is None:
             try:
                 self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
-            except Exception as error:  # reported to the API process, which answers 4xx
-                state.error = f"{type(error).__name__}: {error}"
-        return dict(state.info, error=state.error, key_secret=state.key_secret)
+            except (SetupError, UnsupportedModelError) as error:  # the server's setup: told
+                state.error = f"{type(error).__name__}: {error}"  # to clients, in 400s
+            except Exception:  # noqa: BLE001 - its text stays in the log
+                state.error = internal_failure("setting up explanations on the worker")
+        return dict(state.info, error=state.error,
+                    key_accepted=bool(key_secret) and key_secret in state.key_secrets)
 
     def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
         from vllm.config import CompilationMode
@@ -119,7 +121,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             "dtype": str(config.model_config.dtype).replace("torch.", ""),
         }
         if config.parallel_config.pipeline_parallel_size != 1:
-            raise RuntimeError("pipeline parallelism is not supported by the explanation plugin")
+            raise SetupError("pipeline parallelism is not supported by the explanation plugin")
         arch = architecture_for(hf_config)
         if is_encoder(arch, hf_config):  # no recording: encoder_worker.py
             return self._pelrp_setup_encoder(state, arch, tp)
@@ -128,7 +130,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         spec = arch.spec(hf_config, tp)
         compiled = config.compilation_config.mode != CompilationMode.NONE
         if compiled and not getattr(model, "_pelrp_traced_hooks", False):
-            raise RuntimeError(
+            raise SetupError(
                 "the model is compiled (torch.compile) without the plugin's recording op, so "
                 "nothing can be recorded; start the server with --enforce-eager, or with "
                 "VLLM_PELRP_COMPILED=1 in the environment of every vLLM process"
@@ -136,35 +138,14 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         decoder = getattr(model, arch.decoder, None)
         layers = list(getattr(decoder, "layers", []))
         if len(layers) != spec.num_layers:
-            raise RuntimeError(f"found {len(layers)} decoder layers, expected {spec.num_layers}")
-        raw = served_state(model)
-        missing = [n for n, t in raw.items() if t.numel() == 0 and n.endswith(".weight")]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} weights were repacked before the plugin could keep them "
-                f"(e.g. {missing[0]}): allow the plugin in the engine process (VLLM_PLUGINS)"
-            )
-        all_reduce = None
-        if tp > 1:
-            from vllm.distributed import (
-                tensor_model_parallel_all_gather,
-                tensor_model_parallel_all_reduce,
-            )
-
-            all_reduce = tensor_model_parallel_all_reduce
-            # the engine needs the whole vocabulary (embedding rows, lm_head rows): gather it
-            for name in (f"{arch.decoder}.embed_tokens.weight", "lm_head.weight"):
-                if name in raw and raw[name].shape[0] < spec.vocab_size:
-                    raw[name] = tensor_model_parallel_all_gather(raw[name], dim=0)[: spec.vocab_size]
-        for name in (f"{arch.decoder}.embed_tokens.weight", "lm_head.weight"):
-            if name in raw and raw[name].shape[0] > spec.vocab_size:  # padded vocabulary
-                raw[name] = raw[name][: spec.vocab_size]
-        state.weights = arch.weights_from_vllm(raw, spec, all_reduce=all_reduce)
+            raise SetupError(f"found {len(layers)} decoder layers, expected {spec.num_layers}")
+        # embedding tables gathered over the ranks, then cut to the vocabulary
+        state.weights = served_weights(model, arch, spec, tp)
         state.spec = spec
         dtype = config.model_config.dtype
         state.recorder = Recorder(runner, layers, spec.hidden_size, dtype, cap_bytes,
                                   config.model_config.max_model_len,
-                                  verify=lambda key: verify_key(state.key_secret, key))
+                                  verify=lambda key: _verified(state.key_secrets, key))
         if compiled:  # the op already sits in the compiled graph; give it the recorder
             from .compiled import set_active
 
@@ -192,7 +173,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         recorded: ``pipeline.compute`` runs the engine's forward from each job's token ids,
         which costs about what the backward does on a model of this size."""
         spec = arch.spec(self.vllm_config.model_config.hf_config, tp)
-        state.weights = served_additive_weights(self.model_runner.get_model(), arch, spec, tp)
+        state.weights = served_weights(self.model_runner.get_model(), arch, spec, tp)
         state.spec = spec
         state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
             if tp == 1 else None
@@ -236,8 +217,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             del state.tickets[ticket]
         try:
             return {"results": future.result()}
-        except Exception as error:  # noqa: BLE001
-            return {"error": f"{type(error).__name__}: {error}"}
+        except Exception as error:  # noqa: BLE001 - its text stays in the log
+            return {"error": internal_failure("the explanation job", error)}
 
     def pelrp_cancel(self, ticket: str) -> bool:
         """Stop a running job between layers (its client went away)."""
@@ -309,11 +290,11 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                             state.recomputed_rows += result.recomputed_rows
                         except JobCancelled:
                             result = BackwardFailure(error="cancelled")
-                        except (RecordingError, ValueError) as error:
+                        except (RecordingError, ExplainInputError) as error:  # for the client
                             result = BackwardFailure(error=str(error))
-                        except Exception as error:  # noqa: BLE001
-                            traceback.print_exc()
-                            result = BackwardFailure(error=f"{type(error).__name__}: {error}")
+                        except Exception:  # noqa: BLE001 - its text stays in the log
+                            result = BackwardFailure(
+                                error=internal_failure("the explanation's backward"))
                     if turn is not None:
                         result.queue_seconds, waited = turn.waited - waited, turn.waited
                     results.append(result.model_dump())
@@ -325,6 +306,21 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         return results
 
 
+def _api_processes(vllm_config: Any) -> int:
+    """How many API processes vLLM started (``--api-server-count``): each proposes its secret."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    return max(1, int(getattr(parallel, "_api_process_count", 1) or 1))
+
+
+def _verified(secrets: list[str], key: object):
+    """The recording key ``key`` when one of the API processes' ``secrets`` signed it."""
+    for secret in secrets:
+        verified = verify_key(secret, key)
+        if verified is not None:
+            return verified
+    return None
+
+
 def _jobs(jobs: list[dict[str, Any]]) -> list[BackwardJob | BackwardFailure]:
     """The API process's jobs (``BackwardJob.model_dump()`` dicts), validated; one that is not
     a valid job fails alone."""
@@ -332,8 +328,8 @@ def _jobs(jobs: list[dict[str, Any]]) -> list[BackwardJob | BackwardFailure]:
     for job in jobs:
         try:
             out.append(BackwardJob.model_validate(job))
-        except ValueError as error:
-            out.append(BackwardFailure(error=f"not a valid job: {error}"))
+        except ValueError:  # the API process's fault, not the client's: the text is logged
+            out.append(BackwardFailure(error=internal_failure("reading the explanation job")))
     return out
 
 
@@ -342,18 +338,17 @@ class JobCancelled(Exception):
 
 
 def _pick(recordings: list, token_ids: list[int], prompt_length: int):
-    """The recording whose prompt and generated tokens match ``token_ids`` (n > 1: choices)."""
+    """The recording of exactly this choice: its prompt is ``token_ids``' prompt and its
+    generated tokens are ``token_ids``' completion (the last token, never fed to the model,
+    aside). With n > 1 the key holds one recording per choice; a recording of another choice
+    (same prompt, other tokens) is never taken: its activations are another sequence's. None
+    when no recording matches. A recording already used (its buffer freed) is skipped."""
     prompt = token_ids[:prompt_length]
     for recording in recordings:
         if recording.buffer is None and recording.error is None:
             continue
         ids = recording.token_ids()
         if list(recording.prompt_token_ids) == prompt and ids[: len(token_ids) - 1] == token_ids[:-1]:
-            recordings.remove(recording)
-            return recording
-    for recording in recordings:  # fall back on the prompt alone
-        if list(recording.prompt_token_ids) == prompt:
-            recordings.remove(recording)
             return recording
     return None
 
@@ -364,35 +359,52 @@ def run_job(weights, job: BackwardJob, recordings: list, checkpoint=None,
     """One explanation on the worker: the layer inputs of ``job``'s recording (``job.key``;
     rows of a cached prefix, which never ran, are recomputed), then ``pipeline.compute``, in
     slices of ``ROW_CHUNK`` rows with ``checkpoint`` between them. Without a key
-    (``/v1/explain``) ``compute`` runs a plain forward itself."""
-    from ..engine.backward import forward_layer_inputs
-
+    (``/v1/explain``) ``compute`` runs a plain forward itself, and so it does for a choice
+    whose key holds only other choices' recordings (``_pick``)."""
     started = time.perf_counter()
     layer_inputs = None
     recomputed = 0
     if job.key and isinstance(weights, ModelWeights):  # additive models record nothing
         ids = job.token_ids
-        recording = _pick(recordings, ids, job.prompt_length)
-        if recording is None:
+        if not recordings:  # nothing was recorded under the key, or it is gone
             raise RecordingError("no recorded activations for this request (released, expired, "
                                  "or the request was not marked for explanation)")
-        if recording.error is not None:
-            raise RecordingError(recording.error)
-        # rows needed: every position whose output or keys the targets reach: 0 .. total-2
-        # (the last completion token was never fed to the model)
-        needed = len(ids) - 1 if not job.next_first else len(ids)
-        if recording.end_position < needed:
-            raise RecordingError(f"recorded {recording.end_position} positions, need {needed}")
-        start = recording.first_position or 0
-        layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
-        if start > 0:  # prefix-cache hit: those rows never ran; recompute them
-            prefix, _ = forward_layer_inputs(
-                weights, torch.tensor(ids[:start], device=weights.device), checkpoint=checkpoint)
-            layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
-            recomputed = start
-        recording.buffer = None  # freed once the backward is done with the views
+        recording = _pick(recordings, ids, job.prompt_length)
+        if recording is None:
+            # the key's recordings are other choices' (their tokens differ from this one's):
+            # the layer inputs come from a plain forward of this choice's ids instead
+            # (``compute`` runs it; counted in recomputed_rows)
+            logger.info("vllm-pelrp: no recording matches a choice's %d tokens; its layer "
+                        "inputs are recomputed from the ids", len(ids))
+        else:
+            layer_inputs, recomputed = _recorded_inputs(weights, job, recording, checkpoint)
     result = compute(weights, job, layer_inputs, checkpoint=checkpoint, row_chunk=ROW_CHUNK,
                      recompute_executor=recompute_executor)
     result.recomputed_rows += recomputed
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _recorded_inputs(weights, job: BackwardJob, recording, checkpoint) -> tuple[list, int]:
+    """The layer inputs of ``job`` from its ``recording`` (rows of a cached prefix, which never
+    ran, recomputed), and how many rows were recomputed."""
+    from ..engine.backward import forward_layer_inputs
+
+    ids = job.token_ids
+    if recording.error is not None:
+        raise RecordingError(recording.error)
+    # rows needed: every position whose output or keys the targets reach: 0 .. total-2
+    # (the last completion token was never fed to the model)
+    needed = len(ids) - 1 if not job.next_first else len(ids)
+    if recording.end_position < needed:
+        raise RecordingError(f"recorded {recording.end_position} positions, need {needed}")
+    start = recording.first_position or 0
+    layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
+    recomputed = 0
+    if start > 0:  # prefix-cache hit: those rows never ran; recompute them
+        prefix, _ = forward_layer_inputs(
+            weights, torch.tensor(ids[:start], device=weights.device), checkpoint=checkpoint)
+        layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
+        recomputed = start
+    recording.buffer = None  # freed once the backward is done with the views
+    return layer_inputs, recomputed

@@ -186,20 +186,14 @@
 
   // ---- recent explanations ----------------------------------------------------------------
   async function loadRecent() {
-    // with --api-key the server lists the explanations made with the key; without one it lists
-    // only the ids this browser made (it cannot tell clients apart)
-    let data;
-    try {
-      data = await request("/v1/explanations");
-    } catch (error) {
-      if (!(error instanceof ServerError) || error.param !== "ids") return;
-      const ids = knownIds();
-      data = {data: []};
-      if (ids.length) {
-        try {
-          data = await request(`/v1/explanations?ids=${encodeURIComponent(ids.join(","))}`);
-        } catch (again) { return; }
-      }
+    // ids are capabilities: the server lists only the ids this browser made and names here
+    // (with --api-key, those that the key may read)
+    const ids = knownIds();
+    let data = {data: []};
+    if (ids.length) {
+      try {
+        data = await request(`/v1/explanations?ids=${encodeURIComponent(ids.join(","))}`);
+      } catch (error) { return; }
     }
     const list = $("recent-list");
     list.replaceChildren();
