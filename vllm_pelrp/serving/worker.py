@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from ..engine.spec import ModelWeights
+from ..engine.spec import ModelWeights, UnsupportedModelError
 from ..errors import ExplainInputError
-from ..engine.spec import UnsupportedModelError
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
 from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .. import settings

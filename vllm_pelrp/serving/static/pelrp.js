@@ -3,7 +3,7 @@
 // the server that served it (/v1/models, /v1/chat/completions, /v1/explain, /v1/explanations).
 // On a server with --api-key it asks for the key when the server answers 401 and sends it as a
 // bearer token (kept in this tab's sessionStorage only). It remembers the ids of the
-// explanations it made (localStorage): a server without --api-key lists only those.
+// explanations it made (localStorage) and lists those: the server lists only ids it is named.
 // It is also the only HTML renderer of an explanation: Explanation.to_html() (html_page.py)
 // inlines this script and the explanation's JSON into index.html (element #explanation); the
 // script then draws that explanation and talks to no server, so the file opens offline.
