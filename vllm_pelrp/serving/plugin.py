@@ -23,6 +23,7 @@ installing the package never alters a vLLM deployment.
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 from .. import settings
 
@@ -95,23 +96,33 @@ def _hook_compiled_models() -> None:
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     except ImportError:  # pragma: no cover
         return
-    original = BaseModelLoader.load_model
-    if getattr(original, "_pelrp_wrapped", False):
+
+    def wrap(original):
+        def load_model(self, vllm_config, model_config, *args, **kwargs):
+            model = original(self, vllm_config, model_config, *args, **kwargs)
+            from vllm.config import CompilationMode
+
+            if vllm_config.compilation_config.mode != CompilationMode.NONE:
+                from .compiled import install_traced_hooks, run_forward_on_fresh_chunk
+
+                install_traced_hooks(model, decoder_path(model_config.hf_config))
+                run_forward_on_fresh_chunk(model)
+            return model
+
+        return load_model
+
+    _wrap_once(BaseModelLoader, "load_model", wrap)
+
+
+def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` by ``wrap(original)``, once per process (the wrapper is marked
+    ``_pelrp_wrapped``: vLLM may call ``register`` several times); nothing if it is absent."""
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_pelrp_wrapped", False):
         return
-
-    def load_model(self, vllm_config, model_config, *args, **kwargs):
-        model = original(self, vllm_config, model_config, *args, **kwargs)
-        from vllm.config import CompilationMode
-
-        if vllm_config.compilation_config.mode != CompilationMode.NONE:
-            from .compiled import install_traced_hooks, run_forward_on_fresh_chunk
-
-            install_traced_hooks(model, decoder_path(model_config.hf_config))
-            run_forward_on_fresh_chunk(model)
-        return model
-
-    load_model._pelrp_wrapped = True
-    BaseModelLoader.load_model = load_model
+    wrapper = wrap(original)
+    wrapper._pelrp_wrapped = True
+    setattr(owner, name, wrapper)
 
 
 def _keep_weights_before_repacking() -> None:
@@ -119,18 +130,17 @@ def _keep_weights_before_repacking() -> None:
         from vllm.model_executor.layers import utils
     except ImportError:  # pragma: no cover - vLLM without the CPU dispatch
         return
-    original = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
-    if original is None or getattr(original, "_pelrp_wrapped", False):
-        return
 
-    def dispatch_keeping_weight(layer, remove_weight, *args, **kwargs):
-        weight = getattr(layer, "weight", None)
-        if weight is not None and not weight.is_meta and weight.ndim == 2 and remove_weight:
-            layer._pelrp_weight = weight.detach()
-        return original(layer, remove_weight, *args, **kwargs)
+    def wrap(original):
+        def dispatch_keeping_weight(layer, remove_weight, *args, **kwargs):
+            weight = getattr(layer, "weight", None)
+            if weight is not None and not weight.is_meta and weight.ndim == 2 and remove_weight:
+                layer._pelrp_weight = weight.detach()
+            return original(layer, remove_weight, *args, **kwargs)
 
-    dispatch_keeping_weight._pelrp_wrapped = True
-    utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+        return dispatch_keeping_weight
+
+    _wrap_once(utils, "dispatch_cpu_unquantized_gemm", wrap)
 
 
 def _patch_engine_args() -> None:
@@ -138,25 +148,24 @@ def _patch_engine_args() -> None:
         from vllm.engine.arg_utils import EngineArgs
     except ImportError:  # pragma: no cover
         return
-    original = EngineArgs.create_engine_config
-    if getattr(original, "_pelrp_wrapped", False):
-        return
 
-    def create_engine_config(self, *args, **kwargs):
-        if not self.worker_extension_cls:
-            self.worker_extension_cls = EXTENSION
-        elif self.worker_extension_cls != EXTENSION:
-            logger.warning("worker_extension_cls=%s is set: vllm-pelrp explanations need %s",
-                           self.worker_extension_cls, EXTENSION)
-        if not self.enforce_eager and not compiled_recording():
-            logger.info("vllm-pelrp: enforce_eager=True (VLLM_PELRP_COMPILED=0)")
-            self.enforce_eager = True
-        if not self.enforce_eager:
-            _disable_cuda_graphs(self.compilation_config)
-        return original(self, *args, **kwargs)
+    def wrap(original):
+        def create_engine_config(self, *args, **kwargs):
+            if not self.worker_extension_cls:
+                self.worker_extension_cls = EXTENSION
+            elif self.worker_extension_cls != EXTENSION:
+                logger.warning("worker_extension_cls=%s is set: vllm-pelrp explanations need %s",
+                               self.worker_extension_cls, EXTENSION)
+            if not self.enforce_eager and not compiled_recording():
+                logger.info("vllm-pelrp: enforce_eager=True (VLLM_PELRP_COMPILED=0)")
+                self.enforce_eager = True
+            if not self.enforce_eager:
+                _disable_cuda_graphs(self.compilation_config)
+            return original(self, *args, **kwargs)
 
-    create_engine_config._pelrp_wrapped = True
-    EngineArgs.create_engine_config = create_engine_config
+        return create_engine_config
+
+    _wrap_once(EngineArgs, "create_engine_config", wrap)
 
 
 def _disable_cuda_graphs(compilation) -> None:
