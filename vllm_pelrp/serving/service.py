@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .failures import internal_failure
 from .keys import new_secret, sign_key
 from .tokenizers import ThreadTokenizers
 from .metrics import get_metrics, observed
-from .protocol import CompactExplanation, ExplainOptions, TopToken
+from .protocol import ENCODER_KIND, CompactExplanation, ExplainOptions, TopToken
 
 logger = logging.getLogger("vllm_pelrp.serving")
 POLL_SECONDS = 0.02
@@ -136,9 +137,20 @@ class ExplainService:
                                   "set for the engine? ("
                                   + internal_failure("setting up explanations") + ")"}
         await self.offload(lambda: self.max_token_chars)  # the vocabulary read off the loop
+        # every service thread copies its tokenizer now (~0.7 s each on SmolLM2, one at a time),
+        # not on a client's first request; each copy holds its thread until all are made, so
+        # each lands on a thread of its own
+        arrived = threading.Barrier(API_THREADS)
+
+        def copy_on_this_thread() -> None:
+            self.tokenizers.get()
+            arrived.wait(timeout=120)
+
+        await asyncio.gather(*(self.offload(copy_on_this_thread) for _ in range(API_THREADS)),
+                             return_exceptions=True)  # a broken barrier: copies made later
         if self.info.get("error"):
             logger.warning("vllm-pelrp: explanations unavailable: %s", self.info["error"])
-        elif self.info.get("kind") == "encoder":  # nothing recorded (serving/encoder_worker.py)
+        elif self.info.get("kind") == ENCODER_KIND:  # nothing recorded (encoder_worker.py)
             logger.info("vllm-pelrp: encoder explanations ready (%s pooling%s)",
                         self.info.get("pooling"), ", normalised" if self.info.get("normalize")
                         else "")

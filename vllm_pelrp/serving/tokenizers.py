@@ -23,6 +23,7 @@ class ThreadTokenizers:
         self.template = copy.deepcopy(tokenizer)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self.copies = 0  # threads that have their own copy
 
     def get(self) -> Any:
         """The calling thread's own tokenizer (copied from the template on first use)."""
@@ -30,5 +31,6 @@ class ThreadTokenizers:
         if tokenizer is None:
             with self._lock:  # copying reads the template: one copy at a time
                 tokenizer = copy.deepcopy(self.template)
+                self.copies += 1
             self._local.tokenizer = tokenizer
         return tokenizer
