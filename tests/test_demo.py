@@ -5,12 +5,15 @@ Here the script itself runs, as a subprocess, against the session's shared test 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from vllm_pelrp import Explanation
 
 from _live_server import API_KEY, MODEL, http, shared_server
 
@@ -44,4 +47,11 @@ def test_the_demo_script_shows_and_writes_the_servers_explained_answer(server, t
     assert f"wrote {html}" in result.stdout
     page = html.read_text()
     assert page.lstrip().lower().startswith("<!doctype html") and "</html>" in page.lower()
-    assert len(page) > 2000  # a page with the explanation drawn in it, not an empty shell
+    # the page draws the server's explanation of that answer (html_page.py embeds its JSON)
+    embedded = re.search(r'<script type="application/json" id="explanation"[^>]*>(.*?)</script>',
+                         page, re.S)
+    assert embedded, "the page embeds no explanation"
+    explanation = Explanation.model_validate_json(embedded.group(1))
+    completion = "".join(t.text for t in explanation.tokens if t.role == "completion")
+    assert answer.strip() in completion, (answer, completion)
+    assert explanation.mode == "pa-lrp" and explanation.positional_relevance
