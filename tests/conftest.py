@@ -1,6 +1,6 @@
-"""Shared fixtures: the real default model (converted once, loaded once per session) and a small
+"""Shared fixtures: the real default model (converted once, loaded once per session), a small
 random LLaMA with GQA and llama3 rope scaling (``tiny_models.py``'s LLaMA settings, its weights
-drawn here)."""
+drawn here) and one torch thread for a test."""
 
 from __future__ import annotations
 
@@ -39,3 +39,12 @@ def tiny_llama():
     model.requires_grad_(False)
     return model
 
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (measured numbers that depend on the reduction order),
+    the previous count restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
