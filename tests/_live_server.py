@@ -2,7 +2,8 @@
 ``test_metrics.py`` and ``test_webview.py``: started on first use, stopped when the pytest session
 ends (``config.add_cleanup``), so the two modules pay one server start between them.
 ``VLLM_PELRP_TEST_SERVER=http://127.0.0.1:PORT`` uses a server already running instead (started
-with the arguments below, API keys included)."""
+with the arguments below, API keys included). ``wait_until_serving`` and ``stop_server`` serve
+every test that starts a server of its own too."""
 
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_server(process: subprocess.Popen) -> None:
     """SIGTERM to the server's own process group (API server, engine core, workers), then
-    SIGKILL after 30 s."""
+    SIGKILL after 30 s; the server must run in its own session (``start_new_session=True``):
+    killing only the API server would leave the engine processes running."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
@@ -71,6 +73,24 @@ def _stop(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def wait_until_serving(process: subprocess.Popen, base: str, log: Path,
+                       deadline: float | None = None, headers: dict | None = None) -> None:
+    """Return once ``base/v1/models`` answers 200 (sent with ``headers``: a server started with
+    ``--api-key`` wants one); RuntimeError with the log's tail when the server exits first or
+    ``deadline`` (``time.time()`` value; default STARTUP_SECONDS from now) passes."""
+    deadline = deadline or time.time() + STARTUP_SECONDS
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(base + "/v1/models", headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server did not start by its deadline:\n{log.read_text()[-4000:]}")
 
 
 def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -97,24 +117,14 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
     # (transformers probes that name for the Hugging Face kernels package)
     process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True, cwd=log.parent)
-    config.add_cleanup(lambda: _stop(process))
+    config.add_cleanup(lambda: stop_server(process))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_SECONDS
-    while True:
-        if process.poll() is not None:
-            config.stash[_KEY] = f"failed: server exited ({process.returncode}), log {log}"
-            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if http.get(base + "/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            _stop(process)
-            config.stash[_KEY] = f"failed: server did not start in {STARTUP_SECONDS}s, log {log}"
-            raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n"
-                               f"{log.read_text()[-4000:]}")
-        time.sleep(1)
+    try:
+        wait_until_serving(process, base, log, headers=AUTH)
+    except RuntimeError as error:
+        stop_server(process)
+        config.stash[_KEY] = f"failed: {str(error).splitlines()[0]} log {log}"
+        raise
     config.stash[_KEY] = base
     return base
 

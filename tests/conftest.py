@@ -1,5 +1,6 @@
-"""Shared fixtures: the real default model (converted once, loaded once per session) and a small
-random LLaMA with GQA and llama3 rope scaling built in the test."""
+"""Shared fixtures: the real default model (converted once, loaded once per session), a small
+random LLaMA with GQA and llama3 rope scaling (``tiny_models.py``'s LLaMA settings, its weights
+drawn here) and one torch thread for a test."""
 
 from __future__ import annotations
 
@@ -20,41 +21,15 @@ def smollm2():
     return load_explainer()
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    settings = dict(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-        architectures=["LlamaForCausalLM"],
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama():
     """Random LlamaForCausalLM: 3 layers, GQA 4/2, llama3 scaling, non-trivial norm weights."""
     from transformers import LlamaForCausalLM
 
+    from tiny_models import tiny_config
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    model = LlamaForCausalLM(tiny_config("llama", max_position_embeddings=256)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -63,3 +38,13 @@ def tiny_llama():
                 param.normal_(0.0, 0.15)
     model.requires_grad_(False)
     return model
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (measured numbers that depend on the reduction order),
+    the previous count restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -40,13 +40,9 @@ def engine_and_reference(model, input_ids, positions, token_ids, mode):
     return result, reference
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
-    """Random LLaMA with GQA 4/2 and llama3 scaling; a sum of three logits as target."""
-    torch.manual_seed(1)
-    input_ids = torch.randint(0, 101, (19,)).tolist()
-    positions, token_ids = [5, 11, 18], [3, 50, 77]
-    result, reference = engine_and_reference(tiny_llama, input_ids, positions, token_ids, mode)
+def assert_matches_reference(result, reference, mode) -> None:
+    """The engine's target logit, token and (pa-lrp) positional relevance and the softmax rule's
+    loss per layer equal the float64 reference's; other modes give no positional relevance."""
     assert float(result.target_logit[0]) == pytest.approx(reference["target_logit"], rel=1e-5)
     assert relative_l2(result.token[0], reference["token_relevance"]) < 1e-4
     if mode == "pa-lrp":
@@ -55,9 +51,18 @@ def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
         assert relative_l2(result.positional_sin[0], reference["positional_sin"]) < 1e-4
     else:
         assert result.positional_cos.abs().max() == 0 and result.positional_sin.abs().max() == 0
-    # the softmax rule's loss, per layer, matches the reference's bookkeeping
     assert torch.allclose(result.softmax_absorbed[0].double(), reference["softmax_absorbed"],
                           rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
+    """Random LLaMA with GQA 4/2 and llama3 scaling; a sum of three logits as target."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 101, (19,)).tolist()
+    positions, token_ids = [5, 11, 18], [3, 50, 77]
+    result, reference = engine_and_reference(tiny_llama, input_ids, positions, token_ids, mode)
+    assert_matches_reference(result, reference, mode)
 
 
 # every registered architecture but LLaMA (tested above on its own fixture); a model file adds
@@ -81,16 +86,7 @@ def test_each_family_matches_explicit_reference(family_model, mode):
     input_ids = torch.randint(0, 101, (26,)).tolist()
     positions, token_ids = [9, 25], [3, 77]
     result, reference = engine_and_reference(model, input_ids, positions, token_ids, mode)
-    assert float(result.target_logit[0]) == pytest.approx(reference["target_logit"], rel=1e-5)
-    assert relative_l2(result.token[0], reference["token_relevance"]) < 1e-4
-    if mode == "pa-lrp":
-        assert reference["positional_cos"].abs().sum() > 0
-        assert relative_l2(result.positional_cos[0], reference["positional_cos"]) < 1e-4
-        assert relative_l2(result.positional_sin[0], reference["positional_sin"]) < 1e-4
-    else:
-        assert result.positional_cos.abs().max() == 0 and result.positional_sin.abs().max() == 0
-    assert torch.allclose(result.softmax_absorbed[0].double(), reference["softmax_absorbed"],
-                          rtol=1e-4, atol=1e-5)
+    assert_matches_reference(result, reference, mode)
     bias = (result.bias_absorbed[0].double() if result.bias_absorbed is not None
             else torch.zeros_like(reference["bias_absorbed"]))
     assert torch.allclose(bias, reference["bias_absorbed"], rtol=1e-4, atol=1e-6)

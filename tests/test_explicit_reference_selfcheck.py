@@ -9,8 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 try:
     from explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq
+    from tiny_models import FAMILIES, tiny_config, tiny_model as _tiny_family_model
 except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
     from tests.explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq
+    from tests.tiny_models import FAMILIES, tiny_config, tiny_model as _tiny_family_model
 
 REL = 1e-6
 INPUT_IDS = [1, 17, 42, 5, 99, 63, 8, 23, 71, 3, 54, 30]
@@ -19,27 +21,10 @@ INPUT_IDS = [1, 17, 42, 5, 99, 63, 8, 23, 71, 3, 54, 30]
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(1234)
-    cfg = LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    )
+    # the LLaMA of tests/tiny_models.py (GQA 4/2, llama3 scaling) with 2 layers and
+    # transformers' own initialisation at std 0.1, every embedding row drawn (no padding row)
+    cfg = tiny_config("llama", num_hidden_layers=2, rms_norm_eps=1e-6, initializer_range=0.1,
+                      max_position_embeddings=256, pad_token_id=None)
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).to(torch.float32).eval()
     with torch.no_grad():  # non-trivial RMSNorm gammas
@@ -164,11 +149,6 @@ def test_weight_cache_sees_in_place_changes():
 # GELU-tanh, √hidden embedding scale, query_pre_attn_scalar, sliding/full layers with their
 # own rope θ) and the LLaMA of tests/tiny_models.py
 # --------------------------------------------------------------------------------------------
-try:
-    from tiny_models import FAMILIES, tiny_model as _tiny_family_model
-except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
-    from tests.tiny_models import FAMILIES, tiny_model as _tiny_family_model
-
 # 29 tokens: longer than Gemma 3's sliding window (8) several times over
 FAMILY_IDS = torch.randint(3, 101, (29,), generator=torch.Generator().manual_seed(5)).tolist()
 _FAMILY_MODELS: dict = {}

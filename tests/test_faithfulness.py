@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -225,14 +224,6 @@ def test_study_paired_statistics_and_choice(tmp_path):
 CHECK_CASES = 4
 MARGIN_OVER_ATTNLRP = 0.20
 MARGIN_OVER_GRAD_X_INPUT = 1.0
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,14 +91,6 @@ def test_contextcite_ablations_are_the_library_rendering(smollm2):
     ids = prompt_for(smollm2, case, kept)
     user = smollm2.tokenizer.decode(ids)
     assert case.documents[1] not in user and all(case.documents[i] in user for i in kept)
-
-
-@pytest.fixture()
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.slow

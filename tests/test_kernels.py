@@ -55,19 +55,14 @@ def test_rope_inv_freq_unsupported():
 
 def test_rope_matches_transformers():
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig
+    from tiny_models import tiny_config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    rp = dict(LLAMA3, rope_theta=500000.0)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_parameters=rp,
-    )
+    # LLaMA 3's rope on a 128-wide head (only the rope settings matter here)
+    cfg = tiny_config("llama", hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=128, max_position_embeddings=131072,
+                      rope_parameters=dict(LLAMA3, rope_theta=500000.0))
     hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     mine = K.rope_inv_freq(128, 500000.0, LLAMA3)
     assert torch.equal(hf_inv, mine)

@@ -151,6 +151,24 @@ def _ids(explanation) -> list[int]:
     return [token.id for token in explanation.tokens]
 
 
+def _in_modes(explainer, *args, modes=("attnlrp", "pa-lrp"), **kwargs) -> dict:
+    """``explainer.explain(*args, **kwargs)`` in each of ``modes``: {mode: explanation}."""
+    return {mode: explainer.explain(*args, mode=mode, **kwargs) for mode in modes}
+
+
+def _lxt_pooled(explanation, dim: int, pooling: str) -> dict:
+    """LXT's case for ``explanation`` of a pooled dimension (ids and target)."""
+    return {"input_ids": _ids(explanation),
+            "target": {"kind": "pooled", "dim": dim, "pooling": pooling}}
+
+
+def _lxt_cosine(similarity) -> dict:
+    """LXT's case for the explanation of a mean-pooled cosine similarity (both texts' ids)."""
+    return {"input_ids": _ids(similarity),
+            "target": {"kind": "cosine", "other_input_ids": _ids(similarity.other),
+                       "pooling": "mean"}}
+
+
 def _tiny_explainer(kind: str, directory):
     from tiny_additive import save_tiny_additive, tiny_config
     from tiny_models import tiny_tokenizer
@@ -182,17 +200,13 @@ def tiny_additive_vs_lxt(tmp_path_factory) -> dict:
     pair_types = classifier.tokenizer(WORDS, OTHER_WORDS)["token_type_ids"]
     assert set(pair_types) == {0, 1}
     gpt2_ids = gpt2.encode_prompt(WORDS, chat=False)
-    both = ("attnlrp", "pa-lrp")
     ours = {
-        "bert-dimension": {m: bert.explain(WORDS, target={"dimension": 5}, mode=m)
-                           for m in both},
-        "bert-similarity": {m: mean.explain(WORDS, target={"similarity": OTHER_WORDS}, mode=m)
-                            for m in both},
-        "bert_cls-label-pair": {m: classifier.explain(WORDS, text_pair=OTHER_WORDS,
-                                                      target={"label": 1}, mode=m)
-                                for m in both},
-        "gpt2-logit": {m: gpt2.explain(input_ids=gpt2_ids, target="next", mode=m)
-                       for m in both + ("cp-lrp",)},
+        "bert-dimension": _in_modes(bert, WORDS, target={"dimension": 5}),
+        "bert-similarity": _in_modes(mean, WORDS, target={"similarity": OTHER_WORDS}),
+        "bert_cls-label-pair": _in_modes(classifier, WORDS, text_pair=OTHER_WORDS,
+                                         target={"label": 1}),
+        "gpt2-logit": _in_modes(gpt2, input_ids=gpt2_ids, target="next",
+                                modes=("attnlrp", "pa-lrp", "cp-lrp")),
     }
     similarity = ours["bert-similarity"]["attnlrp"]
     gpt2_next = ours["gpt2-logit"]["attnlrp"]
@@ -200,11 +214,8 @@ def tiny_additive_vs_lxt(tmp_path_factory) -> dict:
                  "target_position": len(gpt2_ids) - 1,
                  "target_token_id": gpt2_next.target.token_ids[0]}
     attnlrp_cases = [
-        {"model": str(root / "bert"), "input_ids": _ids(ours["bert-dimension"]["attnlrp"]),
-         "target": {"kind": "pooled", "dim": 5, "pooling": "cls"}},
-        {"model": str(root / "bert"), "input_ids": _ids(similarity),
-         "target": {"kind": "cosine", "other_input_ids": _ids(similarity.other),
-                    "pooling": "mean"}},
+        {"model": str(root / "bert"), **_lxt_pooled(ours["bert-dimension"]["attnlrp"], 5, "cls")},
+        {"model": str(root / "bert"), **_lxt_cosine(similarity)},
         {"model": str(root / "bert_cls"),
          "input_ids": _ids(ours["bert_cls-label-pair"]["attnlrp"]),
          "token_type_ids": pair_types, "target": {"kind": "class", "label": 1}},
@@ -239,22 +250,14 @@ def test_additive_matches_lxt_minilm():
     explainer = load_explainer("all-MiniLM-L6-v2")
     assert explainer.pooling.mode == "mean"
     text, other = "The cat sits on the mat.", "A feline rests on a rug."
-    both = ("attnlrp", "pa-lrp")
     ours = {
-        "minilm-dimension": {m: explainer.explain(text, target={"dimension": 7}, mode=m)
-                             for m in both},
-        "minilm-similarity": {m: explainer.explain(text, target={"similarity": other}, mode=m)
-                              for m in both},
+        "minilm-dimension": _in_modes(explainer, text, target={"dimension": 7}),
+        "minilm-similarity": _in_modes(explainer, text, target={"similarity": other}),
     }
     similarity = ours["minilm-similarity"]["attnlrp"]
     model_dir = str(ensure_checkpoint("all-MiniLM-L6-v2", progress=False))
-    lxt = as_arrays(run_lxt(model_dir, [
-        {"input_ids": _ids(ours["minilm-dimension"]["attnlrp"]),
-         "target": {"kind": "pooled", "dim": 7, "pooling": "mean"}},
-        {"input_ids": _ids(similarity),
-         "target": {"kind": "cosine", "other_input_ids": _ids(similarity.other),
-                    "pooling": "mean"}},
-    ]))
+    lxt = as_arrays(run_lxt(model_dir, [_lxt_pooled(ours["minilm-dimension"]["attnlrp"], 7, "mean"),
+                                        _lxt_cosine(similarity)]))
     assert similarity.target.value == pytest.approx(0.558404, abs=1e-5)
     for (name, explanations), result in zip(ours.items(), lxt):
         check_against_lxt(name, explanations, result)

@@ -30,6 +30,8 @@ import torch
 
 from vllm_pelrp import settings
 
+from _live_server import STARTUP_SECONDS, stop_server, wait_until_serving
+
 # two compiled servers start in the first test's setup (up to STARTUP_SECONDS): more than the
 # default 900 s limit allows on a busy machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -37,7 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 MODEL = "SmolLM2-135M-Instruct"
 CAP_MB = 96  # recorded-activation cap of the test server: 96 MiB = 1456 tokens of SmolLM2
 REL_TOL = 1e-4
-STARTUP_SECONDS = 600
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "32",
                "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(256 << 20), "--block-size", "32",
                "--seed", "0"]
@@ -93,28 +94,6 @@ def _start(plugin: bool, log: Path) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait(process: subprocess.Popen, base: str, log: Path, deadline: float | None = None) -> None:
-    deadline = deadline or time.time() + STARTUP_SECONDS
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server's whole process group (API server, engine core, workers): killing only
-    the API server would leave the engine processes running when startup timed out."""
-    from _live_server import _stop as stop_process_group
-
-    stop_process_group(process)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     from vllm_pelrp.default_model import ensure_default_checkpoint
@@ -125,12 +104,12 @@ def servers(tmp_path_factory):
     plain, plain_url = _start(False, logs / "plain.log")
     try:
         deadline = time.time() + STARTUP_SECONDS
-        _wait(plugin, plugin_url, logs / "plugin.log", deadline)
-        _wait(plain, plain_url, logs / "plain.log", deadline)
+        wait_until_serving(plugin, plugin_url, logs / "plugin.log", deadline)
+        wait_until_serving(plain, plain_url, logs / "plain.log", deadline)
         yield {"plugin": plugin_url, "plain": plain_url, "logs": logs}
     finally:
-        _stop(plugin)
-        _stop(plain)
+        stop_server(plugin)
+        stop_server(plain)
 
 
 @pytest.fixture(scope="module")

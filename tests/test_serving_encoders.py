@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse
 import vllm  # noqa: F401  (scripts/test.sh installs it)
 from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
-from test_serving import _rel, _start_command, _stop, _wait
+from _live_server import stop_server, wait_until_serving
+from test_serving import _rel, _start_command
 
 REL_TOL = 1e-4
 SCORE_TOL = 1e-5
@@ -78,9 +79,9 @@ def _serve(directory: Path, log: Path, *args: str):
                                     "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
                                     *args], log)
     try:
-        _wait(process, base, log)
+        wait_until_serving(process, base, log)
     except BaseException:
-        _stop(process)
+        stop_server(process)
         raise
     return process, base
 
@@ -98,7 +99,7 @@ def served(tmp_path_factory):
     try:
         yield base, directory, load_explainer(str(directory))
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 def _post(base: str, path: str, body: dict, timeout: float = 120) -> httpx.Response:
@@ -426,7 +427,7 @@ def test_cross_encoder_scores_explain_the_pair_logit(tmp_path_factory):
         assert reply.status_code == 400
         assert "allowed 0 to 0 (0: 'relevant')" in reply.json()["error"]["message"]
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 # ---- the real all-MiniLM-L6-v2 ---------------------------------------------------------------
@@ -478,4 +479,4 @@ def test_real_minilm_served_equals_offline(tmp_path_factory):
                                   explainer.explain(text, target={"similarity": QUERY}))
         print(f"MiniLM: rerank of {len(TEXTS)} documents explained in {seconds:.2f} s")
     finally:
-        _stop(process)
+        stop_server(process)

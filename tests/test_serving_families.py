@@ -21,7 +21,8 @@ import pytest
 
 import vllm  # noqa: F401  (scripts/test.sh installs it)
 
-from test_serving import _rel, _start_command, _stop, _wait
+from _live_server import stop_server, wait_until_serving
+from test_serving import _rel, _start_command
 
 # a server per family starts in the setup of its first test (one of them compiled)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -63,10 +64,10 @@ def served(request, tmp_path_factory):
         args.append("--eager")
     process, base = _start_command(args, log)
     try:
-        _wait(process, base, log)
+        wait_until_serving(process, base, log)
         yield family, base, directory, load_explainer(str(directory))
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 def _save_tiny_gpt2(directory, tokenizer_from):

@@ -233,16 +233,25 @@ def test_the_web_view_lists_by_the_ids_it_remembers():
 SECRET_DETAIL = "tensor at /opt/private/weights.bin had shape (7, 9)"
 
 
+def _break(monkeypatch, owner, name: str, error: Exception) -> None:
+    """``owner.name`` raises ``error`` for the rest of the test."""
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(owner, name, broken)
+
+
+def _post_explain(client, **fields):
+    """POST /v1/explain of CHOICE_A after PROMPT (and ``fields``), with the API key."""
+    return client.post("/v1/explain", json={"prompt": PROMPT, "completion": CHOICE_A, **fields},
+                       headers=BEARER)
+
+
 def test_a_worker_exception_does_not_reach_the_client_but_the_log(served, monkeypatch, caplog):
     client, _, _ = served
-
-    def broken(*args, **kwargs):
-        raise RuntimeError(SECRET_DETAIL)
-
-    monkeypatch.setattr(worker_module, "compute", broken)
+    _break(monkeypatch, worker_module, "compute", RuntimeError(SECRET_DETAIL))
     caplog.set_level(logging.ERROR, logger="vllm_pelrp")
-    reply = client.post("/v1/explain", json={"prompt": PROMPT, "completion": CHOICE_A},
-                        headers=BEARER)
+    reply = _post_explain(client)
     assert reply.status_code == 500
     error = reply.json()["error"]
     assert SECRET_DETAIL not in reply.text and "RuntimeError" not in reply.text
@@ -263,15 +272,9 @@ def test_a_worker_exception_does_not_reach_the_client_but_the_log(served, monkey
 def test_an_api_side_exception_is_a_generic_500_with_its_text_in_the_log(served, monkeypatch,
                                                                           caplog):
     client, _, _ = served
-    service = client.app.state.pelrp_service
-
-    def broken(*args, **kwargs):
-        raise KeyError(SECRET_DETAIL)
-
-    monkeypatch.setattr(service, "to_wire", broken)
+    _break(monkeypatch, client.app.state.pelrp_service, "to_wire", KeyError(SECRET_DETAIL))
     caplog.set_level(logging.ERROR, logger="vllm_pelrp")
-    reply = client.post("/v1/explain", json={"prompt": PROMPT, "completion": CHOICE_A},
-                        headers=BEARER)
+    reply = _post_explain(client)
     assert reply.status_code == 500 and SECRET_DETAIL not in reply.text
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert any(SECRET_DETAIL in r.getMessage() for r in caplog.records)
@@ -279,8 +282,7 @@ def test_an_api_side_exception_is_a_generic_500_with_its_text_in_the_log(served,
 
 def test_user_errors_stay_specific(served):
     client, _, _ = served
-    reply = client.post("/v1/explain", json={"prompt": PROMPT, "completion": CHOICE_A,
-                                             "target": {"span": [0, 9]}}, headers=BEARER)
+    reply = _post_explain(client, target={"span": [0, 9]})
     assert reply.status_code == 400 and "span [0, 9)" in reply.json()["error"]["message"]
 
 

@@ -14,7 +14,8 @@ import vllm  # noqa: F401  (scripts/test.sh installs it)
 import torch
 import httpx
 
-from test_serving import REL_TOL, _rel, _start_command, _stop, _wait  # noqa: E402
+from _live_server import stop_server, wait_until_serving
+from test_serving import REL_TOL, _rel, _start_command
 
 # a two-rank server per family starts in each test's setup
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -46,7 +47,7 @@ def test_tensor_parallel_2_equals_offline(tiny_checkpoint, tmp_path):
         ["--model", str(tiny_checkpoint), "--dtype", "float32", "--tensor-parallel-size", "2",
          "--kv-cache-memory-bytes", str(128 << 20)], log, env)
     try:
-        _wait(process, base, log)
+        wait_until_serving(process, base, log)
         info = httpx.get(base + "/v1/explain/stats", timeout=30).json()
         assert info["info"]["tensor_parallel_size"] == 2 and len(info["workers"]) == 2
         reply = httpx.post(base + "/v1/completions", timeout=300, json={
@@ -55,7 +56,7 @@ def test_tensor_parallel_2_equals_offline(tiny_checkpoint, tmp_path):
         assert reply.status_code == 200, reply.text
         explanation = reply.json()["choices"][0]["explanation"]
     finally:
-        _stop(process)
+        stop_server(process)
     ids = [t["id"] for t in explanation["tokens"]]
     length = explanation["prompt_length"]
     reference = load_explainer(model=str(tiny_checkpoint)).explain(

@@ -70,27 +70,14 @@ def _family_settings(family: str) -> tuple[type, dict]:
                 "original_max_position_embeddings": 32,
             },
         )
-    if family == "qwen2":
-        from transformers import Qwen2Config
+    if family in ("qwen2", "qwen3"):
+        from transformers import Qwen2Config, Qwen3Config
 
-        return Qwen2Config, dict(
-            num_hidden_layers=3,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            use_sliding_window=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        )
-    if family == "qwen3":
-        from transformers import Qwen3Config
-
-        return Qwen3Config, dict(
-            num_hidden_layers=3,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            attention_bias=False,
-            use_sliding_window=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        )
+        qwen = dict(num_hidden_layers=3, rms_norm_eps=1e-6, use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+        if family == "qwen2":  # q/k/v biases: Qwen2's attention always has them
+            return Qwen2Config, dict(qwen, tie_word_embeddings=False)
+        return Qwen3Config, dict(qwen, tie_word_embeddings=True, attention_bias=False)
     if family == "gemma3":
         from transformers import Gemma3TextConfig
 
