@@ -31,6 +31,8 @@ ensure_package()
 
 import torch  # noqa: E402
 
+from references.llama3 import ROPE_SCALING, ROPE_THETA  # noqa: E402
+
 
 def llama3_8b_config(layers: int, max_length: int):
     from transformers import LlamaConfig
@@ -39,9 +41,7 @@ def llama3_8b_config(layers: int, max_length: int):
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
         max_position_embeddings=max(131072, max_length),
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
+        rope_parameters={**ROPE_SCALING, "rope_theta": ROPE_THETA},
         tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )
 
