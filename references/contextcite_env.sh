@@ -20,12 +20,12 @@
 #   only used by its sentence partitioner, which the benchmark replaces by one source per
 #   document).
 # * torch is pinned to the local CPU wheel in every pip command, so the resolver can never
-#   swap in a CUDA build.
+#   swap in a CUDA build (references/venv_lib.sh, shared with lxt_env.sh).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${CONTEXTCITE_VENV:-$REPO_ROOT/.venv-contextcite}"
-PYTHON="${PYTHON:-python3}"
+# shellcheck source=references/venv_lib.sh
+source "$REPO_ROOT/references/venv_lib.sh"
 
 TORCH_SPEC="torch==2.13.0"
 TRANSFORMERS_SPEC="transformers==5.19.0"
@@ -33,45 +33,14 @@ CONTEXTCITE_SPEC="context-cite==0.0.4"
 # context-cite's declared requirements (its METADATA), plus safetensors for the checkpoint
 DEP_SPECS=("numpy" "datasets" "pandas" "nltk>=3.8.2" "spacy" "scikit-learn" "tqdm" "safetensors")
 
-SPEC="$TORCH_SPEC $TRANSFORMERS_SPEC $CONTEXTCITE_SPEC ${DEP_SPECS[*]}"
-MARKER="$VENV/.contextcite_env_complete"
-
-if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$SPEC" && -x "$VENV/bin/python" ]]; then
-    exit 0
-fi
-
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-rm -f "$MARKER"
-if [[ ! -x "$VENV/bin/python" ]]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/python" -m pip -q)
-LOG="$VENV/.contextcite_env_pip.log"
-: > "$LOG"
-pip_install() {
-    # Quiet on success; on failure show pip's output and stop.
-    if ! "${PIP[@]}" install "$@" >>"$LOG" 2>&1; then
-        grep -v "^WARNING: Location 'file://" "$LOG" >&2 || true
-        echo "contextcite_env.sh: pip install $* failed (log: $LOG)" >&2
-        exit 1
-    fi
-}
-
-pip_install "$TORCH_SPEC"
-pip_install "$TORCH_SPEC" "$TRANSFORMERS_SPEC" "${DEP_SPECS[@]}"
-# context-cite itself: its requirements are the ones above (unpinned `torch` and
-# `transformers` there must not move the pins).
-pip_install --no-deps "$CONTEXTCITE_SPEC"
-
-for pkg in torchvision torchaudio torchcodec; do
-    if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1; then
-        "${PIP[@]}" uninstall -y "$pkg" >/dev/null 2>&1 || true
-    fi
-done
+# context-cite goes in last with --no-deps: its requirements are the ones above (unpinned
+# `torch` and `transformers` there must not move the pins).
+venv_install contextcite_env "${CONTEXTCITE_VENV:-$REPO_ROOT/.venv-contextcite}" \
+    "$TORCH_SPEC" "$TRANSFORMERS_SPEC" "$CONTEXTCITE_SPEC" "${DEP_SPECS[@]}"
 
 # Verify: CPU torch of the pinned version, the pinned transformers, context_cite importable
 # with the network closed.
-"$VENV/bin/python" - <<'EOF'
+venv_verify <<'EOF'
 import torch, transformers
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert not torch.version.cuda, f"CUDA torch installed: {torch.version.cuda}"
@@ -81,5 +50,3 @@ nltk.download = lambda *args, **kwargs: True  # offline: see the notes above
 from context_cite import ContextCiter  # noqa: F401
 from context_cite.context_partitioner import BaseContextPartitioner  # noqa: F401
 EOF
-
-printf '%s' "$SPEC" > "$MARKER"

@@ -16,58 +16,25 @@
 #   are not needed for LLaMA in efficient mode. The only hard import among
 #   them, torchvision (lxt.efficient.models.vit_torch), is stubbed by
 #   lxt_reference.py.
-# * torch is always pinned to the local CPU wheel in the same pip command.
+# * torch is always pinned to the local CPU wheel in the same pip command
+#   (references/venv_lib.sh, shared with contextcite_env.sh).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${LXT_VENV:-$REPO_ROOT/.venv-lxt}"
-PYTHON="${PYTHON:-python3}"
+# shellcheck source=references/venv_lib.sh
+source "$REPO_ROOT/references/venv_lib.sh"
 
 TORCH_SPEC="torch==2.13.0"
 TRANSFORMERS_SPEC="transformers==4.57.6"
 LXT_SPEC="lxt==2.1"
 EXTRA_SPECS=("safetensors" "numpy")
 
-SPEC="$TORCH_SPEC $TRANSFORMERS_SPEC $LXT_SPEC ${EXTRA_SPECS[*]}"
-MARKER="$VENV/.lxt_env_complete"
-
-if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$SPEC" && -x "$VENV/bin/python" ]]; then
-    exit 0
-fi
-
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-rm -f "$MARKER"
-if [[ ! -x "$VENV/bin/python" ]]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/python" -m pip -q)
-LOG="$VENV/.lxt_env_pip.log"
-: > "$LOG"
-pip_install() {
-    # Quiet on success; on failure show pip's output and stop.
-    if ! "${PIP[@]}" install "$@" >>"$LOG" 2>&1; then
-        grep -v "^WARNING: Location 'file://" "$LOG" >&2 || true
-        echo "lxt_env.sh: pip install $* failed (log: $LOG)" >&2
-        exit 1
-    fi
-}
-
-# torch first (local CPU wheel), then transformers 4.x + small deps; torch is
-# re-pinned in every command so the resolver can never swap in a CUDA build.
-pip_install "$TORCH_SPEC"
-pip_install "$TORCH_SPEC" "$TRANSFORMERS_SPEC" "${EXTRA_SPECS[@]}"
-# lxt without its heavy optional deps (see notes above).
-pip_install --no-deps "$LXT_SPEC"
-
-# Remove vision/audio torch add-ons if anything pulled them in.
-for pkg in torchvision torchaudio torchcodec; do
-    if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1; then
-        "${PIP[@]}" uninstall -y "$pkg" >/dev/null 2>&1 || true
-    fi
-done
+# lxt goes in last, without its heavy optional deps (see notes above).
+venv_install lxt_env "${LXT_VENV:-$REPO_ROOT/.venv-lxt}" \
+    "$TORCH_SPEC" "$TRANSFORMERS_SPEC" "$LXT_SPEC" "${EXTRA_SPECS[@]}"
 
 # Verify: CPU torch of the pinned version, transformers 4.x, lxt importable.
-"$VENV/bin/python" - <<'EOF'
+venv_verify <<'EOF'
 import sys, types, importlib.util
 import torch, transformers
 assert torch.__version__.startswith("2.13.0"), torch.__version__
@@ -85,5 +52,3 @@ with warnings.catch_warnings():
     from lxt.efficient import monkey_patch  # noqa: F401
     import lxt.efficient.models.llama  # noqa: F401
 EOF
-
-printf '%s' "$SPEC" > "$MARKER"

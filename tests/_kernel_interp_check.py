@@ -21,14 +21,8 @@ import zlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+sys.path.append(str(REPO_ROOT))  # references/, when run as a script
+from references.llama3 import ROPE_SCALING as LLAMA3  # noqa: E402
 
 # layout: "contig" (q, g contiguous), "fused" (q/k views of a fused qkv buffer, g views of a fused
 # grad buffer, both through the kernel, accumulating into one pre-filled positional_out),

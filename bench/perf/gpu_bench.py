@@ -31,6 +31,8 @@ ensure_package()
 
 import torch  # noqa: E402
 
+from references.llama3 import ROPE_SCALING, ROPE_THETA  # noqa: E402
+
 
 def llama3_8b_config(layers: int, max_length: int):
     from transformers import LlamaConfig
@@ -39,9 +41,7 @@ def llama3_8b_config(layers: int, max_length: int):
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
         max_position_embeddings=max(131072, max_length),
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
+        rope_parameters={**ROPE_SCALING, "rope_theta": ROPE_THETA},
         tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )
 
@@ -103,13 +103,28 @@ def random_llama(layers: int, max_length: int):
     return model.requires_grad_(False)
 
 
+def random_llama_engine(layers: int, max_length: int):
+    """``random_llama`` and the engine's weights for it (views of the model's tensors)."""
+    from vllm_pelrp.models import decoder_architecture_for
+
+    model = random_llama(layers, max_length)
+    return model, decoder_architecture_for(model.config).weights_from_hf(model)
+
+
+def gradxinput(model, ids, target: int):
+    """The baseline: gradient×input of the last position's logit ``target`` at the input
+    embeddings (a leaf; the parameters are frozen), summed over the hidden dimension."""
+    embeds = model.model.embed_tokens(ids[None]).detach().requires_grad_()
+    model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1, target].backward()
+    return (embeds.float() * embeds.grad.float()).sum(-1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from vllm_pelrp.models import decoder_architecture_for
     from vllm_pelrp.engine.backward import (
         LogitSeeds,
         forward_layer_inputs,
@@ -117,9 +132,8 @@ def main() -> None:
         relevance_from_layer_inputs,
     )
 
-    model = random_llama(args.layers, max(args.lengths))
+    model, weights = random_llama_engine(args.layers, max(args.lengths))
     config = model.config
-    weights = decoder_architecture_for(model.config).weights_from_hf(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     device_name = torch.cuda.get_device_name() if CUDA else "CPU dry run"
     print(f"{device_name}: {args.layers} layers, weights {weight_bytes / 2**30:.1f} GiB")
@@ -131,18 +145,15 @@ def main() -> None:
         positions = torch.arange(length, device=DEVICE)
         entry = {}
 
-        def gradxinput():
-            embeds = model.model.embed_tokens(ids[None]).detach().requires_grad_()
-            logit = model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1, target]
-            logit.backward()
-            return (embeds.float() * embeds.grad.float()).sum(-1)
+        def baseline():
+            return gradxinput(model, ids, target)
 
         def ours_from_ids():
             return relevance_from_input_ids(weights, ids, seeds, "pa-lrp")
 
         try:
-            entry["gradxinput_s"] = cuda_time(gradxinput, args.repeats)
-            entry["gradxinput_peak"] = peak_beyond(gradxinput)
+            entry["gradxinput_s"] = cuda_time(baseline, args.repeats)
+            entry["gradxinput_peak"] = peak_beyond(baseline)
         except torch.OutOfMemoryError:
             entry["gradxinput_s"] = entry["gradxinput_peak"] = None
             torch.cuda.empty_cache()

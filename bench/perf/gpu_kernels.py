@@ -28,6 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from references.llama3 import ROPE_SCALING as LLAMA3  # noqa: E402
+from references.llama3 import ROPE_THETA as THETA  # noqa: E402
+
 
 def load_kernels():
     """``vllm_pelrp.kernels``, installed or loaded from ``<repo>/kernels`` (bench/common/standalone.py)."""
@@ -37,14 +40,7 @@ def load_kernels():
     return importlib.import_module("vllm_pelrp.kernels")
 
 
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-H, H_KV, D, THETA = 32, 8, 128, 500000.0
+H, H_KV, D = 32, 8, 128  # Llama-3-8B's attention heads, key-value heads and head size
 # bf16: grad error relative to max|ref| (1 bf16 ulp ≈ 7.8e-3); positional relative to max|ref|
 TOL = {"bfloat16": (1.6e-2, 1e-4), "float32": (1e-5, 1e-5)}
 # "cpu" only for a dry run of this script under TRITON_INTERPRET=1 (--device cpu, tiny sizes)

@@ -28,32 +28,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    from vllm_pelrp.models import decoder_architecture_for
-    from vllm_pelrp.engine.backward import (
-        LogitSeeds,
-        forward_layer_inputs,
-        relevance_from_input_ids,
-        relevance_from_layer_inputs,
-    )
+    from vllm_pelrp.engine import backward
 
-    model = gpu_bench.random_llama(args.layers, args.length)
-    config = model.config
+    model, weights = gpu_bench.random_llama_engine(args.layers, args.length)
     device = gpu_bench.DEVICE
-    weights = decoder_architecture_for(model.config).weights_from_hf(model)
-    ids = torch.randint(0, config.vocab_size, (args.length,), device=device)
-    seeds = LogitSeeds.from_rows([[(args.length - 1, 0)]])
+    ids = torch.randint(0, model.config.vocab_size, (args.length,), device=device)
+    seeds = backward.LogitSeeds.from_rows([[(args.length - 1, 0)]])
     positions = torch.arange(args.length, device=device)
-    layer_inputs, _ = forward_layer_inputs(weights, ids, positions)
-
-    def gradxinput():
-        embeds = model.model.embed_tokens(ids[None]).detach().requires_grad_()
-        model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1, 0].backward()
+    layer_inputs, _ = backward.forward_layer_inputs(weights, ids, positions)
 
     cases = {
-        "gradient×input": gradxinput,
-        "PA-LRP from layer inputs": lambda: relevance_from_layer_inputs(
+        "gradient×input": lambda: gpu_bench.gradxinput(model, ids, 0),
+        "PA-LRP from layer inputs": lambda: backward.relevance_from_layer_inputs(
             weights, layer_inputs, positions, seeds, "pa-lrp"),
-        "PA-LRP from ids": lambda: relevance_from_input_ids(weights, ids, seeds, "pa-lrp"),
+        "PA-LRP from ids": lambda: backward.relevance_from_input_ids(weights, ids, seeds, "pa-lrp"),
     }
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_key = "cuda_time_total" if device == "cuda" else "cpu_time_total"

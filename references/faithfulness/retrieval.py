@@ -61,6 +61,7 @@ import torch
 
 from .methods import combination_label, timed
 from .protocol import CURVES, FRACTIONS, CaseCurves, ReadingCache, curve_inputs, trapezoid_auc
+from .statistics import mean_se
 from .tasks import load_items
 
 TASK = "retrieval"
@@ -408,14 +409,6 @@ def run_split(methods: RetrievalMethods, cases: list[RetrievalCase], wanted: Seq
 
 
 # ---- aggregation ------------------------------------------------------------------------------
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(x.mean()), se
-
-
 def paired(per_case: dict[str, list[CaseCurves]], method: str, reference: str,
            key: str = "score") -> tuple[float, float]:
     return mean_se([a.aucs[key] - b.aucs[key] for a, b in zip(per_case[method], per_case[reference])])

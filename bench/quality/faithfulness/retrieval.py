@@ -6,18 +6,15 @@ report. The task itself (cases, methods, flipping of the document, curves) is
 from __future__ import annotations
 
 import json
-import os
-import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from bench.quality.runs import RunCost, cost_sentence, load_model
 from references.faithfulness.methods import combination_label
-from references.faithfulness.protocol import CURVES, FRACTIONS
 from references.faithfulness.retrieval import (
     DEFAULT_MODEL,
     DEFAULTS,
@@ -37,13 +34,9 @@ from references.faithfulness.retrieval import (
     summarise,
 )
 
+from .tables import fmt, plot, timing_table
+
 DEFAULT_OUT = Path(__file__).parent / "results" / "retrieval-minilm"
-
-
-def fmt(mean: float, se: float | None = None, digits: int = 3) -> str:
-    if se is None or not np.isfinite(se):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def verdict(mean: float, se: float) -> str:
@@ -71,47 +64,6 @@ def split_table(summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def timing_table(times: dict[str, list[float]]) -> list[str]:
-    lines = ["| method | s / explanation | ratio to grad-x-input |", "|---|---|---|"]
-    ref = float(np.mean(times["grad-x-input"])) if "grad-x-input" in times else float("nan")
-    for m in sorted(times, key=lambda m: np.mean(times[m])):
-        t = float(np.mean(times[m]))
-        lines.append(f"| {m} | {t:.3f} | {t / ref:.2f} |")
-    return lines
-
-
-def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = list(summaries)
-    fig, axes = plt.subplots(len(splits), 4, figsize=(20, 4.6 * len(splits)), squeeze=False)
-    names = sorted({m for s in splits for m in summaries[s]})
-    cmap = plt.get_cmap("tab20")
-    colours = {m: cmap(i % 20) for i, m in enumerate(names)}
-    for row, split in enumerate(splits):
-        for col, curve in enumerate(CURVES):
-            ax = axes[row][col]
-            for m in names:
-                if m not in summaries[split]:
-                    continue
-                bold = m == PALRP
-                ax.plot(FRACTIONS, summaries[split][m]["curves"][curve], label=m,
-                        color="black" if bold else colours[m], lw=2.6 if bold else 1.2,
-                        ls="--" if m == RANDOM else "-")
-            ax.set_title(f"{split}: {curve.replace('_', ' ')}")
-            ax.set_xlabel("fraction of document tokens " + ("replaced" if "deletion" in curve else "restored"))
-            ax.set_ylabel("cosine(query, document)")
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def all_methods(combination: str) -> list[str]:
     from vllm_pelrp.assemble import COMBINATIONS
 
@@ -123,20 +75,15 @@ def all_methods(combination: str) -> list[str]:
 
 def run(args: Any, argv: Sequence[str] | None) -> int:
     """``python -m bench.quality.faithfulness --tasks retrieval`` (``run.main`` parses the flags)."""
-    from vllm_pelrp import load_explainer
-    from vllm_pelrp.explainer import EncoderExplainer, resolve_model_path
+    from vllm_pelrp.explainer import EncoderExplainer
 
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    run_cost = RunCost()
     n_dev = DEFAULTS["n_dev"] if args.n_dev is None else args.n_dev
     n_test = DEFAULTS["n_test"] if args.n_test is None else args.n_test
     ig_steps = DEFAULTS["ig_steps"] if args.ig_steps is None else args.ig_steps
     batch_size = DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
     out_dir = DEFAULT_OUT if args.out is None else args.out
-    model_dir = resolve_model_path(args.model or DEFAULT_MODEL)
-    ex = load_explainer(str(model_dir))
+    ex, model_dir = load_model(args.model or DEFAULT_MODEL, args.threads)
     if not isinstance(ex, EncoderExplainer) or ex.pooling is None:
         raise SystemExit(f"{model_dir}: the retrieval task needs a sentence-embedding encoder")
     from vllm_pelrp.assemble import DEFAULT_COMBINATION
@@ -197,17 +144,15 @@ def run(args: Any, argv: Sequence[str] | None) -> int:
                 abs(o["target_value"] - v) for o, v in zip(lxt["cases"], ours)))
         result["splits"][split] = entry
     result["times_s"] = {m: float(np.mean(ts)) for m, ts in all_times.items()}
-    result["wall_s"] = time.perf_counter() - t0
-    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    result["cpu_s"] = sum(u.ru_utime + u.ru_stime for u in usage)
-    result["load_average"] = {"start": load_start, "end": os.getloadavg()[0], "cores": os.cpu_count()}
+    result.update(run_cost.measured())
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "dev" if args.dev_only else "results"
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     md = report(result, summaries, all_times)
     (out_dir / f"{name}.md").write_text(md)
     plot(summaries, out_dir / ("dev_curves.png" if args.dev_only else "curves.png"),
-         f"{ex.name}: flipping document tokens, cosine to the query")
+         f"{ex.name}: flipping document tokens, cosine to the query",
+         ylabel="cosine(query, document)", flipped="document tokens")
     print(md)
     print(f"wrote {out_dir}/{name}.md, {name}.json ({result['wall_s']:.0f}s)")
     return 0
@@ -269,8 +214,5 @@ def report(result: dict, summaries: dict[str, dict], times: dict[str, list[float
     lines += ["", "PA-LRP rows share one engine pass (query and document). LXT runs in its own "
               "process (transformers 4.57, eager attention); its time is one explanation of "
               "both texts.", ""]
-    load = result["load_average"]
-    lines.append(f"Wall time: {result['wall_s']:.0f} s; CPU time {result['cpu_s']:.0f} s (1-minute "
-                 f"load average {load['start']:.1f} at the start, {load['end']:.1f} at the end, "
-                 f"{load['cores']} cores shared).")
+    lines.append(cost_sentence(result) + ".")
     return "\n".join(lines) + "\n"

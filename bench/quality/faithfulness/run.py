@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,27 +36,21 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from bench.quality.runs import RunCost, cost_sentence, load_model
 from references.faithfulness.evaluate import LXT_NAME, evaluate_case, resolve_target, run_lxt
 from references.faithfulness.methods import CANDIDATES, COMBINATIONS, DEFAULT_COMBINATION, PAPER_DEFAULT, Methods, timed
-from references.faithfulness.protocol import CURVES, FRACTIONS, CaseCurves
+from references.faithfulness.protocol import CURVES, CaseCurves
+from references.faithfulness.statistics import mean_se
 from references.faithfulness.tasks import TASKS, Case, load_cases, neutral_token_id
+
+from .tables import PALRP, fmt, plot, timing_table
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = Path(__file__).parent / "results"
-REFERENCE = "grad-x-input"  # timing ratios are relative to this
-PALRP = "PA-LRP"
 SCALES = ("quick", "study", "full")
 
 
 # ---- aggregation ------------------------------------------------------------------------------
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(x.mean()), se
-
-
 def summarise_method(per_case: list[CaseCurves]) -> dict[str, Any]:
     keys = per_case[0].aucs.keys()
     aucs = {k: mean_se([c.aucs[k] for c in per_case]) for k in keys}
@@ -107,12 +99,6 @@ def run_split(ex: Any, methods: Methods, cases: list[Case], wanted: list[str], n
 
 
 # ---- report -----------------------------------------------------------------------------------
-def fmt(mean: float, se: float | None = None, digits: int = 3) -> str:
-    if se is None or not np.isfinite(se):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {se:.{digits}f}"
-
-
 def table(summary: dict[str, dict], per_case: dict[str, list[CaseCurves]], reading: str,
           reference: str | None) -> list[str]:
     order = sorted(summary, key=lambda m: -summary[m]["auc"][f"score_{reading}"][0])
@@ -143,47 +129,6 @@ def paper_table(summary: dict[str, dict]) -> list[str]:
         lines.append("| " + " | ".join([m] + [fmt(a[f"paper_{k}"][0]) for k in (
             "generate_AU_AC", "generate_AU_MSE", "pruning_AU_AC", "pruning_AU_MSE", "MERF", "LERF")]) + " |")
     return lines
-
-
-def timing_table(times: dict[str, list[float]]) -> list[str]:
-    ref = float(np.mean(times[REFERENCE])) if REFERENCE in times else float("nan")
-    lines = ["| method | s / explanation | ratio to grad-x-input |", "|---|---|---|"]
-    for m in sorted(times, key=lambda m: np.mean(times[m])):
-        t = float(np.mean(times[m]))
-        lines.append(f"| {m} | {t:.3f} | {t / ref:.2f} |")
-    return lines
-
-
-def plot(summary: dict[str, dict[str, dict]], reading: str, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(summary)
-    fig, axes = plt.subplots(len(tasks), 4, figsize=(20, 4.6 * len(tasks)), squeeze=False)
-    names = sorted({m for t in tasks for m in summary[t]})
-    cmap = plt.get_cmap("tab20")
-    colours = {m: cmap(i % 20) for i, m in enumerate(names)}
-    for row, task in enumerate(tasks):
-        for col, curve in enumerate(CURVES):
-            ax = axes[row][col]
-            for m in names:
-                if m not in summary[task]:
-                    continue
-                bold = m == PALRP
-                ax.plot(FRACTIONS, summary[task][m]["curves"][curve][reading], label=m,
-                        color="black" if bold else colours[m], lw=2.6 if bold else 1.2,
-                        ls="--" if m == "random" else "-")
-            ax.set_title(f"{task}: {curve.replace('_', ' ')}")
-            ax.set_xlabel("fraction of tokens " + ("replaced" if "deletion" in curve else "restored"))
-            ax.set_ylabel(f"target {reading}")
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -279,17 +224,8 @@ def run_quick(args: Any, given: Sequence[str], tasks: Sequence[str], error: Any)
         if getattr(args, name) is None:
             setattr(args, name, default)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from vllm_pelrp import load_explainer
-    from vllm_pelrp.explainer import resolve_model_path
-
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    model_dir = resolve_model_path(args.model)
-    ex = load_explainer(str(model_dir))
-    if args.model is None:
-        ex.name = "SmolLM2-135M-Instruct"
+    run_cost = RunCost()
+    ex, model_dir = load_model(args.model, args.threads)
     neutral_id, neutral_text = neutral_token_id(ex.tokenizer, args.neutral)
     methods = Methods(ex, neutral_id, ig_steps=args.ig_steps)
     print(f"model {ex.name} ({model_dir}); neutral token {neutral_text!r} (id {neutral_id}); "
@@ -327,7 +263,7 @@ def run_quick(args: Any, given: Sequence[str], tasks: Sequence[str], error: Any)
         if args.combination is not None:
             error("--dev-only needs the dev split: drop --combination")
         args.out.mkdir(parents=True, exist_ok=True)
-        result["wall_s"] = time.perf_counter() - t0
+        result["wall_s"] = run_cost.wall_s()
         (args.out / "dev.json").write_text(json.dumps(result, indent=1))
         md = "\n".join(dev_report(result, dev_summary, tasks, winner)) + "\n"
         (args.out / "dev.md").write_text(md)
@@ -374,16 +310,13 @@ def run_quick(args: Any, given: Sequence[str], tasks: Sequence[str], error: Any)
     result["times_s"] = {m: float(np.mean(ts)) for m, ts in all_times.items()}
     result["quiz_accuracy"] = {s: float(np.mean([c.meta["correct"] for c in cs["quiz"]]))
                                for s, cs in (("test", test_cases),) if "quiz" in cs and cs["quiz"]}
-    result["wall_s"] = time.perf_counter() - t0
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    result["cpu_s"] = sum(u.ru_utime + u.ru_stime for u in usage)
-    result["load_average"] = {"start": load_start, "end": os.getloadavg()[0], "cores": os.cpu_count()}
+    result.update(run_cost.measured())
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(test_summary, "prob", args.out / "curves_prob.png",
-         f"{ex.name}: token flipping, target probability (test split)")
-    plot(test_summary, "logit", args.out / "curves_logit.png",
-         f"{ex.name}: token flipping, target logit (test split)")
+    for reading, name in (("prob", "probability"), ("logit", "logit")):
+        plot(test_summary, args.out / f"curves_{reading}.png",
+             f"{ex.name}: token flipping, target {name} (test split)",
+             ylabel=f"target {reading}", reading=reading)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     md = report(result, dev_summary, test_summary, test_per_case, all_times, tasks, winner, test_cases)
     (args.out / "results.md").write_text(md)
@@ -499,10 +432,7 @@ def report(result, dev_summary, test_summary, test_per_case, times, tasks, winne
     if result.get("quiz_accuracy"):
         lines.append(f"Quiz accuracy of the model (argmax letter = gold), test: "
                      f"{result['quiz_accuracy']['test']:.2f}")
-    load = result["load_average"]
-    lines.append(f"Wall time of the run: {result['wall_s']:.0f} s; CPU time {result['cpu_s']:.0f} s "
-                 f"(1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the "
-                 f"end, on {load['cores']} cores shared with other jobs).")
+    lines.append(cost_sentence(result) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -12,36 +12,24 @@ and the first 32 of them), leave-one-out ablation and random order, case by case
 methods' timings interleaved. Writes ``results.json`` and ``results.md`` into ``--out``.
 
 Cases and the removal of a source: ``references/grounding/tasks.py``; one case measured, and the
-metrics: ``references/grounding/evaluate.py``. Metrics, per method (docs/grounding-benchmark.md):
-
-* top-1 accuracy against the *answer's source* (the document whose package name the model's
-  answer names first; cases whose answer names none are left out of this one), against the
-  *gold* document on all cases, and against the gold document on correctly answered cases;
-* the drop of the answer's log-probability (sum over its tokens, teacher-forced) when the top
-  source is removed from the prompt, against the mean drop over every single source (the
-  expected drop of removing a random one); the same for the top two sources against the mean
-  over every pair (ContextCite's top-k removal evaluation, k = 1, 2);
-* time per explanation: ours = one ``Explainer.explain(messages, documents, completion,
-  target="completion")`` call; ContextCite = ``ContextCiter.get_attributions`` (its ablation
-  forwards and its LASSO regression); leave-one-out = its 1 + n forwards. Neither is timed
-  generating the answer. Ratio = their mean time over ours.
+metrics (top-1 accuracy against the answer's source and the gold document, the answer's
+log-probability drop with the top one or two sources removed, time per explanation):
+``references/grounding/evaluate.py`` and docs/grounding-benchmark.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from bench.quality.runs import RunCost, cost_sentence, load_model
 from references.grounding.evaluate import (
     LOO,
     OURS,
@@ -144,11 +132,7 @@ def report(result: dict) -> str:
                   f"{checks['max_logprob_diff']:.2e} nats; prompt ids identical in "
                   f"{checks['prompt_ids_match']}/{test['n']} cases, answer ids in "
                   f"{checks['response_ids_match']}/{test['n']}.", ""]
-    load = result["load_average"]
-    lines.append(f"Wall time of the run: {result['wall_s']:.0f} s; CPU time {result['cpu_s']:.0f} s "
-                 f"(1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the "
-                 f"end, on {load['cores']} cores shared with other jobs); torch threads "
-                 f"{result['threads']} in each process.")
+    lines.append(f"{cost_sentence(result)}; torch threads {result['threads']} in each process.")
     return "\n".join(lines) + "\n"
 
 
@@ -173,17 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from vllm_pelrp import load_explainer
-    from vllm_pelrp.explainer import resolve_model_path
-
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    model_dir = resolve_model_path(args.model)
-    ex = load_explainer(str(model_dir))
-    if args.model is None:
-        ex.name = "SmolLM2-135M-Instruct"
+    run_cost = RunCost()
+    ex, model_dir = load_model(args.model, args.threads)
     print(f"model {ex.name} ({model_dir}); threads {torch.get_num_threads()}", flush=True)
     result: dict[str, Any] = {
         "model": ex.name, "model_dir": str(model_dir), "documents_per_case": args.documents,
@@ -276,10 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{verdict(ratio >= 10)}",
         ]
     result["test"] = test
-    result["wall_s"] = time.perf_counter() - t0
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    result["cpu_s"] = sum(u.ru_utime + u.ru_stime for u in usage)
-    result["load_average"] = {"start": load_start, "end": os.getloadavg()[0], "cores": os.cpu_count()}
+    result.update(run_cost.measured())
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=float))
