@@ -46,18 +46,17 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .. import settings
+from ..html_page import STATIC_DIR
 from ..vocabulary import ENCODER_TARGETS
 from .http import error_response as _error
 from .metrics import add_explanation_sink
 
-STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"pelrp.js": "text/javascript; charset=utf-8",
                 "pelrp.css": "text/css; charset=utf-8"}
 ID_PATTERN = re.compile(r"^expl-[0-9a-f]{32}$")
