@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fastapi.responses import JSONResponse
 
 import vllm  # noqa: F401  (scripts/test.sh installs it)
 
@@ -278,6 +279,34 @@ def test_an_api_side_exception_is_a_generic_500_with_its_text_in_the_log(served,
     assert reply.status_code == 500 and SECRET_DETAIL not in reply.text
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert any(SECRET_DETAIL in r.getMessage() for r in caplog.records)
+
+
+class _RefusingVllm(list):
+    """``app.state.generated`` of ``make_app``: its stand-in for vLLM's handler appends each
+    request here first, so this makes that handler raise what vLLM's own code raises."""
+
+    def append(self, request) -> None:
+        raise ValueError("vLLM's own refusal: this request is not one vLLM serves")
+
+
+def test_what_vllms_own_handler_raises_is_answered_by_vllms_exception_handlers(tiny):
+    """Requests without explain are vLLM's, errors included: vLLM's app answers a ValueError of
+    its handler with a 400 (its exception handlers); the plugin's route class must not turn it
+    into its generic 500. The fuzz run found this."""
+    worker = FakeWorker(tiny.weights, CHOICE_A)
+    client, _ = make_app(INFO, tokenizer=tiny.tokenizer, worker=worker, api_keys=True)
+
+    async def vllms_handler(request, error):  # as vllm/entrypoints/serve/exception_handling
+        return JSONResponse({"error": {"message": str(error), "type": "BadRequestError",
+                                       "param": None, "code": 400}}, status_code=400)
+
+    client.app.add_exception_handler(ValueError, vllms_handler)
+    client.app.state.generated = _RefusingVllm()
+    for explain in ({}, {"explain": {}}):
+        reply = client.post("/v1/completions", headers=BEARER, json={
+            "model": "m", "prompt": PROMPT, "max_tokens": 4, **explain})
+        assert reply.status_code == 400, (explain, reply.text)
+        assert "vLLM's own refusal" in reply.json()["error"]["message"]
 
 
 def test_user_errors_stay_specific(served):

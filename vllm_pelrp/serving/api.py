@@ -51,6 +51,7 @@ from . import encoder_api, webview
 from .http import (
     ERRORS,
     OpenAIErrorRoute,
+    call_vllm,
     documented_errors as _errors,
     dumps as _dumps,
     error_response,
@@ -277,7 +278,7 @@ class PelrpEndpointPlugin:
         if original is None:  # vLLM serves no such route here (a pooling model)
             return encoder_api.decoder_route_refused(path, options)
         if options is None:
-            return await original(request, raw_request)
+            return await call_vllm(original, request, raw_request)
         service = _service(raw_request)
         if service is None:
             return error_response("explanations are not initialised on this server", 500)
@@ -316,7 +317,7 @@ class PelrpEndpointPlugin:
         request.vllm_xargs = {**(request.vllm_xargs or {}), "pelrp_key": key}
         request.return_token_ids = True
         try:
-            response = await original(request, raw_request)
+            response = await call_vllm(original, request, raw_request)
         except BaseException:
             service.release_soon(key)
             raise

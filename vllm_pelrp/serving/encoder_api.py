@@ -43,7 +43,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_c
 from .. import pipeline
 from ..errors import ExplainInputError, PromptError, TargetError
 from ..explanation import EncoderTargetSpec, Explanation
-from .http import dumps, error_response, refused
+from .http import call_vllm, dumps, error_response, refused
 from .metrics import get_metrics, observed
 from .protocol import (
     ENCODER_KIND,
@@ -395,7 +395,7 @@ class EncoderHandlers:
             return refused(_prefixed(error, "input"))
         except ExplainError as error:
             return refused(error)
-        response = await self.original["embeddings"](request, raw_request)
+        response = await call_vllm(self.original["embeddings"], request, raw_request)
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             return response
         return await self._respond(service, response, "data", "index",
@@ -418,7 +418,7 @@ class EncoderHandlers:
             return refused(_prefixed(error, "documents"))
         except ExplainError as error:
             return refused(error)
-        response = await self.original[kind](request, raw_request)
+        response = await call_vllm(self.original[kind], request, raw_request)
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             return response
         items = "data" if kind == "score" else "results"

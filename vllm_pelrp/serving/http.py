@@ -84,11 +84,26 @@ def _engine_failures() -> tuple[type[BaseException], ...]:
     return (EngineDeadError, EngineGenerateError)
 
 
+VLLM_ERROR = "pelrp_vllm_error"  # request.state: what vLLM's own endpoint raised
+
+
+async def call_vllm(endpoint: Any, request: Any, raw_request: Request) -> Any:
+    """vLLM's own ``endpoint`` for ``request``: what it raises stays vLLM's to answer, by its
+    app's exception handlers as without the plugin (a 400 for a ValueError, say), not by the
+    route class's generic 500."""
+    try:
+        return await endpoint(request, raw_request)
+    except Exception as error:
+        setattr(raw_request.state, VLLM_ERROR, error)
+        raise
+
+
 class OpenAIErrorRoute(APIRoute):
     """The plugin's routes: a body that cannot be parsed or validated is answered in OpenAI's
     error shape with a plain message that names the field, not with FastAPI's ``{"detail":
-    ...}`` or a Python repr of pydantic's errors; an unexpected exception is a 500 with an error
-    id, its text kept for the log."""
+    ...}`` or a Python repr of pydantic's errors; an unexpected exception of the plugin is a 500
+    with an error id, its text kept for the log. What vLLM's own endpoint raises (``call_vllm``)
+    and vLLM's engine errors go on to vLLM's exception handlers."""
 
     def described(self) -> tuple[dict[str, list[str]], dict[str, str]]:
         """The body's fields by place, and what a field allows, for the messages."""
@@ -118,8 +133,9 @@ class OpenAIErrorRoute(APIRoute):
                                       if error.status_code == 400 else str(error.detail),
                                       error.status_code)
             except Exception as error:  # noqa: BLE001 - answered without its text
-                if engine_failures and isinstance(error, engine_failures):
-                    raise
+                if (engine_failures and isinstance(error, engine_failures)) or \
+                        getattr(request.state, VLLM_ERROR, None) is error:
+                    raise  # vLLM's: its exception handlers answer, as without the plugin
                 return internal_error_response(f"{request.method} {path}", error)
 
         return route_handler
