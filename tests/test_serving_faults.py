@@ -290,9 +290,9 @@ class _RefusingVllm(list):
 
 
 def test_what_vllms_own_handler_raises_is_answered_by_vllms_exception_handlers(tiny):
-    """Requests without explain are vLLM's, errors included: vLLM's app answers a ValueError of
-    its handler with a 400 (its exception handlers); the plugin's route class must not turn it
-    into its generic 500. The fuzz run found this."""
+    """Requests are vLLM's, errors included: vLLM's app answers a ValueError of its handler and
+    a VLLMError of its request models with a 400 (its exception handlers); the plugin's route
+    class must not turn them into its generic 500. The fuzz run found both."""
     worker = FakeWorker(tiny.weights, CHOICE_A)
     client, _ = make_app(INFO, tokenizer=tiny.tokenizer, worker=worker, api_keys=True)
 
@@ -300,13 +300,23 @@ def test_what_vllms_own_handler_raises_is_answered_by_vllms_exception_handlers(t
         return JSONResponse({"error": {"message": str(error), "type": "BadRequestError",
                                        "param": None, "code": 400}}, status_code=400)
 
+    from vllm.entrypoints.serve.exception_handling.handlers.vllm_error import vllm_error_handler
+    from vllm.exceptions import VLLMError
+
     client.app.add_exception_handler(ValueError, vllms_handler)
+    client.app.add_exception_handler(VLLMError, vllm_error_handler)  # vLLM's own
+    client.app.state.args = SimpleNamespace(log_error_stack=False)
     client.app.state.generated = _RefusingVllm()
     for explain in ({}, {"explain": {}}):
         reply = client.post("/v1/completions", headers=BEARER, json={
             "model": "m", "prompt": PROMPT, "max_tokens": 4, **explain})
         assert reply.status_code == 400, (explain, reply.text)
         assert "vLLM's own refusal" in reply.json()["error"]["message"]
+        # vLLM's request model refuses the body while it is read (a VLLMValidationError)
+        reply = client.post("/v1/completions", headers=BEARER, json={
+            "model": "m", "max_tokens": 4, **explain})
+        assert reply.status_code == 400, (explain, reply.text)
+        assert reply.json()["error"]["param"] == "prompt", reply.text
 
 
 def test_user_errors_stay_specific(served):

@@ -74,14 +74,25 @@ def documented_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: ERRORS[code] for code in codes}
 
 
-def _engine_failures() -> tuple[type[BaseException], ...]:
-    """vLLM's engine errors, which its own exception handlers answer (a dead engine stops the
-    server): never swallowed here."""
+def _vllms_errors() -> tuple[type[BaseException], ...]:
+    """vLLM's own error types, which its exception handlers answer: ``VLLMError`` (a request
+    that vLLM's request models refuse while the body is read, say, a 400 naming the parameter)
+    and the engine's errors (a dead engine stops the server). Never swallowed here: the plugin
+    raises none of them."""
+    found: list[type[BaseException]] = []
+    try:
+        from vllm.exceptions import VLLMError
+
+        found.append(VLLMError)
+    except ImportError:  # pragma: no cover - another vLLM layout
+        pass
     try:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        found += [EngineDeadError, EngineGenerateError]
     except ImportError:  # pragma: no cover - another vLLM layout
-        return ()
-    return (EngineDeadError, EngineGenerateError)
+        pass
+    return tuple(found)
 
 
 VLLM_ERROR = "pelrp_vllm_error"  # request.state: what vLLM's own endpoint raised
@@ -102,8 +113,8 @@ class OpenAIErrorRoute(APIRoute):
     """The plugin's routes: a body that cannot be parsed or validated is answered in OpenAI's
     error shape with a plain message that names the field, not with FastAPI's ``{"detail":
     ...}`` or a Python repr of pydantic's errors; an unexpected exception of the plugin is a 500
-    with an error id, its text kept for the log. What vLLM's own endpoint raises (``call_vllm``)
-    and vLLM's engine errors go on to vLLM's exception handlers."""
+    with an error id, its text kept for the log. vLLM's own errors (``VLLMError``, the engine's)
+    and whatever vLLM's endpoint raises (``call_vllm``) go on to vLLM's exception handlers."""
 
     def described(self) -> tuple[dict[str, list[str]], dict[str, str]]:
         """The body's fields by place, and what a field allows, for the messages."""
@@ -114,7 +125,7 @@ class OpenAIErrorRoute(APIRoute):
     def get_route_handler(self):
         handler = super().get_route_handler()
         fields, allowed = self.described()
-        engine_failures = _engine_failures()
+        vllms_errors = _vllms_errors()
         path = self.path
 
         async def route_handler(request: Request):
@@ -133,7 +144,7 @@ class OpenAIErrorRoute(APIRoute):
                                       if error.status_code == 400 else str(error.detail),
                                       error.status_code)
             except Exception as error:  # noqa: BLE001 - answered without its text
-                if (engine_failures and isinstance(error, engine_failures)) or \
+                if isinstance(error, vllms_errors) or \
                         getattr(request.state, VLLM_ERROR, None) is error:
                     raise  # vLLM's: its exception handlers answer, as without the plugin
                 return internal_error_response(f"{request.method} {path}", error)
