@@ -213,10 +213,6 @@ def set_in_process(name: str, value: Any) -> None:
     os.environ[name] = _checked(name, value)
 
 
-def unset_in_process(name: str) -> None:
-    os.environ.pop(name, None)
-
-
 def _checked(name: str, value: Any) -> str:
     """``value`` as the text of setting ``name``, after its parser took it."""
     if name not in SETTINGS:
