@@ -26,9 +26,11 @@ def _rope_type(scaling: Mapping[str, Any] | None) -> str:
 
 
 def rope_inv_freq(
-    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """fp32 inverse frequencies ``(head_dim/2,)``, computed exactly as transformers does.
+    """fp32 inverse frequencies ``(head_dim/2,)`` on ``device``, computed exactly as transformers
+    does.
 
     ``scaling`` is the HF ``rope_scaling`` / ``rope_parameters`` dict (or ``None``). Supported
     ``rope_type``: ``default``, ``linear`` (``inv_freq / factor``) and ``llama3``
@@ -49,7 +51,8 @@ def rope_inv_freq(
     dim = head_dim
     # Same expression as transformers' _compute_default_rope_parameters.
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim)
+        theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float)
+                  / dim)
     )
     if rope_type == "default":
         return inv_freq

@@ -40,6 +40,30 @@ def over_msgpack(value: Any) -> Any:
     return MsgpackDecoder().decode(MsgpackEncoder().encode(value))
 
 
+def recorded(weights, key: str, prompt_ids: list[int], completion_ids: list[int],
+             req_id: str = "r0"):
+    """A request's recording as the op leaves it in a pool: the layer inputs of every position
+    the model ran (all but the last completion token)."""
+    import torch
+
+    from vllm_pelrp.engine.backward import forward_layer_inputs
+    from vllm_pelrp.serving.record_pool import RecordingPool
+    from vllm_pelrp.serving.recorder import Recording
+
+    ids = prompt_ids + completion_ids
+    inputs, _ = forward_layer_inputs(weights, torch.tensor(ids[:-1]))
+    stacked = torch.stack(inputs)  # (layers, positions, hidden)
+    pool = RecordingPool(stacked.shape[0], stacked.shape[2], stacked.dtype, "cpu",
+                         cap_bytes=len(ids) * stacked.shape[0] * stacked.shape[2]
+                         * stacked.element_size() * 2, max_batch_tokens=len(ids),
+                         page_tokens=4)
+    pages = pool.allocate(len(ids))
+    pool.buffer[:, torch.from_numpy(pool.slot_indices(pages, 0, stacked.shape[1]))] = stacked
+    return Recording(req_id=req_id, key=key, prompt_token_ids=list(prompt_ids),
+                     output_token_ids=list(completion_ids), capacity=len(ids), pages=pages,
+                     pool=pool, first_position=0, end_position=len(ids) - 1)
+
+
 class _Recordings:
     """The worker's recorder, as far as the jobs use it: recordings by key."""
 
@@ -70,18 +94,8 @@ class FakeWorker:
     def record(self, key: str, prompt_ids: list[int], completion_ids: list[int]) -> None:
         """Record a request's layer inputs as the hooks would: every position the model ran
         (all but the last completion token)."""
-        import torch
-
-        from vllm_pelrp.engine.backward import forward_layer_inputs
-        from vllm_pelrp.serving.recorder import Recording
-
-        ids = prompt_ids + completion_ids
-        inputs, _ = forward_layer_inputs(self.weights, torch.tensor(ids[:-1]))
-        recording = Recording(req_id=f"r{len(self.extension._pelrp().recorder.by_key)}",
-                              key=key, prompt_token_ids=list(prompt_ids),
-                              output_token_ids=list(completion_ids), capacity=len(ids),
-                              buffer=torch.stack(inputs), first_position=0,
-                              end_position=len(ids) - 1)
+        recording = recorded(self.weights, key, prompt_ids, completion_ids,
+                             req_id=f"r{len(self.extension._pelrp().recorder.by_key)}")
         self.extension._pelrp().recorder.by_key.setdefault(key, []).append(recording)
 
     def call(self, method: str, args: tuple) -> Any:

@@ -32,7 +32,8 @@ from vllm_pelrp.serving.recorder import Recording
 from vllm_pelrp.serving.service import ExplainService
 from vllm_pelrp.serving.worker import PelrpWorkerExtension, _pick, run_job
 
-from _fake_engine import FakeEngine, FakeWorker, default_tokenizer, make_app, over_msgpack
+from _fake_engine import (FakeEngine, FakeWorker, default_tokenizer, make_app, over_msgpack,
+                          recorded)
 from tiny_models import tiny_model, tiny_tokenizer
 
 PROMPT = "w5 w6 w7 w8 w9 w10 w11 w12"
@@ -50,14 +51,8 @@ def tiny():
 
 
 def _recording(weights, key: str, completion: list[int]) -> Recording:
-    """A choice's recording as the hooks leave it: every position but the last token."""
-    from vllm_pelrp.engine.backward import forward_layer_inputs
-
-    ids = PROMPT_IDS + completion
-    inputs, _ = forward_layer_inputs(weights, torch.tensor(ids[:-1]))
-    return Recording(req_id=f"r-{completion[0]}", key=key, prompt_token_ids=list(PROMPT_IDS),
-                     output_token_ids=list(completion), capacity=len(ids),
-                     buffer=torch.stack(inputs), first_position=0, end_position=len(ids) - 1)
+    """A choice's recording as the op leaves it: every position but the last token."""
+    return recorded(weights, key, PROMPT_IDS, completion, req_id=f"r-{completion[0]}")
 
 
 # ---- 1. a recording that does not match is never used ------------------------------------------

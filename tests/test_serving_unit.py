@@ -104,10 +104,11 @@ def _runner(requests):
 
     import numpy as np
 
-    runner = types.SimpleNamespace(requests=requests,
-                                   input_batch=types.SimpleNamespace(req_ids=[], num_reqs=0),
-                                   query_start_loc=types.SimpleNamespace(np=np.zeros(8, int)))
-    return runner
+    batch = types.SimpleNamespace(req_ids=[], num_reqs=0,
+                                  num_computed_tokens_cpu=np.zeros(8, int))
+    return types.SimpleNamespace(requests=requests, input_batch=batch,
+                                 query_start_loc=types.SimpleNamespace(np=np.zeros(8, int)),
+                                 _prepare_inputs=lambda: None)
 
 
 def _request(key, prompt, max_tokens=4):
@@ -123,17 +124,37 @@ SECRET = new_secret()
 VERIFY = functools.partial(verify_key, SECRET)
 
 
+def _recorder(runner, layers, cap_bytes, hidden=8):
+    """A recorder over a pool in host memory, the op hooked on ``layers`` (as the plugin does
+    at load time)."""
+    import torch
+
+    from vllm_pelrp.serving.record_pool import RecordingPool, install_layer_hooks, set_pool
+    from vllm_pelrp.serving.recorder import Recorder
+
+    pool = RecordingPool(len(layers), hidden, torch.float32, "cpu", cap_bytes=cap_bytes,
+                         max_batch_tokens=64, page_tokens=4)
+    install_layer_hooks(layers)
+    set_pool(pool)
+    recorder = Recorder(runner, pool, max_model_len=64, verify=VERIFY)
+    recorder.install()
+    return recorder
+
+
 def _step(runner, layers, batch):
-    """Run the fake model on a batch [(req_id, first_position, rows)]; returns each request's
-    (positions, layer inputs) as the model saw them."""
+    """Run the fake model on a batch [(req_id, first_position, rows)] as the runner does (the
+    host arrays, ``_prepare_inputs``, the forward); returns each request's (positions, layer
+    inputs) as the model saw them."""
     import torch
 
     runner.input_batch.req_ids = [r for r, _, _ in batch]
     runner.input_batch.num_reqs = len(batch)
     starts = [0]
-    for _, _, n in batch:
+    for i, (_, first, n) in enumerate(batch):
         starts.append(starts[-1] + n)
+        runner.input_batch.num_computed_tokens_cpu[i] = first
     runner.query_start_loc.np[: len(starts)] = starts
+    runner._prepare_inputs()
     positions = torch.cat([torch.arange(p, p + n) for _, p, n in batch])
     hidden = torch.randn(len(positions), 8)
     residual = None
@@ -148,21 +169,18 @@ def _step(runner, layers, batch):
 def test_recorder_maps_rows_to_requests_across_chunks_and_decode():
     import torch
 
-    from vllm_pelrp.serving.recorder import Recorder
-
     layers = [_Layer() for _ in range(3)]
     key_a, key_c = sign_key(SECRET, 1), sign_key(SECRET, 1)
     requests = {"a": _request(key_a, [1, 2, 3, 4, 5, 6]), "b": _request(None, [7, 8, 9]),
                 "c": _request(key_c, [1, 2, 3, 4, 5, 6, 7, 8])}
     runner = _runner(requests)
-    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64,
-                        verify=VERIFY)
-    recorder.install()
+    recorder = _recorder(runner, layers, cap_bytes=10**6)
     expected = {"a": {}, "c": {}}
     steps = [
         [("a", 0, 4), ("b", 0, 3)],             # chunked prefill of a, b's prompt
         [("b", 3, 1), ("a", 4, 2), ("c", 5, 3)],  # a's last chunk; c starts at 5 (cached prefix)
         [("a", 6, 1), ("c", 8, 1)],             # decode steps
+        [("b", 4, 1)],                          # b alone: a and c's slots are not written
     ]
     for batch in steps:
         for req, (first, inputs) in _step(runner, layers, batch).items():
@@ -170,16 +188,19 @@ def test_recorder_maps_rows_to_requests_across_chunks_and_decode():
                 for offset in range(inputs[0].shape[0]):
                     expected[req][first + offset] = [x[offset] for x in inputs]
     assert "b" not in recorder.recordings  # did not ask: nothing recorded
+    # capacity = prompt + max_tokens: a 6 + 4, c 8 + 4 positions, in pages of 4 positions;
+    # 3 layers x 8 floats each
+    assert recorder.stats()["bytes"] == 3 * (12 + 12) * 8 * 4
     for req, rows in expected.items():
         recording = recorder.recordings[req]
         assert recording.first_position == min(rows) and recording.end_position == max(rows) + 1
+        recorded = recording.pool.gather(recording.pages, max(rows) + 1)
         for position, per_layer in rows.items():
             for layer, row in enumerate(per_layer):
-                torch.testing.assert_close(recording.buffer[layer, position], row)
-    # capacity = prompt + max_tokens: a 6 + 4, c 8 + 4 positions; 3 layers x 8 floats each
-    assert recorder.stats()["bytes"] == 3 * ((6 + 4) + (8 + 4)) * 8 * 4
+                torch.testing.assert_close(recorded[layer, position], row)
     assert recorder.release(key_a) > 0 and "a" not in recorder.recordings
     assert recorder.used_bytes == recorder.recordings["c"].nbytes
+    assert recorder.pool.free_pages == recorder.pool.num_pages - 3  # a's pages are back
 
 
 def test_recorder_refuses_over_the_cap():
@@ -189,12 +210,10 @@ def test_recorder_refuses_over_the_cap():
 
     layers = [_Layer() for _ in range(2)]
     runner = _runner({"a": _request(sign_key(SECRET, 1), list(range(10)), max_tokens=10)})
-    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=100, max_model_len=64,
-                        verify=VERIFY)
-    recorder.install()
+    recorder = _recorder(runner, layers, cap_bytes=2 * 8 * 4 * 16)  # 16 positions: 4 pages
     _step(runner, layers, [("a", 0, 10)])
     recording = recorder.recordings["a"]
-    assert recording.buffer is None and "cap" in recording.error and "needs" in recording.error
+    assert recording.pages is None and "cap" in recording.error and "needs" in recording.error
 
 
 def test_recorder_records_only_keys_the_api_process_signed():
@@ -214,9 +233,7 @@ def test_recorder_records_only_keys_the_api_process_signed():
                 "g2": _request(good, [1, 2]), "g3": _request(good, [1, 2])}
     layers = [_Layer() for _ in range(2)]
     runner = _runner(requests)
-    recorder = Recorder(runner, layers, 8, torch.float32, cap_bytes=10**6, max_model_len=64,
-                        verify=VERIFY)
-    recorder.install()
+    recorder = _recorder(runner, layers, cap_bytes=10**6)
     _step(runner, layers, [(r, 0, 2) for r in requests])
     assert sorted(recorder.recordings) == ["g1", "g2"]  # signed for 2 recordings: g3 refused
     assert recorder.stats()["refused_keys"] == 4 and "keys" not in recorder.stats()
@@ -270,22 +287,28 @@ def test_a_shipped_model_name_serves_and_loads_its_converted_checkpoint(tmp_path
         resolve_model_path(str(tmp_path / "missing"))
 
 
-def test_pelrp_serve_is_compiled_by_default_and_eager_on_request(monkeypatch, tmp_path):
+def test_pelrp_serve_keeps_vllms_compilation_and_names_the_activation_source(monkeypatch,
+                                                                           tmp_path):
     from vllm_pelrp import cli
     from vllm_pelrp.serving import plugin
 
     (tmp_path / "config.json").write_text("{}")
     parser = cli.build_parser()
-    for argv, eager in (([], False), (["--eager"], True)):
+    for argv, eager, source in (([], False, None), (["--eager"], True, None),
+                                (["--explain-activations", "recompute"], False, "recompute")):
         args, unknown = parser.parse_known_args(["serve", "--model", str(tmp_path), *argv])
         args.vllm_args = unknown
         command, env = cli.serve_command(args)
         assert ("--enforce-eager" in command) == eager
-        assert env.get("VLLM_PELRP_COMPILED") == ("0" if eager else None)
-    monkeypatch.delenv("VLLM_PELRP_COMPILED", raising=False)
-    assert plugin.compiled_recording()  # the default keeps vLLM's torch.compile
-    monkeypatch.setenv("VLLM_PELRP_COMPILED", "0")
-    assert not plugin.compiled_recording()
+        assert env.get("VLLM_PELRP_ACTIVATIONS") == source
+    monkeypatch.delenv("VLLM_PELRP_ACTIVATIONS", raising=False)
+    assert plugin.activations_source("cpu") == "record"  # auto
+    assert plugin.activations_source("cuda") == "recompute"
+    monkeypatch.setenv("VLLM_PELRP_ACTIVATIONS", "Record")
+    assert plugin.activations_source("cuda") == "record"
+    monkeypatch.setenv("VLLM_PELRP_ACTIVATIONS", "replay")
+    with pytest.raises(ValueError, match="allowed: record, recompute, auto"):
+        plugin.activations_source("cpu")
 
 
 def test_general_plugin_is_inert_without_vllm_plugins(monkeypatch):
@@ -403,11 +426,11 @@ def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkey
     """Every on/off switch accepts the same spellings; a typo is an error that names the
     setting and what it allows, not a silent default."""
     from vllm_pelrp import settings
-    from vllm_pelrp.serving import compiled, plugin, worker
+    from vllm_pelrp.serving import compiled, worker
     from vllm_pelrp.serving.webview import RecentExplanations
 
-    switches = {"VLLM_PELRP_COMPILED": plugin.compiled_recording,
-                "VLLM_PELRP_FRESH_CHUNK": compiled.fresh_chunk_forward}
+    switches = {"VLLM_PELRP_FRESH_CHUNK": compiled.fresh_chunk_forward,
+                "VLLM_PELRP_SPARE_CORES": lambda: settings.get("VLLM_PELRP_SPARE_CORES")}
     for name, read in switches.items():
         for value, expected in [("", True), (" OFF ", False), ("No", False), ("on", True),
                                 ("TRUE", True), ("0", False)]:

@@ -192,9 +192,9 @@ def test_settings_are_parsed_strictly_and_children_get_checked_values(monkeypatc
     assert settings.get("VLLM_PELRP_SPARE_CORES") is True  # empty = the default
     with pytest.raises(KeyError, match="NOT_A_SETTING is not a registered setting"):
         settings.get("NOT_A_SETTING")
-    child = settings.environment(VLLM_PELRP_COMPILED=False, VLLM_PLUGINS=["a", "pelrp"],
+    child = settings.environment(VLLM_PELRP_SPARE_CORES=False, VLLM_PLUGINS=["a", "pelrp"],
                                  VLLM_PELRP_CACHE=None)
-    assert child["VLLM_PELRP_COMPILED"] == "0" and child["VLLM_PLUGINS"] == "a,pelrp"
+    assert child["VLLM_PELRP_SPARE_CORES"] == "0" and child["VLLM_PLUGINS"] == "a,pelrp"
     with pytest.raises(ValueError, match="VLLM_PELRP_MAX_EXPLAIN_COST='1.5' is out of range"):
         settings.environment(VLLM_PELRP_MAX_EXPLAIN_COST=1.5)
 

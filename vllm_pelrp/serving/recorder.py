@@ -1,18 +1,20 @@
 """Worker side: record the residual stream (the input of every decoder layer) of the requests
-that asked for an explanation, inside vLLM's model runner.
+that asked for an explanation, inside vLLM's model runner, into the device pool of
+``record_pool.py``.
 
 How rows map to requests: vLLM flattens the scheduled tokens of all running requests into one
 batch; request ``input_batch.req_ids[i]`` owns rows ``query_start_loc[i]:query_start_loc[i+1]``
-and those rows hold consecutive positions (the first one is in ``positions``). A forward
-pre-hook on decoder layer 0 builds the step's plan (only requests whose ``extra_args`` carry a
-``pelrp_key`` signed by the API process, ``keys.py``); the pre-hook of every layer then copies those rows, and nothing else, into the
-request's preallocated buffer at their positions. Layer 0's input is the embedding output;
-layer l > 0 gets ``hidden_states + residual`` (vLLM carries the residual separately and adds it
-in the fused add-RMSNorm, after the hook). Chunked prefill, decode steps and recomputation after
-preemption all land at their positions; a prefix served from the prefix cache is never run, so
-its rows are missing and are recomputed at explain time (``Recording.first_position``).
+and those rows hold consecutive positions from ``input_batch.num_computed_tokens_cpu[i]``. All
+three are host-side arrays that the runner's ``_prepare_inputs`` fills before each step; right
+after it, :meth:`Recorder.on_step` builds the step's plan (only requests whose ``extra_args``
+carry a ``pelrp_key`` signed by the API process, ``keys.py``) and names their rows' slots in
+the pool's index tensor. The op on every layer then writes those rows, and nothing else, at
+their positions: no host sync, nothing read back per layer. Chunked prefill, decode steps and
+recomputation after preemption all land at their positions; a prefix served from the prefix
+cache is never run, so its rows are missing and are recomputed at explain time
+(``Recording.first_position``).
 
-Requests without a key cost one dict lookup per step; the other layers' hooks return at once.
+Requests without a key cost one dict lookup per step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .keys import KEY_FIELD, RecordingKey
+from .record_pool import PoolFull, RecordingPool
 
 KEY = KEY_FIELD
 TOMBSTONE_SECONDS = 3600.0  # how long a claimed or released key stays refused
@@ -42,7 +45,8 @@ class Recording:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # vLLM's live list: grows while the request runs
     capacity: int
-    buffer: Tensor | None  # (num_layers, capacity, hidden)
+    pages: list[int] | None  # the pool's pages it owns; None once freed (or never had any)
+    pool: RecordingPool | None = None
     error: str | None = None
     first_position: int | None = None  # smallest recorded position
     end_position: int = 0  # one past the largest recorded position
@@ -51,66 +55,97 @@ class Recording:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+        if self.pages is None or self.pool is None:
+            return 0
+        return len(self.pages) * self.pool.page_tokens * self.pool.bytes_per_token
+
+    @property
+    def usable(self) -> bool:
+        return self.pages is not None
 
     def token_ids(self) -> list[int]:
         return list(self.prompt_token_ids) + [int(t) for t in self.output_token_ids if t >= 0]
 
+    def layer_inputs(self, stop: int) -> Tensor:
+        """Recorded positions ``0 .. stop-1``, ``(layers, stop, hidden)`` on the pool's
+        device; the pages are freed."""
+        if self.pages is None or self.pool is None:
+            raise RecordingError(self.error or "the recording was freed")
+        inputs = self.pool.gather(self.pages, stop)
+        self.close()
+        return inputs
+
+    def close(self) -> None:
+        """Give the pages back to the pool (idempotent)."""
+        pages, self.pages = self.pages, None
+        if pages and self.pool is not None:
+            self.pool.free(pages)
+
+
+class StepClock:
+    """Runs its listeners right after the model runner's ``_prepare_inputs``, which fills the
+    host-side batch arrays of the step about to run (before its forward), and keeps the time of
+    the last step. One per runner; vLLM's forward itself is not touched."""
+
+    def __init__(self, runner: Any) -> None:
+        self.last_step = 0.0  # time.monotonic() of the last model step (any request)
+        self.listeners: list[Callable[[], None]] = []
+        prepare = runner._prepare_inputs
+
+        def prepare_inputs_then_listen(*args, **kwargs):
+            prepared = prepare(*args, **kwargs)
+            self.last_step = time.monotonic()
+            for listener in self.listeners:
+                listener()
+            return prepared
+
+        runner._prepare_inputs = prepare_inputs_then_listen
+
+    @classmethod
+    def of(cls, runner: Any) -> "StepClock":
+        clock = getattr(runner, "_pelrp_step_clock", None)
+        if clock is None:
+            clock = runner._pelrp_step_clock = cls(runner)
+        return clock
+
 
 class Recorder:
-    """Owns the hooks and the recordings of one worker."""
+    """The step plans and the recordings of one worker, over its ``RecordingPool``."""
 
-    def __init__(self, model_runner: Any, layers: list[torch.nn.Module], hidden_size: int,
-                 dtype: torch.dtype, cap_bytes: int, max_model_len: int,
+    def __init__(self, model_runner: Any, pool: RecordingPool, max_model_len: int,
                  verify: Callable[[object], RecordingKey | None],
                  ttl_seconds: float = 300.0) -> None:
         self.runner = model_runner
-        self.layers = layers
-        self.num_layers = len(layers)
-        self.hidden_size = hidden_size
-        self.dtype = dtype
-        self.cap_bytes = int(cap_bytes)
+        self.pool = pool
+        self.num_layers = pool.num_layers
         self.max_model_len = int(max_model_len)
         self.verify = verify  # the signed key of a request's ``pelrp_key``, or None (keys.py)
         self.ttl_seconds = ttl_seconds
         self.ended: dict[str, float] = {}  # claimed or released keys: refused from then on
         self.refused_keys = 0  # requests whose pelrp_key was not signed by the API process
-        self.bytes_per_token = self.num_layers * hidden_size * torch.empty(0, dtype=dtype).element_size()
+        self.bytes_per_token = pool.bytes_per_token
+        self.cap_bytes = pool.cap_bytes
         self.lock = threading.RLock()
         self.recordings: dict[str, Recording] = {}
         self._decided: dict[str, Recording | None] = {}
-        self._plan: list[tuple[Recording, int, int, int]] = []
-        self._handles = []
+        self._installed = False
         self.steps_recorded = 0
         self.peak_bytes = 0
-        self.last_step = 0.0  # time.monotonic() of the last model step (any request)
 
-    # ---- hooks ------------------------------------------------------------------------------
+    # ---- each step --------------------------------------------------------------------------
     def install(self) -> None:
-        if self._handles:
-            return
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._make_hook(index)))
+        """Plan each step right after the runner prepares it (``StepClock``)."""
+        if not self._installed:
+            StepClock.of(self.runner).listeners.append(self.on_step)
+            self._installed = True
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def on_step(self) -> None:
+        """Plan the step the runner just prepared and name its rows' slots in the pool."""
+        self.pool.set_step(self._build_plan())
 
-    def _make_hook(self, index: int):
-        def hook(module, args):
-            self.on_layer(index, args[0], args[1], args[2] if index else None)
-        return hook
-
-    def on_layer(self, index: int, positions: Tensor, hidden: Tensor,
-                 residual: Tensor | None) -> None:
-        """Called with each decoder layer's arguments before it runs (from an eager pre-hook,
-        or from the ``pelrp::record_layer_input`` op inside a compiled model)."""
-        if index == 0:
-            self.last_step = time.monotonic()
-            self._plan = self._build_plan(positions)
-        if self._plan:
-            self._copy(index, hidden, residual)
+    @property
+    def last_step(self) -> float:
+        return StepClock.of(self.runner).last_step
 
     @property
     def used_bytes(self) -> int:
@@ -134,32 +169,29 @@ class Recorder:
         prompt = list(state.prompt_token_ids or [])
         max_tokens = getattr(params, "max_tokens", None) or self.max_model_len
         capacity = min(len(prompt) + int(max_tokens), self.max_model_len)
-        need = capacity * self.bytes_per_token
         with self.lock:
             recording = Recording(req_id, signed.key, prompt, state.output_token_ids, capacity,
-                                  None)
-            used = self.used_bytes
-            if used + need > self.cap_bytes:
+                                  None, self.pool)
+            try:
+                recording.pages = self.pool.allocate(capacity)
+            except PoolFull as full:
+                need = self.pool.pages_for(capacity) * self.pool.page_tokens * self.bytes_per_token
                 recording.error = (
                     f"recording this request needs {need / 2**20:.1f} MiB ({capacity} tokens x "
-                    f"{self.bytes_per_token} bytes), but only {(self.cap_bytes - used) / 2**20:.1f} "
-                    f"MiB of the {self.cap_bytes / 2**20:.1f} MiB cap are free"
-                )
-            else:
-                recording.buffer = torch.empty(self.num_layers, capacity, self.hidden_size,
-                                               dtype=self.dtype)
+                    f"{self.bytes_per_token} bytes), but the {self.cap_bytes / 2**20:.1f} MiB "
+                    f"cap is in use ({full})")
             self.recordings[req_id] = recording
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         return recording
 
-    def _build_plan(self, positions: Tensor) -> list[tuple[Recording, int, int, int]]:
+    def _build_plan(self) -> list[tuple[int, int, list[int], int]]:
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
         if num_reqs == 0:
             return []
         decided = self._decided
         plan = []
-        starts = None
+        starts = computed = None
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             if req_id in decided:
                 recording = decided[req_id]
@@ -167,20 +199,20 @@ class Recorder:
                 recording = decided[req_id] = self._decide(req_id)
                 if len(decided) > 4 * max(16, len(self.runner.requests)):
                     self._prune_decided()
-            if recording is None or recording.buffer is None:
+            if recording is None or recording.pages is None:
                 continue
             if starts is None:
                 starts = self.runner.query_start_loc.np
-            r0, r1 = int(starts[i]), int(starts[i + 1])
-            if r1 <= r0 or r1 > positions.shape[0]:
+                computed = batch.num_computed_tokens_cpu
+            r0, r1, p0 = int(starts[i]), int(starts[i + 1]), int(computed[i])
+            if r1 <= r0:
                 continue
-            p0 = int(positions[r0])
             if p0 + (r1 - r0) > recording.capacity:
                 recording.error = (f"request ran past its recording capacity of "
                                    f"{recording.capacity} tokens")
-                recording.buffer = None
+                recording.close()
                 continue
-            plan.append((recording, r0, r1, p0))
+            plan.append((r0, r1, recording.pages, p0))
             recording.first_position = p0 if recording.first_position is None else min(
                 recording.first_position, p0)
             recording.end_position = max(recording.end_position, p0 + r1 - r0)
@@ -188,14 +220,6 @@ class Recorder:
         if plan:
             self.steps_recorded += 1
         return plan
-
-    def _copy(self, layer: int, hidden: Tensor, residual: Tensor | None) -> None:
-        for recording, r0, r1, p0 in self._plan:
-            out = recording.buffer[layer, p0 : p0 + r1 - r0]
-            if residual is None:
-                out.copy_(hidden[r0:r1])
-            else:
-                torch.add(hidden[r0:r1], residual[r0:r1], out=out)
 
     def _prune_decided(self) -> None:
         live = self.runner.requests
@@ -222,7 +246,7 @@ class Recorder:
         freed = 0
         for recording in self.take(key):
             freed += recording.nbytes
-            recording.buffer = None
+            recording.close()
         return freed
 
     def collect_garbage(self) -> int:
@@ -238,6 +262,7 @@ class Recorder:
                     recording.last_seen = now
                 elif now - recording.last_seen > self.ttl_seconds:
                     freed += recording.nbytes
+                    recording.close()
                     del self.recordings[req_id]
         return freed
 
@@ -252,5 +277,7 @@ class Recorder:
                 "cap_bytes": self.cap_bytes,
                 "bytes_per_token": self.bytes_per_token,
                 "steps_recorded": self.steps_recorded,
-                "hooks_installed": bool(self._handles),
+                "pool_free_pages": self.pool.free_pages,
+                "pool_pages": self.pool.num_pages,
+                "installed": self._installed,
             }

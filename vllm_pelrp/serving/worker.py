@@ -31,7 +31,7 @@ from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .. import settings
 from .failures import SetupError, internal_failure
 from .keys import verify_key
-from .recorder import Recorder, RecordingError
+from .recorder import Recorder, RecordingError, StepClock
 from .scheduler import FairScheduler
 from .served_weights import served_weights
 from .spare_cores import SpareCoreExecutor, spare_cores
@@ -104,9 +104,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                     key_accepted=bool(key_secret) and key_secret in state.key_secrets)
 
     def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
-        from vllm.config import CompilationMode
-
         from ..models import architecture_for
+        from .plugin import activations_source
 
         config = self.vllm_config
         tp = config.parallel_config.tensor_parallel_size
@@ -127,13 +126,6 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         if arch.kind == "additive":  # GPT-2: nothing recorded, each job's forward runs here
             return self._pelrp_setup_additive_decoder(state, arch, tp)
         spec = arch.spec(hf_config, tp)
-        compiled = config.compilation_config.mode != CompilationMode.NONE
-        if compiled and not getattr(model, "_pelrp_traced_hooks", False):
-            raise SetupError(
-                "the model is compiled (torch.compile) without the plugin's recording op, so "
-                "nothing can be recorded; start the server with --enforce-eager, or with "
-                "VLLM_PELRP_COMPILED=1 in the environment of every vLLM process"
-            )
         decoder = getattr(model, arch.decoder, None)
         layers = list(getattr(decoder, "layers", []))
         if len(layers) != spec.num_layers:
@@ -141,30 +133,31 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         # embedding tables gathered over the ranks, then cut to the vocabulary
         state.weights = served_weights(model, arch, spec, tp)
         state.spec = spec
-        dtype = config.model_config.dtype
-        state.recorder = Recorder(runner, layers, spec.hidden_size, dtype, cap_bytes,
-                                  config.model_config.max_model_len,
-                                  verify=lambda key: _verified(state.key_secrets, key))
-        if compiled:  # the op already sits in the compiled graph; give it the recorder
-            from .compiled import set_active
-
-            set_active(state.recorder)
-        else:
+        source = activations_source(state.weights.device.type)
+        pool = getattr(model, "_pelrp_pool", None)
+        if source == "record":
+            if pool is None:
+                raise SetupError(
+                    "explanations record activations (VLLM_PELRP_ACTIVATIONS), but the model "
+                    "was loaded without the recording pool: set VLLM_PLUGINS=pelrp in the "
+                    "environment of every vLLM process, or use --explain-activations recompute")
+            state.recorder = Recorder(runner, pool, config.model_config.max_model_len,
+                                      verify=lambda key: _verified(state.key_secrets, key))
             state.recorder.install()
-        state.info["compiled"] = compiled
         # one thread per backward in flight; the scheduler lets one compute at a time
         state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
             if tp == 1 else None
         # CPU only: on a GPU the recompute and the backward share the device anyway
         cores = spare_cores() if tp == 1 and state.weights.device.type == "cpu" else set()
         if cores:
-            recorder = state.recorder
-            state.recompute_executor = SpareCoreExecutor(cores, lambda: recorder.last_step)
+            clock = StepClock.of(runner)
+            state.recompute_executor = SpareCoreExecutor(cores, lambda: clock.last_step)
         state.info["spare_cores"] = sorted(cores)
         state.info.update(
-            num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-            vocab_size=spec.vocab_size, bytes_per_token=state.recorder.bytes_per_token,
-            cap_bytes=cap_bytes,
+            activations=source, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+            vocab_size=spec.vocab_size,
+            bytes_per_token=state.recorder.bytes_per_token if state.recorder else 0,
+            cap_bytes=state.recorder.cap_bytes if state.recorder else 0,
         )
 
     def _pelrp_setup_additive_decoder(self, state: _State, arch: Any, tp: int) -> None:
@@ -178,8 +171,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             if tp == 1 else None
         state.info.update(
             num_layers=spec.num_layers, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
-            positions=spec.position_kind, bytes_per_token=0, cap_bytes=0, compiled=False,
-            spare_cores=[])
+            positions=spec.position_kind, bytes_per_token=0, cap_bytes=0,
+            activations="recompute", spare_cores=[])
 
     # ---- explanation jobs -------------------------------------------------------------------
     def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
@@ -284,7 +277,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                         result = job
                     else:
                         try:
-                            result = run_job(state.weights, job, claimed.get(job.key, []),
+                            result = run_job(state.weights, job, claimed.get(job.key, []) if state.recorder is not None else None,
                                              checkpoint, state.recompute_executor)
                             state.recomputed_rows += result.recomputed_rows
                         except JobCancelled:
@@ -300,7 +293,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         finally:
             for recordings in claimed.values():  # free whatever no job used
                 for recording in recordings:
-                    recording.buffer = None
+                    recording.close()
             state.cancelled.discard(ticket)
         return results
 
@@ -344,7 +337,7 @@ def _pick(recordings: list, token_ids: list[int], prompt_length: int):
     when no recording matches. A recording already used (its buffer freed) is skipped."""
     prompt = token_ids[:prompt_length]
     for recording in recordings:
-        if recording.buffer is None and recording.error is None:
+        if not recording.usable and recording.error is None:
             continue
         ids = recording.token_ids()
         if list(recording.prompt_token_ids) == prompt and ids[: len(token_ids) - 1] == token_ids[:-1]:
@@ -353,7 +346,7 @@ def _pick(recordings: list, token_ids: list[int], prompt_length: int):
 
 
 @torch.no_grad()
-def run_job(weights, job: BackwardJob, recordings: list, checkpoint=None,
+def run_job(weights, job: BackwardJob, recordings: list | None, checkpoint=None,
             recompute_executor=None) -> BackwardResult:
     """One explanation on the worker: the layer inputs of ``job``'s recording (``job.key``;
     rows of a cached prefix, which never ran, are recomputed), then ``pipeline.compute``, in
@@ -363,7 +356,8 @@ def run_job(weights, job: BackwardJob, recordings: list, checkpoint=None,
     started = time.perf_counter()
     layer_inputs = None
     recomputed = 0
-    if job.key and isinstance(weights, ModelWeights):  # additive models record nothing
+    recorder_mode = recordings is not None and isinstance(weights, ModelWeights)
+    if job.key and recorder_mode:  # recompute mode and additive models record nothing
         ids = job.token_ids
         if not recordings:  # nothing was recorded under the key, or it is gone
             raise RecordingError("no recorded activations for this request (released, expired, "
@@ -398,12 +392,12 @@ def _recorded_inputs(weights, job: BackwardJob, recording, checkpoint) -> tuple[
     if recording.end_position < needed:
         raise RecordingError(f"recorded {recording.end_position} positions, need {needed}")
     start = recording.first_position or 0
-    layer_inputs = [recording.buffer[layer, :needed] for layer in range(len(weights.layers))]
+    recorded = recording.layer_inputs(needed)  # one gather on the device; the pages are freed
+    layer_inputs = [recorded[layer] for layer in range(len(weights.layers))]
     recomputed = 0
     if start > 0:  # prefix-cache hit: those rows never ran; recompute them
         prefix, _ = forward_layer_inputs(
             weights, torch.tensor(ids[:start], device=weights.device), checkpoint=checkpoint)
         layer_inputs = [torch.cat([p, x[start:]]) for p, x in zip(prefix, layer_inputs)]
         recomputed = start
-    recording.buffer = None  # freed once the backward is done with the views
     return layer_inputs, recomputed
