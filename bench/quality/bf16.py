@@ -1,7 +1,7 @@
 """bf16 against fp32 on the shipped models: does an explanation computed in bf16 (weights and
 activations; the library's own ``load_explainer(dtype="bfloat16")`` path) match fp32?
 
-    python -m bench.quality.bf16                         # both shipped decoders, 8 passages, 128 tokens
+    python -m bench.quality.bf16                # both shipped decoders, 8 passages, 128 tokens
     python -m bench.quality.bf16 --models gemma-3-270m --passages 4
 
 Cases: the last ``--passages`` test-split passages of ``references/faithfulness/data/prose.jsonl``
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bf16 vs fp32, combined relevance, {args.passages} × {args.length} tokens")
+    table = Table(title=f"bf16 vs fp32, combined relevance, {args.passages} × {args.length} "
+                  "tokens")
     for column in SHORT_COLUMNS:
         table.add_column(column)
     for row in table_rows(result):
