@@ -310,12 +310,13 @@ def test_bfloat16_model_runs_in_its_dtype(tiny_llama):
     import copy
 
     model16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
-    input_ids = torch.randint(0, 101, (16,))
+    input_ids = torch.randint(0, 101, (16,), generator=torch.Generator().manual_seed(0))
     seeds = LogitSeeds.from_rows([[(15, 5)]])
     result16 = relevance_from_input_ids(weights_from_hf(model16), input_ids, seeds)
     result32 = relevance_from_input_ids(weights_from_hf(tiny_llama), input_ids, seeds)
     assert result16.token.dtype == torch.float32
-    assert relative_l2(result16.token, result32.token) < 0.1
+    # measured 0.0196 for these ids (0.009-0.030 over 20 draws of ids); the bound is 3x that
+    assert relative_l2(result16.token, result32.token) < 0.06
 
 
 @pytest.mark.parametrize("mode", MODES)

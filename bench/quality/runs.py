@@ -14,16 +14,17 @@ import torch
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model, when no --model is given
 
 
-def load_model(model: str | None, threads: int) -> tuple[Any, Path]:
+def load_model(model: str | None, threads: int, dtype: str = "float32") -> tuple[Any, Path]:
     """The explainer and checkpoint directory of ``model`` (a directory or a shipped model's
-    name; None: the embedded default model), with ``threads`` torch threads (0: torch's own)."""
+    name; None: the embedded default model) in ``dtype``, with ``threads`` torch threads (0:
+    torch's own)."""
     if threads:
         torch.set_num_threads(threads)
     from vllm_pelrp import load_explainer
     from vllm_pelrp.explainer import resolve_model_path
 
     model_dir = resolve_model_path(model)
-    ex = load_explainer(str(model_dir))
+    ex = load_explainer(str(model_dir), dtype=dtype)
     if model is None:
         ex.name = DEFAULT_MODEL_NAME
     return ex, model_dir
