@@ -2,7 +2,8 @@
 whose layers call ``pelrp::record_layer_input`` compiles with ``torch.compile(fullgraph=True)``
 (no graph break), its graph holds the op once per layer and nothing that reads a value back to
 the host, and replaying it with three slot maps leaves the pool as the eager model does. The
-same toy decoder is captured in a CUDA graph by ``bench/perf/gpu_record_graph.py`` on a GPU.
+same toy decoder (``references/record_graph.py``) is captured in CUDA graphs by
+``bench/perf/gpu_record_graph.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 
 import torch
 
-from bench.perf.gpu_record_graph import COMPILED_TOLERANCE, LAYERS, ROWS, build, check
+from references.record_graph import COMPILED_TOLERANCE, LAYERS, ROWS, build, check
 from vllm_pelrp.serving.record_pool import set_pool
 
 SYNCS = re.compile(r"(?<!get)item\b|_local_scalar_dense|nonzero|tolist")  # reads to the host

@@ -107,10 +107,13 @@ def test_the_recorders_runner_internals_on_a_live_runner():
     from types import SimpleNamespace
 
     v1 = SimpleNamespace(requests={}, query_start_loc=None, get_model=lambda: None,
-                         input_batch=SimpleNamespace(req_ids=[], num_reqs=0))
+                         _prepare_inputs=lambda: None,
+                         input_batch=SimpleNamespace(req_ids=[], num_reqs=0,
+                                                     num_computed_tokens_cpu=None))
     assert vllm_support.missing_on_runner(v1) == []
     v2 = SimpleNamespace(req_states=None, get_model=lambda: None)
     assert vllm_support.missing_on_runner(v2) == [
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner.requests",
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch",
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.query_start_loc"]
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.query_start_loc",
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs"]

@@ -35,6 +35,7 @@ from .recorder import Recorder, RecordingError, StepClock
 from .scheduler import FairScheduler
 from .served_weights import served_weights
 from .spare_cores import SpareCoreExecutor, spare_cores
+from .vllm_support import missing_on_runner
 
 logger = logging.getLogger("vllm_pelrp.serving")
 DEFAULT_CAP_MB = settings.SETTINGS["VLLM_PELRP_MAX_RECORD_MB"].default
@@ -135,6 +136,17 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         state.spec = spec
         source = activations_source(state.weights.device.type)
         pool = getattr(model, "_pelrp_pool", None)
+        missing = missing_on_runner(runner) if source == "record" else []
+        if missing and settings.get("VLLM_PELRP_ACTIVATIONS") == "auto":
+            logger.info("vllm-pelrp: this model runner lacks what recording reads (%s): "
+                        "explained requests are recomputed", ", ".join(missing))
+            source = "recompute"
+        elif missing:
+            raise SetupError(
+                "explanations record activations (VLLM_PELRP_ACTIVATIONS=record), but this "
+                f"vLLM model runner lacks what recording reads ({', '.join(missing)}; vLLM's V2 "
+                "runner): use --explain-activations recompute (or auto), or "
+                "VLLM_USE_V2_MODEL_RUNNER=0 where vLLM still has the V1 runner")
         if source == "record":
             if pool is None:
                 raise SetupError(
