@@ -6,8 +6,10 @@ Tolerance: the server's recorded residual stream comes from vLLM's kernels, the 
 reference from the engine's own forward; in float32 they agree to ~1e-6 relative. We require a
 relative L2 error below 1e-4 on token, positional and combined relevance and on the target logit.
 
-One plugin server and one plain vLLM server (no plugin, for the "unchanged outputs" check) start
-once for the module, in parallel. Skipped when vLLM is not installed.
+One plugin server (recording), one plain vLLM server (no plugin, for the "unchanged outputs"
+check) and one eager plugin server with ``--explain-activations recompute`` (nothing of vLLM's
+forward touched: the worker's own forward from the ids) start once for the module, in parallel.
+Skipped when vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -102,14 +104,21 @@ def servers(tmp_path_factory):
     logs = tmp_path_factory.mktemp("servers")
     plugin, plugin_url = _start(True, logs / "plugin.log")
     plain, plain_url = _start(False, logs / "plain.log")
+    # eager: its startup overlaps the compiled servers' compilation
+    recompute, recompute_url = _start_command(
+        ["--explain-activations", "recompute", *SERVER_ARGS, *(["--eager"] if COMPILED else [])],
+        logs / "recompute.log")
     try:
         deadline = time.time() + STARTUP_SECONDS
         wait_until_serving(plugin, plugin_url, logs / "plugin.log", deadline)
         wait_until_serving(plain, plain_url, logs / "plain.log", deadline)
-        yield {"plugin": plugin_url, "plain": plain_url, "logs": logs}
+        wait_until_serving(recompute, recompute_url, logs / "recompute.log", deadline)
+        yield {"plugin": plugin_url, "plain": plain_url, "recompute": recompute_url,
+               "logs": logs}
     finally:
         stop_server(plugin)
         stop_server(plain)
+        stop_server(recompute)
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +366,66 @@ def test_client_disconnect_frees_recorded_activations(servers):
         httpx.post(servers["plugin"] + "/v1/completions", json=body, timeout=3)
     after = _wait_freed(servers)
     assert after["workers"][0]["bytes"] == 0 and after["reserved_bytes"] == 0
+
+
+# --- --explain-activations recompute: nothing of vLLM's forward touched ------------------------
+def test_recompute_mode_equals_offline_with_a_shared_prefix_and_n2(servers, plain_client,
+                                                                  smollm2):
+    """The recompute server records nothing (no pool, no op in the model) and explains from the
+    ids: concurrent requests sharing a cached prefix, a chat request and n=2 all equal the
+    offline engine, and plain requests give vLLM's own outputs."""
+    client = openai.OpenAI(base_url=servers["recompute"] + "/v1", api_key="none", timeout=300)
+    stats = httpx.get(servers["recompute"] + "/v1/explain/stats", timeout=30).json()
+    assert stats["info"]["activations"] == "recompute" and stats["info"]["cap_bytes"] == 0
+    questions = ["Where is the mill?", "When does the market open?", "Name a weekday.",
+                 "When does the ferry leave?"]
+    client.completions.create(model=MODEL, prompt=PREFIX + "Summary:", max_tokens=1,
+                              temperature=0)  # fills the prefix cache
+
+    def call(i):
+        extra = {"explain": {"mode": "pa-lrp"}} if i != 2 else {}
+        return client.completions.create(model=MODEL, prompt=PREFIX + "Q: " + questions[i] + " A:",
+                                         max_tokens=8, temperature=0, extra_body=extra)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(call, range(4)))
+    for i, response in enumerate(responses):
+        choice = response.choices[0]
+        if i == 2:
+            plain = plain_client.completions.create(
+                model=MODEL, prompt=PREFIX + "Q: " + questions[i] + " A:", max_tokens=8,
+                temperature=0)
+            assert choice.text == plain.choices[0].text
+            continue
+        explanation = choice.model_extra["explanation"]
+        assert explanation["text"] == PREFIX + "Q: " + questions[i] + " A:" + choice.text
+        assert_matches_offline(smollm2, explanation)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a primary color."}],
+        max_tokens=5, temperature=0, extra_body={"explain": {"target": "per_token"}})
+    assert_matches_offline(smollm2, chat.choices[0].model_extra["explanation"],
+                           target="per_token")
+    both = client.completions.create(model=MODEL, prompt="My favourite fruit is", n=2,
+                                     max_tokens=6, temperature=1.0, seed=7,
+                                     extra_body={"explain": {"mode": "pa-lrp"}})
+    for choice in both.choices:
+        assert choice.model_extra["explanation"]["text"].endswith(choice.text)
+        assert_matches_offline(smollm2, choice.model_extra["explanation"])
+    worker = httpx.get(servers["recompute"] + "/v1/explain/stats", timeout=30).json()["workers"][0]
+    assert worker["bytes"] == 0 and worker["recordings"] == 0
+    assert worker["recomputed_rows"] > 0
+
+
+def test_recompute_mode_answers_the_readme_demo(servers, tmp_path):
+    """``scripts/demo.py`` (the end of the README's main command) against the recompute server:
+    the explained answer is shown and written as HTML."""
+    from urllib.parse import urlsplit
+
+    root = Path(__file__).resolve().parents[1]
+    html = tmp_path / "explanation.html"
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "demo.py"), "--port",
+         str(urlsplit(servers["recompute"]).port), "--html", str(html), "--wait", "60"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert html.exists() and "combined" in html.read_text().lower()

@@ -22,15 +22,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(plugin: bool, log: str, compiled: bool = True):
+def start(plugin: bool, log: str, compiled: bool = True, code: str | None = None,
+          args: list[str] | None = None):
+    """``code``: a checkout of the project whose ``vllm_pelrp`` the plugin server runs (first on
+    ``PYTHONPATH``; before/after comparisons); ``args``: more ``pelrp serve`` arguments."""
     from vllm_pelrp.default_model import ensure_default_checkpoint
 
     port = free_port()
     env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if plugin:
         env.pop("VLLM_PLUGINS", None)
         command = [sys.executable, "-m", "vllm_pelrp.cli", "serve", "--port", str(port),
-                   *([] if compiled else ["--eager"]), *COMMON]
+                   *([] if compiled else ["--eager"]), *COMMON, *(args or [])]
     else:
         env["VLLM_PLUGINS"] = ""
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",

@@ -14,6 +14,7 @@
     .venv/bin/python bench/perf/serving_bench.py [--requests 32] [--concurrency 8] [--json out.json]
     .venv/bin/python bench/perf/serving_bench.py --rounds 7 --requests 32   # the 2026-11-29 runs
     .venv/bin/python bench/perf/serving_bench.py --aa --rounds 7 --requests 64   # A/A noise check
+    .venv/bin/python bench/perf/serving_bench.py --before /path/to/old/checkout   # before/after
 
 Both servers run at once and the measurements alternate (median of --rounds), so load from
 other processes on a shared machine affects both sides alike. Throughput is measured twice, with
@@ -22,6 +23,10 @@ each server started first (the first-started one ran faster in an A/A check), an
 plugin first only). ``--aa`` runs the throughput rounds on two identical plain servers
 instead, to show what a ratio can resolve here.
 ``bench/perf/record_op_cost.py`` times the plugin's only per-step work directly.
+
+``--before DIR`` compares two plugin servers instead, in the same run: this checkout's and the
+one in ``DIR`` (an older commit's worktree, first on the server's ``PYTHONPATH``): plain
+throughput (alternating rounds, after/before) and the explained latency ratio on each.
 """
 
 from __future__ import annotations
@@ -128,6 +133,53 @@ def aa_check(args, compiled: bool) -> None:
             json.dump(results, handle, indent=2)
 
 
+def before_after(args, compiled: bool) -> None:
+    """This checkout's plugin server against ``args.before``'s: plain throughput (after/before,
+    alternating rounds) and, on each, a cold explained request's latency over an unexplained
+    one's (``--prompt-tokens`` + ``--completion-tokens``), alternating servers."""
+    extra = ["--explain-activations", args.activations] if args.activations else []
+    after = start(True, "/tmp/pelrp_bench_after.log", compiled, args=extra)
+    try:
+        before = start(True, "/tmp/pelrp_bench_before.log", compiled, code=args.before)
+    except BaseException:
+        stop(after[0])
+        raise
+    try:
+        (_, after_url), (_, before_url) = after, before
+        ours, theirs = throughput_rounds(args, after_url, before_url)
+        results: dict = {"servers": "compiled" if compiled else "eager", "before": args.before,
+                         "activations_after": args.activations or "auto",
+                         "throughput_rounds": {"after": ours, "before": theirs},
+                         "throughput_ratio_after_vs_before": median_round_ratio(ours, theirs)}
+        latency = {f"{side}_{kind}": [] for side in ("after", "before")
+                   for kind in ("unexplained", "explained")}
+        for round_index in range(max(1, args.rounds - 1)):
+            for side, url in (("after", after_url), ("before", before_url))[::1 - 2 * (round_index % 2)]:
+                for kind, explain in (("unexplained", None), ("explained", {"mode": args.mode})):
+                    rng = random.Random(hash((side, kind, round_index)) % 2**32)
+                    prompt = [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)]
+                    started = time.perf_counter()
+                    out = completion(url, prompt, args.completion_tokens, explain)
+                    latency[f"{side}_{kind}"].append(time.perf_counter() - started)
+                    if explain:
+                        assert "error" not in out["choices"][0]["explanation"]
+        results["latency_rounds"] = latency
+        for side in ("after", "before"):
+            results[f"latency_{side}_explained_vs_unexplained"] = median_round_ratio(
+                latency[f"{side}_explained"], latency[f"{side}_unexplained"])
+            results[f"latency_{side}_explained_s"] = statistics.median(latency[f"{side}_explained"])
+        results["latency_explained_after_vs_before"] = median_round_ratio(
+            latency["after_explained"], latency["before_explained"])
+    finally:
+        stop(after[0])
+        stop(before[0])
+    for key, value in results.items():
+        print(f"{key:42s} {value:.4g}" if isinstance(value, float) else f"{key:42s} {value}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -151,6 +203,11 @@ def main() -> None:
                         help="throughput with the plugin server started first only; default: "
                              "also with the plain server started first, and the geometric mean "
                              "of the two orders' ratios (throughput_ratio_balanced)")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="compare this checkout's plugin server with the one of DIR (an "
+                             "older commit's worktree) instead of with plain vLLM")
+    parser.add_argument("--activations", choices=("record", "recompute", "auto"), default=None,
+                        help="--explain-activations of this checkout's server (with --before)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     compiled = not args.eager
@@ -160,6 +217,9 @@ def main() -> None:
     # alternate, so load from other processes on a shared machine hits both sides alike.
     if args.aa:
         aa_check(args, compiled)
+        return
+    if args.before:
+        before_after(args, compiled)
         return
     if args.no_spare_cores:
         os.environ["VLLM_PELRP_SPARE_CORES"] = "0"

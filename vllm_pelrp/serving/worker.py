@@ -241,11 +241,14 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
 
     def pelrp_stats(self) -> dict[str, Any]:
         state = self._pelrp()
-        if state.recorder is None:
+        if state.weights is None:
             return {"error": state.error, "bytes": 0, "recordings": 0}
-        state.recorder.collect_garbage()
+        recorded: dict[str, Any] = {"bytes": 0, "recordings": 0}
+        if state.recorder is not None:  # recompute mode and GPT-2 record nothing
+            state.recorder.collect_garbage()
+            recorded = state.recorder.stats()
         executor = state.recompute_executor
-        return dict(state.recorder.stats(), pending_jobs=len(state.tickets),
+        return dict(recorded, pending_jobs=len(state.tickets),
                     backward=state.scheduler.stats(),
                     recomputed_rows=state.recomputed_rows,
                     recomputes_on_spare_cores=executor.offloaded if executor else 0,
