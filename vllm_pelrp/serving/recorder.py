@@ -72,6 +72,8 @@ class Recording:
         if self.pages is None or self.pool is None:
             raise RecordingError(self.error or "the recording was freed")
         inputs = self.pool.gather(self.pages, stop)
+        if inputs.is_cuda:  # the gather must be done before the engine may reuse the pages
+            torch.cuda.current_stream(inputs.device).synchronize()
         self.close()
         return inputs
 
