@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_pelrp.serving import metrics as pelrp_metrics
 from vllm_pelrp.serving.metrics import PelrpMetrics, observed
+from vllm_pelrp.serving.record_pool import PAGE_TOKENS
 
 from _live_server import DOCUMENTS, MODEL, QUESTION, http, server_warnings, shared_server
 
@@ -278,8 +279,8 @@ def test_grounding_metrics_move_after_explained_requests(server):
 @pytest.mark.slow
 def test_recorded_activation_gauge_follows_a_request(server, request):
     """While an explained request generates, the gauge shows its recording: (prompt + max_tokens)
-    positions x 69,120 bytes (30 layers x 576 x fp32) on top of what was held before (0 on a
-    fresh server); afterwards it comes back down."""
+    positions, in whole pages of the pool, x 69,120 bytes (30 layers x 576 x fp32) on top of
+    what was held before (0 on a fresh server); afterwards it comes back down."""
     # a long generation (~30 s here): twice in CI no scrape returned from 0.4 s to ~9 s after the
     # request started, when generation was over and the recording had gone to the backward; a
     # stall that long now leaves most of the generation to observe. On failure the message shows
@@ -319,10 +320,13 @@ def test_recorded_activation_gauge_follows_a_request(server, request):
     explanation = response.json()["choices"][0]["explanation"]
     per_token = 30 * 576 * 4
     expected = (explanation["prompt_length"] + max_tokens) * per_token
+    # the worker holds whole pages of the recording pool
+    pages = -(-(explanation["prompt_length"] + max_tokens) // PAGE_TOKENS)
     recorded = {value for _, _, value, _ in timeline}
     reserved = {value for _, _, _, value in timeline}
-    assert base_recorded + expected in recorded, (
-        f"expected {base_recorded + expected}; (s, scrape took s, recorded, reserved): "
+    assert base_recorded + pages * PAGE_TOKENS * per_token in recorded, (
+        f"expected {base_recorded + pages * PAGE_TOKENS * per_token}; (s, scrape took s, "
+        "recorded, reserved): "
         f"{timeline}; workers and API loop now: "
         f"{http.get(server + '/v1/explain/stats', timeout=30).text}; server warnings:\n"
         f"{server_warnings(request.config)}")

@@ -4,6 +4,7 @@ float32, loopback, a free port, output to a log file."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +46,10 @@ def start(plugin: bool, log: str, compiled: bool = True, code: str | None = None
     return launch(command, env, port, log)
 
 
-def launch(command: list[str], env: dict, port: int, log, timeout: float = 600):
+START_SECONDS = 1500  # a first start compiles; on a loaded 2-core machine that took > 10 min
+
+
+def launch(command: list[str], env: dict, port: int, log, timeout: float = START_SECONDS):
     """Start a server process (its output to ``log``) and wait until /v1/models answers."""
     process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -60,13 +64,20 @@ def launch(command: list[str], env: dict, port: int, log, timeout: float = 600):
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    process.kill()
+    stop(process)
     raise RuntimeError(f"server did not start, see {log}")
 
 
 def stop(process) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    """Stop the server's whole process group (API server, engine core, workers: it runs in a
+    session of its own), not only the API server, whose engine processes would live on."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(60)
+            return
+        except subprocess.TimeoutExpired:
+            continue
