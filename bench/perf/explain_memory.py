@@ -1,0 +1,78 @@
+"""The backward's peak memory on CPU against ``engine/cost.py``'s estimate.
+
+For each model, tokens T and target rows B: the explanation from token ids (``/v1/explain``:
+the forward, then the backward) and from given layer inputs (a recording), in the worker's row
+chunks (``ROW_CHUNK``), one thread, no recompute on spare cores. Measured: the peak of tensor
+bytes alive at once (torch's profiler, ``tests/memory_probe.py``), plus the layer inputs when
+they were given (a recording is resident). Estimate: ``working_set(...).total`` for one
+recording (the estimate's second copy of a recorded stream, for a prefix-cache hit, left out:
+``working_set`` of ``from_ids=False`` less one stream). Run::
+
+    PYTHONPATH=$PWD .venv/bin/python bench/perf/explain_memory.py [--model smollm2|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from memory_probe import decoder_spec, peak_bytes, random_decoder_weights  # noqa: E402
+
+from vllm_pelrp import pipeline  # noqa: E402
+from vllm_pelrp.engine.backward import forward_layer_inputs  # noqa: E402
+from vllm_pelrp.engine.cost import ModelShape, explanation_gflop, working_set  # noqa: E402
+from vllm_pelrp.serving.worker import ROW_CHUNK  # noqa: E402
+
+
+def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
+    """(measured peak bytes, estimated bytes) of one explanation."""
+    spec = weights.spec
+    shape = ModelShape.of_spec(spec, weights.dtype, row_chunk=ROW_CHUNK)
+    generator = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(4, spec.vocab_size, (tokens,), generator=generator).tolist()
+    seeds = [[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)]
+    job = pipeline.BackwardJob(token_ids=ids, prompt_length=1, seeds=seeds, mode="pa-lrp")
+    estimate = working_set(shape, rows, tokens, from_ids=from_ids)
+    if from_ids:
+        peak = peak_bytes(lambda: pipeline.compute(weights, job, row_chunk=ROW_CHUNK))
+        return peak, estimate.total
+    inputs, _ = forward_layer_inputs(weights, torch.tensor(ids))
+    stream = sum(x.numel() * x.element_size() for x in inputs)
+    peak = peak_bytes(lambda: pipeline.compute(weights, job, inputs, row_chunk=ROW_CHUNK))
+    return peak + stream, estimate.total - stream
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.model == "smollm2":
+        from vllm_pelrp import load_explainer
+
+        weights = load_explainer().weights
+    else:
+        weights = random_decoder_weights(decoder_spec(64, 3, 4, 2, 128))
+    print(f"{'path':>8} {'T':>5} {'B':>3} {'measured MiB':>13} {'estimate MiB':>13} "
+          f"{'est/meas':>8} {'GFLOP':>8}")
+    shape = ModelShape.of_spec(weights.spec, weights.dtype, row_chunk=ROW_CHUNK)
+    for tokens in args.tokens:
+        for rows in args.rows:
+            for from_ids in (True, False):
+                measured, estimate = measure(weights, tokens, rows, from_ids)
+                gflop = explanation_gflop(shape, rows, tokens, from_ids=from_ids)
+                print(f"{'ids' if from_ids else 'recorded':>8} {tokens:>5} {rows:>3} "
+                      f"{measured / 2**20:>13.1f} {estimate / 2**20:>13.1f} "
+                      f"{estimate / measured:>8.2f} {gflop:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
