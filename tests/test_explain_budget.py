@@ -134,3 +134,31 @@ def test_work_cap_message_names_the_cost_and_the_cap_in_gflop():
     message = over.value.message
     assert over.value.status == 400 and "GFLOP" in message and "cap of 0 GFLOP" not in message
     assert "VLLM_PELRP_MAX_EXPLAIN_GFLOP" in message and "up to" in message
+
+
+def test_worker_reports_the_shape_and_a_budget_and_serve_passes_the_flags(monkeypatch, tmp_path):
+    """What ``pelrp_setup`` adds to the setup info (``memory_budget.budget_info``): the shape
+    the API process estimates with, and the budget, configured or read from free memory."""
+    from vllm_pelrp import cli
+    from vllm_pelrp.serving.memory_budget import budget_info
+
+    weights = random_decoder_weights(TINY)
+    monkeypatch.delenv("VLLM_PELRP_EXPLAIN_MEMORY_MB", raising=False)
+    info = budget_info(TINY, weights, 4, 1)
+    assert ModelShape.from_info(info["explain_shape"]) == ModelShape.of_spec(
+        TINY, torch.float32, row_chunk=4, layers_ahead=1)
+    assert info["memory_budget_bytes"] > 0 and "host memory" in info["memory_budget_source"]
+    monkeypatch.setenv("VLLM_PELRP_EXPLAIN_MEMORY_MB", "512")
+    assert budget_info(TINY, weights, 4, 0)["memory_budget_bytes"] == 512 * 2**20
+
+    (tmp_path / "config.json").write_text("{}")
+    args, unknown = cli.build_parser().parse_known_args(
+        ["serve", "--model", str(tmp_path), "--max-explain-gflop", "1500",
+         "--explain-memory-mb", "4096"])
+    args.vllm_args = unknown
+    _, env = cli.serve_command(args)
+    assert env["VLLM_PELRP_MAX_EXPLAIN_GFLOP"] == "1500.0"
+    assert env["VLLM_PELRP_EXPLAIN_MEMORY_MB"] == "4096.0"
+    args.max_explain_cost = "65536"  # the replaced flag: refused, naming the new one
+    with pytest.raises(cli.CliError, match="--max-explain-gflop"):
+        cli.serve_command(args)

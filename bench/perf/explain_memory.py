@@ -39,7 +39,7 @@ def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
     seeds = [[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)]
     job = pipeline.BackwardJob(token_ids=ids, prompt_length=1, seeds=seeds, mode="pa-lrp")
     estimate = working_set(shape, rows, tokens, from_ids=from_ids)
-    if from_ids:
+    if from_ids or shape.kind == "additive":  # an additive model always starts from the ids
         peak = peak_bytes(lambda: pipeline.compute(weights, job, row_chunk=ROW_CHUNK))
         return peak, estimate.total
     inputs, _ = forward_layer_inputs(weights, torch.tensor(ids))
@@ -50,7 +50,10 @@ def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--model", choices=("smollm2", "tiny", "tiny-gpt2"), default="smollm2",
+                        help="SmolLM2-135M (shipped), a tiny random LLaMA-like decoder, or a "
+                             "tiny random GPT-2 (the additive engine: from ids, every layer "
+                             "cached)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
@@ -59,14 +62,21 @@ def main() -> None:
         from vllm_pelrp import load_explainer
 
         weights = load_explainer().weights
-    else:
+    elif args.model == "tiny":
         weights = random_decoder_weights(decoder_spec(64, 3, 4, 2, 128))
+    else:
+        from tiny_additive import tiny_additive
+
+        from vllm_pelrp.models import architecture_for
+
+        model = tiny_additive("gpt2", n_positions=max(args.tokens))
+        weights = architecture_for(model.config).weights_from_hf(model)
     print(f"{'path':>8} {'T':>5} {'B':>3} {'measured MiB':>13} {'estimate MiB':>13} "
           f"{'est/meas':>8} {'GFLOP':>8}")
     shape = ModelShape.of_spec(weights.spec, weights.dtype, row_chunk=ROW_CHUNK)
     for tokens in args.tokens:
         for rows in args.rows:
-            for from_ids in (True, False):
+            for from_ids in (True, False) if shape.kind == "rotary" else (True,):
                 measured, estimate = measure(weights, tokens, rows, from_ids)
                 gflop = explanation_gflop(shape, rows, tokens, from_ids=from_ids)
                 print(f"{'ids' if from_ids else 'recorded':>8} {tokens:>5} {rows:>3} "

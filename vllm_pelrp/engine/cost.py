@@ -5,7 +5,7 @@ and checks both before it admits an explanation (``serving/budget.py``).
 
 Work (``explanation_flops``), for B target rows over T tokens, L layers, one layer's linear
 multiply-adds per token m = H·(Hq + 2·Hkv)·D + Hq·D·H + 3·H·I (attention projections, a gated MLP)
-and its attention multiply-adds a(T) = 2·Hq·D·T(T+1)/2 (causal; T² when bidirectional):
+and its attention multiply-adds a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the additive engine):
 
 - the recompute: each layer's forward once, from its saved input (``engine/backward.py``:
   ``relevance_from_layer_inputs``), 2·L·(T·m + a(T)), and as much again when there is no
@@ -25,7 +25,8 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
   (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
   one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
   row chunk's (C rows) MLP and attention gradients, C·T·4·(4·I + 8·Hq·D + 4·H); sliding-window
-  layers longer than their window run the attention rules on explicit T×T blocks.
+  layers longer than their window run the attention rules on explicit T×T blocks, and so does
+  the additive engine, for all rows at once, a head at a time (B·T·T·4 each).
 
 The constants were measured on CPU (fp32, SmolLM2-135M at 128-1024 tokens and a tiny random
 model): see ``bench/perf/explain_memory.py``; the estimate is an upper bound within 1.5× there.
@@ -112,8 +113,10 @@ class ModelShape:
         return attention + mlp
 
     def attention_macs(self, tokens: int) -> int:
-        """One layer's attention multiply-adds (QKᵀ and A·V), a(T)."""
-        pairs = tokens * (tokens + 1) // 2 if self.causal else tokens * tokens
+        """One layer's attention multiply-adds (QKᵀ and A·V), a(T): the fused kernels skip the
+        masked half of a causal model's T×T; the additive engine's explicit blocks do not."""
+        fused_causal = self.causal and self.kind == ROTARY
+        pairs = tokens * (tokens + 1) // 2 if fused_causal else tokens * tokens
         return 2 * self.num_heads * self.head_dim * pairs
 
 
@@ -167,10 +170,12 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     chunk = min(rows, shape.row_chunk or rows)
     q = shape.num_heads * shape.head_dim
     if shape.kind == ADDITIVE:
-        # every layer cached, the forward's probabilities (H×T×T fp32) and the backward's
+        # every layer cached; the probabilities (H×T×T fp32, the forward's and the backward's)
+        # and, head by head, the rows' ∂A, ∂S and the softmax rule's product (B×T×T fp32 each)
         resident = stream + layers * cache
         probs = shape.num_heads * t * t * FP32
-        transient = rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q) + 3 * probs
+        transient = (rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q)
+                     + 2 * probs + 4 * rows * t * t * FP32)
         return WorkingSet(resident, transient)
     resident = stream if from_ids else 2 * stream
     if from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES:

@@ -155,6 +155,10 @@ class ExplainService:
         else:
             logger.info("vllm-pelrp: explanations ready (%s bytes recorded per token, cap %.0f "
                         "MiB)", self.info["bytes_per_token"], self.info["cap_bytes"] / 2**20)
+        if not self.info.get("error") and self.memory_budget_bytes is not None:
+            logger.info("vllm-pelrp: explanation memory budget %.0f MiB (%s); work cap %s GFLOP",
+                        self.memory_budget_bytes / 2**20, self.info.get("memory_budget_source"),
+                        budget.shown_gflop(self.max_gflop))
 
     # ---- checks before generation -----------------------------------------------------------
     def check_available(self) -> None:
