@@ -30,15 +30,23 @@ def _job(tokens: int, rows: int) -> pipeline.BackwardJob:
                                 seeds=[[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)])
 
 
-@pytest.mark.parametrize("tokens, rows", [(96, 1), (192, 8)])
-def test_working_set_estimate_bounds_the_measured_peak(tokens, rows):
-    """From token ids (``/v1/explain``), in the worker's row chunks: the peak of tensor bytes
-    alive at once, from torch's profiler, against ``working_set``."""
+@pytest.mark.parametrize("tokens, rows, from_ids", [(96, 1, True), (192, 8, True),
+                                                    (192, 8, False)])
+def test_working_set_estimate_bounds_the_measured_peak(tokens, rows, from_ids):
+    """In the worker's row chunks, from token ids (``/v1/explain``) or from given layer inputs
+    (a recording, resident: counted in): the peak of tensor bytes alive at once, from torch's
+    profiler, against ``working_set``."""
+    from vllm_pelrp.engine.backward import forward_layer_inputs
+
     weights = random_decoder_weights(TINY)
     shape = ModelShape.of_spec(TINY, torch.float32, row_chunk=4)
     job = _job(tokens, rows)
-    measured = peak_bytes(lambda: pipeline.compute(weights, job, row_chunk=4))
-    estimate = working_set(shape, rows, tokens, from_ids=True).total
+    inputs, stream = None, 0
+    if not from_ids:
+        inputs, _ = forward_layer_inputs(weights, torch.tensor(job.token_ids))
+        stream = sum(x.numel() * x.element_size() for x in inputs)
+    measured = stream + peak_bytes(lambda: pipeline.compute(weights, job, inputs, row_chunk=4))
+    estimate = working_set(shape, rows, tokens, from_ids=from_ids).total
     low, high = ESTIMATE_OVER_MEASURED
     assert low * measured <= estimate <= high * measured, (estimate, measured)
 

@@ -4,9 +4,7 @@ For each model, tokens T and target rows B: the explanation from token ids (``/v
 the forward, then the backward) and from given layer inputs (a recording), in the worker's row
 chunks (``ROW_CHUNK``), one thread, no recompute on spare cores. Measured: the peak of tensor
 bytes alive at once (torch's profiler, ``tests/memory_probe.py``), plus the layer inputs when
-they were given (a recording is resident). Estimate: ``working_set(...).total`` for one
-recording (the estimate's second copy of a recorded stream, for a prefix-cache hit, left out:
-``working_set`` of ``from_ids=False`` less one stream). Run::
+they were given (a recording is resident). Estimate: ``working_set(...).total``. Run::
 
     PYTHONPATH=$PWD .venv/bin/python bench/perf/explain_memory.py [--model smollm2|tiny]
 """
@@ -45,7 +43,7 @@ def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
     inputs, _ = forward_layer_inputs(weights, torch.tensor(ids))
     stream = sum(x.numel() * x.element_size() for x in inputs)
     peak = peak_bytes(lambda: pipeline.compute(weights, job, inputs, row_chunk=ROW_CHUNK))
-    return peak + stream, estimate.total - stream
+    return peak + stream, estimate.total
 
 
 def main() -> None:

@@ -17,16 +17,18 @@ and its attention multiply-adds a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the ad
 Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for gradients:
 
 - resident (held from admission to the end): the residual stream, every layer's input, L·T·H·s
-  (the recording, or the forward's), twice when recorded (a prefix-cache hit rebuilds it with
-  the prefix recomputed: ``worker._recorded_inputs``), plus, from token ids, every layer's cache
-  when they fit ``backward.DEFAULT_CACHE_BUDGET_BYTES`` (then no recompute); an additive model
-  keeps every layer's cache always (``additive.run_forward``);
+  (the recording, or the forward's), plus, from token ids, every layer's cache when they fit
+  ``backward.DEFAULT_CACHE_BUDGET_BYTES`` (then no recompute); an additive model keeps every
+  layer's cache always (``additive.run_forward``);
 - transient (one backward at a time per job): the gradient at the residual stream for all rows
   (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
   one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
   row chunk's (C rows) MLP and attention gradients, C·T·4·(4·I + 8·Hq·D + 4·H); sliding-window
   layers longer than their window run the attention rules on explicit T×T blocks, and so does
-  the additive engine, for all rows at once, a head at a time (B·T·T·4 each).
+  the additive engine, for all rows at once, a head at a time (B·T·T·4 each). A recording is
+  rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
+  stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
+  stream.
 
 The constants were measured on CPU (fp32, SmolLM2-135M at 128-1024 tokens and a tiny random
 model): see ``bench/perf/explain_memory.py``; the estimate is an upper bound within 1.5× there.
@@ -177,7 +179,7 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
         transient = (rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q)
                      + 2 * probs + 4 * rows * t * t * FP32)
         return WorkingSet(resident, transient)
-    resident = stream if from_ids else 2 * stream
+    resident = stream
     if from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES:
         resident += layers * cache
     transient = (2 * rows * t * h * FP32  # the gradient at the residual stream, and its next
@@ -188,7 +190,7 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
         group = shape.num_heads // shape.num_kv_heads
         block = min(REFERENCE_BLOCK_BYTES, chunk * group * t * t * FP32)
         transient += 4 * block + (1 + shape.num_heads) * t * t * FP32  # and the forward's mask
-    return WorkingSet(resident, transient)
+    return WorkingSet(resident, transient if from_ids else max(transient, stream))
 
 
 def request_working_set(shape: ModelShape, jobs: list[tuple[int, int]], *, from_ids: bool,
