@@ -32,17 +32,19 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 
 
 def random_decoder_weights(spec: DecoderSpec, dtype: torch.dtype = torch.float32,
-                           seed: int = 0) -> ModelWeights:
-    """``ModelWeights`` of ``spec``'s shapes with random values (norm scales near 1)."""
-    generator = torch.Generator().manual_seed(seed)
+                           seed: int = 0, device: str = "cpu") -> ModelWeights:
+    """``ModelWeights`` of ``spec``'s shapes with random values (norm scales near 1), made on
+    ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     hidden, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, \
         spec.num_kv_heads * spec.head_dim
 
     def matrix(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=generator) * cols ** -0.5).to(dtype)
+        return (torch.randn(rows, cols, generator=generator, device=device)
+                * cols ** -0.5).to(dtype)
 
     def norm(size: int) -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(size, generator=generator)).to(dtype)
+        return (1.0 + 0.1 * torch.randn(size, generator=generator, device=device)).to(dtype)
 
     layers = [LayerWeights(
         attention_norm=norm(hidden), q_proj=matrix(q, hidden), k_proj=matrix(kv, hidden),
@@ -52,6 +54,17 @@ def random_decoder_weights(spec: DecoderSpec, dtype: torch.dtype = torch.float32
         down_proj=matrix(hidden, spec.intermediate_size)) for _ in range(spec.num_layers)]
     embed = matrix(spec.vocab_size, hidden)
     return ModelWeights(spec, embed, layers, norm(hidden), embed)
+
+
+def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
+    """``peak_bytes`` on CUDA: the caching allocator's peak during ``fn()`` beyond what was
+    allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def decoder_spec(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,

@@ -20,7 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from memory_probe import decoder_spec, peak_bytes, random_decoder_weights  # noqa: E402
+from memory_probe import (  # noqa: E402
+    cuda_peak_bytes,
+    decoder_spec,
+    peak_bytes,
+    random_decoder_weights,
+)
 
 from vllm_pelrp import pipeline  # noqa: E402
 from vllm_pelrp.engine.backward import forward_layer_inputs  # noqa: E402
@@ -32,26 +37,33 @@ def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
     """(measured peak bytes, estimated bytes) of one explanation."""
     spec = weights.spec
     shape = ModelShape.of_spec(spec, weights.dtype, row_chunk=ROW_CHUNK)
+    peak_bytes_of = cuda_peak_bytes if weights.device.type == "cuda" else peak_bytes
     generator = torch.Generator().manual_seed(tokens)
     ids = torch.randint(4, spec.vocab_size, (tokens,), generator=generator).tolist()
     seeds = [[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)]
     job = pipeline.BackwardJob(token_ids=ids, prompt_length=1, seeds=seeds, mode="pa-lrp")
     estimate = working_set(shape, rows, tokens, from_ids=from_ids)
     if from_ids or shape.kind == "additive":  # an additive model always starts from the ids
-        peak = peak_bytes(lambda: pipeline.compute(weights, job, row_chunk=ROW_CHUNK))
+        peak = peak_bytes_of(lambda: pipeline.compute(weights, job, row_chunk=ROW_CHUNK))
         return peak, estimate.total
-    inputs, _ = forward_layer_inputs(weights, torch.tensor(ids))
+    inputs, _ = forward_layer_inputs(weights, torch.tensor(ids, device=weights.device))
     stream = sum(x.numel() * x.element_size() for x in inputs)
-    peak = peak_bytes(lambda: pipeline.compute(weights, job, inputs, row_chunk=ROW_CHUNK))
+    peak = peak_bytes_of(lambda: pipeline.compute(weights, job, inputs, row_chunk=ROW_CHUNK))
     return peak + stream, estimate.total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("smollm2", "tiny", "tiny-gpt2"), default="smollm2",
-                        help="SmolLM2-135M (shipped), a tiny random LLaMA-like decoder, or a "
-                             "tiny random GPT-2 (the additive engine: from ids, every layer "
-                             "cached)")
+    parser.add_argument("--model", choices=("smollm2", "tiny", "tiny-gpt2", "llama3-8b-shape"),
+                        default="smollm2",
+                        help="SmolLM2-135M (shipped), a tiny random LLaMA-like decoder, a tiny "
+                             "random GPT-2 (the additive engine: from ids, every layer cached), "
+                             "or random weights of Llama-3-8B's shapes (--layers of them)")
+    parser.add_argument("--layers", type=int, default=4, help="llama3-8b-shape: layers")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="llama3-8b-shape: the weights' dtype")
+    parser.add_argument("--device", default="cpu",
+                        help="llama3-8b-shape: cpu or cuda (peak from the CUDA allocator)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
@@ -62,6 +74,9 @@ def main() -> None:
         weights = load_explainer().weights
     elif args.model == "tiny":
         weights = random_decoder_weights(decoder_spec(64, 3, 4, 2, 128))
+    elif args.model == "llama3-8b-shape":
+        spec = decoder_spec(4096, args.layers, 32, 8, 14336, vocab=128256)
+        weights = random_decoder_weights(spec, getattr(torch, args.dtype), device=args.device)
     else:
         from tiny_additive import tiny_additive
 
