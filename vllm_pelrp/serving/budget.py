@@ -71,12 +71,13 @@ def memory_refusal(need: int, budget: int, in_flight: int, source: str = MEMORY_
     ``in_flight`` bytes are held by the explanations running: None (admitted), a 400 when it
     exceeds the whole budget, a 429 when it exceeds what is free now."""
     if need > budget:
+        where = f"{MEMORY_ENV}, pelrp serve --explain-memory-mb"
         return Refusal(400, (
             f"explaining this request needs about {need / MIB:,.1f} MiB of memory for the "
             f"backward's working set and the recorded activations, over the server's "
-            f"explanation memory budget of {budget / MIB:,.1f} MiB ({source}; "
-            f"{MEMORY_ENV}, pelrp serve --explain-memory-mb); lower max_tokens, n or the "
-            "prompt length, or explain fewer rows"))
+            f"explanation memory budget of {budget / MIB:,.1f} MiB "
+            f"({where if source == MEMORY_ENV else source + '; ' + where}); lower max_tokens, "
+            "n or the prompt length, or explain fewer rows"))
     if in_flight + need > budget:
         return Refusal(429, (
             f"explaining this request needs about {need / MIB:,.1f} MiB of memory, but only "

@@ -1,6 +1,7 @@
 """API-process side of an explanation, between the HTTP routes and the worker: memory-cap
-bookkeeping, admission (the work cap and the memory budget: ``budget.py``), and the explanation pipeline (``pipeline.py``: plan, job, compute on
-the worker through ``collective_rpc``, assemble) with the tokenizer. No HTTP here, and no
+bookkeeping, admission (the work cap and the memory budget: ``budget.py``), and the explanation
+pipeline (``pipeline.py``: plan, job, compute on the worker through ``collective_rpc``,
+assemble) with the tokenizer. No HTTP here, and no
 tensors: the worker's ``BackwardResult`` becomes an ``Explanation`` in ``pipeline.assemble``.
 The user's errors arrive as ``ExplainInputError`` and become 400s by their type.
 """
