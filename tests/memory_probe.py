@@ -31,6 +31,27 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
+def rss_peak_bytes(fn: Callable[[], Any]) -> int:
+    """The peak resident memory during ``fn()`` beyond the resident memory before it (Linux:
+    the kernel's high-water mark, reset first through ``/proc/self/clear_refs``). Close to the
+    tensors' own peak only when freed memory goes back to the system at once: start the process
+    with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then maps every larger block, and unmaps it on
+    free). Unlike ``peak_bytes`` it keeps nothing per operation (the profiler's record of a
+    SmolLM2 backward fills gigabytes) and sees every thread."""
+    def status(field: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
 def random_decoder_weights(spec: DecoderSpec, dtype: torch.dtype = torch.float32,
                            seed: int = 0, device: str = "cpu") -> ModelWeights:
     """``ModelWeights`` of ``spec``'s shapes with random values (norm scales near 1), made on

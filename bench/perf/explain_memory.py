@@ -12,6 +12,7 @@ they were given (a recording is resident). Estimate: ``working_set(...).total``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from memory_probe import (  # noqa: E402
     decoder_spec,
     peak_bytes,
     random_decoder_weights,
+    rss_peak_bytes,
 )
 
 from vllm_pelrp import pipeline  # noqa: E402
@@ -33,11 +35,14 @@ from vllm_pelrp.engine.cost import ModelShape, explanation_gflop, working_set  #
 from vllm_pelrp.serving.worker import ROW_CHUNK  # noqa: E402
 
 
-def measure(weights, tokens: int, rows: int, from_ids: bool) -> tuple[int, int]:
-    """(measured peak bytes, estimated bytes) of one explanation."""
+def measure(weights, tokens: int, rows: int, from_ids: bool, how: str = "profiler"
+            ) -> tuple[int, int]:
+    """(measured peak bytes, estimated bytes) of one explanation; ``how``: "profiler" (torch's
+    record of the CPU allocator) or "rss" (the process's resident high-water mark)."""
     spec = weights.spec
     shape = ModelShape.of_spec(spec, weights.dtype, row_chunk=ROW_CHUNK)
-    peak_bytes_of = cuda_peak_bytes if weights.device.type == "cuda" else peak_bytes
+    peak_bytes_of = cuda_peak_bytes if weights.device.type == "cuda" else (
+        rss_peak_bytes if how == "rss" else peak_bytes)
     generator = torch.Generator().manual_seed(tokens)
     ids = torch.randint(4, spec.vocab_size, (tokens,), generator=generator).tolist()
     seeds = [[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)]
@@ -59,6 +64,10 @@ def main() -> None:
                         help="SmolLM2-135M (shipped), a tiny random LLaMA-like decoder, a tiny "
                              "random GPT-2 (the additive engine: from ids, every layer cached), "
                              "or random weights of Llama-3-8B's shapes (--layers of them)")
+    parser.add_argument("--measure", choices=("profiler", "rss"), default="profiler",
+                        help="CPU: torch's profiler (exact tensor bytes; its record grows with "
+                             "the run: the tiny models) or the resident high-water mark under "
+                             "MALLOC_MMAP_THRESHOLD_=65536 (SmolLM2)")
     parser.add_argument("--layers", type=int, default=4, help="llama3-8b-shape: layers")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="llama3-8b-shape: the weights' dtype")
@@ -67,6 +76,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
+    if args.measure == "rss" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        # glibc reads it at start: run again with every block over 64 KiB mapped on its own
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(1)
     if args.model == "smollm2":
         from vllm_pelrp import load_explainer
@@ -87,10 +100,11 @@ def main() -> None:
     print(f"{'path':>8} {'T':>5} {'B':>3} {'measured MiB':>13} {'estimate MiB':>13} "
           f"{'est/meas':>8} {'GFLOP':>8}")
     shape = ModelShape.of_spec(weights.spec, weights.dtype, row_chunk=ROW_CHUNK)
+    measure(weights, min(args.tokens), 1, True, args.measure)  # warm-up: one-time loads
     for tokens in args.tokens:
         for rows in args.rows:
             for from_ids in (True, False) if shape.kind == "rotary" else (True,):
-                measured, estimate = measure(weights, tokens, rows, from_ids)
+                measured, estimate = measure(weights, tokens, rows, from_ids, args.measure)
                 gflop = explanation_gflop(shape, rows, tokens, from_ids=from_ids)
                 print(f"{'ids' if from_ids else 'recorded':>8} {tokens:>5} {rows:>3} "
                       f"{measured / 2**20:>13.1f} {estimate / 2**20:>13.1f} "

@@ -152,15 +152,15 @@ class WorkingSet:
 
 
 def layer_cache_bytes(shape: ModelShape, tokens: int) -> int:
-    """One layer's recomputed forward quantities (``backward._LayerCache`` and the recompute's
-    own temporaries; additive: ``additive._LayerCache``)."""
+    """One layer's forward quantities that its backward reads (``backward._LayerCache``, as
+    ``backward._cache_bytes`` counts it; additive: ``additive._LayerCache`` and the layer's
+    temporaries)."""
     s, t = shape.dtype_bytes, tokens
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     if shape.kind == ADDITIVE:
         return t * s * (3 * q + shape.intermediate_size + 2 * shape.hidden_size)
-    # q, q̃, output; k, k̃, v; gate, up, act(gate); normed, hidden, output
-    return t * s * (3 * q + 3 * kv + 3 * shape.intermediate_size + 3 * shape.hidden_size) \
-        + shape.num_heads * t * FP32
+    # q, q̃, output; k, k̃, v; gate, up, act(gate); the log-sum-exp
+    return t * s * (3 * q + 3 * kv + 3 * shape.intermediate_size) + shape.num_heads * t * FP32
 
 
 def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) -> WorkingSet:
@@ -179,12 +179,12 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
         transient = (rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q)
                      + 2 * probs + 4 * rows * t * t * FP32)
         return WorkingSet(resident, transient)
-    resident = stream
-    if from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES:
-        resident += layers * cache
+    kept = from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES  # no recompute then
+    resident = stream + (layers * cache if kept else 0)
+    recomputed = 0 if kept else (1 + shape.layers_ahead) * cache
     transient = (2 * rows * t * h * FP32  # the gradient at the residual stream, and its next
                  + rows * layers * t * 2 * FP32  # positional relevance, cos and sin
-                 + (1 + shape.layers_ahead) * cache
+                 + recomputed + 3 * t * h * shape.dtype_bytes  # a layer forward's temporaries
                  + chunk * t * FP32 * (4 * shape.intermediate_size + 8 * q + 4 * h))
     if shape.sliding_window is not None and t > shape.sliding_window:
         group = shape.num_heads // shape.num_kv_heads
