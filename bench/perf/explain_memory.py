@@ -100,8 +100,10 @@ def main() -> None:
     print(f"{'path':>8} {'T':>5} {'B':>3} {'measured MiB':>13} {'estimate MiB':>13} "
           f"{'est/meas':>8} {'GFLOP':>8}")
     shape = ModelShape.of_spec(weights.spec, weights.dtype, row_chunk=ROW_CHUNK)
-    measure(weights, min(args.tokens), 1, True, args.measure)  # warm-up: one-time loads
     for tokens in args.tokens:
+        # warm-up at this length: the first call of new shapes makes oneDNN's kernels and
+        # scratch buffers, held for the process's life, not per explanation (rss sees them)
+        measure(weights, tokens, 1, True, args.measure)
         for rows in args.rows:
             for from_ids in (True, False) if shape.kind == "rotary" else (True,):
                 measured, estimate = measure(weights, tokens, rows, from_ids, args.measure)
