@@ -184,7 +184,8 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     recomputed = 0 if kept else (1 + shape.layers_ahead) * cache
     transient = (2 * rows * t * h * FP32  # the gradient at the residual stream, and its next
                  + rows * layers * t * 2 * FP32  # positional relevance, cos and sin
-                 + recomputed + 3 * t * h * shape.dtype_bytes  # a layer forward's temporaries
+                 + recomputed  # and a layer forward's temporaries:
+                 + t * (3 * h + shape.intermediate_size) * shape.dtype_bytes
                  + chunk * t * FP32 * (4 * shape.intermediate_size + 8 * q + 4 * h))
     if shape.sliding_window is not None and t > shape.sliding_window:
         group = shape.num_heads // shape.num_kv_heads
