@@ -14,8 +14,13 @@ import vllm  # noqa: F401  (scripts/test.sh installs it)
 
 from _fake_engine import make_app
 
+# SmolLM2-135M's shape (the default tokenizer's model), for the work cap and the memory budget
+SMOLLM2_SHAPE = {"kind": "rotary", "num_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                 "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                 "dtype_bytes": 4, "row_chunk": 4}
 INFO = {"error": None, "bytes_per_token": 10, "cap_bytes": 10**9, "max_model_len": 2048,
-        "vocab_size": 49152}
+        "vocab_size": 49152, "explain_shape": SMOLLM2_SHAPE, "memory_budget_bytes": 2**30,
+        "memory_budget_source": "test"}
 
 
 @pytest.fixture
@@ -129,7 +134,7 @@ def test_explain_endpoint_messages_and_prompt_rules(app):
 def test_cost_cap_and_per_token_rows_are_refused_before_generation(monkeypatch):
     """Finding 4: ``per_token`` over the row cap was refused only after generating, and no
     setting bounded an explanation's cost."""
-    monkeypatch.setenv("VLLM_PELRP_MAX_EXPLAIN_COST", "1000")
+    monkeypatch.setenv("VLLM_PELRP_MAX_EXPLAIN_GFLOP", "100")
     client, engine = make_app(INFO)
     error = _error(client.post("/v1/completions", json={
         "model": "m", "prompt": "hi", "max_tokens": 100, "explain": {"target": "per_token"}}))
@@ -137,9 +142,17 @@ def test_cost_cap_and_per_token_rows_are_refused_before_generation(monkeypatch):
     error = _error(client.post("/v1/completions", json={
         "model": "m", "prompt": "hi", "max_tokens": 40, "n": 2,
         "explain": {"target": "per_token"}}))
-    # 40 rows x (1 prompt token + 40) tokens, for each of 2 choices
-    assert "up to 3,280 target rows x tokens" in error["message"], error["message"]
-    assert "cap of 1,000" in error["message"] and "VLLM_PELRP_MAX_EXPLAIN_COST" in error["message"]
+    # 40 rows x (1 prompt token + 40) tokens, for each of 2 choices, on SmolLM2's shape
+    assert "up to 726 GFLOP" in error["message"], error["message"]
+    assert "40 x 41, 40 x 41" in error["message"]
+    assert "cap of 100 GFLOP" in error["message"]
+    assert "VLLM_PELRP_MAX_EXPLAIN_GFLOP" in error["message"]
+    assert engine.calls == ["pelrp_setup"]
+    # an explanation whose working set can never fit the memory budget: refused up front too
+    client, engine = make_app(dict(INFO, memory_budget_bytes=2**20))
+    error = _error(client.post("/v1/completions", json={
+        "model": "m", "prompt": "hi", "max_tokens": 40, "explain": {"target": "completion"}}))
+    assert "memory budget of 1.0 MiB" in error["message"], error["message"]
     assert engine.calls == ["pelrp_setup"]
     assert client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 40,
                                                 "n": 2}).status_code == 200  # plain: untouched

@@ -151,7 +151,7 @@ def test_every_variable_named_in_the_package_source_is_registered():
         named.update(re.findall(r"[\"'`]((?:VLLM_PELRP|PELRP)_[A-Z0-9_]+)[\"'`]",
                                 path.read_text()))
     unknown = {n for n in named if n not in settings.SETTINGS and n not in settings.OLD_NAMES
-               and n != settings.PREFIX}
+               and n not in settings.REPLACED_NAMES and n != settings.PREFIX}
     assert not unknown, f"variables named in the package but not in vllm_pelrp/settings.py: " \
                         f"{sorted(unknown)}"
 
@@ -195,8 +195,13 @@ def test_settings_are_parsed_strictly_and_children_get_checked_values(monkeypatc
     child = settings.environment(VLLM_PELRP_SPARE_CORES=False, VLLM_PLUGINS=["a", "pelrp"],
                                  VLLM_PELRP_CACHE=None)
     assert child["VLLM_PELRP_SPARE_CORES"] == "0" and child["VLLM_PLUGINS"] == "a,pelrp"
-    with pytest.raises(ValueError, match="VLLM_PELRP_MAX_EXPLAIN_COST='1.5' is out of range"):
-        settings.environment(VLLM_PELRP_MAX_EXPLAIN_COST=1.5)
+    with pytest.raises(ValueError, match="VLLM_PELRP_RECENT_EXPLANATIONS='1.5' is out of range"):
+        settings.environment(VLLM_PELRP_RECENT_EXPLANATIONS=1.5)
+    # a setting whose meaning changed under a new name: the old name is refused, not translated
+    monkeypatch.setenv("VLLM_PELRP_MAX_EXPLAIN_COST", "65536")
+    with pytest.raises(ValueError, match="VLLM_PELRP_MAX_EXPLAIN_COST is no longer read.*"
+                                         "VLLM_PELRP_MAX_EXPLAIN_GFLOP"):
+        settings.get("VLLM_PELRP_MAX_EXPLAIN_GFLOP")
 
 
 def test_one_model_table_the_rest_derived_from_the_model_files():

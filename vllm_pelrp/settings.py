@@ -111,11 +111,15 @@ class Setting:
     parse: Callable[[str, str], Any]
     doc: str
     old_name: str | None = None  # the name before the one prefix; read for one release, warned
+    replaces: str | None = None  # a name whose value meant something else: refused, naming this
     owner: str = "pelrp"  # "pelrp" (ours), "vllm" or "system": whose variable it is
     takes: str = ""  # what the docs say it takes; the parser's docstring when empty
     shown_default: str = ""  # the default as the docs say it; repr(default) when empty
 
     def read(self, environ: Mapping[str, str]) -> Any:
+        if self.replaces and (environ.get(self.replaces) or "").strip():
+            raise ValueError(f"{self.replaces} is no longer read: its value meant something "
+                             f"else; set {self.name} instead ({self.doc})")
         raw = environ.get(self.name)
         name = self.name
         if (raw is None or not raw.strip()) and self.old_name and environ.get(self.old_name):
@@ -144,8 +148,16 @@ SETTINGS: dict[str, Setting] = _settings(
             "no request is generating"),
     Setting("VLLM_PELRP_MAX_RECORD_MB", 2048, number,
             "cap on the memory of recorded activations, MiB (`pelrp serve --record-cap-mb`)"),
-    Setting("VLLM_PELRP_MAX_EXPLAIN_COST", 65536, whole_number,
-            "cap on one request's target rows × tokens (`pelrp serve --max-explain-cost`)"),
+    Setting("VLLM_PELRP_MAX_EXPLAIN_GFLOP", 30000, number,
+            "cap on one request's explanation work, in GFLOP (10⁹ floating-point operations: "
+            "the forward and backward passes, from the model's layers, widths and tokens; "
+            "30000 ≈ 32 target rows × 2,048 tokens on SmolLM2-135M) (`pelrp serve "
+            "--max-explain-gflop`)", replaces="VLLM_PELRP_MAX_EXPLAIN_COST"),
+    Setting("VLLM_PELRP_EXPLAIN_MEMORY_MB", None, number,
+            "memory budget of the explanations in flight, MiB: their backward's working set and "
+            "their recorded residual stream, per worker (`pelrp serve --explain-memory-mb`; "
+            "unset: 90 % of the device memory vLLM leaves free, on CPU half the host's "
+            "available memory, read when the worker sets up)", shown_default="unset"),
     # serving: the API process
     Setting("VLLM_PELRP_OPERATOR_KEY", None, text,
             "the operator's key: lists every explanation (`GET /v1/explanations?scope=all`, "
@@ -193,6 +205,7 @@ SETTINGS: dict[str, Setting] = _settings(
 )
 
 OLD_NAMES = {s.old_name: s.name for s in SETTINGS.values() if s.old_name}
+REPLACED_NAMES = {s.replaces: s.name for s in SETTINGS.values() if s.replaces}
 
 
 def get(name: str, environ: Mapping[str, str] | None = None) -> Any:
@@ -253,6 +266,8 @@ def markdown_table() -> str:
             if s.owner != owner:
                 continue
             name = f"`{s.name}`" + (f" (was `{s.old_name}`)" if s.old_name else "")
+            if s.replaces:
+                name += f" (replaces `{s.replaces}`, no longer read)"
             if owner != "pelrp":
                 name += f" ({owner}'s)"
             default = s.shown_default or _shown(s.default)

@@ -46,9 +46,9 @@ from bench.common.servers import MODEL, start, stop
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JSON = ROOT / "bench" / "perf" / "results" / "fairness.json"
 LOG = "/tmp/pelrp_bench_fairness.log"
-# the cost cap (target rows x tokens) must let LONG through; the recording cap must hold both
+# the work cap (GFLOP) must let LONG through; the recording cap must hold both
 # requests' forward reservations at once (2 x ~80 MB at full size: the 2048 MiB default does)
-SERVER_ENV = {"VLLM_PELRP_MAX_EXPLAIN_COST": "10000000"}
+SERVER_ENV = {"VLLM_PELRP_MAX_EXPLAIN_GFLOP": "1000000"}
 
 # fixed text the prompts and completions are cut from (repeated as often as needed)
 PARAGRAPH = (
@@ -147,7 +147,7 @@ def main() -> None:
                         help="smaller sizes (%s), a smoke run of a few minutes" % (SIZES["quick"],))
     parser.add_argument("--server", metavar="URL", default=None,
                         help="use this running pelrp server (started with "
-                             "VLLM_PELRP_MAX_EXPLAIN_COST large enough for LONG) instead of "
+                             "VLLM_PELRP_MAX_EXPLAIN_GFLOP large enough for LONG) instead of "
                              "starting one")
     parser.add_argument("--short-tokens", type=int, default=None, help="SHORT's prompt tokens")
     parser.add_argument("--short-completion", type=int, default=None,

@@ -302,11 +302,11 @@ class PelrpEndpointPlugin:
                         f"the prompt has {length} tokens; with max_model_len={limit} nothing is "
                         "left to generate and explain", param="messages" if chat else "prompt")
             budget = [min(length + (max_tokens or limit), limit or 10**9) for length in lengths]
-            service.check_cost([service.planned_rows(options, max_tokens)] * (len(lengths) * n),
-                               budget * n, planned=True)
+            rows = [service.planned_rows(options, max_tokens)] * (len(lengths) * n)
+            service.check_cost(rows, budget * n, planned=True)
             tokens = service.recording_tokens(lengths, max_tokens, n)
             key = service.new_key(len(lengths) * n)
-            service.reserve(key, tokens)
+            service.reserve(key, tokens, list(zip(rows, budget * n)))
         except (ExplainError, ExplainInputError) as error:
             return refused(error, "explain.")
 

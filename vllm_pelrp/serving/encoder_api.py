@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Annotated, Any, Sequence
 
 from fastapi import APIRouter, Depends, Request
@@ -41,8 +42,10 @@ from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreReques
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from .. import pipeline
+from ..engine.cost import explanation_gflop
 from ..errors import ExplainInputError, PromptError, TargetError
 from ..explanation import EncoderTargetSpec, Explanation
+from .budget import GFLOP_ENV, encoder_need, shown_gflop
 from .http import call_vllm, dumps, error_response, refused
 from .metrics import get_metrics, observed
 from .protocol import (
@@ -503,12 +506,18 @@ def _check_chars(service: ExplainService, chars: int, param: str) -> None:
     """Refuse, before tokenizing, text that surely costs more than the cap (``_check_cost``): a
     token is at most ``max_token_chars`` characters, so ``chars`` need at least
     ``chars / max_token_chars`` tokens (a token id counts as one character)."""
+    shape = service.shape
+    if shape is None:
+        return
     least = -(-chars // service.max_token_chars)
-    if least > service.max_cost:
+    # work grows faster than the tokens (attention): `least` one-token texts cost the least
+    gflop = least * explanation_gflop(shape, 1, 1, from_ids=True)
+    if gflop > service.max_gflop:
         raise ExplainError(
-            f"{param}: {chars:,} characters to explain, at least {least:,} tokens of backward "
-            f"passes, over the server's cap of {service.max_cost:,} (VLLM_PELRP_MAX_EXPLAIN_COST)"
-            "; explain fewer or shorter texts", param=param)
+            f"{param}: {chars:,} characters to explain, at least {least:,} tokens and "
+            f"{shown_gflop(gflop)} GFLOP of forward and backward passes, over the server's cap "
+            f"of {shown_gflop(service.max_gflop)} GFLOP ({GFLOP_ENV}); explain fewer or "
+            "shorter texts", param=param)
 
 
 # ---- plans, jobs, results ------------------------------------------------------------------
@@ -561,16 +570,19 @@ def _plan_pairs(service: ExplainService, pairs: Sequence[tuple[Any, Any]],
 
 
 def _check_cost(service: ExplainService, plans: Sequence[pipeline.EncoderPlan]) -> None:
-    """Refuse work over the server's cap (``VLLM_PELRP_MAX_EXPLAIN_COST``): an encoder text
-    costs one backward over its tokens."""
-    tokens = [sum(len(t) for t in plan.texts) for plan in plans]
-    cost = sum(tokens)
-    if cost > service.max_cost:
+    """Refuse work over the server's cap (``VLLM_PELRP_MAX_EXPLAIN_GFLOP``): each encoder text
+    costs one forward and one backward (one target row) over its tokens."""
+    shape = service.shape
+    if shape is None:
+        return
+    tokens = [len(t) for plan in plans for t in plan.texts]
+    gflop = sum(explanation_gflop(shape, 1, t, from_ids=True) for t in tokens)
+    if gflop > service.max_gflop:
         raise ExplainError(
-            f"explaining this request costs {cost:,} tokens of backward passes ({len(plans)} "
-            f"explanations), over the server's cap of {service.max_cost:,} "
-            "(VLLM_PELRP_MAX_EXPLAIN_COST); explain fewer or shorter texts (rerank: top_n)",
-            param="explain")
+            f"explaining this request costs {shown_gflop(gflop)} GFLOP of forward and backward "
+            f"passes ({len(plans)} explanations, {sum(tokens):,} tokens), over the server's cap "
+            f"of {shown_gflop(service.max_gflop)} GFLOP ({GFLOP_ENV}); explain fewer or "
+            "shorter texts (rerank: top_n)", param="explain")
 
 
 async def run_encoder_jobs(service: ExplainService, jobs: list[pipeline.EncoderJob]
@@ -600,7 +612,16 @@ async def explain_encoder(service: ExplainService, plans: dict[int, pipeline.Enc
     if not plans:
         return {}
     indices = list(plans)
-    results = await run_encoder_jobs(service, [pipeline.encoder_job(plans[i]) for i in indices])
+    key = uuid.uuid4().hex  # holds the memory budget while the jobs run
+    shape = service.shape
+    if shape is not None:
+        service.admit_memory(key, (), need=encoder_need(
+            shape, [[len(t) for t in plans[i].texts] for i in indices]))
+    try:
+        results = await run_encoder_jobs(service, [pipeline.encoder_job(plans[i])
+                                                   for i in indices])
+    finally:
+        service.unreserve(key)
 
     def wire() -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}

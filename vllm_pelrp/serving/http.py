@@ -64,7 +64,8 @@ ERRORS = {  # the 4xx/5xx answers of the plugin's routes, documented in the Open
           "request has no valid `Authorization: Bearer` key (vLLM's own answer)."},
     403: {"model": ErrorResponse, "description": "Not allowed (the operator listing)."},
     404: {"model": ErrorResponse, "description": "No such explanation that the caller may read."},
-    429: {"model": ErrorResponse, "description": "The recording memory is busy; retry later."},
+    429: {"model": ErrorResponse, "description": "The recording memory or the explanation memory "
+          "budget is held by other explanations in flight; retry later."},
     500: {"model": ErrorResponse, "description": "The explanation failed inside the server: a "
           "generic message with an error id (the server's log has the details under it)."},
 }

@@ -1,6 +1,7 @@
 """API-process side of an explanation, between the HTTP routes and the worker: memory-cap
-bookkeeping, the cost cap, and the explanation pipeline (``pipeline.py``: plan, job, compute on
-the worker through ``collective_rpc``, assemble) with the tokenizer. No HTTP here, and no
+bookkeeping, admission (the work cap and the memory budget: ``budget.py``), and the explanation
+pipeline (``pipeline.py``: plan, job, compute on the worker through ``collective_rpc``,
+assemble) with the tokenizer. No HTTP here, and no
 tensors: the worker's ``BackwardResult`` becomes an ``Explanation`` in ``pipeline.assemble``.
 The user's errors arrive as ``ExplainInputError`` and become 400s by their type.
 """
@@ -22,7 +23,7 @@ from ..targets import MAX_PER_TOKEN_ROWS
 from ..explanation import Explanation, SpanTarget
 from ..grounding import MAX_SENTENCES, grounding_threshold_from_env
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, Plan
-from .. import settings
+from . import budget
 from .failures import internal_failure
 from .keys import new_secret, sign_key
 from .tokenizers import ThreadTokenizers
@@ -32,16 +33,8 @@ from .protocol import ENCODER_KIND, CompactExplanation, ExplainOptions, TopToken
 logger = logging.getLogger("vllm_pelrp.serving")
 POLL_SECONDS = 0.02
 GROUNDING_PREFIX = "sources: "  # starts the message of sources that cannot be placed
-COST_ENV = "VLLM_PELRP_MAX_EXPLAIN_COST"
-# target rows x tokens of one request's backward passes
-DEFAULT_MAX_COST = settings.SETTINGS[COST_ENV].default
 API_THREADS = 4  # tokenization, grounding plans and assembly: off the event loop
 T = TypeVar("T")
-
-
-def explain_cost_cap_from_env() -> int:
-    """The most a request's explanation may cost, in target rows x tokens (every choice)."""
-    return settings.get(COST_ENV)
 
 
 class ExplainError(Exception):
@@ -96,9 +89,11 @@ class ExplainService:
         self.model_name = model_name
         self.info: dict[str, Any] = {"error": "not initialised"}
         self.reserved: dict[str, int] = {}
+        # memory budget held by the explanations in flight, by key (budget.py)
+        self.working_sets: dict[str, int] = {}
         # explain.grounding_threshold's default (pelrp serve --grounding-threshold)
         self.grounding_threshold = grounding_threshold_from_env()
-        self.max_cost = explain_cost_cap_from_env()
+        self.max_gflop = budget.max_gflop_from_env()
         self._tasks: set[asyncio.Task] = set()
         self.loopwatch: Any = None  # serving/loopwatch.py's LoopWatch, set by the endpoint plugin
         self.key_secret: str | None = None  # signs the recording keys (keys.py)
@@ -124,6 +119,10 @@ class ExplainService:
         try:
             infos = await self.engine.collective_rpc("pelrp_setup", args=(None, secret))
             self.info = dict(infos[0])
+            budgets = [info["memory_budget_bytes"] for info in infos
+                       if info.get("memory_budget_bytes") is not None]
+            if budgets:  # each rank holds its shard's working set: the smallest budget binds
+                self.info["memory_budget_bytes"] = min(budgets)
             accepted = all(info.get("key_accepted") for info in infos)
             self.info.pop("key_accepted", None)
             if accepted:
@@ -157,6 +156,10 @@ class ExplainService:
         else:
             logger.info("vllm-pelrp: explanations ready (%s bytes recorded per token, cap %.0f "
                         "MiB)", self.info["bytes_per_token"], self.info["cap_bytes"] / 2**20)
+        if not self.info.get("error") and self.memory_budget_bytes is not None:
+            logger.info("vllm-pelrp: explanation memory budget %.0f MiB (%s); work cap %s GFLOP",
+                        self.memory_budget_bytes / 2**20, self.info.get("memory_budget_source"),
+                        budget.shown_gflop(self.max_gflop))
 
     # ---- checks before generation -----------------------------------------------------------
     def check_available(self) -> None:
@@ -176,8 +179,47 @@ class ExplainService:
     def max_model_len(self) -> int:
         return int(self.info.get("max_model_len", 0))
 
-    def reserve(self, key: str, tokens: int) -> None:
-        """Reserve recording memory for ``tokens`` positions (all choices) before generation."""
+    @property
+    def shape(self) -> "budget.ModelShape | None":
+        """The model's shape for the cost estimates (``engine/cost.py``), as the worker reported
+        it; None when it reported none (then neither the work cap nor the memory budget apply)."""
+        return budget.model_shape(self.info)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        value = self.info.get("memory_budget_bytes")
+        return None if value is None else int(value)
+
+    def reserve(self, key: str, tokens: int, jobs: Sequence[tuple[int, int]] = (),
+                from_ids: bool = False) -> None:
+        """Reserve recording memory for ``tokens`` positions (all choices) before generation,
+        and the memory budget for ``jobs`` ((target rows, tokens) of each backward pass;
+        ``from_ids``: no recording, each pass runs its own forward): ``admit_memory``."""
+        self._reserve_recording(key, tokens)
+        try:
+            self.admit_memory(key, jobs, from_ids=from_ids)
+        except ExplainError:
+            self.reserved.pop(key, None)
+            raise
+
+    def admit_memory(self, key: str, jobs: Sequence[tuple[int, int]], *, from_ids: bool = False,
+                     need: int | None = None) -> None:
+        """Hold the memory budget for ``key``'s explanation (its estimated working set, or
+        ``need`` bytes) until ``unreserve(key)``; a 400 when it could never fit the budget, a
+        429 when the explanations in flight hold too much of it now."""
+        shape, total = self.shape, self.memory_budget_bytes
+        if shape is None or total is None or (not jobs and need is None):
+            return
+        if need is None:
+            need = budget.decoder_need(shape, jobs, from_ids=from_ids)
+        refusal = budget.memory_refusal(need, total, sum(self.working_sets.values()),
+                                        self.info.get("memory_budget_source") or
+                                        budget.MEMORY_ENV)
+        if refusal is not None:
+            raise ExplainError(refusal.message, status=refusal.status, param="explain")
+        self.working_sets[key] = need
+
+    def _reserve_recording(self, key: str, tokens: int) -> None:
         need = tokens * self.bytes_per_token
         if need > self.cap_bytes:
             raise ExplainError(
@@ -196,6 +238,7 @@ class ExplainService:
 
     def unreserve(self, key: str) -> None:
         self.reserved.pop(key, None)
+        self.working_sets.pop(key, None)
 
     # ---- cheap bounds before any tokenization and before generation ---------------------------
     @property
@@ -217,20 +260,19 @@ class ExplainService:
                 f"characters here), so it cannot be explained; shorten it", param="messages"
                 if what.startswith("the messages") else "prompt")
 
-    def check_cost(self, rows: Sequence[int], tokens: Sequence[int], planned: bool = False) -> int:
-        """Refuse explanations that cost more than the cap: Σ over choices of target rows x
-        tokens (the backward's work grows with both). Returns the cost."""
-        cost = sum(r * t for r, t in zip(rows, tokens))
-        if cost > self.max_cost:
-            parts = ", ".join(f"{r} x {t}" for r, t in list(zip(rows, tokens))[:4])
-            more = "" if len(rows) <= 4 else f" and {len(rows) - 4} more"
-            raise ExplainError(
-                f"explaining this request costs {'up to ' if planned else ''}{cost:,} target "
-                f"rows x tokens ({parts}"
-                f"{more}), over the server's cap of {self.max_cost:,} ({COST_ENV}); lower "
-                "max_tokens, n or the prompt length, or explain fewer rows (target "
-                "'completion' instead of 'per_token', sentences=false)", param="explain")
-        return cost
+    def check_cost(self, rows: Sequence[int], tokens: Sequence[int], planned: bool = False,
+                   from_ids: bool = False) -> float:
+        """Refuse explanations whose work is over the cap (``VLLM_PELRP_MAX_EXPLAIN_GFLOP``):
+        Σ over choices of the forward and backward GFLOP of its target rows over its tokens
+        (``engine/cost.py``). Returns the GFLOP (0 when the worker reported no shape)."""
+        shape = self.shape
+        if shape is None:
+            return 0.0
+        gflop, refusal = budget.work_refusal(shape, list(zip(rows, tokens)), self.max_gflop,
+                                             from_ids=from_ids, planned=planned)
+        if refusal is not None:
+            raise ExplainError(refusal.message, status=refusal.status, param="explain")
+        return gflop
 
     @staticmethod
     def planned_rows(options: ExplainOptions, max_tokens: int | None) -> int:
@@ -294,7 +336,8 @@ class ExplainService:
     async def stats(self) -> dict[str, Any]:
         stats = await self.engine.collective_rpc("pelrp_stats")
         return {"workers": stats, "reserved_bytes": sum(self.reserved.values()),
-                "reserved_requests": len(self.reserved), "info": self.info,
+                "reserved_requests": len(self.reserved),
+                "working_set_bytes": sum(self.working_sets.values()), "info": self.info,
                 "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
     async def on_worker(self, submit: str, jobs: Sequence[Any]) -> dict[str, Any]:
@@ -416,9 +459,9 @@ class ExplainService:
                                       message_contents)
         except ExplainInputError as error:
             raise ExplainError.of_input(error) from None
-        self.check_cost([plan.num_rows], [len(ids)])
+        self.check_cost([plan.num_rows], [len(ids)], from_ids=True)
         key = uuid.uuid4().hex  # reserves memory for the forward; records nothing
-        self.reserve(key, len(ids))
+        self.reserve(key, len(ids), [(plan.num_rows, len(ids))], from_ids=True)
         try:
             (result,) = await self.run_jobs([pipeline.job(plan)])
             if isinstance(result, BackwardFailure):

@@ -31,6 +31,7 @@ from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .. import settings
 from .failures import SetupError, internal_failure
 from .keys import verify_key
+from .memory_budget import budget_info
 from .recorder import Recorder, RecordingError, StepClock
 from .scheduler import FairScheduler
 from .served_weights import served_weights
@@ -97,6 +98,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         if state.recorder is None and state.weights is None and state.error is None:
             try:
                 self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
+                state.info.update(budget_info(state.spec, state.weights, ROW_CHUNK,
+                                              int(state.recompute_executor is not None)))
             except (SetupError, UnsupportedModelError) as error:  # the server's setup: told
                 state.error = f"{type(error).__name__}: {error}"  # to clients, in 400s
             except Exception:  # noqa: BLE001 - its text stays in the log

@@ -1,0 +1,212 @@
+"""What an explanation costs, from the model's shape and the explanation's size: the work
+(floating-point operations) and the peak memory of the backward. Plain arithmetic: no torch, no
+vLLM, no HTTP; the API process reads the shape from the worker's setup info (``ModelShape.to_info``)
+and checks both before it admits an explanation (``serving/budget.py``).
+
+Work (``explanation_flops``), for B target rows over T tokens, L layers, one layer's linear
+multiply-adds per token m = H·(Hq + 2·Hkv)·D + Hq·D·H + 3·H·I (attention projections, a gated MLP)
+and its attention multiply-adds a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the additive engine):
+
+- the recompute: each layer's forward once, from its saved input (``engine/backward.py``:
+  ``relevance_from_layer_inputs``), 2·L·(T·m + a(T)), and as much again when there is no
+  recording (the forward from the token ids: ``/v1/explain``, prefix-cache rows, GPT-2, encoders);
+- the backward, per target row: a linear layer's input gradient is one product the size of its
+  forward (no weight gradient is ever formed), 2·T·m per layer; the attention's fused backward
+  recomputes the scores and forms ∂P, ∂V, ∂Q, ∂K: 2.5× its forward, 5·a(T) per layer.
+
+Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for gradients:
+
+- resident (held from admission to the end): the residual stream, every layer's input, L·T·H·s
+  (the recording, or the forward's), plus, from token ids, every layer's cache when they fit
+  ``backward.DEFAULT_CACHE_BUDGET_BYTES`` (then no recompute); an additive model keeps every
+  layer's cache always (``additive.run_forward``);
+- transient (one backward at a time per job): the gradient at the residual stream for all rows
+  (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
+  one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
+  row chunk's (C rows) MLP and attention gradients, C·T·4·(4·I + 8·Hq·D + 4·H); sliding-window
+  layers longer than their window run the attention rules on explicit T×T blocks, and so does
+  the additive engine, for all rows at once, a head at a time (B·T·T·4 each). A recording is
+  rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
+  stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
+  stream.
+
+The terms were checked against measured peaks on CPU (``bench/perf/explain_memory.py``): on
+SmolLM2-135M, fp32, 128-2,048 tokens and 1-32 rows, the estimate is 1.06-1.48× the measured peak
+(2.4× at 128 tokens and one recorded row, 20 MiB for 8); on a tiny random LLaMA-like model
+1.08-1.36×, on a tiny GPT-2 (additive) 1.13-1.37×. Not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+ROTARY, ADDITIVE = "rotary", "additive"
+FP32 = 4
+GIGA = 1e9
+# engine/backward.py's DEFAULT_CACHE_BUDGET_BYTES (not imported: this module needs no torch)
+FORWARD_CACHE_BUDGET_BYTES = 512 * 2**20
+# kernels/attention_lrp_reference.py's BLOCK_BYTES: one explicit fp32 block of T×T attention
+REFERENCE_BLOCK_BYTES = 256 * 2**20
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
+               "float64": 8, "double": 8}
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or its name ('bfloat16', 'torch.float32')."""
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes an explanation's cost depends on (per tensor-parallel rank for heads and the
+    MLP, as the engine's specs are). ``kind``: ``rotary`` (``DecoderSpec``: recorded residual
+    stream, recompute per layer, fused attention) or ``additive`` (``AdditiveSpec``: every layer
+    cached, explicit per-head attention). ``sliding_layers`` of ``sliding_window`` keys."""
+
+    kind: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype_bytes: int
+    causal: bool = True
+    sliding_window: int | None = None
+    sliding_layers: int = 0
+    row_chunk: int | None = None  # target rows per slice of a layer's backward (worker.ROW_CHUNK)
+    layers_ahead: int = 0  # layer caches recomputed ahead (1: on spare cores)
+
+    @classmethod
+    def of_spec(cls, spec: Any, dtype: Any, *, row_chunk: int | None = None,
+                layers_ahead: int = 0) -> "ModelShape":
+        """From a ``DecoderSpec`` or an ``AdditiveSpec`` (told apart by ``num_kv_heads``)."""
+        if hasattr(spec, "num_kv_heads"):  # DecoderSpec
+            sliding = sum(spec.layer_window(i) is not None for i in range(spec.num_layers))
+            return cls(ROTARY, spec.num_layers, spec.hidden_size, spec.intermediate_size,
+                       spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
+                       dtype_bytes(dtype), True, spec.sliding_window if sliding else None,
+                       sliding, row_chunk, layers_ahead)
+        return cls(ADDITIVE, spec.num_layers, spec.hidden_size, spec.intermediate_size,
+                   spec.num_heads, spec.num_heads, spec.head_dim, spec.vocab_size,
+                   dtype_bytes(dtype), bool(spec.causal), None, 0, None, 0)
+
+    def to_info(self) -> dict[str, Any]:
+        """Plain data for the setup info (through vLLM's msgpack)."""
+        return asdict(self)
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> "ModelShape":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in info.items() if k in names})
+
+    @property
+    def linear_macs_per_token(self) -> int:
+        """One layer's multiply-adds per token in its linear layers, m."""
+        h, d = self.hidden_size, self.head_dim
+        attention = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        mlp = (3 if self.kind == ROTARY else 2) * h * self.intermediate_size  # gated or not
+        return attention + mlp
+
+    def attention_macs(self, tokens: int) -> int:
+        """One layer's attention multiply-adds (QKᵀ and A·V), a(T): the fused kernels skip the
+        masked half of a causal model's T×T; the additive engine's explicit blocks do not."""
+        fused_causal = self.causal and self.kind == ROTARY
+        pairs = tokens * (tokens + 1) // 2 if fused_causal else tokens * tokens
+        return 2 * self.num_heads * self.head_dim * pairs
+
+
+def explanation_flops(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) -> float:
+    """Floating-point operations of one explanation: the per-layer recompute (and, ``from_ids``,
+    the forward from the token ids) plus the backward of ``rows`` target rows over ``tokens``."""
+    layers = shape.num_layers
+    forward = 2 * layers * (tokens * shape.linear_macs_per_token + shape.attention_macs(tokens))
+    backward_row = layers * (2 * tokens * shape.linear_macs_per_token
+                             + 5 * shape.attention_macs(tokens))
+    forwards = 1 + int(from_ids) if shape.kind == ROTARY else 1  # additive: one cached forward
+    return float(forwards * forward + rows * backward_row)
+
+
+def explanation_gflop(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) -> float:
+    """``explanation_flops`` in GFLOP (10⁹ floating-point operations)."""
+    return explanation_flops(shape, rows, tokens, from_ids=from_ids) / GIGA
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """Peak memory of one explanation's backward: ``resident`` is held from admission to the
+    end (the residual stream, kept caches), ``transient`` only while its backward computes."""
+
+    resident: int
+    transient: int
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.transient
+
+
+def layer_cache_bytes(shape: ModelShape, tokens: int) -> int:
+    """One layer's forward quantities that its backward reads (``backward._LayerCache``, as
+    ``backward._cache_bytes`` counts it; additive: ``additive._LayerCache`` and the layer's
+    temporaries)."""
+    s, t = shape.dtype_bytes, tokens
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    if shape.kind == ADDITIVE:
+        return t * s * (3 * q + shape.intermediate_size + 2 * shape.hidden_size)
+    # q, q̃, output; k, k̃, v; gate, up, act(gate); the log-sum-exp
+    return t * s * (3 * q + 3 * kv + 3 * shape.intermediate_size) + shape.num_heads * t * FP32
+
+
+def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) -> WorkingSet:
+    """Peak bytes of one explanation's backward (see the module's docstring)."""
+    t, h, layers = tokens, shape.hidden_size, shape.num_layers
+    rows = max(rows, 1)
+    stream = layers * t * h * shape.dtype_bytes
+    cache = layer_cache_bytes(shape, t)
+    chunk = min(rows, shape.row_chunk or rows)
+    q = shape.num_heads * shape.head_dim
+    if shape.kind == ADDITIVE:
+        # every layer cached; the probabilities (H×T×T fp32, the forward's and the backward's)
+        # and, head by head, the rows' ∂A, ∂S and the softmax rule's product (B×T×T fp32 each)
+        resident = stream + layers * cache
+        probs = shape.num_heads * t * t * FP32
+        transient = (rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q)
+                     + 2 * probs + 4 * rows * t * t * FP32)
+        return WorkingSet(resident, transient)
+    kept = from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES  # no recompute then
+    resident = stream + (layers * cache if kept else 0)
+    recomputed = 0 if kept else (1 + shape.layers_ahead) * cache
+    transient = (2 * rows * t * h * FP32  # the gradient at the residual stream, and its next
+                 + rows * layers * t * 2 * FP32  # positional relevance, cos and sin
+                 + recomputed  # and a layer forward's temporaries:
+                 + t * (3 * h + shape.intermediate_size) * shape.dtype_bytes
+                 + chunk * t * FP32 * (4 * shape.intermediate_size + 8 * q + 4 * h))
+    if shape.sliding_window is not None and t > shape.sliding_window:
+        group = shape.num_heads // shape.num_kv_heads
+        block = min(REFERENCE_BLOCK_BYTES, chunk * group * t * t * FP32)
+        transient += 4 * block + (1 + shape.num_heads) * t * t * FP32  # and the forward's mask
+    return WorkingSet(resident, transient if from_ids else max(transient, stream))
+
+
+def request_working_set(shape: ModelShape, jobs: list[tuple[int, int]], *, from_ids: bool,
+                        held: bool | None = None) -> int:
+    """Peak bytes of a request's jobs, (rows, tokens) each, run one after another on the worker.
+    ``held``: every job's resident part is alive throughout (recordings, alive from generation
+    on; default: recorded rotary decoders), so they add up, with the largest transient part;
+    otherwise each job's forward is made and freed in turn, and the largest job counts."""
+    sets = [working_set(shape, r, t, from_ids=from_ids) for r, t in jobs]
+    if not sets:
+        return 0
+    if held is None:
+        held = not from_ids and shape.kind == ROTARY
+    if held:
+        return sum(w.resident for w in sets) + max(w.transient for w in sets)
+    return max(w.total for w in sets)
