@@ -367,7 +367,8 @@ class ExplainService:
                 # the actual cost, now that the completions are known (at most the planned one)
                 self.check_cost([p.num_rows for _, p in pending], [len(p.ids) for _, p in pending])
                 submitted = True  # from here on the worker frees what the jobs claimed
-                results = await self.run_jobs([pipeline.job(p, key) for _, p in pending])
+                results = await self.run_jobs([pipeline.job(p, key, per_layer=options.per_layer)
+                                               for _, p in pending])
                 out.update(await self.offload(self._wire_all, pending, results, options))
         finally:
             if key is not None:
@@ -420,7 +421,7 @@ class ExplainService:
         key = uuid.uuid4().hex  # reserves memory for the forward; records nothing
         self.reserve(key, len(ids))
         try:
-            (result,) = await self.run_jobs([pipeline.job(plan)])
+            (result,) = await self.run_jobs([pipeline.job(plan, per_layer=options.per_layer)])
             if isinstance(result, BackwardFailure):
                 raise ExplainError(result.error, status=500)
             return await self.offload(self.to_wire, result, plan, options)
