@@ -27,10 +27,13 @@ from .failures import internal_failure
 from .keys import new_secret, sign_key
 from .tokenizers import ThreadTokenizers
 from .metrics import get_metrics, observed
+from .notify import TicketListener
 from .protocol import ENCODER_KIND, CompactExplanation, ExplainOptions, TopToken
 
 logger = logging.getLogger("vllm_pelrp.serving")
-POLL_SECONDS = 0.02
+# the worker notifies each ticket when it is done (notify.py); this poll is only a safety net
+# against a notification lost on the way (a dropped message, a worker restarted)
+SAFETY_POLL_SECONDS = 1.0
 GROUNDING_PREFIX = "sources: "  # starts the message of sources that cannot be placed
 COST_ENV = "VLLM_PELRP_MAX_EXPLAIN_COST"
 # target rows x tokens of one request's backward passes
@@ -104,6 +107,7 @@ class ExplainService:
         self.key_secret: str | None = None  # signs the recording keys (keys.py)
         self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="pelrp-api")
         self._max_token_chars: int | None = None
+        self._listener: TicketListener | None = None  # where the workers say "done" (notify.py)
 
     @property
     def tokenizer(self) -> Any:
@@ -297,24 +301,42 @@ class ExplainService:
                 "reserved_requests": len(self.reserved), "info": self.info,
                 "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
+    @property
+    def listener(self) -> TicketListener:
+        """This process's notification socket, opened at its first explanation."""
+        if self._listener is None:
+            self._listener = TicketListener()
+        return self._listener
+
     async def on_worker(self, submit: str, jobs: Sequence[Any]) -> dict[str, Any]:
         """Submit ``jobs`` (pydantic messages) with the worker method ``submit``
-        (``pelrp_submit``, ``pelrp_encoder_submit``), poll until done and return the reply
+        (``pelrp_submit``, ``pelrp_encoder_submit``), wait for the worker's "done" (``notify.py``;
+        a poll every ``SAFETY_POLL_SECONDS`` in case it is lost), fetch the reply once
         (``{"results": [...]}``); a client that leaves cancels the jobs not yet done."""
         ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
-        await self.engine.collective_rpc(submit, args=(ticket, [job.model_dump() for job in jobs]))
+        listener = self.listener
+        done = listener.expect(ticket)  # before submitting: a quick job may be done at once
         try:
+            await self.engine.collective_rpc(
+                submit, args=(ticket, [job.model_dump() for job in jobs], listener.address))
             while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), SAFETY_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
                 reply = (await self.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
                 if reply is not None:
                     break
-                await asyncio.sleep(POLL_SECONDS)
+                if done.done():  # told "done" while it was not (not the worker's message)
+                    done = listener.expect(ticket)
         except asyncio.CancelledError:  # the client left: stop the backward between slices
             task = asyncio.get_running_loop().create_task(
                 self.engine.collective_rpc("pelrp_cancel", args=(ticket,)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             raise
+        finally:
+            listener.forget(ticket)
         if "error" in reply:  # the worker logged the text; this is its message with the id
             raise ExplainError(reply["error"], status=500)
         return reply
