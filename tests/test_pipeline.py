@@ -285,3 +285,33 @@ def test_user_errors_are_400s_by_type_and_worker_failures_are_not(served):
         worker.record = record
     assert reply.status_code == 200, reply.text
     assert "no recorded activations" in reply.json()["choices"][0]["explanation"]["error"]
+
+
+def test_the_worker_says_done_and_the_api_process_fetches_once(tiny):
+    """No polling while the backward runs: the API process awaits the worker's "done" on its
+    notification socket (serving/notify.py), then fetches the result with one pelrp_poll."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_pelrp.serving.service import SAFETY_POLL_SECONDS
+
+    worker = FakeWorker(tiny.weights, COMPLETION_IDS)
+    extension = worker.extension
+    extension._pelrp().pool = ThreadPoolExecutor(1)  # on a thread, as on a served worker
+    run = extension._pelrp_run
+
+    def slow_run(*args, **kwargs):
+        time.sleep(0.3)  # long enough for 15 polls every 20 ms
+        return run(*args, **kwargs)
+
+    extension._pelrp_run = slow_run
+    client, engine = make_app(INFO, tokenizer=tiny.tokenizer, worker=worker)
+    started = time.perf_counter()
+    reply = client.post("/v1/explain", json={"prompt": PROMPT, "completion": COMPLETION_IDS,
+                                             "target": "completion"})
+    elapsed = time.perf_counter() - started
+    assert reply.status_code == 200, reply.text
+    # one fetch once told; a loaded machine may add the safety net's poll once a second
+    assert engine.calls.count("pelrp_poll") <= 1 + int(elapsed / SAFETY_POLL_SECONDS)
+    assert extension._pelrp().notifier.sent == 1
+    assert client.app.state.pelrp_service.listener.received == 1
