@@ -66,7 +66,8 @@ class TicketListener:
         while True:
             try:
                 message = self._socket.recv()
-            except zmq.ZMQError:  # closed: the process is stopping
+            except zmq.ZMQError:  # the context is terminated (``close``): this thread closes
+                self._socket.close(linger=0)  # the socket it reads, so that ``term`` returns
                 return
             self.received += 1
             with self._lock:
@@ -78,11 +79,12 @@ class TicketListener:
                     pass
 
     def close(self) -> None:
-        try:
-            self._socket.close(linger=0)
-            self._context.term()
-        except Exception:  # noqa: BLE001 - at exit: nothing left to tell
-            pass
+        """Stop reading (the reader thread closes its socket when ``term`` interrupts it)."""
+        if self._thread.is_alive():
+            try:
+                self._context.term()
+            except Exception:  # noqa: BLE001 - at exit: nothing left to tell
+                pass
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
@@ -97,7 +99,6 @@ class TicketNotifier:
     cannot be queued is dropped (the API process's safety poll finds the ticket)."""
 
     def __init__(self) -> None:
-        self._context = None
         self._sockets: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.sent = 0
@@ -111,11 +112,11 @@ class TicketNotifier:
             try:
                 socket = self._sockets.get(address)
                 if socket is None:
-                    if self._context is None:
-                        self._context = zmq.Context(1)
                     while len(self._sockets) >= MAX_PEERS:  # the oldest API process's
                         self._sockets.popitem(last=False)[1].close(linger=0)
-                    socket = self._context.socket(zmq.PUSH)
+                    # the process's shared context: never terminated by a collected notifier
+                    # (a context's __del__ waits for its sockets, a hang in a collection)
+                    socket = zmq.Context.instance().socket(zmq.PUSH)
                     socket.setsockopt(zmq.LINGER, 0)
                     socket.setsockopt(zmq.SNDHWM, 10_000)
                     socket.connect(address)
