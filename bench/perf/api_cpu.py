@@ -12,8 +12,10 @@ alternate between them, so outside load hits each alike. Per round and server: `
 explained completions one after another (a 160-token prompt, 32 generated tokens, target
 ``per_token``: 32 rows, the heaviest result a request can ask for at this length), then as many
 plain completions of the same length. The API process's user + system CPU time (psutil) is
-read around each batch; reported per request: the explained and the plain, their difference
-(what explaining costs the API process), and the median wall time of an explanation.
+read around each batch, less its idle rate (measured over 10 s with nothing in flight: vLLM's
+stats logger, the loop watch) times the batch's wall time; reported per request: the explained
+and the plain, their difference (what explaining costs the API process), and the median wall
+time of an explanation.
 
 ``--eager``: the servers skip torch.compile (``pelrp serve --eager``), which saves the first
 start's 5-10 minutes of compiling; the API process's work does not depend on it.
@@ -68,11 +70,21 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def batch(base: str, api: psutil.Process, explain: bool, requests: int,
-          max_tokens: int) -> tuple[float, list[float]]:
-    before = cpu_seconds(api)
+def batch(base: str, api: psutil.Process, explain: bool, requests: int, max_tokens: int,
+          idle_rate: float) -> tuple[float, list[float]]:
+    """CPU seconds of the API process per request, less what it spends idle over the same wall
+    time (vLLM's stats logger, the plugin's loop watch: ``idle_rate`` CPU s per s)."""
+    before, started = cpu_seconds(api), time.perf_counter()
     walls = [completion(base, explain, max_tokens) for _ in range(requests)]
-    return (cpu_seconds(api) - before) / requests, walls
+    spent = cpu_seconds(api) - before - idle_rate * (time.perf_counter() - started)
+    return spent / requests, walls
+
+
+def idle_rate(api: psutil.Process, seconds: float = 10.0) -> float:
+    """CPU seconds per second of the API process with no request in flight."""
+    before = cpu_seconds(api)
+    time.sleep(seconds)
+    return (cpu_seconds(api) - before) / seconds
 
 
 def main() -> None:
@@ -95,6 +107,8 @@ def main() -> None:
         for _, base, _ in servers.values():  # warm-up: first requests build caches
             completion(base, True, args.max_tokens)
             completion(base, False, args.max_tokens)
+        idle = {name: idle_rate(api) for name, (_, _, api) in servers.items()}
+        print("idle CPU s per s:", idle, flush=True)
         rounds: dict[str, dict[str, list]] = {
             name: {"explained_cpu_s": [], "plain_cpu_s": [], "explained_wall_s": []}
             for name in servers}
@@ -102,8 +116,9 @@ def main() -> None:
             order = list(servers) if index % 2 == 0 else list(reversed(servers))
             for name in order:
                 _, base, api = servers[name]
-                explained, walls = batch(base, api, True, args.requests, args.max_tokens)
-                plain, _ = batch(base, api, False, args.requests, args.max_tokens)
+                explained, walls = batch(base, api, True, args.requests, args.max_tokens,
+                                         idle[name])
+                plain, _ = batch(base, api, False, args.requests, args.max_tokens, idle[name])
                 rounds[name]["explained_cpu_s"].append(explained)
                 rounds[name]["plain_cpu_s"].append(plain)
                 rounds[name]["explained_wall_s"] += walls
@@ -123,6 +138,7 @@ def main() -> None:
             "api_cpu_ms_per_plain_request": plain * 1e3,
             "api_cpu_ms_per_explanation": (explained - plain) * 1e3,
             "explained_wall_s_median": statistics.median(values["explained_wall_s"]),
+            "idle_cpu_s_per_s": idle[name],
             "rounds": values}
     print(json.dumps({k: v for k, v in results.items()}, indent=2))
     if args.json:
