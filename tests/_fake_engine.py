@@ -114,7 +114,7 @@ class FakeEngine:
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(method)
         if method == "pelrp_setup":  # as the worker does: keeps the proposed secret, says so
-            return [dict(self.info, key_accepted=len(args) > 1 and bool(args[1]))]
+            return [dict(self.info, key_accepted=bool(args) and bool(args[0]))]
         if method == "pelrp_stats":
             return [{"bytes": 0, "recordings": 0}]
         if self.worker is not None and method in ("pelrp_submit", "pelrp_poll", "pelrp_cancel",

@@ -59,8 +59,8 @@ def test_next_is_one_row_decided_by_the_forward_and_completed_once(tiny):
     with torch.no_grad():
         logits = tiny.hf_model(torch.tensor([PROMPT_IDS + COMPLETION_IDS])).logits[0, -1]
     assert result.next_token_id == int(logits.argmax())
-    assert len(result.target_logit) == plan.num_rows
-    assert result.target_logit[0] == pytest.approx(float(logits.max()), rel=1e-5)
+    assert result.target_logit.shape == [plan.num_rows]
+    assert result.target_logit.to_numpy()[0] == pytest.approx(float(logits.max()), rel=1e-5)
     done = pipeline.complete_next(plan, result.next_token_id)
     assert [t.kind for t in done.targets] == ["next"] and done.rows[0] == done.targets[0]
     assert done.targets[0].positions == [len(PROMPT_IDS) + len(COMPLETION_IDS) - 1]
@@ -84,7 +84,7 @@ def test_recorded_layer_inputs_without_the_last_token_give_the_same_relevance(ti
     short = pipeline.compute(tiny.weights, pipeline.job(plan), recorded)
     full = pipeline.compute(tiny.weights, pipeline.job(plan))
     assert full.recomputed_rows == len(plan.ids) and short.recomputed_rows == 0
-    assert all(row[-1] == 0.0 for row in short.token)
+    assert (short.token.to_numpy()[:, -1] == 0.0).all()
     torch.testing.assert_close(short.relevance().token, full.relevance().token)
     torch.testing.assert_close(short.relevance().positional_cos, full.relevance().positional_cos)
     with pytest.raises(ValueError, match="do not fit the job's 12 tokens"):
@@ -145,7 +145,7 @@ def test_messages_cross_msgpack_and_validate(family):
     assert isinstance(back, pipeline.BackwardResult) and back == result
     # biases: what they keep is booked per layer (qwen2); a bias-free model sends None
     if family == "qwen2":
-        assert back.bias_absorbed is not None and len(back.bias_absorbed[0]) == 3
+        assert back.bias_absorbed is not None and back.bias_absorbed.shape[1] == 3
         assert explainer.explain(input_ids=PROMPT_IDS, completion=COMPLETION_IDS,
                                  target={"span": [1, 3]}).conservation.bias_absorbed != 0
     else:
@@ -155,6 +155,55 @@ def test_messages_cross_msgpack_and_validate(family):
     assert isinstance(failure, pipeline.BackwardFailure) and failure.error == "cancelled"
     with pytest.raises(ValueError):
         pipeline.BackwardJob.model_validate({**sent, "mode": "magic"})
+
+
+@pytest.mark.parametrize("target", ["per_token", {"span": [1, 3]}])
+@pytest.mark.parametrize("combination", ["abs-single-w0.25", "abs-single", "signed-single"])
+def test_rotary_parts_summed_on_the_worker_give_the_same_explanation(tiny, target, combination):
+    """Without per_layer output or a per-part combination the worker sends each rotary part's
+    sums over layers (Σ_l R, Σ_l |R|, and for per_token the rows' Σ_l |Σ_b R|), not (B, L, T):
+    the explanation is the one assembled from the layers."""
+    plan = _plan(tiny, target, sources=[{"text": "w7 w8"}])
+    summed_job = pipeline.job(plan, combination=combination)
+    layered_job = pipeline.job(plan, per_layer=True)
+    assert not summed_job.per_layer and layered_job.per_layer
+    assert summed_job.summary_rows == (4 if target == "per_token" else 0)
+    summed = pipeline.backward_reply(over_msgpack(
+        pipeline.compute(tiny.weights, summed_job).model_dump()))
+    layered = pipeline.compute(tiny.weights, layered_job)
+    assert summed.positional_cos.layers is None and layered.positional_cos.layers.shape[1] == 3
+    light = pipeline.assemble(plan, summed, model="m", combination=combination)
+    full = pipeline.assemble(plan, layered, model="m", combination=combination)
+    for row, reference in zip([light, *(light.rows or [])], [full, *(full.rows or [])]):
+        for name in ("token_relevance", "positional_relevance", "combined_relevance"):
+            assert getattr(row, name) == pytest.approx(getattr(reference, name), abs=1e-6), name
+        for part, other in zip(row.positional_parts, reference.positional_parts):
+            assert part.relevance == pytest.approx(other.relevance, abs=1e-6)
+    assert light.grounding.grounding_score == pytest.approx(full.grounding.grounding_score,
+                                                            abs=1e-6)
+    assert [s.source_shares for s in light.grounding.sentences] == [
+        pytest.approx(s.source_shares, abs=1e-6) for s in full.grounding.sentences]
+    with pytest.raises(ValueError, match="layer by layer"):
+        pipeline.assemble(plan, summed, model="m", per_layer=True)
+    with pytest.raises(ValueError, match="layer by layer"):
+        pipeline.assemble(plan, summed, model="m", combination="abs-per-part")
+    assert pipeline.job(plan, combination="signed-per-part").per_layer
+
+
+def test_arrays_travel_as_bytes():
+    """A result's arrays are fp32 bytes in the message (msgpack bin), not lists of floats."""
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    values = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) / 7
+    array = pipeline.Float32Array.from_tensor(values)
+    dumped = array.model_dump()
+    assert dumped == {"shape": [2, 3, 4], "data": values.float().numpy().tobytes()}
+    back = pipeline.Float32Array.model_validate(over_msgpack(dumped))
+    assert torch.equal(back.to_tensor(), values.float())
+    encoded = b"".join(bytes(b) for b in MsgpackEncoder().encode(dumped))
+    assert len(encoded) < 24 * 4 + 40  # 4 bytes a number, a few for the keys
+    with pytest.raises(ValueError, match="do not hold an fp32 array of shape"):
+        pipeline.Float32Array.model_validate({"shape": [2, 3], "data": b"\0" * 20})
 
 
 # ---- the server's path ------------------------------------------------------------------------
@@ -236,3 +285,33 @@ def test_user_errors_are_400s_by_type_and_worker_failures_are_not(served):
         worker.record = record
     assert reply.status_code == 200, reply.text
     assert "no recorded activations" in reply.json()["choices"][0]["explanation"]["error"]
+
+
+def test_the_worker_says_done_and_the_api_process_fetches_once(tiny):
+    """No polling while the backward runs: the API process awaits the worker's "done" on its
+    notification socket (serving/notify.py), then fetches the result with one pelrp_poll."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_pelrp.serving.service import SAFETY_POLL_SECONDS
+
+    worker = FakeWorker(tiny.weights, COMPLETION_IDS)
+    extension = worker.extension
+    extension._pelrp().pool = ThreadPoolExecutor(1)  # on a thread, as on a served worker
+    run = extension._pelrp_run
+
+    def slow_run(*args, **kwargs):
+        time.sleep(0.3)  # long enough for 15 polls every 20 ms
+        return run(*args, **kwargs)
+
+    extension._pelrp_run = slow_run
+    client, engine = make_app(INFO, tokenizer=tiny.tokenizer, worker=worker)
+    started = time.perf_counter()
+    reply = client.post("/v1/explain", json={"prompt": PROMPT, "completion": COMPLETION_IDS,
+                                             "target": "completion"})
+    elapsed = time.perf_counter() - started
+    assert reply.status_code == 200, reply.text
+    # one fetch once told; a loaded machine may add the safety net's poll once a second
+    assert engine.calls.count("pelrp_poll") <= 1 + int(elapsed / SAFETY_POLL_SECONDS)
+    assert extension._pelrp().notifier.sent == 1
+    assert client.app.state.pelrp_service.listener.received == 1

@@ -333,7 +333,7 @@ def _extension(api_processes: int = 1) -> PelrpWorkerExtension:
 def test_no_worker_method_returns_the_recording_key_secret():
     secret = "f" * 64
     extension = _extension()
-    replies = [extension.pelrp_setup(None, secret), extension.pelrp_setup(None, None),
+    replies = [extension.pelrp_setup(secret), extension.pelrp_setup(None),
                extension.pelrp_stats(), extension.pelrp_poll("ticket"),
                extension.pelrp_release("key"), extension.pelrp_cancel("ticket")]
     for reply in replies:
@@ -349,9 +349,9 @@ def test_no_worker_method_returns_the_recording_key_secret():
 def test_the_workers_keep_one_secret_per_api_process_and_refuse_later_ones():
     extension = _extension(api_processes=2)
     first, second, late = "a" * 64, "b" * 64, "c" * 64
-    assert extension.pelrp_setup(None, first)["key_accepted"]
-    assert extension.pelrp_setup(None, second)["key_accepted"]
-    assert not extension.pelrp_setup(None, late)["key_accepted"]  # e.g. a dev-mode client's
+    assert extension.pelrp_setup(first)["key_accepted"]
+    assert extension.pelrp_setup(second)["key_accepted"]
+    assert not extension.pelrp_setup(late)["key_accepted"]  # e.g. a dev-mode client's
     secrets = extension._pelrp().key_secrets
     assert worker_module._verified(secrets, sign_key(second, 1)) is not None
     assert worker_module._verified(secrets, sign_key(late, 1)) is None

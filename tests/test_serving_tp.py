@@ -55,6 +55,7 @@ def test_tensor_parallel_2_equals_offline(tiny_checkpoint, tmp_path):
             "temperature": 0, "explain": {"mode": "pa-lrp", "target": "per_token"}})
         assert reply.status_code == 200, reply.text
         explanation = reply.json()["choices"][0]["explanation"]
+        _plain_request_answered_while_explaining(base, str(tiny_checkpoint))
     finally:
         stop_server(process)
     ids = [t["id"] for t in explanation["tokens"]]
@@ -65,3 +66,34 @@ def test_tensor_parallel_2_equals_offline(tiny_checkpoint, tmp_path):
         assert _rel(explanation[name], getattr(reference, name)) < REL_TOL, name
     assert abs(explanation["target_logit"] - reference.target_logit) <= REL_TOL * abs(
         reference.target_logit)
+
+
+def _plain_request_answered_while_explaining(base: str, model: str) -> None:
+    """The backward runs on a thread of each rank, not on the engine thread: a plain request
+    sent while a long explanation's backward runs is answered before that explanation."""
+    import threading
+    import time
+
+    ids = [1000 + (37 * i) % 30000 for i in range(1900)]  # 32 rows x 1900 tokens: under the cap
+    finished: dict[str, object] = {}
+
+    def explain() -> None:
+        reply = httpx.post(base + "/v1/explain", timeout=600, json={
+            "model": model, "prompt": ids[:-32], "completion": ids[-32:], "target": "per_token"})
+        finished["status"], finished["at"] = reply.status_code, time.perf_counter()
+
+    thread = threading.Thread(target=explain)
+    thread.start()
+    deadline = time.perf_counter() + 300
+    while thread.is_alive() and time.perf_counter() < deadline:  # until the backward runs
+        stats = httpx.get(base + "/v1/explain/stats", timeout=60).json()
+        if stats["workers"][0].get("pending_jobs"):
+            break
+        time.sleep(0.02)
+    assert thread.is_alive(), "the explanation was over before a plain request could be sent"
+    reply = httpx.post(base + "/v1/completions", timeout=300, json={
+        "model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    answered = time.perf_counter()
+    thread.join()
+    assert reply.status_code == 200 and finished["status"] == 200
+    assert answered < finished["at"], "the plain request waited for the explanation's backward"

@@ -426,7 +426,7 @@ def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkey
     """Every on/off switch accepts the same spellings; a typo is an error that names the
     setting and what it allows, not a silent default."""
     from vllm_pelrp import settings
-    from vllm_pelrp.serving import compiled, worker
+    from vllm_pelrp.serving import compiled, record_pool
     from vllm_pelrp.serving.webview import RecentExplanations
 
     switches = {"VLLM_PELRP_FRESH_CHUNK": compiled.fresh_chunk_forward,
@@ -442,13 +442,13 @@ def test_environment_settings_are_read_one_way_and_bad_values_are_refused(monkey
         monkeypatch.delenv(name)
         assert read() is True
     monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "0.5")
-    assert worker.cap_bytes_from_env() == 2**19
+    assert record_pool.pool_cap_bytes() == 2**19
     monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "2GB")
     with pytest.raises(ValueError, match="VLLM_PELRP_MAX_RECORD_MB='2GB' is not a number"):
-        worker.cap_bytes_from_env()
+        record_pool.pool_cap_bytes()
     monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "-1")
     with pytest.raises(ValueError, match="out of range; allowed: a number >= 0"):
-        worker.cap_bytes_from_env()
+        record_pool.pool_cap_bytes()
     monkeypatch.setenv("VLLM_PELRP_RECENT_EXPLANATIONS", "12")
     monkeypatch.setenv("VLLM_PELRP_RECENT_MB", "1.5")
     store = RecentExplanations.from_env()

@@ -118,12 +118,25 @@ def combine_relevance(token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 @dataclass(frozen=True)
+class LayerSums:
+    """What the explanation needs of a rotary part's layers when they were not sent
+    (``pipeline.BackwardJob.per_layer``): Σ_l |R_l| per row (B, T), and the same of the rows'
+    sum (T,) for a per-token explanation's top level (None when there is none)."""
+
+    absolute: torch.Tensor
+    summary_absolute: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class PositionalInput:
     """Raw relevance of one named position input: ``relevance`` is (L, T), one row per layer, for
-    a rotary input (RoPE's cos or sin), or (T,) for an additive position table (one per model)."""
+    a rotary input (RoPE's cos or sin), or (T,) for an additive position table (one per model).
+    A rotary input summed over its layers is (T,) too, with ``absolute`` = Σ_l |R_l| (T,): what
+    an abs combination adds in place of the layers."""
 
     kind: str  # one of explanation.POSITIONAL_KINDS
     relevance: torch.Tensor
+    absolute: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in POSITIONAL_KINDS:
@@ -137,6 +150,13 @@ class PositionalInput:
     def components(self) -> torch.Tensor:
         """(L, T): the rows that ``combine_parts`` normalises one by one."""
         return self.relevance if self.relevance.dim() == 2 else self.relevance.unsqueeze(0)
+
+    def combined(self, signed: bool) -> torch.Tensor:
+        """(T,): what a "single" combination adds of this input, Σ_c c or Σ_c |c| over its
+        components."""
+        if signed:
+            return self.components.sum(0)
+        return self.absolute if self.absolute is not None else self.components.abs().sum(0)
 
 
 # The named position inputs: wire name → (RelevanceResult attribute, kind). build_explanation puts
@@ -210,11 +230,27 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
         relative_error_excluding_softmax=abs(
             inputs_sum + absorbed + bias_absorbed - target_logit) / scale,
     )
+    summed = any(part.absolute is not None for part in parts.values())
     layers = None
     if per_layer:
+        if summed:
+            raise ValueError("per_layer output needs the rotary parts layer by layer")
         layers = [LayerPositionalRelevance(layer=index, cos=cos[index].tolist(), sin=sin[index].tolist())
                   for index in range(cos.shape[0])]
-    components = [row for part in parts.values() for row in part.components]
+    if summed:  # the layers were summed on the worker: only a "single" combination applies
+        if combination not in COMBINATIONS:
+            raise ExplainInputError(f"unknown combination {combination!r}; allowed: "
+                                    f"{', '.join(COMBINATIONS)}", "combination")
+        signed, per_part, weight = combination_rule(combination)
+        if per_part:
+            raise ValueError(f"the {combination} combination needs the rotary parts layer by "
+                             "layer")
+        term = functools.reduce(operator.add, (p.combined(signed) for p in parts.values()),
+                                torch.zeros_like(token))
+        combined = combine_by_rule(token, [term], True, False, weight)
+    else:
+        components = [row for part in parts.values() for row in part.components]
+        combined = combine_parts(token, components, combination)
     return RelevanceRow(
         target=target,
         target_logit=target_logit,
@@ -225,7 +261,7 @@ def relevance_row(target: ResolvedTarget, token: torch.Tensor, cos: torch.Tensor
                           for name, part in parts.items()],
         positional_relevance_per_layer=layers,
         token_type_relevance=None if token_type is None else token_type.tolist(),
-        combined_relevance=combine_parts(token, components, combination).tolist(),
+        combined_relevance=combined.tolist(),
         conservation=conservation,
     )
 
@@ -243,13 +279,15 @@ def build_explanation(
     per_token: bool = False,
     combination: str = DEFAULT_COMBINATION,
     spans: tuple[str, list[Token]] | None = None,
+    layer_sums: Mapping[str, LayerSums] | None = None,
 ) -> Explanation:
     """Assemble the wire-format ``Explanation`` from the engine's raw relevance (one row per target).
 
     With ``per_token`` the rows are kept and the top level is the whole completion, i.e. the
     rows' sum (the modified backward is linear in its seed). ``spans``: ``token_spans``' result
     when the caller already has it. Rows beyond ``targets`` (e.g. grounding's sentence rows) are
-    ignored here.
+    ignored here. ``layer_sums``: the rotary parts were summed over layers on the worker
+    (``result.positional_cos/sin`` are then (B, 1, T)); by attribute, what replaces their layers.
     """
     text, tokens = spans if spans is not None else token_spans(tokenizer, ids, prompt_length)
     def present(attribute: str) -> bool:  # an additive model's cos/sin have no layers: (B, 0, T)
@@ -267,15 +305,30 @@ def build_explanation(
     cpu["bias_absorbed"] = (torch.zeros_like(cpu["softmax_absorbed"]) if bias is None
                             else bias.detach().float().cpu()[: len(targets)])
 
-    def parts(select: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, PositionalInput]:
-        return {name: PositionalInput(kind, select(cpu[attribute]))
-                for name, (attribute, kind) in inputs.items()}
+    sums = layer_sums or {}
+
+    def parts(select: Callable[[torch.Tensor], torch.Tensor],
+              absolute: Callable[[LayerSums], torch.Tensor | None]) -> dict[str, PositionalInput]:
+        out = {}
+        for name, (attribute, kind) in inputs.items():
+            if attribute in sums:  # (1, T): the sum over layers
+                out[name] = PositionalInput(kind, select(cpu[attribute])[0],
+                                            absolute(sums[attribute]))
+            else:
+                out[name] = PositionalInput(kind, select(cpu[attribute]))
+        return out
+
+    def summary_absolute(part: LayerSums) -> torch.Tensor:
+        if part.summary_absolute is None:
+            raise ValueError("a per-token explanation's top level needs the summed rows' "
+                             "Σ_l |R| (BackwardJob.summary_rows)")
+        return part.summary_absolute
 
     rows = [
         relevance_row(target, cpu["token"][b], cpu["positional_cos"][b], cpu["positional_sin"][b],
                       float(cpu["target_logit"][b]), float(cpu["softmax_absorbed"][b].sum()), per_layer,
                       combination, float(cpu["bias_absorbed"][b].sum()),
-                      parts=parts(lambda x, b=b: x[b]),
+                      parts=parts(lambda x, b=b: x[b], lambda p, b=b: p.absolute[b]),
                       token_type=cpu["token_type"][b] if with_type else None)
         for b, target in enumerate(targets)
     ]
@@ -285,7 +338,8 @@ def build_explanation(
                         "completion"),
             cpu["token"].sum(0), cpu["positional_cos"].sum(0), cpu["positional_sin"].sum(0),
             float(cpu["target_logit"].sum()), float(cpu["softmax_absorbed"].sum()), per_layer,
-            combination, float(cpu["bias_absorbed"].sum()), parts=parts(lambda x: x.sum(0)),
+            combination, float(cpu["bias_absorbed"].sum()),
+            parts=parts(lambda x: x.sum(0), summary_absolute),
             token_type=cpu["token_type"].sum(0) if with_type else None,
         )
     else:

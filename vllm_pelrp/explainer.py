@@ -188,7 +188,8 @@ class Explainer:
                                 sources=sources, grounding_threshold=grounding_threshold,
                                 sentences=sentences,
                                 message_contents=prompts.message_contents(messages))
-        result = pipeline.compute(self.weights, pipeline.job(planned), layer_inputs)
+        job = pipeline.job(planned, per_layer=per_layer, combination=combination)
+        result = pipeline.compute(self.weights, job, layer_inputs)
         return pipeline.assemble(planned, result, model=self.name, per_layer=per_layer,
                                  combination=combination)
 

@@ -8,7 +8,7 @@ offline ``Explainer`` and the vLLM plugin both call:
    ``complete_next`` fills it in from the returned token id.
 2. ``job``: the plan as a ``BackwardJob`` message (token ids, seed rows, mode, recording key).
 3. ``compute``: layer inputs (given, or from a forward it runs) + the job's seed rows → a
-   ``BackwardResult`` message of raw relevance lists; the next-token argmax happens here. The
+   ``BackwardResult`` message of raw relevance (fp32 arrays as bytes); the next-token argmax happens here. The
    vLLM worker calls it after picking its recording (``serving/worker.py``); the offline
    ``Explainer`` calls it in-process.
 4. ``assemble``: plan + result → ``Explanation`` (``assemble.build_explanation`` and the
@@ -22,15 +22,23 @@ with the request field at fault in ``param``; a server answers 400 for them by t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from .assemble import DEFAULT_COMBINATION, build_explanation, ground, token_spans
+from .assemble import (
+    DEFAULT_COMBINATION,
+    LayerSums,
+    build_explanation,
+    combination_rule,
+    ground,
+    token_spans,
+)
 from .errors import CostError, ExplainInputError, GroundingError, PromptError, TargetError
 from .targets import (
     MAX_PER_TOKEN_ROWS,
@@ -75,6 +83,7 @@ from .grounding import (
 
 __all__ = [
     "BackwardFailure", "BackwardJob", "BackwardResult", "CostError", "ExplainInputError",
+    "Float32Array", "LayeredRelevance",
     "GroundingError", "Plan", "PromptError", "TargetError", "assemble", "backward_reply",
     "check_token_ids", "complete_next", "compute", "job", "message_contents", "plan",
     "EncoderJob", "EncoderPlan", "EncoderResult", "assemble_encoder", "compute_encoder",
@@ -208,27 +217,90 @@ class BackwardJob(BaseModel):
     key: str | None = Field(
         None, description="The recording to explain (the request's signed key); None: run a "
         "forward for the layer inputs (/v1/explain, the offline Explainer).")
+    per_layer: bool = Field(
+        False, description="Send the rotary parts' relevance layer by layer (the explanation's "
+        "per_layer output, a per-part combination); otherwise only their sums over layers.")
+    summary_rows: int = Field(
+        0, ge=0, description="Target 'per_token': the first n rows are summed into the "
+        "explanation's top level, whose Σ_l |Σ_b R| of each rotary part comes back too.")
+
+
+class Float32Array(BaseModel):
+    """An fp32 array as a message: its shape and its values as raw little-endian bytes (C order).
+    vLLM's msgpack transport carries the bytes as one binary field, where a nested list of
+    floats costs an encode and a decode per number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shape: list[int]
+    data: bytes
+
+    @model_validator(mode="after")
+    def _sized(self) -> "Float32Array":
+        if any(n < 0 for n in self.shape) or len(self.data) != 4 * math.prod(self.shape):
+            raise ValueError(f"{len(self.data)} bytes do not hold an fp32 array of shape "
+                             f"{self.shape}")
+        return self
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> "Float32Array":
+        """The array of ``tensor`` (any dtype or device; copied to host fp32 once)."""
+        value = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        return cls.model_construct(shape=list(value.shape),
+                                   data=value.astype("<f4", copy=False).tobytes())
+
+    def to_numpy(self) -> np.ndarray:
+        """The values, read-only (a view of ``data``)."""
+        return np.frombuffer(self.data, dtype="<f4").reshape(self.shape)
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.to_numpy().astype(np.float32))  # a writable copy
+
+
+class LayeredRelevance(BaseModel):
+    """One rotary part's relevance (RoPE's cos or sin; (B, L, T) on the worker) as far as the
+    explanation needs it: its sum over layers and the sum of its absolute values (what an
+    abs-single combination adds) always, the layers only when the job asks for them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total: Float32Array = Field(description="(B, T): Σ_l R_l.")
+    absolute: Float32Array = Field(description="(B, T): Σ_l |R_l|.")
+    layers: Float32Array | None = Field(None, description="(B, L, T), with `per_layer`.")
+    summary_absolute: Float32Array | None = Field(
+        None, description="(T,): Σ_l |Σ_{b<n} R_{b,l}| with `summary_rows` = n.")
+
+    @classmethod
+    def of(cls, value: torch.Tensor, per_layer: bool, summary_rows: int) -> "LayeredRelevance":
+        """The message of ``value`` (B, L, T)."""
+        summary = value[:summary_rows].sum(0).abs().sum(0) if summary_rows else None
+        return cls.model_construct(
+            total=Float32Array.from_tensor(value.sum(1)),
+            absolute=Float32Array.from_tensor(value.abs().sum(1)),
+            layers=Float32Array.from_tensor(value) if per_layer else None,
+            summary_absolute=None if summary is None else Float32Array.from_tensor(summary))
 
 
 class BackwardResult(BaseModel):
-    """Raw relevance of a backward pass (worker → API process), fp32 numbers as lists, one row
-    per target row (the 'next' row first when asked). T is the job's token count (positions the
+    """Raw relevance of a backward pass (worker → API process) as fp32 arrays, one row per
+    target row (the 'next' row first when asked). T is the job's token count (positions the
     recording did not need are zero), L the number of layers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    token: list[list[float]] = Field(description="(B, T)")
-    positional_cos: list[list[list[float]]] = Field(description="(B, L, T)")
-    positional_sin: list[list[list[float]]] = Field(description="(B, L, T)")
-    target_logit: list[float] = Field(description="(B,)")
-    softmax_absorbed: list[list[float]] = Field(description="(B, L)")
-    bias_absorbed: list[list[float]] | None = Field(
+    token: Float32Array = Field(description="(B, T)")
+    positional_cos: LayeredRelevance | None = Field(
+        None, description="RoPE's cos; None for a model without rotary positions.")
+    positional_sin: LayeredRelevance | None = None
+    target_logit: Float32Array = Field(description="(B,)")
+    softmax_absorbed: Float32Array = Field(description="(B, L)")
+    bias_absorbed: Float32Array | None = Field(
         None, description="(B, L); None for a model without biases.")
-    position_embedding: list[list[float]] | None = Field(
-        None, description="(B, T): an additive position table's relevance (BERT, GPT-2; the "
-        "cos/sin lists are then (B, 0, T)); None for a rotary model.")
+    position_embedding: Float32Array | None = Field(
+        None, description="(B, T): an additive position table's relevance (BERT, GPT-2); None "
+        "for a rotary model.")
     position_kind: Literal["learned", "absolute"] | None = None
-    token_type: list[list[float]] | None = Field(
+    token_type: Float32Array | None = Field(
         None, description="(B, T): the token-type embedding's relevance (BERT); None without.")
     next_token_id: int | None = None
     seconds: float = Field(0.0, description="Time of the whole job on the worker.")
@@ -237,56 +309,81 @@ class BackwardResult(BaseModel):
         None, description="Time the job waited for other backward passes (worker scheduler).")
 
     @classmethod
-    def from_relevance(cls, result: RelevanceResult, length: int, **fields: Any
-                       ) -> "BackwardResult":
+    def from_relevance(cls, result: RelevanceResult, length: int, *, per_layer: bool = False,
+                       summary_rows: int = 0, **fields: Any) -> "BackwardResult":
         """The message of the engine's ``result``, its positions padded with zeros to
-        ``length``."""
-        def lists(tensor: torch.Tensor, pad: bool = False) -> list:
-            value = tensor.float().cpu()
-            if pad and value.shape[-1] < length:
+        ``length``; the rotary parts per layer only with ``per_layer`` (``BackwardJob``)."""
+        def padded(tensor: torch.Tensor) -> torch.Tensor:
+            value = tensor.float()
+            if value.shape[-1] < length:
                 value = torch.nn.functional.pad(value, (0, length - value.shape[-1]))
-            return value.tolist()
+            return value
 
-        def optional(tensor: torch.Tensor | None, pad: bool = False) -> list | None:
-            return None if tensor is None else lists(tensor, pad)
+        def array(tensor: torch.Tensor | None, pad: bool = False) -> Float32Array | None:
+            if tensor is None:
+                return None
+            return Float32Array.from_tensor(padded(tensor) if pad else tensor)
 
-        # lists of floats straight from tensors: nothing to validate (the receiver does)
+        def rotary(tensor: torch.Tensor) -> LayeredRelevance | None:
+            if tensor.dim() == 3 and tensor.shape[1] == 0:  # an additive model's (B, 0, T)
+                return None
+            return LayeredRelevance.of(padded(tensor), per_layer, summary_rows)
+
+        # arrays straight from tensors: nothing to validate (the receiver does)
         return cls.model_construct(
-            token=lists(result.token, True), positional_cos=lists(result.positional_cos, True),
-            positional_sin=lists(result.positional_sin, True),
-            target_logit=lists(result.target_logit),
-            softmax_absorbed=lists(result.softmax_absorbed),
-            bias_absorbed=optional(result.bias_absorbed),
-            position_embedding=optional(result.position_embedding, True),
-            position_kind=result.position_kind, token_type=optional(result.token_type, True),
+            token=array(result.token, True), positional_cos=rotary(result.positional_cos),
+            positional_sin=rotary(result.positional_sin),
+            target_logit=array(result.target_logit),
+            softmax_absorbed=array(result.softmax_absorbed),
+            bias_absorbed=array(result.bias_absorbed),
+            position_embedding=array(result.position_embedding, True),
+            position_kind=result.position_kind, token_type=array(result.token_type, True),
             **fields)
 
+    @property
+    def has_layers(self) -> bool:
+        """Whether the rotary parts came layer by layer (or there are none)."""
+        return all(part is None or part.layers is not None
+                   for part in (self.positional_cos, self.positional_sin))
+
     def relevance(self) -> RelevanceResult:
-        """The engine's ``RelevanceResult`` again (fp32 CPU tensors), for ``assemble``."""
-        def tensor(value: list) -> torch.Tensor:  # through numpy: 4x faster than torch.tensor
-            return torch.from_numpy(np.asarray(value, dtype=np.float32))
+        """The engine's ``RelevanceResult`` again (fp32 CPU tensors), for ``assemble``. Without
+        the layers (``has_layers``), each rotary part is (B, 1, T): its sum over layers
+        (``layer_sums`` has the rest)."""
+        def optional(value: Float32Array | None) -> torch.Tensor | None:
+            return None if value is None else value.to_tensor()
 
-        def optional(value: list | None) -> torch.Tensor | None:
-            return None if value is None else tensor(value)
+        token = self.token.to_tensor()
 
-        token = tensor(self.token)
-        rows, length = token.shape if token.dim() == 2 else (len(self.token), 0)
-
-        def layered(value: list) -> torch.Tensor:  # (B, 0, T) arrives as [[]] per row
-            out = tensor(value)
-            return out if out.dim() == 3 else out.reshape(rows, 0, length)
+        def rotary(part: LayeredRelevance | None) -> torch.Tensor:
+            if part is None:  # no rotary positions: no layers
+                return token.new_zeros(token.shape[0], 0, token.shape[-1])
+            if part.layers is not None:
+                return part.layers.to_tensor()
+            return part.total.to_tensor().unsqueeze(1)
 
         return RelevanceResult(
             token=token,
-            positional_cos=layered(self.positional_cos),
-            positional_sin=layered(self.positional_sin),
-            target_logit=tensor(self.target_logit),
-            softmax_absorbed=tensor(self.softmax_absorbed),
+            positional_cos=rotary(self.positional_cos),
+            positional_sin=rotary(self.positional_sin),
+            target_logit=self.target_logit.to_tensor(),
+            softmax_absorbed=self.softmax_absorbed.to_tensor(),
             bias_absorbed=optional(self.bias_absorbed),
             position_embedding=optional(self.position_embedding),
             position_kind=self.position_kind,
             token_type=optional(self.token_type),
         )
+
+    def layer_sums(self) -> dict[str, LayerSums] | None:
+        """Without the layers: what ``build_explanation`` needs of each rotary part instead, by
+        ``RelevanceResult`` attribute; None with them."""
+        if self.has_layers:
+            return None
+        return {name: LayerSums(part.absolute.to_tensor(),
+                                None if part.summary_absolute is None
+                                else part.summary_absolute.to_tensor())
+                for name, part in (("positional_cos", self.positional_cos),
+                                   ("positional_sin", self.positional_sin))}
 
 
 class BackwardFailure(BaseModel):
@@ -306,11 +403,15 @@ def backward_reply(data: dict[str, Any]) -> BackwardResult | BackwardFailure:
     return _REPLY.validate_python(data)
 
 
-def job(plan: Plan, key: str | None = None) -> BackwardJob:
-    """The backward pass of ``plan``; ``key``: the recording to explain."""
+def job(plan: Plan, key: str | None = None, *, per_layer: bool = False,
+        combination: str = DEFAULT_COMBINATION) -> BackwardJob:
+    """The backward pass of ``plan``; ``key``: the recording to explain. The rotary parts come
+    back layer by layer only where ``assemble`` will need them: ``per_layer`` output or a
+    per-part ``combination`` (which normalises every layer on its own)."""
     return BackwardJob(token_ids=plan.ids, prompt_length=plan.prompt_length,
                        seeds=plan.seed_rows(), mode=plan.mode, next_first=plan.next_first,
-                       key=key)
+                       key=key, per_layer=per_layer or combination_rule(combination)[1],
+                       summary_rows=len(plan.targets) if plan.per_token else 0)
 
 
 # ---- 3. the backward --------------------------------------------------------------------------
@@ -373,7 +474,9 @@ def compute(
                                          LogitSeeds.from_rows(rows, device), job.mode, checkpoint,
                                          forward=forward, row_chunk=row_chunk,
                                          recompute_executor=recompute_executor)
-    return BackwardResult.from_relevance(result, total, next_token_id=next_token_id,
+    return BackwardResult.from_relevance(result, total, per_layer=job.per_layer,
+                                         summary_rows=job.summary_rows,
+                                         next_token_id=next_token_id,
                                          recomputed_rows=recomputed,
                                          seconds=time.perf_counter() - started)
 
@@ -424,14 +527,17 @@ def assemble(plan: Plan, result: BackwardResult, *, model: str, per_layer: bool 
         if result.next_token_id is None:
             raise ValueError("target 'next': the result has no next_token_id")
         plan = complete_next(plan, result.next_token_id)
-    if len(result.target_logit) != len(plan.rows):
-        raise ValueError(f"the result has {len(result.target_logit)} rows, the plan "
+    if result.target_logit.shape[0] != len(plan.rows):
+        raise ValueError(f"the result has {result.target_logit.shape[0]} rows, the plan "
                          f"{len(plan.rows)}")
+    if (per_layer or combination_rule(combination)[1]) and not result.has_layers:
+        raise ValueError("per_layer output and per-part combinations need the rotary parts "
+                         "layer by layer: ask for them in the job (pipeline.job)")
     relevance = result.relevance()
     explanation = build_explanation(relevance, plan.targets, plan.ids, plan.prompt_length, None,
                                     model=model, mode=plan.mode, per_layer=per_layer,
                                     per_token=plan.per_token, combination=combination,
-                                    spans=plan.spans)
+                                    spans=plan.spans, layer_sums=result.layer_sums())
     if plan.grounding is not None:
         explanation.grounding = ground(explanation, relevance, plan.grounding, plan.sentence_row)
     return explanation

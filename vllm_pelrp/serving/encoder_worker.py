@@ -99,11 +99,13 @@ class EncoderWorkerMixin:
             normalize=pooling.normalize, num_labels=head.num_labels if head else 0,
             id2label=labels, bytes_per_token=0, cap_bytes=0, compiled=False, spare_cores=[])
 
-    def pelrp_encoder_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
-        """Start ``jobs`` (``EncoderJob`` dicts); ``pelrp_poll(ticket)`` returns their results.
-        One rank: on a thread of its own, one explanation computing at a time
-        (``scheduler.py``), so the engine keeps serving; tensor parallelism: here, in step on
-        every rank."""
+    def pelrp_encoder_submit(self, ticket: str, jobs: list[dict[str, Any]],
+                             notify: str | None = None) -> str:
+        """Start ``jobs`` (``EncoderJob`` dicts); ``pelrp_poll(ticket)`` returns their results,
+        and ``notify`` hears "done" as for ``pelrp_submit``. One rank: on a thread of its own,
+        one explanation computing at a time (``scheduler.py``), so the engine keeps serving;
+        tensor parallelism: one ticket at a time per rank, in order, on a thread of its own
+        (``worker._pelrp_setup_tensor_parallel``)."""
         state = self._pelrp()
         if state.pool is None:
             future: Future = Future()
@@ -113,8 +115,7 @@ class EncoderWorkerMixin:
                 future.set_exception(error)
         else:
             future = state.pool.submit(self._pelrp_run_encoder, jobs, ticket)
-        with state.lock:
-            state.tickets[ticket] = future
+        self._pelrp_track(state, ticket, future, notify)
         return ticket
 
     def _pelrp_run_encoder(self, jobs: list[dict[str, Any]], ticket: str | None
@@ -128,11 +129,11 @@ class EncoderWorkerMixin:
                                               "(pelrp_setup set up another kind)")
         out: list[dict[str, Any]] = []
         try:
-            with state.scheduler.turn(ticket or "") if state.pool is not None else \
-                    contextlib.nullcontext() as turn:
+            with state.scheduler.turn(ticket or "") if state.pool is not None and \
+                    not state.serial else contextlib.nullcontext() as turn:
                 waited = 0.0
                 for number, raw in enumerate(jobs):
-                    if ticket is not None and ticket in state.cancelled:
+                    if self._pelrp_cancelled(state, ticket):  # agreed under TP
                         out.append({"error": "cancelled", "input_error": False})
                         continue
                     if turn is not None and number:

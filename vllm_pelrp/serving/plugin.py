@@ -122,7 +122,7 @@ def prepare_recording(model: Any, vllm_config: Any) -> bool:
     from ..engine.spec import UnsupportedModelError
     from ..models import architecture_for
     from .encoder_worker import is_encoder
-    from .record_pool import RecordingPool, install_layer_hooks, set_pool
+    from .record_pool import RecordingPool, install_layer_hooks, pool_cap_bytes, set_pool
 
     if getattr(model, "_pelrp_pool", None) is not None:
         return False
@@ -142,7 +142,7 @@ def prepare_recording(model: Any, vllm_config: Any) -> bool:
     capture = getattr(vllm_config.compilation_config, "cudagraph_capture_sizes", None) or [0]
     pool = RecordingPool(
         len(layers), vllm_config.model_config.get_hidden_size(), vllm_config.model_config.dtype,
-        device, cap_bytes=int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20),
+        device, cap_bytes=pool_cap_bytes(),
         max_batch_tokens=max(scheduler.max_num_batched_tokens, max(capture)))
     install_layer_hooks(layers)
     set_pool(pool)

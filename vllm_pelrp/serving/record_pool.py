@@ -67,6 +67,13 @@ def _record_layer_input_fake(hidden, residual, layer) -> None:
 torch.fx.node.has_side_effect(torch.ops.pelrp.record_layer_input.default)
 
 
+def pool_cap_bytes() -> int:
+    """The pool's size from ``VLLM_PELRP_MAX_RECORD_MB`` (``pelrp serve --record-cap-mb``)."""
+    from .. import settings
+
+    return int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20)
+
+
 def set_pool(pool: "RecordingPool | None") -> None:
     _POOL[0] = pool
 

@@ -28,10 +28,13 @@ from .failures import internal_failure
 from .keys import new_secret, sign_key
 from .tokenizers import ThreadTokenizers
 from .metrics import get_metrics, observed
+from .notify import TicketListener
 from .protocol import ENCODER_KIND, CompactExplanation, ExplainOptions, TopToken
 
 logger = logging.getLogger("vllm_pelrp.serving")
-POLL_SECONDS = 0.02
+# the worker notifies each ticket when it is done (notify.py); this poll is only a safety net
+# against a notification lost on the way (a dropped message, a worker restarted)
+SAFETY_POLL_SECONDS = 1.0
 GROUNDING_PREFIX = "sources: "  # starts the message of sources that cannot be placed
 API_THREADS = 4  # tokenization, grounding plans and assembly: off the event loop
 T = TypeVar("T")
@@ -99,6 +102,7 @@ class ExplainService:
         self.key_secret: str | None = None  # signs the recording keys (keys.py)
         self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="pelrp-api")
         self._max_token_chars: int | None = None
+        self._listener: TicketListener | None = None  # where the workers say "done" (notify.py)
 
     @property
     def tokenizer(self) -> Any:
@@ -117,7 +121,7 @@ class ExplainService:
         # (vLLM's dev mode shows any client what collective_rpc returns)
         secret = new_secret()
         try:
-            infos = await self.engine.collective_rpc("pelrp_setup", args=(None, secret))
+            infos = await self.engine.collective_rpc("pelrp_setup", args=(secret,))
             self.info = dict(infos[0])
             budgets = [info["memory_budget_bytes"] for info in infos
                        if info.get("memory_budget_bytes") is not None]
@@ -340,24 +344,42 @@ class ExplainService:
                 "working_set_bytes": sum(self.working_sets.values()), "info": self.info,
                 "api_loop": self.loopwatch.stats() if self.loopwatch is not None else None}
 
+    @property
+    def listener(self) -> TicketListener:
+        """This process's notification socket, opened at its first explanation."""
+        if self._listener is None:
+            self._listener = TicketListener()
+        return self._listener
+
     async def on_worker(self, submit: str, jobs: Sequence[Any]) -> dict[str, Any]:
         """Submit ``jobs`` (pydantic messages) with the worker method ``submit``
-        (``pelrp_submit``, ``pelrp_encoder_submit``), poll until done and return the reply
+        (``pelrp_submit``, ``pelrp_encoder_submit``), wait for the worker's "done" (``notify.py``;
+        a poll every ``SAFETY_POLL_SECONDS`` in case it is lost), fetch the reply once
         (``{"results": [...]}``); a client that leaves cancels the jobs not yet done."""
         ticket = uuid.uuid4().hex  # the same on every rank (tensor parallelism)
-        await self.engine.collective_rpc(submit, args=(ticket, [job.model_dump() for job in jobs]))
+        listener = self.listener
+        done = listener.expect(ticket)  # before submitting: a quick job may be done at once
         try:
+            await self.engine.collective_rpc(
+                submit, args=(ticket, [job.model_dump() for job in jobs], listener.address))
             while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), SAFETY_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
                 reply = (await self.engine.collective_rpc("pelrp_poll", args=(ticket,)))[0]
                 if reply is not None:
                     break
-                await asyncio.sleep(POLL_SECONDS)
+                if done.done():  # told "done" while it was not (not the worker's message)
+                    done = listener.expect(ticket)
         except asyncio.CancelledError:  # the client left: stop the backward between slices
             task = asyncio.get_running_loop().create_task(
                 self.engine.collective_rpc("pelrp_cancel", args=(ticket,)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             raise
+        finally:
+            listener.forget(ticket)
         if "error" in reply:  # the worker logged the text; this is its message with the id
             raise ExplainError(reply["error"], status=500)
         return reply
@@ -410,7 +432,8 @@ class ExplainService:
                 # the actual cost, now that the completions are known (at most the planned one)
                 self.check_cost([p.num_rows for _, p in pending], [len(p.ids) for _, p in pending])
                 submitted = True  # from here on the worker frees what the jobs claimed
-                results = await self.run_jobs([pipeline.job(p, key) for _, p in pending])
+                results = await self.run_jobs([pipeline.job(p, key, per_layer=options.per_layer)
+                                               for _, p in pending])
                 out.update(await self.offload(self._wire_all, pending, results, options))
         finally:
             if key is not None:
@@ -463,7 +486,7 @@ class ExplainService:
         key = uuid.uuid4().hex  # reserves memory for the forward; records nothing
         self.reserve(key, len(ids), [(plan.num_rows, len(ids))], from_ids=True)
         try:
-            (result,) = await self.run_jobs([pipeline.job(plan)])
+            (result,) = await self.run_jobs([pipeline.job(plan, per_layer=options.per_layer)])
             if isinstance(result, BackwardFailure):
                 raise ExplainError(result.error, status=500)
             return await self.offload(self.to_wire, result, plan, options)

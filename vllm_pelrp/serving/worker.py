@@ -32,6 +32,7 @@ from .. import settings
 from .failures import SetupError, internal_failure
 from .keys import verify_key
 from .memory_budget import budget_info
+from .notify import TicketNotifier
 from .recorder import Recorder, RecordingError, StepClock
 from .scheduler import FairScheduler
 from .served_weights import served_weights
@@ -39,14 +40,9 @@ from .spare_cores import SpareCoreExecutor, spare_cores
 from .vllm_support import missing_on_runner
 
 logger = logging.getLogger("vllm_pelrp.serving")
-DEFAULT_CAP_MB = settings.SETTINGS["VLLM_PELRP_MAX_RECORD_MB"].default
 MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
 # target rows per slice of a layer's backward: a short explanation waits for at most one slice
 ROW_CHUNK = 4
-
-
-def cap_bytes_from_env() -> int:
-    return int(settings.get("VLLM_PELRP_MAX_RECORD_MB") * 2**20)
 
 
 class _State:
@@ -68,6 +64,13 @@ class _State:
         self.cancelled: set[str] = set()
         self.recomputed_rows = 0
         self.lock = threading.Lock()
+        self.notifier = TicketNotifier()  # "ticket done" to the API processes (notify.py)
+        # tensor parallelism (``_pelrp_setup_tensor_parallel``): this rank's result is the one
+        # read (rank 0 of the group); the backward's own process group; jobs one at a time, in
+        # the order collective_rpc delivered them, on one thread per rank
+        self.driver = True
+        self.backward_group: Any = None
+        self.serial = False
 
 
 class PelrpWorkerExtension(EncoderWorkerMixin):
@@ -82,8 +85,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             self._pelrp_state = state
         return state
 
-    def pelrp_setup(self, cap_bytes: int | None = None,
-                    key_secret: str | None = None) -> dict[str, Any]:
+    def pelrp_setup(self, key_secret: str | None = None) -> dict[str, Any]:
         """Install the recording hooks and build the engine weights (idempotent). Returns a
         description (``error`` set when explanations cannot be served) and ``key_accepted``:
         whether ``key_secret``, the secret the calling API process signs its recording keys
@@ -97,17 +99,23 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             state.key_secrets.append(key_secret)
         if state.recorder is None and state.weights is None and state.error is None:
             try:
-                self._pelrp_setup(state, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
+                self._pelrp_setup(state)
                 state.info.update(budget_info(state.spec, state.weights, ROW_CHUNK,
                                               int(state.recompute_executor is not None)))
             except (SetupError, UnsupportedModelError) as error:  # the server's setup: told
                 state.error = f"{type(error).__name__}: {error}"  # to clients, in 400s
             except Exception:  # noqa: BLE001 - its text stays in the log
                 state.error = internal_failure("setting up explanations on the worker")
+            if state.error is None and state.weights is not None and \
+                    self.vllm_config.parallel_config.tensor_parallel_size > 1:
+                try:
+                    self._pelrp_setup_tensor_parallel(state)
+                except Exception:  # noqa: BLE001 - its text stays in the log
+                    state.error = internal_failure("the backward's process group")
         return dict(state.info, error=state.error,
                     key_accepted=bool(key_secret) and key_secret in state.key_secrets)
 
-    def _pelrp_setup(self, state: _State, cap_bytes: int) -> None:
+    def _pelrp_setup(self, state: _State) -> None:
         from ..models import architecture_for
         from .plugin import activations_source
 
@@ -190,12 +198,56 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             activations="recompute", spare_cores=[])
 
     # ---- explanation jobs -------------------------------------------------------------------
-    def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]]) -> str:
+    def _pelrp_setup_tensor_parallel(self, state: _State) -> None:
+        """Tensor parallelism: the backward runs on one thread per rank (never on the engine
+        thread), its all-reduces in a process group of its own, so they neither wait for nor
+        interleave with the engine's collectives on vLLM's communicator (on CPU, vLLM's shared
+        memory all-reduce of the TP group; on CUDA, its NCCL or custom all-reduce).
+
+        - The group has the TP group's ranks; every rank creates it here (``collective_rpc``
+          runs ``pelrp_setup`` on each, ``use_local_synchronization``: only they take part).
+          Its backend matches the device: gloo for CPU tensors, NCCL for CUDA ones (a gloo group
+          would need a device→host copy per all-reduce). On CUDA the backward's NCCL
+          communicator then runs next to the engine's; NCCL orders two communicators' kernels
+          only within a stream, so this has not been shown free of hangs on GPUs (CPU only).
+        - One FIFO thread per rank runs the tickets in the order ``collective_rpc`` delivered
+          them, the same on every rank: their all-reduces pair up. The fair scheduler is off
+          (its time slices would differ between ranks, and so would the order of the slices'
+          all-reduces: a deadlock).
+        - Cancellation is agreed: at every checkpoint the ranks all-reduce (max) a flag "this
+          ticket is cancelled here", so all of them stop at the same slice, or none does
+          (``_pelrp_cancelled``)."""
+        import torch.distributed as dist
+        from vllm.distributed import get_tp_group
+
+        if state.backward_group is not None:
+            return
+        tp_group = get_tp_group()
+        backend = "gloo" if state.weights.device.type == "cpu" else "nccl"
+        group = dist.new_group(list(tp_group.ranks), backend=backend,
+                               use_local_synchronization=True)
+        state.backward_group = group
+        state.driver = tp_group.rank_in_group == 0
+
+        def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.contiguous()
+            dist.all_reduce(tensor, group=group)
+            return tensor
+
+        state.weights.all_reduce = all_reduce
+        state.pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-backward-tp")
+        state.serial = True
+        state.info["backward_group"] = backend
+
+    def pelrp_submit(self, ticket: str, jobs: list[dict[str, Any]],
+                     notify: str | None = None) -> str:
         """Start the backward for ``jobs`` (``BackwardJob`` dicts; see ``run_job``); returns a
-        ticket for ``pelrp_poll``. On one rank it runs on a thread of its own so the engine keeps
-        generating, scheduled with the other backward passes in flight (``scheduler.py``: a
-        short one is not stuck behind a long one); under tensor parallelism it runs here, in
-        step on every rank (its all-reduces must pair up with the other ranks')."""
+        ticket for ``pelrp_poll``. It runs on a thread of its own so the engine keeps
+        generating: on one rank scheduled with the other backward passes in flight
+        (``scheduler.py``: a short one is not stuck behind a long one), under tensor
+        parallelism one ticket at a time per rank (``_pelrp_setup_tensor_parallel``). When it
+        is done, the worker pushes the ticket to ``notify``, the calling API process's address
+        (``notify.py``). Without a pool (a worker that was not set up) it runs here."""
         state = self._pelrp()
         parsed = _jobs(jobs)
         if state.pool is None:
@@ -205,16 +257,36 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             except Exception as error:  # noqa: BLE001
                 future.set_exception(error)
         else:
-            claimed = self._pelrp_claim(parsed)
+            claimed = self._pelrp_claim(parsed)  # on the engine thread, as the recorder wants
             future = state.pool.submit(self._pelrp_run, parsed, claimed, ticket)
+        self._pelrp_track(state, ticket, future, notify)
+        return ticket
+
+    def _pelrp_track(self, state: _State, ticket: str, future: Future,
+                     notify: str | None) -> None:
+        """Keep ``future`` for ``pelrp_poll`` and say "done" to ``notify`` when it is. Only
+        the driver rank's results are read: another rank drops its own when they are done."""
+        if state.driver:
+            with state.lock:
+                state.tickets[ticket] = future
+            future.add_done_callback(lambda _: state.notifier.notify(notify, ticket))
+            return
         with state.lock:
             state.tickets[ticket] = future
-        return ticket
+
+        def drop(_: Future) -> None:
+            with state.lock:
+                state.tickets.pop(ticket, None)
+
+        future.add_done_callback(drop)
 
     def pelrp_poll(self, ticket: str) -> dict[str, Any] | None:
         """None while running; then ``{"results": [...]}`` (each a ``BackwardResult`` or
-        ``BackwardFailure`` dict), or ``{"error"}`` when the whole ticket failed."""
+        ``BackwardFailure`` dict), or ``{"error"}`` when the whole ticket failed. Tensor
+        parallelism: None from every rank but the driver (their results are dropped)."""
         state = self._pelrp()
+        if not state.driver:
+            return None
         with state.lock:
             future = state.tickets.get(ticket)
             if future is None:
@@ -228,7 +300,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             return {"error": internal_failure("the explanation job", error)}
 
     def pelrp_cancel(self, ticket: str) -> bool:
-        """Stop a running job between layers (its client went away)."""
+        """Stop a running job between layers (its client went away). Under tensor parallelism
+        the ranks agree on where (``_pelrp_cancelled``)."""
         state = self._pelrp()
         with state.lock:
             future = state.tickets.pop(ticket, None)
@@ -236,6 +309,22 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             return False
         state.cancelled.add(ticket)
         return True
+
+    def _pelrp_cancelled(self, state: _State, ticket: str | None) -> bool:
+        """Whether ``ticket`` is cancelled, the same answer on every rank under tensor
+        parallelism: the ranks all-reduce (max) their own flags in the backward's group. Called
+        at the same checkpoints on every rank (the engine's slices do not depend on timing),
+        so these all-reduces pair up like the backward's; a cancel that reached one rank only
+        stops all of them at the same slice."""
+        cancelled = ticket is not None and ticket in state.cancelled
+        if state.backward_group is None:
+            return cancelled
+        import torch.distributed as dist
+
+        device = state.weights.device if state.weights.device.type != "cpu" else "cpu"
+        flag = torch.tensor([float(cancelled)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=state.backward_group)
+        return bool(flag.item())
 
     def pelrp_release(self, key: str) -> int:
         """Free the recordings made under ``key`` without explaining; returns the bytes freed."""
@@ -278,12 +367,12 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             claimed = self._pelrp_claim(jobs)
         results = []
         try:
-            # tensor parallelism runs inline, in step on every rank: nothing to schedule
-            with state.scheduler.turn(ticket or "") if state.pool is not None else \
-                    contextlib.nullcontext() as turn:
+            # tensor parallelism: one ticket at a time, in order, on every rank: no scheduler
+            with state.scheduler.turn(ticket or "") if state.pool is not None and \
+                    not state.serial else contextlib.nullcontext() as turn:
 
                 def checkpoint() -> None:
-                    if ticket is not None and ticket in state.cancelled:
+                    if self._pelrp_cancelled(state, ticket):
                         raise JobCancelled(ticket)
                     if turn is not None:
                         turn.checkpoint()  # between slices: a waiting backward may go first
