@@ -365,7 +365,7 @@ def test_the_api_process_signs_with_its_own_secret_only_when_the_workers_took_it
             self.proposed = []
 
         async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-            self.proposed.append(args[1])
+            self.proposed.append(args[0])
             return [dict(INFO, key_accepted=self.accepted)]
 
     engine = Engine(True)
