@@ -43,3 +43,51 @@ def test_compiled_replays_with_three_slot_maps_equal_eager():
     diffs = check("cpu")
     assert list(diffs) == ["torch.compile(fullgraph=True)"]
     assert diffs["torch.compile(fullgraph=True)"] <= COMPILED_TOLERANCE
+
+
+def test_the_plugin_allocates_one_pool_for_the_served_decoder(monkeypatch):
+    """At load time (before compilation): a pool on the model's device with one row per layer
+    and a slot index as long as the largest step; once per process (a drafter loaded later
+    gets none); none where explanations recompute."""
+    import types
+
+    from tiny_models import tiny_config
+    from vllm_pelrp.serving import plugin
+    from vllm_pelrp.serving.record_pool import active_pool
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, positions, hidden, residual):
+            return hidden, residual
+
+    def loaded():
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList(Layer() for _ in range(config.num_hidden_layers))
+        return model
+
+    config = tiny_config("llama")
+    model_config = types.SimpleNamespace(hf_config=config, dtype=torch.float32,
+                                         get_hidden_size=lambda: config.hidden_size)
+    vllm_config = types.SimpleNamespace(
+        model_config=model_config,
+        scheduler_config=types.SimpleNamespace(max_num_batched_tokens=64),
+        compilation_config=types.SimpleNamespace(cudagraph_capture_sizes=[1, 2, 128]))
+    monkeypatch.setenv("VLLM_PELRP_MAX_RECORD_MB", "1")
+    set_pool(None)
+    try:
+        monkeypatch.setenv("VLLM_PELRP_ACTIVATIONS", "recompute")
+        assert not plugin.prepare_recording(loaded(), vllm_config) and active_pool() is None
+        monkeypatch.setenv("VLLM_PELRP_ACTIVATIONS", "auto")  # CPU: record
+        model = loaded()
+        assert plugin.prepare_recording(model, vllm_config)
+        pool = active_pool()
+        assert model._pelrp_pool is pool and pool.num_layers == config.num_hidden_layers
+        assert pool.slots.shape == (128,) and pool.buffer.shape[2] == config.hidden_size
+        assert not plugin.prepare_recording(loaded(), vllm_config)  # a second model: none
+        assert active_pool() is pool
+    finally:
+        set_pool(None)

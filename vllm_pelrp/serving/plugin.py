@@ -102,7 +102,7 @@ def _hook_loaded_models() -> None:
             model = original(self, vllm_config, model_config, *args, **kwargs)
             from vllm.config import CompilationMode
 
-            prepare_recording(model, vllm_config)
+            prepare_recording(model, vllm_config, model_config)
             if vllm_config.compilation_config.mode != CompilationMode.NONE:
                 from .compiled import run_forward_on_fresh_chunk
 
@@ -114,19 +114,22 @@ def _hook_loaded_models() -> None:
     _wrap_once(BaseModelLoader, "load_model", wrap)
 
 
-def prepare_recording(model: Any, vllm_config: Any) -> bool:
+def prepare_recording(model: Any, vllm_config: Any, model_config: Any = None) -> bool:
     """Allocate the recording pool on ``model``'s device and hook its decoder layers, when the
-    model is a decoder whose explanations record (``activations_source``); once per model."""
+    model is a decoder whose explanations record (``activations_source``); once per process,
+    for the first model loaded (the served one; a speculative-decoding drafter loads later)."""
     import torch
 
     from ..engine.spec import UnsupportedModelError
     from ..models import architecture_for
     from .encoder_worker import is_encoder
-    from .record_pool import RecordingPool, install_layer_hooks, pool_cap_bytes, set_pool
+    from .record_pool import (RecordingPool, active_pool, install_layer_hooks, pool_cap_bytes,
+                              set_pool)
 
-    if getattr(model, "_pelrp_pool", None) is not None:
+    if getattr(model, "_pelrp_pool", None) is not None or active_pool() is not None:
         return False
-    hf_config = vllm_config.model_config.hf_config
+    model_config = model_config or vllm_config.model_config
+    hf_config = model_config.hf_config
     try:
         arch = architecture_for(hf_config)
     except UnsupportedModelError:
@@ -141,7 +144,7 @@ def prepare_recording(model: Any, vllm_config: Any) -> bool:
     scheduler = vllm_config.scheduler_config
     capture = getattr(vllm_config.compilation_config, "cudagraph_capture_sizes", None) or [0]
     pool = RecordingPool(
-        len(layers), vllm_config.model_config.get_hidden_size(), vllm_config.model_config.dtype,
+        len(layers), model_config.get_hidden_size(), model_config.dtype,
         device, cap_bytes=pool_cap_bytes(),
         max_batch_tokens=max(scheduler.max_num_batched_tokens, max(capture)))
     install_layer_hooks(layers)
