@@ -63,6 +63,7 @@ class _State:
         self.tickets: dict[str, Future] = {}
         self.cancelled: set[str] = set()
         self.recomputed_rows = 0
+        self.backward_thread: str | None = None  # the thread the last backward ran on
         self.lock = threading.Lock()
         self.notifier = TicketNotifier()  # "ticket done" to the API processes (notify.py)
         # tensor parallelism (``_pelrp_setup_tensor_parallel``): this rank's result is the one
@@ -343,6 +344,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         return dict(recorded, pending_jobs=len(state.tickets),
                     backward=state.scheduler.stats(),
                     recomputed_rows=state.recomputed_rows,
+                    backward_thread=state.backward_thread,
                     recomputes_on_spare_cores=executor.offloaded if executor else 0,
                     recomputes_inline=executor.inline if executor else 0)
 
@@ -363,6 +365,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         state = self._pelrp()
         if state.error is not None or state.weights is None:
             raise RuntimeError(state.error or "pelrp_setup was not called")
+        state.backward_thread = threading.current_thread().name
         if claimed is None:
             claimed = self._pelrp_claim(jobs)
         results = []
