@@ -27,12 +27,20 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+# configs the engine is being extended to (issue 23); a family moves into FAMILIES once the
+# engine explains it
+NEW_FAMILIES = ("qwen3_moe", "mixtral", "phi3", "phi3_longrope", "qwen3_yarn")
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "phi3_longrope": "Phi3ForCausalLM",
+    "qwen3_yarn": "Qwen3ForCausalLM",
 }
 
 _COMMON = dict(
@@ -70,6 +78,46 @@ def _family_settings(family: str) -> tuple[type, dict]:
                 "original_max_position_embeddings": 32,
             },
         )
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        # 4 experts, top-2 renormalised; layer 1 keeps a dense MLP (``mlp_only_layers``)
+        return Qwen3MoeConfig, dict(
+            num_hidden_layers=3, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            attention_bias=False, use_sliding_window=False, num_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[1],
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        # 4 experts, top-2 (Mixtral always renormalises over the chosen experts)
+        return MixtralConfig, dict(
+            num_hidden_layers=3, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+            router_jitter_noise=0.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family in ("phi3", "phi3_longrope"):
+        from transformers import Phi3Config
+
+        # partial rotary: 12 of the 16 dims of each head rotate (Phi-4-mini rotates 3/4)
+        rope: dict = {"rope_type": "default", "rope_theta": 10_000.0,
+                      "partial_rotary_factor": 0.75}
+        if family == "phi3_longrope":  # LongRoPE with per-frequency factors (6 = rotary dim/2)
+            rope = {**rope, "rope_type": "longrope",
+                    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                    "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}
+        return Phi3Config, dict(
+            num_hidden_layers=3, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            original_max_position_embeddings=32, sliding_window=None, rope_parameters=rope)
+    if family == "qwen3_yarn":
+        from transformers import Qwen3Config
+
+        return Qwen3Config, dict(
+            num_hidden_layers=3, rms_norm_eps=1e-6, use_sliding_window=False,
+            tie_word_embeddings=True, attention_bias=False, max_position_embeddings=128,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32})
     if family in ("qwen2", "qwen3"):
         from transformers import Qwen2Config, Qwen3Config
 
@@ -99,7 +147,7 @@ def _family_settings(family: str) -> tuple[type, dict]:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             },
         )
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + NEW_FAMILIES}")
 
 
 def tiny_config(family: str, vocab_size: int = 101, **overrides):
@@ -170,6 +218,10 @@ def _add_v4_spellings(raw: dict, family: str) -> dict:
     else:
         raw["rope_theta"] = float(rp["rope_theta"])
         raw["rope_scaling"] = legacy_scaling(rp)
+        if "partial_rotary_factor" in rp:  # a top-level field in transformers 4.x
+            raw["partial_rotary_factor"] = rp["partial_rotary_factor"]
+            if raw["rope_scaling"] is not None:
+                raw["rope_scaling"].pop("partial_rotary_factor", None)
     return raw
 
 
