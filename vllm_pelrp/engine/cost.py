@@ -25,8 +25,9 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
 - transient (one backward at a time per job): the gradient at the residual stream for all rows
   (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
   one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
-  row chunk's (C rows) MLP and attention gradients, C·T·4·(4·I + 8·Hq·D + 4·H) (a mixture of
-  experts: k·Iₑ + E in place of I, the chosen experts' widths and the router's); sliding-window
+  row chunk's (C rows) MLP or attention gradients (the MLP block's are freed before the
+  attention's backward starts), C·T·4·(max(4·I, 8·Hq·D) + 4·H) (a mixture of experts: k·Iₑ + E
+  in place of I, the chosen experts' widths and the router's); sliding-window
   layers longer than their window run the attention rules on explicit T×T blocks, and so does
   the additive engine, for all rows at once, a head at a time (B·T·T·4 each). A recording is
   rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
@@ -220,7 +221,7 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
                  + rows * layers * t * 2 * FP32  # positional relevance, cos and sin
                  + recomputed  # and a layer forward's temporaries:
                  + t * (3 * h + shape.mlp_width) * shape.dtype_bytes
-                 + chunk * t * FP32 * (4 * shape.mlp_width + 8 * q + 4 * h))
+                 + chunk * t * FP32 * (max(4 * shape.mlp_width, 8 * q) + 4 * h))
     if shape.sliding_window is not None and t > shape.sliding_window:
         group = shape.num_heads // shape.num_kv_heads
         block = min(REFERENCE_BLOCK_BYTES, chunk * group * t * t * FP32)
