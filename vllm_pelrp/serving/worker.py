@@ -16,6 +16,7 @@ nothing is repacked and the references are the live parameters (no copy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -140,7 +141,9 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             return self._pelrp_setup_encoder(state, arch, tp)
         if arch.kind == "additive":  # GPT-2: nothing recorded, each job's forward runs here
             return self._pelrp_setup_additive_decoder(state, arch, tp)
-        spec = arch.spec(hf_config, tp)
+        # vLLM's LongRoPE picks its short or long factors by max_model_len, not per request
+        spec = dataclasses.replace(arch.spec(hf_config, tp),
+                                   rope_table_length=config.model_config.max_model_len)
         decoder = getattr(model, arch.decoder, None)
         layers = list(getattr(decoder, "layers", []))
         if len(layers) != spec.num_layers:
