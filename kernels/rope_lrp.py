@@ -4,7 +4,10 @@ One program per position ``t`` loops over the heads in blocks of ``BLOCK_H``: it
 cos/sin from ``positions[t] * inv_freq`` in fp32, writes ``grad_pre_rope[t]`` and adds the two
 positional sums into ``positional[t]`` (the program owns row ``t``, so no atomics are needed).
 Each head vector is handled as its two rotation halves ``x1``/``x2`` (neox: ``d`` and ``d + D/2``;
-interleaved: ``2i`` and ``2i + 1``), for which ``x̃1 = x1·c − x2·s`` and ``x̃2 = x2·c + x1·s``.
+interleaved: ``2i`` and ``2i + 1``), for which ``x̃1 = x1·c − x2·s`` and ``x̃2 = x2·c + x1·s``,
+with ``c``/``s`` scaled by the attention factor (LongRoPE, YaRN). With a rotary dim ``R < D``
+(partial rotary) the halves live in the first ``R`` dims (neox: ``d`` and ``d + R/2``), and the
+program copies the gradient of the pass-through dims ``R ≤ d < D`` unchanged.
 
 The kernel runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 this module was first imported.
@@ -61,6 +64,7 @@ if HAS_TRITON:
         posrel_ptr,
         H,
         HALF,
+        PASS,
         stride_g_t,
         stride_g_h,
         stride_g_d,
@@ -74,10 +78,12 @@ if HAS_TRITON:
         stride_pr_t,
         stride_pr_c,
         input_share,
+        attention_factor,
         NEOX: tl.constexpr,
         PRECISE_TRIG: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        BLOCK_PASS: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BLOCK_HALF)
@@ -98,6 +104,8 @@ if HAS_TRITON:
         else:
             c = tl.cos(ang)
             s = tl.sin(ang)
+        c = c * attention_factor
+        s = s * attention_factor
         c2 = c[None, :]
         s2 = s[None, :]
 
@@ -125,6 +133,12 @@ if HAS_TRITON:
             # q⊙g (cos terms) and rot(q)⊙g (sin terms), summed over heads later.
             acc_c += q1 * g1 + q2 * g2
             acc_s += q1 * g2 - q2 * g1
+            if BLOCK_PASS > 0:  # partial rotary: the dims 2·HALF ≤ d < 2·HALF + PASS pass through
+                p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+                mp = (h < H)[:, None] & (tl.arange(0, BLOCK_PASS) < PASS)[None, :]
+                gp = tl.load(g_row + hg + p[None, :] * stride_g_d, mask=mp, other=0.0)
+                tl.store(o_row + ho + p[None, :] * stride_o_d, gp.to(out_ptr.dtype.element_ty),
+                         mask=mp)
 
         rest = 1.0 - share
         cos_part = tl.sum(tl.sum(acc_c * c2, axis=1), axis=0) * rest
@@ -168,12 +182,14 @@ def rope_lrp_backward_triton(
     input_share: float,
     neox_style: bool = True,
     positional_out: torch.Tensor | None = None,
+    attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`rope_lrp_backward_reference` (same signature and semantics)."""
     global _precise_trig_failed
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use rope_lrp_backward_reference")
-    _check_rope_lrp_args(grad_rotated, pre_rope, positions, inv_freq, input_share, positional_out)
+    _check_rope_lrp_args(grad_rotated, pre_rope, positions, inv_freq, input_share, positional_out,
+                         attention_factor)
     T, H, D = grad_rotated.shape
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} exceeds the kernel maximum {MAX_HEAD_DIM}")
@@ -196,8 +212,10 @@ def rope_lrp_backward_triton(
         return grad, positional_out
 
     inv_freq = inv_freq.contiguous()
-    half = D // 2
+    half = inv_freq.shape[0]  # R/2: the rotary dim R may be smaller than D
+    pass_dims = D - 2 * half
     block_half = _next_pow2(half)
+    block_pass = _next_pow2(pass_dims) if pass_dims else 0
     block_h = max(1, min(_next_pow2(H), 2048 // block_half))
     interpreted = _kernel_is_interpreted()
     precise = (
@@ -218,6 +236,7 @@ def rope_lrp_backward_triton(
         positional_out,
         H,
         half,
+        pass_dims,
         grad_rotated.stride(0),
         grad_rotated.stride(1),
         grad_rotated.stride(2),
@@ -231,8 +250,10 @@ def rope_lrp_backward_triton(
         positional_out.stride(0),
         positional_out.stride(1),
         float(input_share),
+        float(attention_factor),
     )
-    meta = dict(NEOX=bool(neox_style), BLOCK_H=block_h, BLOCK_HALF=block_half, **kwargs)
+    meta = dict(NEOX=bool(neox_style), BLOCK_H=block_h, BLOCK_HALF=block_half,
+                BLOCK_PASS=block_pass, **kwargs)
     if precise:
         try:
             _rope_lrp_bwd_kernel[(T,)](*args, PRECISE_TRIG=True, **meta)
@@ -275,6 +296,7 @@ def rope_lrp_backward(
     neox_style: bool = True,
     positional_out: torch.Tensor | None = None,
     backend: str = "auto",
+    attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the Triton kernel (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
     and ``VLLM_PELRP_FORCE_TRITON=1``) or to the PyTorch reference. ``backend`` forces one:
@@ -292,6 +314,7 @@ def rope_lrp_backward(
         input_share=input_share,
         neox_style=neox_style,
         positional_out=positional_out,
+        attention_factor=attention_factor,
     )
 
 

@@ -24,6 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO_ROOT))  # references/, when run as a script
 from references.llama3 import ROPE_SCALING as LLAMA3  # noqa: E402
 
+# the tiny Phi-3 LongRoPE (3/4 of a 16-dim head rotates) and Qwen3 YaRN settings of tiny_models.py
+PHI3_LONGROPE = {"rope_type": "longrope", "partial_rotary_factor": 0.75, "factor": 16.0,
+                 "original_max_position_embeddings": 32,
+                 "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                 "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
 # layout: "contig" (q, g contiguous), "fused" (q/k views of a fused qkv buffer, g views of a fused
 # grad buffer, both through the kernel, accumulating into one pre-filled positional_out),
 # "transposed" ((H, T, D) storage, strided positions).
@@ -60,6 +67,17 @@ CASES: list[dict] = [
     dict(name="t0_fp32", T=0, H=4, D=32, neox=True, share=0.5, dtype="float32"),
     dict(name="dispatcher_forced", T=5, H=4, D=64, neox=True, share=0.5, dtype="float32",
          dispatcher=True),
+    # partial rotary (rotary_dim < D: the rest passes through) and a cos/sin attention factor
+    dict(name="partial_neox_fp32_d96_r64_factor", T=7, H=9, D=96, rotary_dim=64, neox=True,
+         share=0.5, dtype="float32", attention_factor=1.19),
+    dict(name="partial_gptj_fp32_d64_r24", T=5, H=6, D=64, rotary_dim=24, neox=False, share=0.5,
+         dtype="float32"),
+    dict(name="partial_fused_gqa_bf16_d128_r96_s10", T=6, H=12, H_kv=4, D=128, rotary_dim=96,
+         neox=True, share=1.0, dtype="bfloat16", layout="fused", attention_factor=1.3),
+    dict(name="phi3_longrope_d16_r12", T=40, H=4, D=16, neox=True, share=0.5, dtype="float32",
+         scaling=PHI3_LONGROPE, max_pos=40),
+    dict(name="yarn_qwen3_fp32_d16", T=9, H=4, D=16, neox=True, share=0.5, dtype="float32",
+         scaling=QWEN3_YARN, theta=1e6, max_pos=128),
 ]
 
 TOLERANCES = {
@@ -103,17 +121,22 @@ def run_case(K, case: dict) -> dict:
     T, H, D = case["T"], case["H"], case["D"]
     dtype = getattr(torch, case["dtype"])
     share, neox = case["share"], case["neox"]
-    inv_freq = K.rope_inv_freq(D, case.get("theta", 10000.0), case.get("scaling"))
     positions = torch.randint(0, case.get("max_pos", 4096), (T,), dtype=torch.long)
+    inv_freq = K.rope_inv_freq(D, case.get("theta", 10000.0), case.get("scaling"),
+                               rotary_dim=case.get("rotary_dim"),
+                               seq_len=int(positions.max()) + 1 if T else None)
+    factor = case.get("attention_factor", K.rope_attention_factor(case.get("scaling")))
     layout = case.get("layout", "contig")
     out: dict = {}
 
     def both(g, q, pos, pr_ref=None, pr_tri=None):
         ref = K.rope_lrp_backward_reference(
-            g, q, pos, inv_freq, input_share=share, neox_style=neox, positional_out=pr_ref
+            g, q, pos, inv_freq, input_share=share, neox_style=neox, positional_out=pr_ref,
+            attention_factor=factor,
         )
         fn = K.rope_lrp_backward if case.get("dispatcher") else K.rope_lrp_backward_triton
-        tri = fn(g, q, pos, inv_freq, input_share=share, neox_style=neox, positional_out=pr_tri)
+        tri = fn(g, q, pos, inv_freq, input_share=share, neox_style=neox, positional_out=pr_tri,
+                 attention_factor=factor)
         return ref, tri
 
     if layout == "fused":

@@ -1,11 +1,12 @@
-"""Slow, explicit, rule-by-rule LRP reference for LLaMA, Mistral, Qwen2, Qwen3 and Gemma 3
-decoder-only models (PA-LRP / AttnLRP / CP-LRP).
+"""Slow, explicit, rule-by-rule LRP reference for LLaMA, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3,
+Qwen3-MoE and Mixtral decoder-only models (PA-LRP / AttnLRP / CP-LRP).
 
 This module is the *independent* reference against which the vllm-pelrp engine is tested.
 It deliberately shares no code with ``vllm_pelrp`` and uses no ``torch.autograd``: it runs the
 forward pass itself, in float64, straight from the weight tensors of a Hugging Face
 ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
-``Gemma3ForCausalLM``, stores every intermediate activation, and then propagates RELEVANCE
+``Gemma3ForCausalLM`` / ``Phi3ForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM``,
+stores every intermediate activation, and then propagates RELEVANCE
 (not gradients) backwards, op by op, with explicit closed-form rules.  The architecture is read
 from the model's config and modules (``model_type``, ``layer_types``, ``sliding_window``, the
 biases present on each ``nn.Linear``, ``q_norm`` / ``k_norm``, sandwich norms).
@@ -14,9 +15,13 @@ Forward per decoder layer (x = layer input, shape (T, hidden); ``lin(z; W, b) = 
 b only where the HF module has a bias: Qwen2 q/k/v, ``attention_bias`` / ``mlp_bias``)::
 
     n1 = norm_in(x)
-    q, k, v = lin(n1; Wq, bq), lin(n1; Wk, bk), lin(n1; Wv, bv)      (reshaped to heads)
+    q, k, v = lin(n1; Wq, bq), lin(n1; Wk, bk), lin(n1; Wv, bv)      (reshaped to heads;
+                                         Phi-3's fused qkv_proj split by rows)
     q, k = q_norm(q), k_norm(k)          per head, over head_dim   (Qwen3, Gemma 3 only)
-    q~ = q*cos + rotate_half(q)*sin ; k~ likewise             (HF neox-style rotate_half)
+    q~[:rd] = q[:rd]*cos + rotate_half(q[:rd])*sin ; q~[rd:] = q[rd:] ; k~ likewise
+                                         (HF neox-style rotate_half within the rd rotating dims;
+                                          rd = int(head_dim * partial_rotary_factor), = head_dim
+                                          unless the config rotates part of each head (Phi-3))
     scores = q~ k~^T * scale + mask      (k~, v repeated for GQA)
     s = softmax(scores) ; o = s v ; a = lin(o; Wo, bo)
     a' = post_attention_layernorm(a)     (Gemma 3 sandwich norm; LLaMA/Qwen: a' = a)
@@ -24,6 +29,12 @@ b only where the HF module has a bias: Qwen2 q/k/v, ``attention_bias`` / ``mlp_b
     n2 = norm_pre_mlp(h)                 (LLaMA/Qwen: post_attention_layernorm;
                                           Gemma 3: pre_feedforward_layernorm)
     m = act(lin(n2; Wg, bg)) * lin(n2; Wu, bu) ; f = lin(m; Wd, bd)
+                                         (Phi-3's fused gate_up_proj: gate = first half of rows)
+      or, in a mixture-of-experts layer (Qwen3-MoE except ``mlp_only_layers``, Mixtral):
+    z = n2 Wr^T ; p = softmax(z) over the E experts ; chosen = top-k of p (per token)
+    w_k = p_k / sum_chosen p  (renormalised: Mixtral, Qwen3-MoE with norm_topk_prob) or p_k
+    eo_k = lin(act(lin(n2; Wg_e)) * lin(n2; Wu_e); Wd_e) for chosen expert e = e(k)
+    f = sum_k eo_k * w_k
     f' = post_feedforward_layernorm(f)   (Gemma 3 sandwich norm; LLaMA/Qwen: f' = f)
     y = h + f'
     logits = norm_final(y) Wlm^T
@@ -40,10 +51,13 @@ b only where the HF module has a bias: Qwen2 q/k/v, ``attention_bias`` / ``mlp_b
   with ``sliding_window`` set) additionally j > i - sliding_window (HF's
   ``sliding_window_overlay``: a query sees itself and the sliding_window - 1 keys before it).
 
-RoPE: cos/sin = cos/sin(cat(freqs, freqs)), freqs = position * inv_freq.  ``inv_freq`` is
-computed with exactly the formula (and the float32 arithmetic) of transformers'
-``compute_default_rope_parameters`` / ``_compute_linear_scaling_rope_parameters`` /
-``_compute_llama3_parameters`` (rope parameters read from ``config.rope_parameters``, per layer
+RoPE: cos/sin = attention_factor * cos/sin(cat(freqs, freqs)), freqs = position * inv_freq
+(rd/2 frequencies).  ``inv_freq`` and the attention factor are computed with exactly the
+formula (and the float32 arithmetic) of transformers' ``compute_default_rope_parameters`` /
+``_compute_linear_scaling_rope_parameters`` / ``_compute_llama3_parameters`` /
+``_compute_yarn_parameters`` / ``_compute_longrope_parameters`` (LongRoPE: the long factors
+once max position + 1 > original_max_position_embeddings, as ``dynamic_rope_update``; the
+attention factor is 1 for default / linear / llama3) (rope parameters read from ``config.rope_parameters``, per layer
 type where it is keyed by layer type (Gemma 3: "sliding_attention" -> local theta,
 "full_attention" -> global theta and scaling), with a fallback to the transformers-4
 ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` attributes); the angles and
@@ -72,7 +86,8 @@ Relevance rules (R = relevance; every division uses a stabilised denominator
   R_q~[i,d] = sum_j q~[i,d] k~[j,d] scale R_scores[i,j] / (2 scores[i,j]);
   R_k~[j,d] = sum_i (same summand).
 * repeat_kv (GQA): relevance of the repeated k / v heads is summed back onto the kv head.
-* RoPE, q~ = A + B with A = q*cos, B = rotate_half(q)*sin: epsilon rule on the add
+* RoPE, q~[:rd] = A + B with A = q[:rd]*cos, B = rotate_half(q[:rd])*sin (the dims rd.. pass
+  their relevance to q unchanged): epsilon rule on the add
   (R_A = A/q~ R_q~, R_B = B/q~ R_q~), then per mode:
     - "pa-lrp": uniform rule on each product: R_q += R_A/2, R_cos += R_A/2, R_rot += R_B/2,
       R_sin += R_B/2; rotate_half is a signed permutation and passes relevance 100%
@@ -84,18 +99,32 @@ Relevance rules (R = relevance; every division uses a stabilised denominator
 * "cp-lrp": the attention probabilities s are held constant, so o = s v is linear in v:
   R_v[j,d] = sum_i s[i,j] v[j,d] R_o[i,d] / o[i,d] (full, not halved); nothing flows into
   scores / q / k, and positional relevance is 0.
+* Mixture of experts, f = sum_k prod_k with prod_k = eo_k * w_k: epsilon rule on the sum
+  (R_prod_k = prod_k / f * R_f); uniform rule on each product: R_eo_k = R_prod_k / 2,
+  R_w_k = sum_hidden R_prod_k / 2; each expert's down / gate / up projections, product and
+  activation as in the dense MLP.  The routing weights' share goes through the router's
+  softmax by AttnLRP's softmax rule, R_z[e] = z[e] (R_p[e] - p[e] sum_e' R_p[e']): renormalised
+  top-k weights are the softmax over the chosen experts' logits, so there the rule runs over the
+  chosen logits with R_p = R_w (the other logits get 0); without renormalisation over all E
+  logits with R_p = R_w at the chosen experts.  (Both equal gradient x input through
+  transformers' softmax -> top-k -> renormalisation, i.e. LXT main's qwen3_moe rules, which
+  patch the experts and leave the router to the plain gradient.)  The router linear: epsilon.
+  sum R_w - sum R_z is "absorbed" and reported per layer ("router_absorbed").
+  "cp-lrp": the routing weights are constants, R_eo_k = R_prod_k, nothing flows to the router.
 * Embedding scale (Gemma 3): a constant factor, relevance passes 100%.
 * Token relevance: R_tok[t] = sum_d R(layer-0 input)[t, d] (the scaled embedding for Gemma 3).
 
-Conservation: every rule except the softmax rule and the bias term of the linear rule is
-conservative (up to EPS), hence ``target_logit - sum(softmax_absorbed) - sum(bias_absorbed) ==
-sum(token_relevance) + sum(positional_cos) + sum(positional_sin)`` for every mode, and layer by
-layer; for "cp-lrp" softmax_absorbed is 0 (closure holds to ~1e-11 relative on SmolLM2).  With
+Conservation: every rule except the softmax rules (attention, router) and the bias term of the
+linear rule is conservative (up to EPS), hence ``target_logit - sum(softmax_absorbed) -
+sum(router_absorbed) - sum(bias_absorbed) == sum(token_relevance) + sum(positional_cos) +
+sum(positional_sin)`` for every mode, and layer by layer; for "cp-lrp" softmax_absorbed and
+router_absorbed are 0 (closure holds to ~1e-11 relative on SmolLM2).  With
 EPS -> 0 the rules coincide (to 1e-15) with gradient x input of the correspondingly modified
 network; with EPS = 1e-12 they differ from it by ~1e-8 relative.
 
 Not supported (raises NotImplementedError): logit / attention softcapping, bidirectional
-attention, partial rotary, RoPE types other than default / linear / llama3, biases on lm_head.
+attention, RoPE types other than default / linear / llama3 / yarn / longrope, biases on
+lm_head, shared experts, expert biases.
 
 Speed: about 7-15 s per call for SmolLM2-135M with ~13 tokens on 2 CPU cores.  The float64
 weight copies are cached per model (re-read when a parameter changes; ``clear_weight_cache()``
@@ -112,10 +141,12 @@ import torch
 
 EPS = 1e-12
 MODES = ("pa-lrp", "attnlrp", "cp-lrp")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral",
+                         "phi3")
 
 __all__ = [
-    "explicit_relevance", "explicit_forward", "rope_inv_freq", "clear_weight_cache",
+    "explicit_relevance", "explicit_forward", "rope_inv_freq", "rope_tables", "rotary_dim",
+    "clear_weight_cache",
     "MODES", "EPS", "SUPPORTED_MODEL_TYPES",
 ]
 
@@ -247,24 +278,108 @@ def _rope_params(config, layer_type: str | None = None) -> dict:
     return params
 
 
-def rope_inv_freq(config, layer_type: str | None = None) -> torch.Tensor:
-    """inverse frequencies (float32, bit-identical to transformers) for default/linear/llama3 RoPE.
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    ``layer_type`` ("full_attention" / "sliding_attention") selects the per-layer-type rope
-    parameters where the config has them (Gemma 3); None means the global ("full_attention") ones.
-    """
+
+def _rotary_fraction(config, params: dict) -> float:
+    """``partial_rotary_factor``: in ``rope_parameters`` (transformers 5) or on the config (4.x)."""
+    fraction = params.get("partial_rotary_factor")
+    if fraction is None:
+        fraction = getattr(config, "partial_rotary_factor", None)
+    return 1.0 if fraction is None else float(fraction)
+
+
+def rotary_dim(config, layer_type: str | None = None) -> int:
+    """Number of leading dims of each head that rotate: int(head_dim * partial_rotary_factor)."""
+    return int(_head_dim(config) * _rotary_fraction(config, _rope_params(config, layer_type)))
+
+
+def _original_max_positions(config, params: dict) -> int:
+    value = params.get("original_max_position_embeddings")
+    if value is None:
+        value = getattr(config, "original_max_position_embeddings", None)
+    if value is None:
+        raise ValueError("this rope type needs original_max_position_embeddings")
+    return int(value)
+
+
+def _yarn_tables(config, params: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """transformers' ``_compute_yarn_parameters``: same expressions, float32 where it uses it."""
+    base = params["rope_theta"]
+    factor = params.get("factor")
+    original = _original_max_positions(config, params)
+    if factor is None:
+        factor = config.max_position_embeddings / original
+
+    def get_mscale(scale, mscale=1):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers: "Prevent singularity"
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+def _longrope_tables(config, params: dict, dim: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """transformers' ``_compute_longrope_parameters``: the long factors once the sequence is
+    longer than original_max_position_embeddings (``dynamic_rope_update``), the short ones
+    otherwise; attention factor sqrt(1 + ln(factor) / ln(original)) with factor
+    max_position_embeddings / original unless the config gives it."""
+    base = params["rope_theta"]
+    original = _original_max_positions(config, params)
+    factor = params.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext = torch.tensor(params["long_factor"] if long else params["short_factor"], dtype=torch.float32)
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext * base**shape), float(attention_factor)
+
+
+def rope_tables(config, layer_type: str | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, float32 and bit-identical to transformers; attention factor that
+    multiplies cos and sin) for default / linear / llama3 / yarn / longrope RoPE over the
+    ``rotary_dim`` rotating dims.  ``layer_type`` selects per-layer-type rope parameters (Gemma
+    3); ``seq_len`` (max position + 1) picks LongRoPE's short or long factors."""
     params = _rope_params(config, layer_type)
     rope_type = params["rope_type"]
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError("partial_rotary_factor != 1 is not supported by the reference")
     base = params["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = rotary_dim(config, layer_type)
+    if rope_type == "yarn":
+        return _yarn_tables(config, params, dim)
+    if rope_type == "longrope":
+        return _longrope_tables(config, params, dim, seq_len)
     # same expression (and float32 arithmetic) as transformers
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
     if rope_type == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if rope_type == "linear":
-        return inv_freq / params["factor"]
+        return inv_freq / params["factor"], 1.0
     if rope_type == "llama3":
         factor = params["factor"]
         low_freq_factor = params["low_freq_factor"]
@@ -277,8 +392,13 @@ def rope_inv_freq(config, layer_type: str | None = None) -> torch.Tensor:
         smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama), 1.0
     raise NotImplementedError(f"rope_type {rope_type!r} is not supported by the reference")
+
+
+def rope_inv_freq(config, layer_type: str | None = None, seq_len: int | None = None) -> torch.Tensor:
+    """inverse frequencies (float32, bit-identical to transformers), see ``rope_tables``."""
+    return rope_tables(config, layer_type, seq_len)[0]
 
 
 _ACTIVATIONS = {
@@ -332,6 +452,106 @@ def _embed_scale(hf_model) -> float:
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+def _attention_weights(hf_model, at, H: int, KV: int, D: int) -> tuple[dict, dict]:
+    """q/k/v/o weights and biases; Phi-3's fused ``qkv_proj`` is split by rows (q, k, v)."""
+    W, B = {}, {}
+    if hasattr(at, "qkv_proj"):
+        w, b = _w64(hf_model, at.qkv_proj.weight), _w64(hf_model, getattr(at.qkv_proj, "bias", None))
+        bounds = {"q": (0, H * D), "k": (H * D, (H + KV) * D), "v": ((H + KV) * D, (H + 2 * KV) * D)}
+        for key, (lo, hi) in bounds.items():
+            W[key], B[key] = w[lo:hi], None if b is None else b[lo:hi]
+    else:
+        for key, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj)):
+            W[key], B[key] = _w64(hf_model, mod.weight), _w64(hf_model, getattr(mod, "bias", None))
+    W["o"], B["o"] = _w64(hf_model, at.o_proj.weight), _w64(hf_model, getattr(at.o_proj, "bias", None))
+    return W, B
+
+
+def _dense_mlp_weights(hf_model, mlp) -> tuple[dict, dict]:
+    """gate/up/down weights and biases; Phi-3's fused ``gate_up_proj`` is split in halves
+    (gate first, as its ``chunk(2)``)."""
+    W, B = {}, {}
+    if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):
+        w, b = _w64(hf_model, mlp.gate_up_proj.weight), _w64(hf_model, getattr(mlp.gate_up_proj, "bias", None))
+        half = w.shape[0] // 2
+        W["g"], W["u"] = w[:half], w[half:]
+        B["g"], B["u"] = (None, None) if b is None else (b[:half], b[half:])
+    else:
+        for key, mod in (("g", mlp.gate_proj), ("u", mlp.up_proj)):
+            W[key], B[key] = _w64(hf_model, mod.weight), _w64(hf_model, getattr(mod, "bias", None))
+    W["d"], B["d"] = _w64(hf_model, mlp.down_proj.weight), _w64(hf_model, getattr(mlp.down_proj, "bias", None))
+    return W, B
+
+
+def _is_moe(mlp) -> bool:
+    return hasattr(mlp, "experts") and hasattr(mlp, "gate")
+
+
+def _moe_weights(hf_model, mlp) -> dict:
+    """Router (E, hidden) and per-expert gate / up (E, I, hidden) and down (E, hidden, I) weights.
+
+    transformers 5 keeps the experts as 3D tensors (``gate_up_proj`` [gate; up] and
+    ``down_proj``, converted from the hub's per-expert names at load time); transformers 4 as a
+    list of per-expert MLPs (``gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral's ``w1`` /
+    ``w3`` / ``w2``).
+    """
+    cfg = hf_model.config
+    if getattr(mlp, "shared_expert", None) is not None or getattr(mlp, "shared_experts", None) is not None:
+        raise NotImplementedError("shared experts are not supported by the reference")
+    experts, router = mlp.experts, mlp.gate
+    top_k = getattr(router, "top_k", None) or getattr(mlp, "top_k", None) or cfg.num_experts_per_tok
+    # Mixtral always renormalises over the chosen experts; Qwen3-MoE when norm_topk_prob
+    norm_topk = True if _model_type(cfg) == "mixtral" else bool(cfg.norm_topk_prob)
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
+            raise NotImplementedError("expert biases are not supported by the reference")
+        gate_up, down = _w64(hf_model, experts.gate_up_proj), _w64(hf_model, experts.down_proj)
+        if getattr(experts, "is_transposed", False):
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        if getattr(experts, "is_concatenated", True):
+            half = gate_up.shape[1] // 2
+            w_gate, w_up = gate_up[:, :half], gate_up[:, half:]
+        else:  # interleaved [gate0, up0, gate1, up1, ...]
+            w_gate, w_up = gate_up[:, 0::2], gate_up[:, 1::2]
+        w_down = down
+    else:
+        names = ("gate_proj", "up_proj", "down_proj") if hasattr(experts[0], "gate_proj") else ("w1", "w3", "w2")
+        w_gate, w_up, w_down = (torch.stack([_w64(hf_model, getattr(e, n).weight) for e in experts])
+                                for n in names)
+    return dict(router=_w64(hf_model, router.weight), gate=w_gate, up=w_up, down=w_down,
+                top_k=int(top_k), norm_topk=norm_topk)
+
+
+def _moe_forward(x: torch.Tensor, weights: dict, act) -> dict:
+    """Router softmax over all experts, top-k (renormalised per config), gated experts, and the
+    routing-weighted sum; every (token, chosen expert) pair's activations are kept."""
+    T, K = x.shape[0], weights["top_k"]
+    logits = x @ weights["router"].T  # (T, E)
+    probs = torch.softmax(logits, dim=-1)
+    top_p, idx = torch.topk(probs, K, dim=-1)  # (T, K), descending like transformers
+    w = top_p / top_p.sum(-1, keepdim=True) if weights["norm_topk"] else top_p
+    inter = weights["gate"].shape[1]
+    g = torch.zeros(T, K, inter, dtype=torch.float64)
+    u = torch.zeros_like(g)
+    eo = torch.zeros(T, K, x.shape[1], dtype=torch.float64)
+    for e in range(weights["router"].shape[0]):
+        t_idx, k_idx = torch.nonzero(idx == e, as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        xe = x[t_idx]
+        g[t_idx, k_idx] = xe @ weights["gate"][e].T
+        u[t_idx, k_idx] = xe @ weights["up"][e].T
+    sg = act(g)
+    m = sg * u
+    for e in range(weights["router"].shape[0]):
+        t_idx, k_idx = torch.nonzero(idx == e, as_tuple=True)
+        if t_idx.numel():
+            eo[t_idx, k_idx] = m[t_idx, k_idx] @ weights["down"][e].T
+    prod = eo * w[..., None]  # (T, K, hidden)
+    return dict(weights=weights, x=x, router_logits=logits, probs=probs, idx=idx, w=w, g=g, u=u, sg=sg,
+                m=m, eo=eo, prod=prod, out=prod.sum(1))
+
+
 def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
     """Explicit float64 forward; returns logits and every intermediate activation (per layer)."""
     _check_supported(hf_model)
@@ -342,22 +562,23 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
     T = ids.numel()
     H = cfg.num_attention_heads
     KV = getattr(cfg, "num_key_value_heads", None) or H
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    D = _head_dim(cfg)
     n_rep = H // KV
     eps = cfg.rms_norm_eps
     scale = float(cfg.query_pre_attn_scalar) ** -0.5 if gemma else 1.0 / math.sqrt(D)
     layer_types = _layer_types(cfg)
     pos = torch.arange(T, dtype=torch.float64) if position_ids is None else _f64(torch.as_tensor(position_ids)).reshape(-1)
+    seq_len = int(pos.max()) + 1
 
-    # cos/sin per layer type (attention_scaling is 1 for default/linear/llama3)
+    # cos/sin per layer type over the rotary dims, times the attention factor (YaRN, LongRoPE)
     rope = {}
     for lt in sorted(set(layer_types)) + ["full_attention"]:
         if lt in rope:
             continue
-        inv_freq = rope_inv_freq(cfg, lt).to(torch.float64)
-        freqs = pos[:, None] * inv_freq[None, :]
+        inv_freq, attention_factor = rope_tables(cfg, lt, seq_len=seq_len)
+        freqs = pos[:, None] * inv_freq.to(torch.float64)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        rope[lt] = (emb.cos(), emb.sin())  # (T, D)
+        rope[lt] = (emb.cos() * attention_factor, emb.sin() * attention_factor)  # (T, rotary_dim)
     idx = torch.arange(T)
     causal = idx[None, :] <= idx[:, None]  # [i, j]: key j visible to query i
     masks = {"full_attention": causal}
@@ -372,9 +593,6 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
     def norm_eps(norm):
         return getattr(norm, "variance_epsilon", getattr(norm, "eps", eps))
 
-    def lin(mod):
-        return _w64(hf_model, mod.weight), _w64(hf_model, getattr(mod, "bias", None))
-
     inner = hf_model.model
     embed_scale = _embed_scale(hf_model)
     with torch.no_grad():
@@ -388,12 +606,15 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
             if lt not in masks:
                 raise NotImplementedError(f"layer type {lt!r} is not supported by the reference")
             cos, sin = rope[lt]
+            rd = cos.shape[-1]  # rotary dims; dims rd.. of each head pass through unrotated
             mask = masks[lt]
             at, mlp = layer.self_attn, layer.mlp
-            W, B = {}, {}
-            for key, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj), ("o", at.o_proj),
-                             ("g", mlp.gate_proj), ("u", mlp.up_proj), ("d", mlp.down_proj)):
-                W[key], B[key] = lin(mod)
+            W, B = _attention_weights(hf_model, at, H, KV, D)
+            moe = _is_moe(mlp)
+            if not moe:
+                Wm, Bm = _dense_mlp_weights(hf_model, mlp)
+                W.update(Wm)
+                B.update(Bm)
             q_norm, k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
             sandwich = hasattr(layer, "pre_feedforward_layernorm")
             norm_in = layer.input_layernorm
@@ -406,9 +627,11 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
             v = v_flat.view(T, KV, D).transpose(0, 1)
             qn = q if q_norm is None else _rmsnorm(q, gamma(q_norm), norm_eps(q_norm))
             kn = k if k_norm is None else _rmsnorm(k, gamma(k_norm), norm_eps(k_norm))
-            qA, qB = qn * cos, _rotate_half(qn) * sin
-            kA, kB = kn * cos, _rotate_half(kn) * sin
-            qr, kr = qA + qB, kA + kB
+            # RoPE on the first rd dims (rotate_half within them); the rest passes unchanged
+            qA, qB = qn[..., :rd] * cos, _rotate_half(qn[..., :rd]) * sin
+            kA, kB = kn[..., :rd] * cos, _rotate_half(kn[..., :rd]) * sin
+            qr = torch.cat((qA + qB, qn[..., rd:]), dim=-1)
+            kr = torch.cat((kA + kB, kn[..., rd:]), dim=-1)
             kr_rep = kr.repeat_interleave(n_rep, dim=0)  # (H, T, D), head h uses kv head h // n_rep
             v_rep = v.repeat_interleave(n_rep, dim=0)
             raw = (qr @ kr_rep.transpose(1, 2)) * scale  # (H, T, T), unmasked
@@ -424,11 +647,17 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
                 ap = a
             h = x + ap
             n2 = _rmsnorm(h, gamma(norm_mlp), norm_eps(norm_mlp))
-            g = _linear(n2, W["g"], B["g"])
-            u = _linear(n2, W["u"], B["u"])
-            sg = act(g)
-            m = sg * u
-            mo = _linear(m, W["d"], B["d"])
+            mlp_cache = {}
+            if moe:
+                mlp_cache["moe"] = _moe_forward(n2, _moe_weights(hf_model, mlp), act)
+                mo = mlp_cache["moe"]["out"]
+            else:
+                g = _linear(n2, W["g"], B["g"])
+                u = _linear(n2, W["u"], B["u"])
+                sg = act(g)
+                m = sg * u
+                mo = _linear(m, W["d"], B["d"])
+                mlp_cache.update(g=g, u=u, sg=sg, m=m)
             if sandwich:
                 pf = layer.post_feedforward_layernorm
                 mop = _rmsnorm(mo, gamma(pf), norm_eps(pf))
@@ -436,10 +665,10 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
                 mop = mo
             y = h + mop
             layers.append(dict(
-                W=W, B=B, layer_type=lt, mask=mask, cos=cos, sin=sin,
+                W=W, B=B, layer_type=lt, mask=mask, cos=cos, sin=sin, rotary_dim=rd,
                 x=x, n1=n1, q_flat=q_flat, k_flat=k_flat, v_flat=v_flat, q=q, k=k, v=v, qn=qn, kn=kn,
                 qA=qA, qB=qB, kA=kA, kB=kB, qr=qr, kr=kr, kr_rep=kr_rep, v_rep=v_rep, scores=scores,
-                s=s, o=o, o_flat=o_flat, a=a, ap=ap, h=h, n2=n2, g=g, u=u, sg=sg, m=m, mo=mo, mop=mop, y=y,
+                s=s, o=o, o_flat=o_flat, a=a, ap=ap, h=h, n2=n2, mo=mo, mop=mop, y=y, **mlp_cache,
             ))
             x = y
         nf = _rmsnorm(x, gamma(inner.norm), norm_eps(inner.norm))
@@ -456,6 +685,55 @@ def explicit_forward(hf_model, input_ids, position_ids=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # relevance
 # --------------------------------------------------------------------------------------------
+def _moe_relevance(moe: dict, r_out: torch.Tensor, mode: str) -> tuple[torch.Tensor, float]:
+    """Relevance of the MoE block's input from that of its output; returns (R_x, router_absorbed).
+
+    out = sum_k prod_k, prod_k = eo_k * w_k: epsilon rule on the sum (R_prod = prod / out * R_out);
+    uniform rule on each product (R_eo = R_prod / 2, R_w = sum_hidden R_prod / 2); in cp-lrp the
+    routing weights are constants (R_eo = R_prod, R_w = 0).  Each expert: down projection
+    (epsilon), m = act(g) * u uniform (R_g = R_u = R_m / 2), act identity, gate / up (epsilon).
+    Router: AttnLRP's softmax rule R_z[e] = z[e] (R_p[e] - p[e] sum_e' R_p[e']) on the router
+    logits z; renormalised top-k weights are the softmax over the chosen experts' logits, so the
+    rule runs over those (zero for the others); without renormalisation over all experts with
+    R_p = R_w at the chosen ones.  Then the router linear (epsilon).
+    """
+    wts, x, idx, w = moe["weights"], moe["x"], moe["idx"], moe["w"]
+    r_prod = moe["prod"] / _stab(moe["out"])[:, None, :] * r_out[:, None, :]  # (T, K, hidden)
+    if mode == "cp-lrp":
+        r_eo, r_w = r_prod, torch.zeros_like(w)
+    else:
+        r_eo, r_w = r_prod / 2, r_prod.sum(-1) / 2
+    r_m = torch.zeros_like(moe["m"])
+    r_x = torch.zeros_like(x)
+    for e in range(wts["router"].shape[0]):
+        t_idx, k_idx = torch.nonzero(idx == e, as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        r_m[t_idx, k_idx] = _lin_eps(moe["m"][t_idx, k_idx], wts["down"][e], moe["eo"][t_idx, k_idx],
+                                     r_eo[t_idx, k_idx])
+    r_g = r_u = r_m / 2
+    for e in range(wts["router"].shape[0]):
+        t_idx, k_idx = torch.nonzero(idx == e, as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        xe = x[t_idx]
+        r_xe = (_lin_eps(xe, wts["gate"][e], moe["g"][t_idx, k_idx], r_g[t_idx, k_idx])
+                + _lin_eps(xe, wts["up"][e], moe["u"][t_idx, k_idx], r_u[t_idx, k_idx]))
+        r_x.index_add_(0, t_idx, r_xe)
+    if mode == "cp-lrp":
+        return r_x, 0.0
+    z = moe["router_logits"]
+    r_z = torch.zeros_like(z)
+    z_chosen = torch.gather(z, 1, idx)
+    if wts["norm_topk"]:  # softmax over the chosen logits, whose output is w
+        r_z.scatter_(1, idx, z_chosen * (r_w - w * r_w.sum(-1, keepdim=True)))
+    else:  # softmax over all experts, relevance R_w at the chosen outputs
+        r_p = torch.zeros_like(z).scatter_(1, idx, r_w)
+        r_z = z * (r_p - moe["probs"] * r_p.sum(-1, keepdim=True))
+    r_x = r_x + _lin_eps(x, wts["router"], z, r_z)
+    return r_x, float(r_w.sum() - r_z.sum())
+
+
 def explicit_relevance(
     hf_model,
     input_ids,
@@ -474,6 +752,8 @@ def explicit_relevance(
       target_logit     float           sum of the selected logits
       logits           float64 (T, V)  logits of the explicit forward
       softmax_absorbed float64 (L,)    sum R_s - sum R_scores per layer (0 for cp-lrp)
+      router_absorbed  float64 (L,)    sum R_w - sum R_router_logits per layer: what the router's
+                                        softmax rule absorbs (0 for dense layers and for cp-lrp)
       bias_absorbed    float64 (L,)    relevance kept by the linear biases per layer (0 without)
       layer_relevance  float64 (L+1, T) sum_d relevance at the input of each layer
                                         (row L: input of the final norm)
@@ -507,6 +787,7 @@ def explicit_relevance(
         pos_cos = torch.zeros(L, T, dtype=torch.float64)
         pos_sin = torch.zeros(L, T, dtype=torch.float64)
         absorbed = torch.zeros(L, dtype=torch.float64)
+        router_absorbed = torch.zeros(L, dtype=torch.float64)
         bias_absorbed = torch.zeros(L, dtype=torch.float64)
         layer_rel = torch.zeros(L + 1, T, dtype=torch.float64)
         layer_rel[L] = r.sum(-1)
@@ -521,15 +802,19 @@ def explicit_relevance(
             y_st = _stab(c["y"])
             r_h = c["h"] / y_st * ry
             r_mo = c["mop"] / y_st * ry
-            # ---- down projection
-            r_m = _lin_eps(c["m"], W["d"], c["mo"], r_mo)
-            kept += _bias_kept(B["d"], c["mo"], r_mo)
-            # ---- m = act(g) * u: uniform rule; act: identity
-            r_g = r_m / 2
-            r_u = r_m / 2
-            # ---- gate / up projections; pre-MLP norm (identity)
-            r_n2 = _lin_eps(c["n2"], W["g"], c["g"], r_g) + _lin_eps(c["n2"], W["u"], c["u"], r_u)
-            kept += _bias_kept(B["g"], c["g"], r_g) + _bias_kept(B["u"], c["u"], r_u)
+            if "moe" in c:
+                # ---- mixture of experts (see _moe_relevance); pre-MLP norm (identity)
+                r_n2, router_absorbed[li] = _moe_relevance(c["moe"], r_mo, mode)
+            else:
+                # ---- down projection
+                r_m = _lin_eps(c["m"], W["d"], c["mo"], r_mo)
+                kept += _bias_kept(B["d"], c["mo"], r_mo)
+                # ---- m = act(g) * u: uniform rule; act: identity
+                r_g = r_m / 2
+                r_u = r_m / 2
+                # ---- gate / up projections; pre-MLP norm (identity)
+                r_n2 = _lin_eps(c["n2"], W["g"], c["g"], r_g) + _lin_eps(c["n2"], W["u"], c["u"], r_u)
+                kept += _bias_kept(B["g"], c["g"], r_g) + _bias_kept(B["u"], c["u"], r_u)
             r_h = r_h + r_n2
             # ---- h = x + a' (epsilon rule); post-attention norm (Gemma 3, identity)
             h_st = _stab(c["h"])
@@ -564,17 +849,20 @@ def explicit_relevance(
                 r_qr = qr * (rr @ kr_rep) * scale  # (H, T, D)
                 r_kr_rep = kr_rep * (rr.transpose(1, 2) @ qr) * scale
                 r_kr = r_kr_rep.view(KV, n_rep, T, D).sum(1)
-                # ---- RoPE
-                for r_rot_out, A, Bq, dst in ((r_qr, c["qA"], c["qB"], r_q), (r_kr, c["kA"], c["kB"], r_k)):
+                # ---- RoPE on the first rd dims; the other dims pass to q / k unchanged
+                rd = c["rotary_dim"]
+                for r_out, A, Bq, dst in ((r_qr, c["qA"], c["qB"], r_q), (r_kr, c["kA"], c["kB"], r_k)):
+                    r_rot_out = r_out[..., :rd]
+                    dst[..., rd:] += r_out[..., rd:]
                     sum_st = _stab(A + Bq)
                     r_A = A / sum_st * r_rot_out
                     r_B = Bq / sum_st * r_rot_out
                     if mode == "pa-lrp":
-                        dst += r_A / 2 + _unrotate_relevance(r_B / 2)
+                        dst[..., :rd] += r_A / 2 + _unrotate_relevance(r_B / 2)
                         pos_cos[li] += (r_A / 2).sum(dim=(0, 2))
                         pos_sin[li] += (r_B / 2).sum(dim=(0, 2))
                     else:  # attnlrp: cos / sin are constants
-                        dst += r_A + _unrotate_relevance(r_B)
+                        dst[..., :rd] += r_A + _unrotate_relevance(r_B)
                 # ---- per-head q/k norms (Qwen3, Gemma 3): identity, R_q = R_qn
             # ---- q/k/v projections; input norm (identity)
             r_q_flat = r_q.transpose(0, 1).reshape(T, H * D)
@@ -599,6 +887,7 @@ def explicit_relevance(
         "target_logit": target_logit,
         "logits": logits,
         "softmax_absorbed": absorbed,
+        "router_absorbed": router_absorbed,
         "bias_absorbed": bias_absorbed,
         "layer_relevance": layer_rel,
         "layer_types": list(fw["layer_types"]),

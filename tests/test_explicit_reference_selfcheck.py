@@ -1,5 +1,7 @@
 """Self-check of the slow explicit LRP reference (tests/explicit_reference.py) on tiny random LLaMA,
-Mistral, Qwen2, Qwen3 and Gemma 3 models (forward vs HF, attention masks, conservation)."""
+Mistral, Qwen2, Qwen3, Gemma 3, Phi-3 (partial rotary, LongRoPE), Qwen3-YaRN, Qwen3-MoE and
+Mixtral models (forward vs HF, attention masks, conservation, the rules as gradient × input of
+a modified network, and LXT main's Qwen3-MoE relevance)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 try:
-    from explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq
-    from tiny_models import FAMILIES, tiny_config, tiny_model as _tiny_family_model
+    from explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq, rope_tables
+    from tiny_models import FAMILIES, NEW_FAMILIES, tiny_config, tiny_model as _tiny_family_model
 except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
-    from tests.explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq
-    from tests.tiny_models import FAMILIES, tiny_config, tiny_model as _tiny_family_model
+    from tests.explicit_reference import MODES, explicit_forward, explicit_relevance, rope_inv_freq, rope_tables
+    from tests.tiny_models import FAMILIES, NEW_FAMILIES, tiny_config, tiny_model as _tiny_family_model
 
 REL = 1e-6
 INPUT_IDS = [1, 17, 42, 5, 99, 63, 8, 23, 71, 3, 54, 30]
@@ -166,7 +168,23 @@ def _hf_rope_inv_freq(model, layer_type):
         else rotary.inv_freq
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def _router_outputs(model, ids):
+    """transformers' routing (logits, weights, chosen experts) per MoE layer, from hooks."""
+    captured, hooks = {}, []
+    for li, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda mod, args, out, li=li: captured.__setitem__(li, out)))
+    try:
+        with torch.no_grad():
+            model(ids[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
 def test_family_forward_matches_hf(family):
     model = _family_model(family)
     ids = torch.tensor(FAMILY_IDS)
@@ -177,9 +195,24 @@ def test_family_forward_matches_hf(family):
     assert fw["logits"].dtype == torch.float64
     assert hf_logits.abs().max() > 1.0
     assert torch.allclose(fw["logits"], hf_logits, atol=1e-4, rtol=1e-4)
-    # rope per layer type: bit-identical inverse frequencies
+    # rope per layer type: bit-identical inverse frequencies (after HF's forward: LongRoPE picks
+    # its table by length), the same attention factor, the same number of rotating dims
     for layer_type in set(fw["layer_types"]):
-        assert torch.equal(rope_inv_freq(model.config, layer_type), _hf_rope_inv_freq(model, layer_type))
+        inv_freq, factor = rope_tables(model.config, layer_type, seq_len=len(FAMILY_IDS))
+        assert torch.equal(inv_freq, _hf_rope_inv_freq(model, layer_type))
+        assert fw["layers"][fw["layer_types"].index(layer_type)]["cos"].shape[-1] == 2 * inv_freq.numel()
+        rotary = model.model.rotary_emb
+        assert factor == getattr(rotary, f"{layer_type}_attention_scaling", None) or rotary.attention_scaling
+    want_rd = {"phi3": 12, "phi3_longrope": 12}.get(family, 16)
+    assert all(c["rotary_dim"] == want_rd for c in fw["layers"])
+    # mixture of experts: the same experts chosen, the same routing weights
+    routed = _router_outputs(model, ids)
+    assert sorted(routed) == [li for li, c in enumerate(fw["layers"]) if "moe" in c]
+    assert (family in ("qwen3_moe", "mixtral")) == bool(routed)
+    for li, (_, hf_weights, hf_experts) in routed.items():
+        moe = fw["layers"][li]["moe"]
+        assert torch.equal(moe["idx"], hf_experts)
+        assert torch.allclose(moe["w"], hf_weights.double(), atol=1e-5, rtol=0)
     # attention probabilities, layer by layer: same values, zero at exactly the same places
     # (causal; Gemma 3's sliding layers: a query sees itself and the 7 keys before it)
     for li, hf_probs in enumerate(out.attentions):
@@ -221,7 +254,7 @@ def test_qwen2_sliding_layers_and_mistral_window_match_hf():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
 def test_family_conservation_books_softmax_and_bias(family, mode):
     model = _family_model(family)
     fw = explicit_forward(model, FAMILY_IDS)
@@ -237,16 +270,24 @@ def test_family_conservation_books_softmax_and_bias(family, mode):
     tok_sum = float(out["token_relevance"].sum())
     pos_sum = float(out["positional_cos"].sum() + out["positional_sin"].sum())
     soft = float(out["softmax_absorbed"].sum())
+    router = float(out["router_absorbed"].sum())
     bias = float(out["bias_absorbed"].sum())
     logit = out["target_logit"]
-    assert _close(logit - soft - bias, tok_sum + pos_sum)
+    assert _close(logit - soft - router - bias, tok_sum + pos_sum)
     # layer by layer
     lr = out["layer_relevance"]
     assert _close(float(lr[L].sum()), logit)
     for li in range(L):
         below = float(lr[li].sum()) + float(out["positional_cos"][li].sum() + out["positional_sin"][li].sum())
-        above = float(lr[li + 1].sum()) - float(out["softmax_absorbed"][li]) - float(out["bias_absorbed"][li])
+        above = (float(lr[li + 1].sum()) - float(out["softmax_absorbed"][li]) - float(out["bias_absorbed"][li])
+                 - float(out["router_absorbed"][li]))
         assert _close(above, below), li
+    # the router's softmax rule absorbs in each MoE layer (Qwen3-MoE's layer 1 is dense), except
+    # in cp-lrp, where the routing weights are constants
+    moe_layers = [li for li, c in enumerate(fw["layers"]) if "moe" in c]
+    assert moe_layers == {"qwen3_moe": [0, 2], "mixtral": [0, 1, 2]}.get(family, [])
+    for li in range(L):
+        assert (out["router_absorbed"][li] != 0) == (li in moe_layers and mode != "cp-lrp"), li
     # only Qwen2 has biases (q/k/v); they keep some relevance in every layer
     if family == "qwen2":
         assert all(abs(b) > 1e-6 for b in out["bias_absorbed"].tolist())
@@ -301,66 +342,88 @@ def _gradient_x_input_of_modified_network(model, ids, positions, token_ids, mode
     """The rules as gradient × input of a modified float64 network, with autograd (test only;
     the reference itself uses none): norms with 1/rms detached, activation with act(x)/x
     detached, each product's factors getting half the gradient (uniform rule), the plain
-    softmax gradient, and in cp-lrp the attention probabilities detached.  Same masks, cos/sin
-    and embedding values as the reference's forward (those are checked against HF above)."""
+    softmax gradient, and in cp-lrp the attention probabilities (and routing weights) detached.
+    Same masks, cos/sin, embedding values and (split) weight matrices as the reference's forward
+    (those are checked against HF above).  Mixture of experts as transformers computes it:
+    softmax over all experts, top-k, renormalised by the chosen ones' sum where the config says,
+    each expert's output times its routing weight (uniform rule), summed."""
     F = torch.nn.functional
     cfg = model.config
     gemma = cfg.model_type == "gemma3_text"
     fw = explicit_forward(model, ids)
     T, H, KV, D, n_rep, scale = fw["T"], fw["H"], fw["KV"], fw["D"], fw["n_rep"], fw["scale"]
 
-    def f64(p):
-        return None if p is None else p.detach().double()
-
     def norm(x, n):
-        w = 1 + f64(n.weight) if gemma else f64(n.weight)
+        w = 1 + n.weight.detach().double() if gemma else n.weight.detach().double()
         eps = getattr(n, "variance_epsilon", getattr(n, "eps", None))
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * w
 
-    def lin(x, m):
-        z = x @ f64(m.weight).T
-        return z if m.bias is None else z + f64(m.bias)
+    def lin(x, w, b):
+        return x @ w.T if b is None else x @ w.T + b
 
     def half(a, b, op):  # value op(a, b); each factor gets half the gradient
         return 0.5 * op(a, b.detach()) + 0.5 * op(a.detach(), b)
 
     act = (lambda t: F.gelu(t, approximate="tanh")) if gemma else F.silu
+
+    def gated(x, wg, wu):  # act(g) * u with act identity and the uniform rule on the product
+        g, u = x @ wg.transpose(-1, -2), x @ wu.transpose(-1, -2)
+        return half(g * (act(g) / g).detach(), u, torch.mul)
+
+    def moe_block(x, c):
+        wts, idx = c["moe"]["weights"], c["moe"]["idx"]
+        p = torch.softmax(x @ wts["router"].T, dim=-1)
+        top = torch.gather(p, 1, idx)  # same choice of experts as the reference (and HF)
+        w = top / top.sum(-1, keepdim=True) if wts["norm_topk"] else top
+        if mode == "cp-lrp":
+            w = w.detach()
+        xs = x[:, None, None, :]  # (T, 1, 1, hidden) against (T, K, I, hidden)
+        m = gated(xs, wts["gate"][idx], wts["up"][idx])  # (T, K, 1, I)
+        eo = (m @ wts["down"][idx].transpose(-1, -2))[:, :, 0, :]  # (T, K, hidden)
+        prod = eo * w[..., None] if mode == "cp-lrp" else half(eo, w[..., None], torch.mul)
+        return prod.sum(1)
+
     emb = fw["embedding"].clone().requires_grad_(True)
     x, leaves = emb, []
     for li, layer in enumerate(model.model.layers):
         c, at = fw["layers"][li], layer.self_attn
+        W, B, rd = c["W"], c["B"], c["rotary_dim"]
         cos = c["cos"].clone().requires_grad_(True)
         sin = c["sin"].clone().requires_grad_(True)
         leaves.append((cos, sin))
         n1 = norm(x, layer.input_layernorm)
-        q = lin(n1, at.q_proj).view(T, H, D).transpose(0, 1)
-        k = lin(n1, at.k_proj).view(T, KV, D).transpose(0, 1)
-        v = lin(n1, at.v_proj).view(T, KV, D).transpose(0, 1).repeat_interleave(n_rep, 0)
+        q = lin(n1, W["q"], B["q"]).view(T, H, D).transpose(0, 1)
+        k = lin(n1, W["k"], B["k"]).view(T, KV, D).transpose(0, 1)
+        v = lin(n1, W["v"], B["v"]).view(T, KV, D).transpose(0, 1).repeat_interleave(n_rep, 0)
         if getattr(at, "q_norm", None) is not None:
             q, k = norm(q, at.q_norm), norm(k, at.k_norm)
 
-        def rope(t):
-            rot = torch.cat((-t[..., D // 2:], t[..., : D // 2]), -1)
+        def rope(t):  # the first rd dims rotate, the rest pass
+            r, rest = t[..., :rd], t[..., rd:]
+            rot = torch.cat((-r[..., rd // 2:], r[..., : rd // 2]), -1)
             if mode == "pa-lrp":
-                return half(t, cos, torch.mul) + half(rot, sin, torch.mul)
-            return t * cos.detach() + rot * sin.detach()
+                return torch.cat((half(r, cos, torch.mul) + half(rot, sin, torch.mul), rest), -1)
+            return torch.cat((r * cos.detach() + rot * sin.detach(), rest), -1)
 
         qr, kr = rope(q), rope(k).repeat_interleave(n_rep, 0)
         raw = half(qr, kr, lambda a, b: a @ b.transpose(1, 2)) * scale
         s = torch.softmax(raw.masked_fill(~c["mask"], float("-inf")), -1)
         o = s.detach() @ v if mode == "cp-lrp" else half(s, v, torch.matmul)
-        a = lin(o.transpose(0, 1).reshape(T, H * D), at.o_proj)
+        a = lin(o.transpose(0, 1).reshape(T, H * D), W["o"], B["o"])
         sandwich = hasattr(layer, "pre_feedforward_layernorm")
         if sandwich:
             a = norm(a, layer.post_attention_layernorm)
         h = x + a
         n2 = norm(h, layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)
-        g, u = lin(n2, layer.mlp.gate_proj), lin(n2, layer.mlp.up_proj)
-        f = lin(half(g * (act(g) / g).detach(), u, torch.mul), layer.mlp.down_proj)
+        if "moe" in c:
+            f = moe_block(n2, c)
+        else:
+            g, u = lin(n2, W["g"], B["g"]), lin(n2, W["u"], B["u"])
+            f = lin(half(g * (act(g) / g).detach(), u, torch.mul), W["d"], B["d"])
         if sandwich:
             f = norm(f, layer.post_feedforward_layernorm)
         x = h + f
-    logits = norm(x, model.model.norm) @ f64(model.lm_head.weight).T
+    logits = norm(x, model.model.norm) @ model.lm_head.weight.detach().double().T
     sum(logits[p, t] for p, t in zip(positions, token_ids)).backward()
 
     def rel(leaf):
@@ -370,8 +433,14 @@ def _gradient_x_input_of_modified_network(model, ids, positions, token_ids, mode
             torch.stack([rel(cs[1]) for cs in leaves]))
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", FAMILIES)
+# the new families where their new parts matter: positional relevance through partial / scaled
+# rotary tables (pa-lrp), the router rule (attnlrp) and constant routing weights (cp-lrp)
+_NEW_RULE_CASES = [("phi3", "pa-lrp"), ("phi3_longrope", "pa-lrp"), ("qwen3_yarn", "pa-lrp"),
+                   ("qwen3_moe", "pa-lrp"), ("qwen3_moe", "attnlrp"), ("qwen3_moe", "cp-lrp"),
+                   ("mixtral", "attnlrp")]
+
+
+@pytest.mark.parametrize("family,mode", [(f, m) for f in FAMILIES for m in MODES] + _NEW_RULE_CASES)
 def test_family_rules_equal_gradient_x_input_of_the_modified_network(family, mode):
     model = _family_model(family)
     positions, token_ids = [len(FAMILY_IDS) - 1, 17], [5, 9]
@@ -386,3 +455,48 @@ def test_family_rules_equal_gradient_x_input_of_the_modified_network(family, mod
         assert rel_l2(out["positional_cos"], cos) < 1e-7 and rel_l2(out["positional_sin"], sin) < 1e-7
     else:
         assert float(cos.abs().sum() + sin.abs().sum()) == 0.0
+
+
+def test_longrope_takes_the_long_factors_past_the_original_length():
+    """Phi-3 LongRoPE: short factors up to original_max_position_embeddings (32) tokens, long
+    ones past it, attention factor sqrt(1 + ln(512/32) / ln 32); the reference follows HF."""
+    import math
+
+    model = _family_model("phi3_longrope")
+    factors = []
+    for n in (20, 40):
+        ids = torch.randint(3, 101, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        with torch.no_grad():
+            hf_logits = model(torch.tensor([ids])).logits[0].double()
+        fw = explicit_forward(model, ids)
+        assert torch.allclose(fw["logits"], hf_logits, atol=1e-4, rtol=1e-4)
+        inv_freq, factor = rope_tables(model.config, seq_len=n)
+        assert torch.equal(inv_freq, model.model.rotary_emb.inv_freq)
+        factors.append(inv_freq)
+    base = 1.0 / (10_000.0 ** (torch.arange(0, 12, 2, dtype=torch.float) / 12))
+    assert torch.allclose(factors[0] * torch.tensor([1.0, 1.1, 1.3, 1.6, 2.0, 2.5]), base)
+    assert torch.allclose(factors[1] * torch.tensor([1.0, 1.5, 2.5, 4.0, 6.0, 9.0]), base)
+    assert factor == pytest.approx(math.sqrt(1 + math.log(16) / math.log(32)), rel=1e-12)
+
+
+def test_attnlrp_equals_lxt_main_on_qwen3_moe():
+    """LXT main's efficient AttnLRP with its qwen3_moe rules (stored by
+    references/lxt_main_moe.py, with the LXT commit) on the tiny Qwen3-MoE: the reference's
+    attnlrp token relevance equals it (both float64; measured 2e-7 of the largest relevance,
+    LXT's forward computes cos/sin in float32)."""
+    import json
+    from pathlib import Path
+
+    art = json.loads((Path(__file__).parent / "artifacts" / "lxt_main_qwen3_moe.json").read_text())
+    assert len(art["lxt_commit"]) == 40 and art["model"]["family"] == "qwen3_moe"
+    ids = art["input_ids"]
+    assert ids == torch.randint(3, 101, (len(ids),), generator=torch.Generator().manual_seed(11)).tolist()
+    model = _tiny_family_model("qwen3_moe", seed=art["model"]["seed"])
+    for case in art["cases"]:
+        out = explicit_relevance(model, ids, [case["target_position"]], [case["target_token_id"]],
+                                 mode="attnlrp")
+        assert out["target_logit"] == pytest.approx(case["target_logit"], rel=1e-5)
+        lxt = torch.tensor(case["lxt_relevance"], dtype=torch.float64)
+        ref = out["token_relevance"]
+        assert float((ref - lxt).abs().max()) <= 1e-5 * float(ref.abs().max())
+        assert float(out["router_absorbed"].abs().sum()) > 0

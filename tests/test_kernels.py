@@ -48,9 +48,60 @@ def test_rope_inv_freq_default_and_linear():
 
 def test_rope_inv_freq_unsupported():
     with pytest.raises(ValueError, match="llama3"):
-        K.rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+        K.rope_inv_freq(64, 10000.0, {"rope_type": "dynamic", "factor": 4.0})
     with pytest.raises(ValueError):
         K.rope_inv_freq(63, 10000.0)
+    with pytest.raises(ValueError, match="rotary dim"):
+        K.rope_inv_freq(16, 10000.0, rotary_dim=18)
+    with pytest.raises(ValueError, match="factors"):  # LongRoPE: one factor per rotated pair
+        K.rope_inv_freq(16, 10000.0, dict(interp.PHI3_LONGROPE, partial_rotary_factor=1.0))
+
+
+def _hf_scaled_tables(family: str, length: int):
+    """transformers' rotary embedding of a tiny scaled-RoPE family: (config, cos, sin) for the
+    positions 0..length-1 (LongRoPE picks its factors by this length)."""
+    from tiny_models import tiny_model
+
+    model = tiny_model(family)
+    x = torch.zeros(1, length, 4)
+    cos, sin = model.model.rotary_emb(x, torch.arange(length)[None])
+    return model, cos[0], sin[0]
+
+
+@pytest.mark.parametrize("family,length", [("phi3", 20), ("phi3_longrope", 20),
+                                           ("phi3_longrope", 40), ("qwen3_yarn", 50)])
+def test_scaled_and_partial_rope_tables_match_transformers(family, length):
+    """Partial rotary (Phi-3: 12 of 16 dims), LongRoPE's short (≤ 32 positions) and long factors
+    and YaRN: inverse frequencies, attention factor and cos/sin equal transformers' bit for bit,
+    and apply_rope equals Phi-3's apply_rotary_pos_emb (the last 4 dims pass through)."""
+    pytest.importorskip("transformers")
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    model, cos, sin = _hf_scaled_tables(family, length)
+    config = model.config
+    scaling = dict(config.rope_parameters)
+    if scaling.get("rope_type") == "longrope" and scaling.get("factor") is None:
+        scaling["factor"] = config.max_position_embeddings / config.original_max_position_embeddings
+    inv = K.rope_inv_freq(16, scaling["rope_theta"], scaling, seq_len=length)
+    assert torch.equal(inv, model.model.rotary_emb.inv_freq)
+    factor = K.rope_attention_factor(scaling)
+    assert factor == model.model.rotary_emb.attention_scaling
+    if family != "phi3":
+        assert factor > 1.1  # the scale is exercised
+    c, s = K.rope_cos_sin(torch.arange(length), inv, attention_factor=factor)
+    assert torch.equal(c, cos) and torch.equal(s, sin)
+    rotary = 12 if family.startswith("phi3") else 16
+    assert c.shape == (length, rotary)
+    if family == "phi3_longrope":  # short and long factors differ: the length matters
+        other = K.rope_inv_freq(16, scaling["rope_theta"], scaling, seq_len=72 - length)
+        assert not torch.equal(inv, other)
+    q = torch.randn(1, 4, length, 16)
+    k = torch.randn(1, 2, length, 16)
+    qe, ke = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    torch.testing.assert_close(K.apply_rope(q[0].transpose(0, 1), c, s), qe[0].transpose(0, 1))
+    torch.testing.assert_close(K.apply_rope(k[0].transpose(0, 1), c, s), ke[0].transpose(0, 1))
+    assert torch.equal(K.apply_rope(q[0].transpose(0, 1), c, s)[..., rotary:],
+                       q[0].transpose(0, 1)[..., rotary:])
 
 
 def test_rope_matches_transformers():
@@ -150,6 +201,40 @@ def test_reference_conservation(neox, share):
     )
 
 
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_reference_partial_rotary_and_attention_factor(neox, share):
+    """Rotary dim 24 of 32, cos/sin scaled by 1.3: the rotated dims follow the RoPE rule against
+    autograd (the scaled cos/sin are the positional inputs), the other 8 dims pass the gradient
+    through unchanged, and Σ q⊙grad + positional = Σ q̃⊙g per position."""
+    T, H, D, R, factor = 7, 5, 32, 24, 1.3
+    q, g, pos = _inputs(T, H, D, seed=4, max_pos=3000)
+    inv = K.rope_inv_freq(D, 10000.0, rotary_dim=R)
+    assert inv.shape == (R // 2,)
+    cos, sin = K.rope_cos_sin(pos, inv, neox_style=neox, attention_factor=factor)
+    q_leaf = q.clone().requires_grad_(True)
+    cos_leaf = cos.clone().requires_grad_(True)
+    sin_leaf = sin.clone().requires_grad_(True)
+    rotated = K.apply_rope(q_leaf, cos_leaf, sin_leaf, neox_style=neox)
+    rotated.backward(g)
+    grad, positional = K.rope_lrp_backward_reference(
+        g, q, pos, inv, input_share=share, neox_style=neox, attention_factor=factor)
+    torch.testing.assert_close(grad[..., :R], share * q_leaf.grad[..., :R], rtol=1e-5, atol=1e-5)
+    assert torch.equal(grad[..., R:], g[..., R:])  # pass-through: all relevance to the input
+    torch.testing.assert_close(positional[:, 0], (1 - share) * (cos * cos_leaf.grad).sum(-1),
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(positional[:, 1], (1 - share) * (sin * sin_leaf.grad).sum(-1),
+                               rtol=1e-5, atol=1e-4)
+    total = (rotated.detach() * g).sum(dim=(1, 2))
+    torch.testing.assert_close((q * grad).sum(dim=(1, 2)) + positional.sum(-1), total,
+                               rtol=1e-5, atol=1e-4)
+    # the positional relevance is what the rotated dims give: the same as a head of R dims alone
+    _, alone = K.rope_lrp_backward_reference(
+        g[..., :R], q[..., :R], pos, inv, input_share=share, neox_style=neox,
+        attention_factor=factor)
+    torch.testing.assert_close(positional, alone)
+
+
 def test_reference_strided_accumulate_and_dtype():
     T, H, Hkv, D = 5, 6, 2, 32
     qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
@@ -181,7 +266,9 @@ def test_argument_validation():
         with pytest.raises(ValueError, match="integer"):
             fn(g, q, pos.float(), inv, input_share=0.5)
         with pytest.raises(ValueError, match="inv_freq"):
-            fn(g, q, pos, inv[:3], input_share=0.5)
+            fn(g, q, pos, torch.cat((inv, inv[:1])), input_share=0.5)  # more than D/2
+        with pytest.raises(ValueError, match="attention_factor"):
+            fn(g, q, pos, inv, input_share=0.5, attention_factor=0.0)
         with pytest.raises(ValueError, match="float32"):
             fn(g, q, pos, inv.double(), input_share=0.5)
         with pytest.raises(ValueError, match="positional_out"):

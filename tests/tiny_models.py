@@ -156,7 +156,23 @@ def tiny_config(family: str, vocab_size: int = 101, **overrides):
     settings = {**_COMMON, **settings, "vocab_size": vocab_size,
                 "architectures": [ARCHITECTURES[family]]}
     settings.update(overrides)
+    rope = settings.get("rope_parameters") or {}
+    if rope.get("rope_type") == "longrope" and "rope_parameters" not in overrides:
+        # one LongRoPE factor per rotated frequency: stretch the tables to this head's count
+        count = int(settings["head_dim"] * rope["partial_rotary_factor"]) // 2
+        settings["rope_parameters"] = {**rope, **{
+            name: _stretched(rope[name], count) for name in ("short_factor", "long_factor")}}
     return config_cls(**settings)
+
+
+def _stretched(values: list[float], count: int) -> list[float]:
+    """``values`` linearly interpolated to ``count`` entries (unchanged when they fit)."""
+    if len(values) == count:
+        return list(values)
+    import numpy as np
+
+    return [float(v) for v in np.interp(np.linspace(0, len(values) - 1, count),
+                                        np.arange(len(values)), values)]
 
 
 def _model_class(family: str):

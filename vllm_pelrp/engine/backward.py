@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import apply_rope, rope_cos_sin, rope_inv_freq, rope_lrp_backward
+from ..kernels import (
+    apply_rope,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_lrp_backward,
+)
 from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from ..kernels.attention_lrp_reference import attention_lrp_backward_reference
 from .blocks import (
@@ -114,11 +120,15 @@ class RelevanceResult:
 
 @dataclass
 class _Rope:
+    """One layer kind's RoPE tables: cos/sin (T, rotary dim), already times ``attention_factor``
+    (LongRoPE, YaRN); the head dims past the rotary dim pass through."""
+
     positions: Tensor
     inv_freq: Tensor
     cos: Tensor
     sin: Tensor
     neox_style: bool
+    attention_factor: float = 1.0
 
 
 @dataclass
@@ -167,9 +177,15 @@ def _query_factor(spec: DecoderSpec) -> float:
 def make_rope(spec: DecoderSpec, positions: Tensor, dtype: torch.dtype,
               rope: RopeSpec | None = None) -> _Rope:
     rope = rope or RopeSpec(spec.rope_theta, spec.rope_scaling)
-    inv_freq = rope_inv_freq(spec.head_dim, rope.theta, rope.scaling, device=positions.device)
-    cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype)
-    return _Rope(positions, inv_freq, cos, sin, spec.neox_style)
+    seq_len = None
+    if (rope.scaling or {}).get("rope_type") == "longrope":  # short or long factors by length
+        seq_len = spec.rope_table_length or int(positions.max()) + 1
+    inv_freq = rope_inv_freq(spec.head_dim, rope.theta, rope.scaling, device=positions.device,
+                             rotary_dim=spec.rotated_dims, seq_len=seq_len)
+    factor = rope_attention_factor(rope.scaling)
+    cos, sin = rope_cos_sin(positions, inv_freq, neox_style=spec.neox_style, dtype=dtype,
+                            attention_factor=factor)
+    return _Rope(positions, inv_freq, cos, sin, spec.neox_style, factor)
 
 
 def make_ropes(spec: DecoderSpec, positions: Tensor, dtype: torch.dtype) -> list[_Rope]:
@@ -288,13 +304,15 @@ def _attention_backward(
 def _rope_backward(
     grad_rotated: Tensor, pre_rope: Tensor, rope: _Rope, mode: str, positional: Tensor
 ) -> Tensor:
-    """RoPE rule per target row; pa-lrp adds the cos/sin shares into ``positional`` (B, T, 2)."""
+    """RoPE rule per target row; pa-lrp adds the cos/sin shares into ``positional`` (B, T, 2).
+    Only the rotated dims have a positional share; the others pass their gradient through."""
     input_share = 0.5 if mode == "pa-lrp" else 1.0
     grads = []
     for row in range(grad_rotated.shape[0]):
         grad, _ = rope_lrp_backward(
             grad_rotated[row], pre_rope, rope.positions, rope.inv_freq,
             input_share=input_share, neox_style=rope.neox_style, positional_out=positional[row],
+            attention_factor=rope.attention_factor,
         )
         grads.append(grad)
     return torch.stack(grads)

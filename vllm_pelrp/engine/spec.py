@@ -3,8 +3,9 @@
 One ``DecoderSpec`` describes every pre-norm rotary decoder the engine implements, as a choice
 among the shared blocks of ``blocks.py``: RMSNorm (γ or Gemma's 1 + γ), linear layers with or
 without bias, a gated MLP (SiLU or GELU-tanh), attention with optional per-head q/k RMSNorm, a
-query scale other than 1/√d and sliding-window layers, and RoPE (default, llama3, linear; a
-different θ on local and global layers). The files of ``vllm_pelrp.models`` (one per
+query scale other than 1/√d and sliding-window layers, and RoPE (default, llama3, linear,
+LongRoPE, YaRN; a different θ on local and global layers; on all of each head or only its first
+``rotary_dim`` dims). The files of ``vllm_pelrp.models`` (one per
 architecture) build it from a Hugging Face config and name the weights; the tensors are views of
 the source weights, nothing is copied.
 """
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 ACTIVATIONS = ("silu", "gelu_tanh")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
@@ -79,6 +80,11 @@ class DecoderSpec:
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma)
     embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: √hidden)
     query_scale: float | None = None  # attention scale; None: 1/√head_dim
+    # partial rotary (Phi-3's partial_rotary_factor): only the first rotary_dim dims of each head
+    # rotate; None: all of them
+    rotary_dim: int | None = None
+    # the length LongRoPE picks its short or long factors by; None: each input's own (HF)
+    rope_table_length: int | None = None
     moe: MoESpec | None = None  # mixture-of-experts MLPs (every layer but ``moe.dense_layers``)
 
     def __post_init__(self) -> None:
@@ -88,6 +94,15 @@ class DecoderSpec:
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+        if self.rotary_dim is not None and not (
+                0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise UnsupportedModelError(
+                f"rotary dim {self.rotary_dim} of a {self.head_dim}-dim head (must be even)")
+
+    @property
+    def rotated_dims(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def group_size(self) -> int:

@@ -173,8 +173,7 @@ def rope_settings(params: Any) -> RopeSpec:
         raise UnsupportedModelError(
             f"rope scaling {rope_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-    if float(scaling.pop("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+    scaling.pop("partial_rotary_factor", None)  # the spec's rotary_dim (``rotary_dim``)
     if rope_type == "default":
         return RopeSpec(theta, None)
     return RopeSpec(theta, {"rope_type": rope_type, **scaling})
@@ -183,8 +182,43 @@ def rope_settings(params: Any) -> RopeSpec:
 def global_rope(config: Any) -> RopeSpec:
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict) and FULL_ATTENTION in params:  # one dict per layer type
-        return rope_settings(params[FULL_ATTENTION])
-    return rope_settings(params if isinstance(params, dict) else config)
+        rope = rope_settings(params[FULL_ATTENTION])
+    else:
+        rope = rope_settings(params if isinstance(params, dict) else config)
+    scaling = rope.scaling
+    if scaling and scaling["rope_type"] in ("longrope", "yarn"):
+        # what transformers reads from the config itself: the pretraining length, and the
+        # factor (max_position_embeddings / that length) when the rope dict has none
+        scaling = dict(scaling)
+        if scaling.get("original_max_position_embeddings") is None:
+            scaling["original_max_position_embeddings"] = getattr(
+                config, "original_max_position_embeddings", None)
+        original = scaling["original_max_position_embeddings"]
+        if not original:
+            raise UnsupportedModelError(
+                f"{scaling['rope_type']} rope scaling without original_max_position_embeddings")
+        if scaling.get("factor") is None:
+            scaling["factor"] = config.max_position_embeddings / original
+        rope = RopeSpec(rope.theta, scaling)
+    return rope
+
+
+def rotary_dim(config: Any, head_dim: int) -> int | None:
+    """Rotated dims of each head, ``int(head_dim · partial_rotary_factor)`` as transformers and
+    vLLM compute them; None when the whole head rotates."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and FULL_ATTENTION in params:
+        params = params[FULL_ATTENTION]
+    factor = (params or {}).get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", None)
+    if factor is None or float(factor) == 1.0:
+        return None
+    dim = int(head_dim * float(factor))
+    if not 0 < dim <= head_dim or dim % 2:
+        raise UnsupportedModelError(
+            f"partial_rotary_factor {factor} gives {dim} rotary dims of a {head_dim}-dim head")
+    return dim
 
 
 def layer_types(config: Any) -> tuple[str, ...] | None:
@@ -235,6 +269,7 @@ def decoder_spec(config: Any, tensor_parallel_size: int, *, activation_field: st
                         if getattr(config, "use_sliding_window", True) else None),
         layer_types=layer_types(config),
         activation=activations[activation],
+        rotary_dim=rotary_dim(config, head_dim),
     )
     fields.update(overrides)
     return DecoderSpec(**fields)
