@@ -61,7 +61,50 @@ def test_conserves_with_the_routing_path_booked(moe_model, mode):
         assert conservation.softmax_absorbed != 0
 
 
-def _moe_block(renormalize: bool, dense: bool = False):
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_explicit_reference(moe_model, mode):
+    """Token, positional and the softmax rules' loss per layer against the float64 reference
+    (tests/explicit_reference.py); the engine books the router's loss with the attention's,
+    the reference apart (``router_absorbed``)."""
+    from test_engine import assert_matches_reference, engine_and_reference
+
+    family, model = moe_model
+    input_ids = torch.randint(0, 101, (26,), generator=torch.Generator().manual_seed(2)).tolist()
+    result, reference = engine_and_reference(model, input_ids, [9, 25], [3, 77], mode)
+    router = reference["router_absorbed"]
+    assert (router.abs().sum() == 0) == (mode == "cp-lrp")
+    assert_matches_reference(result, dict(reference, softmax_absorbed=reference["softmax_absorbed"]
+                                          + router), mode)
+
+
+def test_attnlrp_on_the_hub_layout_equals_lxt_main(tmp_path):
+    """The engine's attnlrp (fp32) on the tiny Qwen3-MoE read from the hub's per-expert
+    safetensors equals LXT main's efficient AttnLRP with its qwen3_moe rules (float64, stored
+    with its commit in tests/artifacts/lxt_main_qwen3_moe.json by references/lxt_main_moe.py)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    art = json.loads((Path(__file__).parent / "artifacts" / "lxt_main_qwen3_moe.json").read_text())
+    assert art["model"]["family"] == "qwen3_moe"
+    hub = load_file(str(save_tiny("qwen3_moe", tmp_path, seed=art["model"]["seed"])
+                        / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in hub
+    model = tiny_model("qwen3_moe", seed=art["model"]["seed"])
+    arch = architecture_for(model.config)
+    weights = arch.weights_from_hf_state(hub, arch.spec(model.config, 1))
+    ids = torch.tensor(art["input_ids"])
+    for case in art["cases"]:
+        seeds = LogitSeeds.from_rows([[(case["target_position"], case["target_token_id"])]])
+        result = relevance_from_input_ids(weights, ids, seeds, "attnlrp")
+        lxt = torch.tensor(case["lxt_relevance"], dtype=torch.float64)
+        assert float(result.target_logit[0]) == pytest.approx(case["target_logit"], rel=1e-5)
+        # measured 6e-7 relative L2 (fp32 against LXT's float64); the issue asks for 1e-3
+        assert float((result.token[0].double() - lxt).norm() / lxt.norm()) < 1e-5
+
+
+def _moe_block(renormalize: bool):
     generator = torch.Generator().manual_seed(7)
 
     def rand(*shape):
