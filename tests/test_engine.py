@@ -67,7 +67,7 @@ def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
 
 # every registered architecture but LLaMA (tested above on its own fixture); a model file adds
 # its family here
-FAMILIES = ["qwen2", "qwen3", "gemma3"]
+FAMILIES = ["qwen2", "qwen3", "gemma3", "phi3_longrope", "qwen3_yarn"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
