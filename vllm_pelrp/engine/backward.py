@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import apply_rope, rope_cos_sin, rope_inv_freq, rope_lrp_backward
@@ -150,15 +149,6 @@ class _LayerCache:
         return self.keys.shape[1]
 
 
-def _attention_mask(window: int | None, length: int, device: torch.device) -> Tensor | None:
-    """Additive mask for a sliding-window layer; None means plain causal."""
-    if window is None or length <= window:
-        return None
-    idx = torch.arange(length, device=device)
-    allowed = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
-    return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
-
-
 def _query_factor(spec: DecoderSpec) -> float:
     """The attention kernels scale by 1/√D; another query scale multiplies the queries."""
     return spec.attention_scale * math.sqrt(spec.head_dim)
@@ -215,18 +205,8 @@ def layer_forward(
     factor = _query_factor(spec)
     if factor != 1.0:
         rotated_queries = rotated_queries * factor
-    mask = _attention_mask(window, length, x.device)
-    if mask is None:
-        attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values)
-    else:
-        logsumexp = None
-        attended = F.scaled_dot_product_attention(
-            rotated_queries.transpose(0, 1),
-            rotated_keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=mask.to(x.dtype),
-            enable_gqa=True,
-        ).transpose(0, 1)
+    attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values,
+                                                    sliding_window=window)
     attention_output = attended
     attended = weights.reduce(attended.reshape(length, -1) @ layer.o_proj.T)
     inv_rms_attention_output = inv_rms_mlp_output = None
