@@ -33,6 +33,11 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cpu_flash(device: torch.device) -> bool:
+    """The CPU flash kernels are called directly (they keep the log-sum-exp); elsewhere SDPA."""
+    return device.type == "cpu"
+
+
 def _windowed(length: int, sliding_window: int | None) -> bool:
     """A window only masks anything when the input is longer than it."""
     return sliding_window is not None and length > sliding_window
@@ -61,7 +66,7 @@ def attention_forward_for_lrp(
     q, k, v = (x.transpose(0, 1)[None] for x in (queries, keys, values))  # (1, H, T, D)
     if _windowed(length, sliding_window):
         return _windowed_forward(q, k, v, causal, scale, sliding_window, tile or WINDOW_TILE)
-    if queries.device.type == "cpu":
+    if _cpu_flash(queries.device):
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale
         )
@@ -79,7 +84,7 @@ def _windowed_forward(q, k, v, causal, scale, window, tile):
     for q0, q1, k0, k1 in _tiles(length, tile, causal, window):
         mask = band_mask(q0 - k0, q1 - q0, k1 - k0, causal, window, q.dtype, str(q.device))
         parts = (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1])
-        if q.device.type == "cpu":
+        if _cpu_flash(q.device):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *parts, 0.0, False, attn_mask=mask, scale=scale
             )
@@ -125,18 +130,19 @@ def attention_lrp_backward(
     if _windowed(length, sliding_window):
         grad_q, grad_k, grad_v = _windowed_backward(q, k, v, grad, output, logsumexp, causal,
                                                     scale, sliding_window, tile or WINDOW_TILE)
-    elif queries.device.type == "cpu":
+    elif _cpu_flash(queries.device):
         grad_q, grad_k, grad_v = _flash_backward_cpu(q, k, v, grad, output, logsumexp, causal,
                                                      scale)
     else:
         grad_q, grad_k, grad_v = _sdpa_backward_autograd(q, k, v, grad, causal=causal,
                                                          scale=scale)
-    grad_values = (value_share * grad_v.float()).transpose(1, 2)
+    # the kernels' gradients are fresh tensors: scale them in place (no second copy)
+    grad_values = grad_v.float().mul_(value_share).transpose(1, 2)
     if value_share == 1.0:
         return None, None, grad_values
     factor = 0.5 * (1.0 - value_share)
-    return ((factor * grad_q.float()).transpose(1, 2), (factor * grad_k.float()).transpose(1, 2),
-            grad_values)
+    return (grad_q.float().mul_(factor).transpose(1, 2),
+            grad_k.float().mul_(factor).transpose(1, 2), grad_values)
 
 
 def _flash_backward_cpu(q, k, v, grad, output, logsumexp, causal=True, scale=None,
@@ -166,7 +172,7 @@ def _windowed_backward(q, k, v, grad, output, logsumexp, causal, scale, window, 
     for q0, q1, k0, k1 in _tiles(length, tile, causal, window):
         mask = band_mask(q0 - k0, q1 - q0, k1 - k0, causal, window, q.dtype, str(q.device))
         parts = (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], grad[:, :, q0:q1])
-        if q.device.type == "cpu":
+        if _cpu_flash(q.device):
             tile_output = None if output is None else output[:, :, q0:q1]
             tile_lse = None if output is None else logsumexp[..., q0:q1]
             tile_q, tile_k, tile_v = _flash_backward_cpu(*parts, tile_output, tile_lse, False,

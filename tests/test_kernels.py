@@ -286,9 +286,9 @@ def _attention_dense_rules(q, k, v, grad, value_share, causal, scale, window):
     return output.detach(), (0.5 * grads[0], 0.5 * grads[1], grads[2])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [16, None])
+@pytest.mark.parametrize("dtype, causal, window", [
+    (torch.float64, True, 16), (torch.float32, True, 16), (torch.float64, False, 16),
+    (torch.float32, False, None)])
 def test_windowed_attention_lrp_matches_dense_rules_and_reference(dtype, causal, window):
     """Sliding-window (and bidirectional, and scaled) attention, tile by tile: the forward, the
     fused backward (given the forward's log-sum-exp, or recomputing it) and the reference equal
@@ -327,8 +327,34 @@ def test_windowed_attention_lrp_matches_dense_rules_and_reference(dtype, causal,
                                atol=tolerance)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_windowed_attention_creates_no_t_by_t_tensor(causal):
+@pytest.mark.parametrize("window", [16, None])
+def test_sdpa_path_equals_the_cpu_flash_path(monkeypatch, window):
+    """The path for other devices (SDPA forward per tile, autograd through SDPA with the
+    tile's mask; CUDA's) run on CPU equals the CPU flash path, windowed or not, bidirectional."""
+    from vllm_pelrp.kernels import attention_lrp
+
+    gen = torch.Generator().manual_seed(11)
+    T, Hq, Hkv, D, rows = 50, 4, 2, 8, 2
+    q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(rows, T, Hq, D, generator=gen)
+    args = dict(causal=False, scale=0.4, sliding_window=window, tile=16)
+
+    def run():
+        output, logsumexp = attention_lrp.attention_forward_for_lrp(q, k, v, **args)
+        grads = attention_lrp.attention_lrp_backward(q, k, v, grad, 0.5, output=output,
+                                                     logsumexp=logsumexp, **args)
+        return (output, *grads), logsumexp
+
+    flash, logsumexp = run()
+    assert logsumexp is not None
+    monkeypatch.setattr(attention_lrp, "_cpu_flash", lambda device: False)
+    sdpa, no_logsumexp = run()
+    assert no_logsumexp is None
+    for a, b in zip(sdpa, flash):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_attention_creates_no_t_by_t_tensor(causal=True):
     """T = 1024, W = 32: no op of the windowed forward, fused backward or reference outputs a
     tensor with two dimensions ≥ T (the watch does see the dense reference's T×T blocks)."""
     from memory_probe import SquareShapes

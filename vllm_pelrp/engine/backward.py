@@ -43,7 +43,7 @@ from .spec import DecoderSpec, LayerWeights, ModelWeights, RopeSpec
 from ..vocabulary import MODES  # noqa: F401  (re-exported)
 
 # "fused": the attention rules through PyTorch's fused (flash) attention backward, no T×T
-# tensor; "reference": the rules applied one by one on explicit T×T blocks (for the tests).
+# tensor; "reference": the rules applied one by one on explicit score blocks (for the tests).
 ATTENTION_BACKWARD = "fused"
 # Starting from token ids, the forward's per-layer caches are kept if all of them fit in this
 # budget (short inputs); beyond it the backward recomputes each layer from its saved input.
