@@ -1,5 +1,6 @@
 """Kernels for PA-LRP: RoPE helpers, the RoPE-LRP backward (Triton kernel and reference) and
-the attention-LRP backward (fused through PyTorch's flash attention, and its T×T reference)."""
+the attention-LRP backward (fused through PyTorch's flash attention, sliding windows in tiles of
+queries, and its explicit-blocks reference)."""
 
 from .attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from .attention_lrp_reference import attention_lrp_backward_reference

@@ -4,7 +4,7 @@
 ``peak_bytes`` replays the CPU allocator's events that torch's profiler records
 (``profile_memory=True``): the most bytes of tensors alive at once during the call, beyond those
 alive before it. Only the calling thread's allocations are seen: run the engine without a
-``recompute_executor``.
+``recompute_executor``. ``SquareShapes`` records the T×T tensors a call creates.
 """
 
 from __future__ import annotations
@@ -12,8 +12,27 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vllm_pelrp.engine.spec import DecoderSpec, LayerWeights, ModelWeights
+
+
+class SquareShapes(TorchDispatchMode):
+    """Records every op's output shape with two dimensions of at least ``length``: a T×T
+    tensor (scores, probabilities, a mask) of a T-token input, whatever its other dimensions."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+        self.found: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and sum(n >= self.length for n in t.shape) >= 2:
+                self.found.append((str(func), tuple(t.shape)))
+        return out
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:

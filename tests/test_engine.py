@@ -67,7 +67,7 @@ def test_tiny_llama_matches_explicit_reference(tiny_llama, mode):
 
 # every registered architecture but LLaMA (tested above on its own fixture); a model file adds
 # its family here
-FAMILIES = ["qwen2", "qwen3", "gemma3"]
+FAMILIES = ["qwen2", "qwen3", "gemma3", "phi3_longrope", "qwen3_yarn"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -363,6 +363,48 @@ def test_mistral_sliding_window_forward_matches_hf():
     # and the backward runs with the window's mask, conserving in cp-lrp
     result = relevance_from_input_ids(weights, input_ids, LogitSeeds.from_rows([[(19, 5)]]), "cp-lrp")
     assert float(result.token.sum()) == pytest.approx(float(result.target_logit[0]), rel=1e-4)
+
+
+def test_gemma3_sliding_layers_in_tiles_match_hf_and_reference(monkeypatch):
+    """Gemma 3's local layers (window 8) at 26 tokens in tiles of 5 queries: the engine's
+    logits equal transformers', its pa-lrp relevance the float64 reference's."""
+    from tiny_models import tiny_model
+    from vllm_pelrp.engine.backward import final_logits
+    from vllm_pelrp.kernels import attention_lrp
+
+    monkeypatch.setattr(attention_lrp, "WINDOW_TILE", 5)
+    model = tiny_model("gemma3")
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 101, (26,))
+    weights = weights_from_hf(model)
+    _, final_hidden = forward_layer_inputs(weights, input_ids)
+    with torch.no_grad():
+        expected = model(input_ids[None]).logits[0]
+    assert torch.allclose(final_logits(weights, final_hidden), expected, atol=1e-4)
+    result, reference = engine_and_reference(model, input_ids.tolist(), [9, 25], [3, 77],
+                                             "pa-lrp")
+    assert_matches_reference(result, reference, "pa-lrp")
+
+
+def test_sliding_window_explanation_creates_no_t_by_t_tensor():
+    """A sliding-window model (Mistral, W = 32) explained at T = 1024 from token ids: no op of
+    the forward or the backward outputs a tensor with two dimensions ≥ T."""
+    from memory_probe import SquareShapes
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=16, sliding_window=32, architectures=["MistralForCausalLM"])
+    weights = weights_from_hf(MistralForCausalLM(config).eval())
+    length = 1024
+    input_ids = torch.randint(0, 97, (length,))
+    seeds = LogitSeeds.from_rows([[(length - 1, 5)], [(600, 7)]])
+    with SquareShapes(length) as watch:
+        result = relevance_from_input_ids(weights, input_ids, seeds, "pa-lrp")
+    assert watch.found == []
+    assert result.token[1, 601:].abs().max() == 0  # nothing reaches beyond the target
+    assert result.token[1, :600 - 32].abs().max() == 0  # nor before one window (one layer)
 
 
 def test_combinations_follow_their_formulas(smollm2: Explainer):

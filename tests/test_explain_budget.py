@@ -30,16 +30,19 @@ def _job(tokens: int, rows: int) -> pipeline.BackwardJob:
                                 seeds=[[[tokens - 1 - r, ids[tokens - 1 - r]]] for r in range(rows)])
 
 
-@pytest.mark.parametrize("tokens, rows, from_ids", [(96, 1, True), (192, 8, True),
-                                                    (192, 8, False)])
-def test_working_set_estimate_bounds_the_measured_peak(tokens, rows, from_ids):
+@pytest.mark.parametrize("tokens, rows, from_ids, window", [
+    (96, 1, True, None), (192, 8, True, None), (192, 8, False, None), (512, 8, True, 32)])
+def test_working_set_estimate_bounds_the_measured_peak(tokens, rows, from_ids, window):
     """In the worker's row chunks, from token ids (``/v1/explain``) or from given layer inputs
     (a recording, resident: counted in): the peak of tensor bytes alive at once, from torch's
-    profiler, against ``working_set``."""
+    profiler, against ``working_set``; ``window``: every layer slides (in tiles of queries)."""
+    from dataclasses import replace
+
     from vllm_pelrp.engine.backward import forward_layer_inputs
 
-    weights = random_decoder_weights(TINY)
-    shape = ModelShape.of_spec(TINY, torch.float32, row_chunk=4)
+    spec = replace(TINY, sliding_window=window)
+    weights = random_decoder_weights(spec)
+    shape = ModelShape.of_spec(spec, torch.float32, row_chunk=4)
     job = _job(tokens, rows)
     inputs, stream = None, 0
     if not from_ids:

@@ -345,10 +345,123 @@ def test_attention_lrp_autograd_path_matches_flash_path():
     q, k, v = (torch.randn(1, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
     grad = torch.randn(rows, Hq, T, D, generator=gen)
     generic = attention_lrp._sdpa_backward_autograd(q, k, v, grad)
-    flash = attention_lrp._flash_backward_cpu(q, k, v, grad, None, None, torch.float32)
+    flash = attention_lrp._flash_backward_cpu(q, k, v, grad, None, None)
     for a, b in zip(generic, flash):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _attention_dense_rules(q, k, v, grad, value_share, causal, scale, window):
+    """float64 autograd on a dense T×T attention with the given mask (causal or not, window W:
+    i − W < j, bidirectional |i − j| < W) and scale, with the rules' factors, every row of grad."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("thd,shd->hts", q, kr) * (D**-0.5 if scale is None else scale)
+    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    blocked = distance < 0 if causal else torch.zeros(T, T, dtype=torch.bool)
+    if window is not None:
+        blocked |= (distance >= window) | (distance <= -window)
+    probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1)
+    output = torch.einsum("hts,shd->thd", probs, vr)
+    s = value_share
+    mixed = s * torch.einsum("hts,shd->thd", probs.detach(), vr) + (1 - s) * torch.einsum(
+        "hts,shd->thd", probs, vr.detach())
+    rows = [torch.autograd.grad(mixed, (q, k, v), g.double(), retain_graph=True) for g in grad]
+    grads = [torch.stack([r[i] for r in rows]) for i in range(3)]
+    return output.detach(), (0.5 * grads[0], 0.5 * grads[1], grads[2])
+
+
+@pytest.mark.parametrize("dtype, causal, window", [
+    (torch.float64, True, 16), (torch.float32, True, 16), (torch.float64, False, 16),
+    (torch.float32, False, None)])
+def test_windowed_attention_lrp_matches_dense_rules_and_reference(dtype, causal, window):
+    """Sliding-window (and bidirectional, and scaled) attention, tile by tile: the forward, the
+    fused backward (given the forward's log-sum-exp, or recomputing it) and the reference equal
+    a dense masked computation, for several tile sizes, GQA 6/2 and two target rows."""
+    from vllm_pelrp.kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
+    from vllm_pelrp.kernels.attention_lrp_reference import attention_lrp_backward_reference
+
+    gen = torch.Generator().manual_seed(7)
+    T, Hq, Hkv, D, rows, scale = 70, 6, 2, 16, 2, 0.3
+    q, k, v = (torch.randn(T, h, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(rows, T, Hq, D, generator=gen)
+    expected_output, expected = _attention_dense_rules(q, k, v, grad, 0.5, causal, scale, window)
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-5
+    args = dict(causal=causal, scale=scale, sliding_window=window)
+    for tile in (7, 16, 128):  # a remainder tile, the window's size, one tile
+        output, logsumexp = attention_forward_for_lrp(q, k, v, tile=tile, **args)
+        assert output.dtype == dtype
+        torch.testing.assert_close(output.double(), expected_output, rtol=tolerance,
+                                   atol=tolerance)
+        given = attention_lrp_backward(q, k, v, grad, 0.5, output=output, logsumexp=logsumexp,
+                                       tile=tile, **args)
+        recomputed = attention_lrp_backward(q, k, v, grad, 0.5, tile=tile, **args)
+        for a, b, c in zip(given, recomputed, expected):
+            assert a.shape == c.shape and a.dtype == torch.float32
+            torch.testing.assert_close(a.double(), c, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(b.double(), c, rtol=tolerance, atol=tolerance)
+    for block_bytes in (4 * 3 * 16 * 40, None):  # 16-query blocks, and the default
+        reference = attention_lrp_backward_reference(q, k, v, grad, 0.5, block_bytes=block_bytes,
+                                                     **args)
+        for a, c in zip(reference, expected):
+            torch.testing.assert_close(a.double(), c, rtol=2e-5, atol=2e-5)
+    # value share 1 (cp-lrp): only ∂V, the same
+    only_values = attention_lrp_backward(q, k, v, grad, 1.0, tile=16, **args)
+    assert only_values[:2] == (None, None)
+    torch.testing.assert_close(only_values[2].double(), 2 * expected[2], rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("window", [16, None])
+def test_sdpa_path_equals_the_cpu_flash_path(monkeypatch, window):
+    """The path for other devices (SDPA forward per tile, autograd through SDPA with the
+    tile's mask; CUDA's) run on CPU equals the CPU flash path, windowed or not, bidirectional."""
+    from vllm_pelrp.kernels import attention_lrp
+
+    gen = torch.Generator().manual_seed(11)
+    T, Hq, Hkv, D, rows = 50, 4, 2, 8, 2
+    q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(rows, T, Hq, D, generator=gen)
+    args = dict(causal=False, scale=0.4, sliding_window=window, tile=16)
+
+    def run():
+        output, logsumexp = attention_lrp.attention_forward_for_lrp(q, k, v, **args)
+        grads = attention_lrp.attention_lrp_backward(q, k, v, grad, 0.5, output=output,
+                                                     logsumexp=logsumexp, **args)
+        return (output, *grads), logsumexp
+
+    flash, logsumexp = run()
+    assert logsumexp is not None
+    monkeypatch.setattr(attention_lrp, "_cpu_flash", lambda device: False)
+    sdpa, no_logsumexp = run()
+    assert no_logsumexp is None
+    for a, b in zip(sdpa, flash):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_attention_creates_no_t_by_t_tensor(causal=True):
+    """T = 1024, W = 32: no op of the windowed forward, fused backward or reference outputs a
+    tensor with two dimensions ≥ T (the watch does see the dense reference's T×T blocks)."""
+    from memory_probe import SquareShapes
+    from vllm_pelrp.kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
+    from vllm_pelrp.kernels.attention_lrp_reference import attention_lrp_backward_reference
+
+    T, window = 1024, 32
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(T, h, 8, generator=gen) for h in (2, 1, 1))
+    grad = torch.randn(2, T, 2, 8, generator=gen)
+    args = dict(causal=causal, sliding_window=window)
+    with SquareShapes(T) as watch:
+        output, logsumexp = attention_forward_for_lrp(q, k, v, **args)
+        attention_lrp_backward(q, k, v, grad, 0.5, output=output, logsumexp=logsumexp, **args)
+        attention_lrp_backward(q, k, v, grad, 0.5, **args)
+        attention_lrp_backward_reference(q, k, v, grad, 0.5, **args)
+    assert watch.found == []
+    with SquareShapes(T) as watch:  # the same watch on the unwindowed reference: (G, T, T)
+        attention_lrp_backward_reference(q, k, v, grad[:1], 1.0, causal=causal)
+    assert watch.found
 
 
 def test_triton_launcher_rejects_cpu_without_interpreter():

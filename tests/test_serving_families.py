@@ -28,7 +28,8 @@ from test_serving import _rel, _start_command
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REL_TOL = 1e-4
-FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled", "gpt2": "compiled"}
+FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled", "gpt2": "compiled",
+            "phi3_longrope": "eager"}
 # long enough to fill two 32-token blocks of the prefix cache (and far past gemma's window, 8)
 PREFIX = ("Notes: the river flows north through three valleys; the old mill stands by the "
           "second bridge; the market opens on Tuesdays and Fridays; the library keeps maps of "

@@ -16,6 +16,16 @@ Methods:
 - pa-lrp (ids): vllm_pelrp engine from token ids (forward + layer-wise backward).
 - pa-lrp (layer inputs): the serving case: the residual stream is given (recorded by vLLM).
 - attnlrp (ids): our AttnLRP mode, for reference.
+
+``--window`` instead measures one sliding-window attention layer (Gemma 3 270M's heads: 4 query
+heads, 1 kv head, D = 256, fp32, one target row) at ``--window-length`` tokens and window
+``--window-size``, attention forward + LRP backward, windowed against dense (one process each,
+peak beyond the inputs and median time):
+- windowed: ``kernels/attention_lrp.py`` in tiles of ``WINDOW_TILE`` queries (the engine's path);
+- dense mask, fused: a T×T additive mask through the same fused CPU flash kernels;
+- dense fallback: what the engine did before: SDPA with a T×T mask, then the reference over
+  every earlier key (``sliding_window=None``: the same work as the old windowed reference);
+- windowed reference: ``kernels/attention_lrp_reference.py`` with the window.
 """
 
 from __future__ import annotations
@@ -123,6 +133,104 @@ def child_memory(length: int, method: str) -> dict:
     return {"peak_bytes_beyond_weights": _vm("VmHWM") - before}
 
 
+WINDOW_METHODS = ["windowed", "dense mask, fused", "dense fallback", "windowed reference"]
+
+
+def _window_runner(method: str, length: int, window: int):
+    """Inputs of one Gemma-3-270M-shaped attention layer, and the method as a callable."""
+    import torch
+
+    from vllm_pelrp.kernels import attention_lrp
+    from vllm_pelrp.kernels.attention_lrp_reference import attention_lrp_backward_reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(length, h, 256, generator=gen) for h in (4, 1, 1))
+    grad = torch.randn(1, length, 4, 256, generator=gen)
+
+    def dense_mask():
+        distance = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+        return torch.zeros(length, length).masked_fill((distance < 0) | (distance >= window),
+                                                       float("-inf"))
+
+    def windowed():
+        output, lse = attention_lrp.attention_forward_for_lrp(q, k, v, sliding_window=window)
+        return attention_lrp.attention_lrp_backward(q, k, v, grad, 0.5, sliding_window=window,
+                                                    output=output, logsumexp=lse)
+
+    def dense_fused():
+        mask = dense_mask()
+        q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q4, k4, v4, 0.0, False, attn_mask=mask)
+        return attention_lrp._flash_backward_cpu(q4, k4, v4, grad.transpose(1, 2), output, lse,
+                                                 False, None, mask)
+
+    def dense_fallback():
+        mask = dense_mask()
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, enable_gqa=True)
+        del mask
+        return attention_lrp_backward_reference(q, k, v, grad, 0.5)
+
+    def windowed_reference():
+        return attention_lrp_backward_reference(q, k, v, grad, 0.5, sliding_window=window)
+
+    return {"windowed": windowed, "dense mask, fused": dense_fused,
+            "dense fallback": dense_fallback, "windowed reference": windowed_reference}[method]
+
+
+def child_window(method: str, length: int, window: int, repeats: int) -> dict:
+    """Peak bytes beyond the inputs of the first call (fresh process), then the median time."""
+    import ctypes
+    import gc
+
+    run = _window_runner(method, length, window)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _vm("VmRSS")
+    run()
+    peak = _vm("VmHWM") - before
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return {"peak_bytes_beyond_inputs": peak, "time_s": statistics.median(times),
+            "cpu_time_s": statistics.median(cpu_times)}
+
+
+def run_window(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vllm_pelrp.kernels.attention_lrp import WINDOW_TILE
+
+    length, window = args.window_length, args.window_size
+    results = {method: run_child(["window", method, str(length), str(window), str(args.repeats)])
+               for method in WINDOW_METHODS}
+    table = Table(title=f"CPU, one sliding-window attention layer (4 q heads, 1 kv head, D=256, "
+                        f"fp32, 1 row), T={length}, W={window}, tile {WINDOW_TILE}: "
+                        f"forward + LRP backward")
+    for column in ("method", "time s", "time ratio", "CPU s", "CPU ratio", "peak MiB",
+                   "memory ratio"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    base = results["windowed"]
+    for method, entry in results.items():
+        table.add_row(method, f"{entry['time_s']:.2f}", f"{entry['time_s'] / base['time_s']:.2f}×",
+                      f"{entry['cpu_time_s']:.2f}",
+                      f"{entry['cpu_time_s'] / base['cpu_time_s']:.2f}×",
+                      f"{entry['peak_bytes_beyond_inputs'] / 2**20:.0f}",
+                      f"{entry['peak_bytes_beyond_inputs'] / base['peak_bytes_beyond_inputs']:.2f}×")
+    Console().print(table)
+    out = args.json.with_name("cpu_bench_window.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"length": length, "window": window, "tile": WINDOW_TILE,
+                               "threads": args.threads, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
 def run_child(args: list[str]) -> dict:
     output = subprocess.run(
         [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
@@ -164,6 +272,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's). With 1, the process CPU time is "
                              "a fair measure even on a loaded machine")
+    parser.add_argument("--window", action="store_true",
+                        help="one sliding-window attention layer, windowed against dense")
+    parser.add_argument("--window-length", type=int, default=4096)
+    parser.add_argument("--window-size", type=int, default=512)
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.threads:
@@ -176,10 +288,18 @@ def main() -> None:
 
         torch.set_num_threads(threads)
     if args.child:
-        kind, length = args.child[0], int(args.child[1])
-        result = (child_time(length, int(args.child[2])) if kind == "time"
-                  else child_memory(length, args.child[2]))
+        kind = args.child[0]
+        if kind == "window":
+            result = child_window(args.child[1], *map(int, args.child[2:5]))
+        else:
+            length = int(args.child[1])
+            result = (child_time(length, int(args.child[2])) if kind == "time"
+                      else child_memory(length, args.child[2]))
         print(json.dumps(result))
+        return
+
+    if args.window:
+        run_window(args)
         return
 
     from rich.console import Console

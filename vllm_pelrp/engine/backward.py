@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import (
@@ -52,7 +51,7 @@ from .spec import DecoderSpec, LayerWeights, ModelWeights, RopeSpec
 from ..vocabulary import MODES  # noqa: F401  (re-exported)
 
 # "fused": the attention rules through PyTorch's fused (flash) attention backward, no T×T
-# tensor; "reference": the rules applied one by one on explicit T×T blocks (for the tests).
+# tensor; "reference": the rules applied one by one on explicit score blocks (for the tests).
 ATTENTION_BACKWARD = "fused"
 # Starting from token ids, the forward's per-layer caches are kept if all of them fit in this
 # budget (short inputs); beyond it the backward recomputes each layer from its saved input.
@@ -160,15 +159,6 @@ class _LayerCache:
         return self.keys.shape[1]
 
 
-def _attention_mask(window: int | None, length: int, device: torch.device) -> Tensor | None:
-    """Additive mask for a sliding-window layer; None means plain causal."""
-    if window is None or length <= window:
-        return None
-    idx = torch.arange(length, device=device)
-    allowed = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
-    return torch.zeros(length, length, device=device).masked_fill(~allowed, float("-inf"))
-
-
 def _query_factor(spec: DecoderSpec) -> float:
     """The attention kernels scale by 1/√D; another query scale multiplies the queries."""
     return spec.attention_scale * math.sqrt(spec.head_dim)
@@ -231,18 +221,8 @@ def layer_forward(
     factor = _query_factor(spec)
     if factor != 1.0:
         rotated_queries = rotated_queries * factor
-    mask = _attention_mask(window, length, x.device)
-    if mask is None:
-        attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values)
-    else:
-        logsumexp = None
-        attended = F.scaled_dot_product_attention(
-            rotated_queries.transpose(0, 1),
-            rotated_keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=mask.to(x.dtype),
-            enable_gqa=True,
-        ).transpose(0, 1)
+    attended, logsumexp = attention_forward_for_lrp(rotated_queries, rotated_keys, values,
+                                                    sliding_window=window)
     attention_output = attended
     attended = weights.reduce(attended.reshape(length, -1) @ layer.o_proj.T)
     inv_rms_attention_output = inv_rms_mlp_output = None

@@ -28,8 +28,9 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
   row chunk's (C rows) MLP or attention gradients (the MLP block's are freed before the
   attention's backward starts), C·T·4·(max(4·I, 8·Hq·D) + 4·H) (a mixture of experts: k·Iₑ + E
   in place of I, the chosen experts' widths and the router's); sliding-window
-  layers longer than their window run the attention rules on explicit T×T blocks, and so does
-  the additive engine, for all rows at once, a head at a time (B·T·T·4 each). A recording is
+  layers longer than their window run in tiles of queries, each with its band mask and its
+  keys' gradients (O(tile + W) keys, not T); the additive engine runs the attention rules on
+  explicit T×T blocks, for all rows at once, a head at a time (B·T·T·4 each). A recording is
   rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
   stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
   stream.
@@ -50,8 +51,8 @@ FP32 = 4
 GIGA = 1e9
 # engine/backward.py's DEFAULT_CACHE_BUDGET_BYTES (not imported: this module needs no torch)
 FORWARD_CACHE_BUDGET_BYTES = 512 * 2**20
-# kernels/attention_lrp_reference.py's BLOCK_BYTES: one explicit fp32 block of T×T attention
-REFERENCE_BLOCK_BYTES = 256 * 2**20
+# kernels/attention_lrp.py's WINDOW_TILE: queries per tile of a sliding-window layer
+WINDOW_TILE = 128
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
                "float64": 8, "double": 8}
 
@@ -223,9 +224,9 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
                  + t * (3 * h + shape.mlp_width) * shape.dtype_bytes
                  + chunk * t * FP32 * (max(4 * shape.mlp_width, 8 * q) + 4 * h))
     if shape.sliding_window is not None and t > shape.sliding_window:
-        group = shape.num_heads // shape.num_kv_heads
-        block = min(REFERENCE_BLOCK_BYTES, chunk * group * t * t * FP32)
-        transient += 4 * block + (1 + shape.num_heads) * t * t * FP32  # and the forward's mask
+        span = WINDOW_TILE + shape.sliding_window  # keys one tile sees
+        transient += WINDOW_TILE * span * FP32 + chunk * span * 2 * shape.num_kv_heads * (
+            shape.head_dim * FP32)  # the tile's band mask, and its keys' gradients
     return WorkingSet(resident, transient if from_ids else max(transient, stream))
 
 
