@@ -57,7 +57,13 @@ from .engine.backward import (
     relevance_from_layer_inputs,
     run_forward,
 )
-from .engine.additive import AdditiveRelevance, AdditiveWeights, lm_logits, relevance_from_forward
+from .engine.additive import (
+    AdditiveRelevance,
+    AdditiveWeights,
+    HiddenSeed,
+    lm_logits,
+    relevance_from_forward,
+)
 from .engine.additive import run_forward as run_additive_forward
 from .engine.additive import sequence_classification_logits
 from .engine.heads import (
@@ -87,7 +93,7 @@ __all__ = [
     "GroundingError", "Plan", "PromptError", "TargetError", "assemble", "backward_reply",
     "check_token_ids", "complete_next", "compute", "job", "message_contents", "plan",
     "EncoderJob", "EncoderPlan", "EncoderResult", "assemble_encoder", "compute_encoder",
-    "encoder_job", "plan_encoder",
+    "compute_similarities", "encoder_job", "encoder_passes", "plan_encoder", "shared_query_groups",
 ]
 
 
@@ -673,45 +679,131 @@ def encoder_job(plan: EncoderPlan) -> EncoderJob:
                       mode=plan.mode)
 
 
+def shared_query_groups(jobs: Sequence[EncoderPlan | EncoderJob]) -> list[list[int]]:
+    """The jobs' indices in the groups the worker computes together: 'similarity' jobs with the
+    same first text (token ids and token types) and mode form one group, whose query runs one
+    forward and one backward for all its documents (``compute_similarities``); any other job is
+    a group of its own. Groups come in the order of their first job."""
+    groups: list[list[int]] = []
+    by_query: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        if "similarity" not in job.target or len(job.texts) != 2:
+            groups.append([index])
+            continue
+        types = job.token_type_ids[0] if job.token_type_ids else None
+        key = (tuple(job.texts[0]), None if types is None else tuple(types), job.mode)
+        if key not in by_query:
+            by_query[key] = []
+            groups.append(by_query[key])
+        by_query[key].append(index)
+    return groups
+
+
+def encoder_passes(jobs: Sequence[EncoderPlan | EncoderJob]) -> list[list[tuple[int, int]]]:
+    """(target rows, tokens) of each forward-and-backward the worker runs for ``jobs``, one list
+    per group of ``shared_query_groups``: its first text with one row per job (a shared query:
+    one per document), then every job's other text with one row."""
+    return [[(len(group), len(jobs[group[0]].texts[0]))]
+            + [(1, len(text)) for i in group for text in jobs[i].texts[1:]]
+            for group in shared_query_groups(jobs)]
+
+
+def _additive_row(result: AdditiveRelevance, row: int) -> AdditiveRelevance:
+    """Row ``row`` of a B-row result, as a one-row result."""
+    return AdditiveRelevance(**{name: None if value is None else value[row:row + 1]
+                                for name, value in vars(result).items()})
+
+
+def _encoder_backward_result(weights: AdditiveWeights, result: AdditiveRelevance,
+                             length: int) -> BackwardResult:
+    return BackwardResult.from_relevance(additive_as_relevance(result, weights.spec.position_kind),
+                                         length, recomputed_rows=length)
+
+
+@torch.no_grad()
+def compute_similarities(weights: AdditiveWeights, jobs: Sequence[EncoderJob], *,
+                         pooling: Pooling) -> list[EncoderResult | TargetError]:
+    """Raw relevance of 'similarity' jobs that share their first text, the query (one group of
+    ``shared_query_groups``): one forward of the query; per document its forward, both sides'
+    seeds (``similarity_seeds``) and its backward (one row); then one backward of the query with
+    one seed row per document. Each result equals its job's alone; a document whose cosine is
+    undefined gets its ``TargetError`` in place of a result."""
+    started = time.perf_counter()
+    if not jobs:
+        return []
+    first = jobs[0]
+    shared = shared_query_groups(jobs)
+    if len(shared) != 1 or "similarity" not in first.target:
+        raise ValueError("compute_similarities takes 'similarity' jobs of one query and mode")
+    device = weights.device
+
+    def forward(ids: list[int], types: list[int] | None):
+        return run_additive_forward(weights, torch.tensor(ids, device=device),
+                                    None if types is None else torch.tensor(types, device=device))
+
+    types = [job.token_type_ids or [None, None] for job in jobs]
+    query = forward(first.texts[0], types[0][0])
+    outcomes: list[EncoderResult | TargetError | None] = [None] * len(jobs)
+    done = []  # (job number, the query's seed, the cosine, the document's result)
+    for number, job in enumerate(jobs):
+        document = forward(job.texts[1], types[number][1])
+        try:
+            seeds = similarity_seeds(query.final_hidden, document.final_hidden, pooling)
+        except HeadTargetError as error:
+            outcomes[number] = TargetError(str(error))
+            continue
+        other = relevance_from_forward(weights, document, seeds.second, job.mode)
+        done.append((number, seeds.first.gradient, float(seeds.cosine),
+                     _encoder_backward_result(weights, other, len(job.texts[1]))))
+        del document  # one document's forward alive at a time (budget.encoder_need)
+    if done:
+        seed = HiddenSeed(torch.cat([gradient for _, gradient, _, _ in done]))
+        result = relevance_from_forward(weights, query, seed, first.mode)
+        seconds = (time.perf_counter() - started) / len(jobs)
+        for row, (number, _, value, other) in enumerate(done):
+            mine = _encoder_backward_result(weights, _additive_row(result, row),
+                                            len(first.texts[0]))
+            outcomes[number] = EncoderResult(texts=[mine, other], value=value, seconds=seconds)
+    return outcomes
+
+
 @torch.no_grad()
 def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooling,
                     head: ClassifierHead | None = None) -> EncoderResult:
     """Raw relevance of an encoder job: a forward of each text, the target's seed from the head
-    (``engine/heads.py``), the backward of each text."""
+    (``engine/heads.py``), the backward of each text ('similarity': ``compute_similarities``)."""
     started = time.perf_counter()
     device = weights.device
     kind, value = next(iter(job.target.items()))
     if (kind == "similarity") != (len(job.texts) == 2) or len(job.texts) not in (1, 2):
         raise ValueError(f"a {kind!r} job needs {'two texts' if kind == 'similarity' else 'one text'}")
-    types = job.token_type_ids or [None] * len(job.texts)
-    forwards = [run_additive_forward(weights, torch.tensor(ids, device=device),
-                                     None if t is None else torch.tensor(t, device=device))
-                for ids, t in zip(job.texts, types)]
-    hidden = [f.final_hidden for f in forwards]
+    if kind == "similarity":
+        outcome = compute_similarities(weights, [job], pooling=pooling)[0]
+        if isinstance(outcome, TargetError):
+            raise outcome
+        return outcome
+    types = job.token_type_ids[0] if job.token_type_ids else None
+    ids = job.texts[0]
+    forward = run_additive_forward(weights, torch.tensor(ids, device=device),
+                                   None if types is None else torch.tensor(types, device=device))
+    hidden = forward.final_hidden
     try:
-        if kind == "similarity":
-            both = similarity_seeds(hidden[0], hidden[1], pooling)
-            seeds, value = [both.first, both.second], float(both.cosine)
-        elif kind == "dimension":
-            seeds = [dimension_seed(hidden[0], value, pooling)]
-            value = float(pool(hidden[0], pooling)[value])
+        if kind == "dimension":
+            seed = dimension_seed(hidden, value, pooling)
+            value = float(pool(hidden, pooling)[value])
         else:
             if head is None:
                 raise HeadTargetError("this model has no sequence-classification head: "
                                       "{'label': i} needs one (BertForSequenceClassification); "
                                       "an embedding model allows {'dimension': k} and "
                                       "{'similarity': other}")
-            seeds = [label_seed(hidden[0], value, head)]
-            value = float(sequence_classification_logits(weights, hidden[0])[value])
+            seed = label_seed(hidden, value, head)
+            value = float(sequence_classification_logits(weights, hidden)[value])
     except HeadTargetError as error:
         raise TargetError(str(error)) from None
-    texts = []
-    for ids, forward, seed in zip(job.texts, forwards, seeds):
-        result = relevance_from_forward(weights, forward, seed, job.mode)
-        texts.append(BackwardResult.from_relevance(
-            additive_as_relevance(result, weights.spec.position_kind), len(ids),
-            recomputed_rows=len(ids)))
-    return EncoderResult(texts=texts, value=value, seconds=time.perf_counter() - started)
+    result = relevance_from_forward(weights, forward, seed, job.mode)
+    return EncoderResult(texts=[_encoder_backward_result(weights, result, len(ids))],
+                         value=value, seconds=time.perf_counter() - started)
 
 
 def _encoder_target(plan: EncoderPlan, value: float, side: int) -> ResolvedTarget:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .. import settings
-from ..engine.cost import ModelShape, explanation_gflop, request_working_set
+from ..engine.cost import ModelShape, explanation_gflop, request_working_set, working_set
 from .memory_budget import MEMORY_ENV
 
 GFLOP_ENV = "VLLM_PELRP_MAX_EXPLAIN_GFLOP"
@@ -92,8 +92,13 @@ def decoder_need(shape: ModelShape, jobs: Sequence[tuple[int, int]], *, from_ids
     return request_working_set(shape, list(jobs), from_ids=from_ids)
 
 
-def encoder_need(shape: ModelShape, texts: Sequence[Sequence[int]]) -> int:
-    """Bytes of encoder jobs run one after another, each with its texts' token counts (one,
-    or two for 'similarity': both forwards are alive during its backward)."""
-    return max((request_working_set(shape, [(1, t) for t in job], from_ids=True, held=True)
-                for job in texts), default=0)
+def encoder_need(shape: ModelShape, groups: Sequence[Sequence[tuple[int, int]]]) -> int:
+    """Bytes of encoder jobs run group after group, each group as ``pipeline.encoder_passes``
+    gives it ((target rows, tokens) of each text's forward and backward): its first text's
+    forward is alive throughout, each other text's forward and backward come one at a time
+    (``pipeline.compute_similarities``), then the first text's backward."""
+    need = 0
+    for passes in groups:
+        first, *others = [working_set(shape, r, t, from_ids=True) for r, t in passes]
+        need = max(need, first.resident + max([first.transient] + [w.total for w in others]))
+    return need

