@@ -221,6 +221,7 @@ def test_one_model_table_the_rest_derived_from_the_model_files():
             assert set(arch.model_types.values()) <= set(arch.names), name
     assert models.DECODER_ARCHITECTURES == ("LlamaForCausalLM", "MistralForCausalLM",
                                             "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                                            "Gemma3ForCausalLM", "Phi3ForCausalLM")
+                                            "Gemma3ForCausalLM", "Phi3ForCausalLM",
+                                            "Qwen3MoeForCausalLM", "MixtralForCausalLM")
     assert models.MODEL_TYPES["gemma3_text"] == "Gemma3ForCausalLM"
     assert models.MODEL_TYPES["xlm-roberta"] == "XLMRobertaModel"

@@ -37,14 +37,16 @@ from ..kernels import (
 from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from ..kernels.attention_lrp_reference import attention_lrp_backward_reference
 from .blocks import (
-    activation,
-    activation_backward,
+    GatedMLPCache,
+    MoECache,
     linear,
     linear_backward,
+    mlp_block,
     rms_norm,
     rms_norm_backward,
+    tensor_bytes,
 )
-from .rules import linear_rule, uniform_product_rule
+from .rules import linear_rule
 from .spec import DecoderSpec, LayerWeights, ModelWeights, RopeSpec
 from ..vocabulary import MODES  # noqa: F401  (re-exported)
 
@@ -141,9 +143,7 @@ class _LayerCache:
     attention_output: Tensor  # (T, Hq, D)
     attention_logsumexp: Tensor | None  # per query row, kept by the CPU flash kernel
     inv_rms_mlp: Tensor
-    gate: Tensor
-    up: Tensor
-    silu_gate: Tensor  # act(gate): SiLU or GELU-tanh
+    mlp: GatedMLPCache | MoECache  # the MLP block's (``blocks.mlp_block``)
     inv_rms_q: Tensor | None = None  # per-head q/k norms (T, H, 1)
     inv_rms_k: Tensor | None = None
     inv_rms_attention_output: Tensor | None = None  # sandwich norms (T, 1)
@@ -230,11 +230,10 @@ def layer_forward(
         attended, inv_rms_attention_output = rms_norm(spec, attended, layer.attention_output_norm)
     hidden = x + attended
     normed_mlp, inv_rms_mlp = rms_norm(spec, hidden, layer.mlp_norm)
-    gate = normed_mlp @ layer.gate_proj.T
-    up = normed_mlp @ layer.up_proj.T
-    silu_gate = activation(spec, gate)
-    if output_needed or not keep_cache or layer.mlp_output_norm is not None:
-        mlp = weights.reduce((silu_gate * up) @ layer.down_proj.T)
+    mlp_needed = output_needed or not keep_cache or layer.mlp_output_norm is not None
+    mlp, mlp_cache = mlp_block(spec, layer).forward(normed_mlp, mlp_needed)
+    if mlp_needed:
+        mlp = weights.reduce(mlp)
         if layer.mlp_output_norm is not None:  # its 1/rms is needed even without the output
             mlp, inv_rms_mlp_output = rms_norm(spec, mlp, layer.mlp_output_norm)
         output = hidden + mlp if output_needed or not keep_cache else None
@@ -244,7 +243,7 @@ def layer_forward(
         return output, None
     cache = _LayerCache(
         inv_rms_attn, queries, keys, rotated_queries, rotated_keys, values,
-        attention_output, logsumexp, inv_rms_mlp, gate, up, silu_gate,
+        attention_output, logsumexp, inv_rms_mlp, mlp_cache,
         inv_rms_q, inv_rms_k, inv_rms_attention_output, inv_rms_mlp_output,
     )
     return output, cache
@@ -318,16 +317,11 @@ def layer_backward(
     """
     spec = weights.spec
     rows, length = grad_output.shape[:2]
-    # MLP: y = h + [norm](down(act(gate) ⊙ up))
+    # MLP: y = h + [norm](mlp(h)), the layer's MLP block (gated, or a mixture of experts)
     grad_mlp = grad_output
     if layer.mlp_output_norm is not None:
         grad_mlp = rms_norm_backward(spec, grad_mlp, cache.inv_rms_mlp_output, layer.mlp_output_norm)
-    grad_product = linear_rule(grad_mlp, layer.down_proj).float()
-    grad_act, grad_up = uniform_product_rule(grad_product, cache.silu_gate, cache.up)
-    grad_gate = activation_backward(spec, grad_act, cache.gate)
-    grad_normed = linear_rule(grad_gate, layer.gate_proj).float() + linear_rule(
-        grad_up, layer.up_proj
-    ).float()
+    grad_normed = mlp_block(spec, layer).backward(cache.mlp, grad_mlp, mode, absorbed)
     grad_normed = weights.reduce(grad_normed)
     grad_hidden = grad_output + rms_norm_backward(spec, grad_normed, cache.inv_rms_mlp,
                                                   layer.mlp_norm)
@@ -401,7 +395,7 @@ class ForwardPass:
 
 
 def _cache_bytes(cache: _LayerCache) -> int:
-    return sum(t.numel() * t.element_size() for t in vars(cache).values() if t is not None)
+    return tensor_bytes(cache)
 
 
 @torch.no_grad()

@@ -4,8 +4,10 @@ vLLM, no HTTP; the API process reads the shape from the worker's setup info (``M
 and checks both before it admits an explanation (``serving/budget.py``).
 
 Work (``explanation_flops``), for B target rows over T tokens, L layers, one layer's linear
-multiply-adds per token m = H·(Hq + 2·Hkv)·D + Hq·D·H + 3·H·I (attention projections, a gated MLP)
-and its attention multiply-adds a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the additive engine):
+multiply-adds per token m = H·(Hq + 2·Hkv)·D + Hq·D·H + 3·H·I (attention projections, a gated MLP;
+a mixture-of-experts layer's MLP instead costs its router and the k experts a token chose,
+H·E + 3·k·H·Iₑ, and m is the mean over the layers) and its attention multiply-adds
+a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the additive engine):
 
 - the recompute: each layer's forward once, from its saved input (``engine/backward.py``:
   ``relevance_from_layer_inputs``), 2·L·(T·m + a(T)), and as much again when there is no
@@ -23,7 +25,9 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
 - transient (one backward at a time per job): the gradient at the residual stream for all rows
   (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
   one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
-  row chunk's (C rows) MLP and attention gradients, C·T·4·(4·I + 8·Hq·D + 4·H); sliding-window
+  row chunk's (C rows) MLP or attention gradients (the MLP block's are freed before the
+  attention's backward starts), C·T·4·(max(4·I, 8·Hq·D) + 4·H) (a mixture of experts: k·Iₑ + E
+  in place of I, the chosen experts' widths and the router's); sliding-window
   layers longer than their window run in tiles of queries, each with its band mask and its
   keys' gradients (O(tile + W) keys, not T); the additive engine runs the attention rules on
   explicit T×T blocks, for all rows at once, a head at a time (B·T·T·4 each). A recording is
@@ -85,6 +89,12 @@ class ModelShape:
     sliding_layers: int = 0
     row_chunk: int | None = None  # target rows per slice of a layer's backward (worker.ROW_CHUNK)
     layers_ahead: int = 0  # layer caches recomputed ahead (1: on spare cores)
+    # mixture-of-experts MLPs in ``moe_layers`` of the layers (the others are dense): E experts
+    # of intermediate size Iₑ (per rank), k of them per token
+    moe_layers: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def of_spec(cls, spec: Any, dtype: Any, *, row_chunk: int | None = None,
@@ -92,10 +102,15 @@ class ModelShape:
         """From a ``DecoderSpec`` or an ``AdditiveSpec`` (told apart by ``num_kv_heads``)."""
         if hasattr(spec, "num_kv_heads"):  # DecoderSpec
             sliding = sum(spec.layer_window(i) is not None for i in range(spec.num_layers))
+            moe = getattr(spec, "moe", None)
+            experts = {} if moe is None else dict(
+                moe_layers=sum(spec.layer_has_moe(i) for i in range(spec.num_layers)),
+                num_experts=moe.num_experts, experts_per_token=moe.top_k,
+                expert_intermediate_size=moe.intermediate_size)
             return cls(ROTARY, spec.num_layers, spec.hidden_size, spec.intermediate_size,
                        spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
                        dtype_bytes(dtype), True, spec.sliding_window if sliding else None,
-                       sliding, row_chunk, layers_ahead)
+                       sliding, row_chunk, layers_ahead, **experts)
         return cls(ADDITIVE, spec.num_layers, spec.hidden_size, spec.intermediate_size,
                    spec.num_heads, spec.num_heads, spec.head_dim, spec.vocab_size,
                    dtype_bytes(dtype), bool(spec.causal), None, 0, None, 0)
@@ -110,12 +125,27 @@ class ModelShape:
         return cls(**{k: v for k, v in info.items() if k in names})
 
     @property
+    def dense_layers(self) -> int:
+        return self.num_layers - self.moe_layers
+
+    @property
     def linear_macs_per_token(self) -> int:
-        """One layer's multiply-adds per token in its linear layers, m."""
+        """One layer's multiply-adds per token in its linear layers, m (the mean over the
+        layers: a mixture of experts counts its router and the k experts a token chose)."""
         h, d = self.hidden_size, self.head_dim
         attention = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
-        mlp = (3 if self.kind == ROTARY else 2) * h * self.intermediate_size  # gated or not
+        dense = (3 if self.kind == ROTARY else 2) * h * self.intermediate_size  # gated or not
+        moe = h * self.num_experts + 3 * self.experts_per_token * h * self.expert_intermediate_size
+        mlp = (self.dense_layers * dense + self.moe_layers * moe) // max(self.num_layers, 1)
         return attention + mlp
+
+    @property
+    def mlp_width(self) -> int:
+        """Per token, the widest layer's MLP intermediate values: I for a dense MLP, k·Iₑ + E
+        (the chosen experts' and the router's) for a mixture of experts."""
+        moe = self.experts_per_token * self.expert_intermediate_size + self.num_experts
+        return max(self.intermediate_size if self.dense_layers else 0,
+                   moe if self.moe_layers else 0)
 
     def attention_macs(self, tokens: int) -> int:
         """One layer's attention multiply-adds (QKᵀ and A·V), a(T): the fused kernels skip the
@@ -162,8 +192,11 @@ def layer_cache_bytes(shape: ModelShape, tokens: int) -> int:
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     if shape.kind == ADDITIVE:
         return t * s * (3 * q + shape.intermediate_size + 2 * shape.hidden_size)
-    # q, q̃, output; k, k̃, v; gate, up, act(gate); the log-sum-exp
-    return t * s * (3 * q + 3 * kv + 3 * shape.intermediate_size) + shape.num_heads * t * FP32
+    # q, q̃, output; k, k̃, v; gate, up, act(gate) (and a mixture of experts' router logits,
+    # fp32 probabilities, chosen experts, weights and token lists); the log-sum-exp
+    return (t * s * (3 * q + 3 * kv + 3 * shape.mlp_width) + shape.num_heads * t * FP32
+            + (t * (shape.num_experts * FP32 + shape.experts_per_token * 28)
+               if shape.moe_layers else 0))
 
 
 def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) -> WorkingSet:
@@ -188,8 +221,8 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     transient = (2 * rows * t * h * FP32  # the gradient at the residual stream, and its next
                  + rows * layers * t * 2 * FP32  # positional relevance, cos and sin
                  + recomputed  # and a layer forward's temporaries:
-                 + t * (3 * h + shape.intermediate_size) * shape.dtype_bytes
-                 + chunk * t * FP32 * (4 * shape.intermediate_size + 8 * q + 4 * h))
+                 + t * (3 * h + shape.mlp_width) * shape.dtype_bytes
+                 + chunk * t * FP32 * (max(4 * shape.mlp_width, 8 * q) + 4 * h))
     if shape.sliding_window is not None and t > shape.sliding_window:
         span = WINDOW_TILE + shape.sliding_window  # keys one tile sees
         transient += WINDOW_TILE * span * FP32 + chunk * span * 2 * shape.num_kv_heads * (

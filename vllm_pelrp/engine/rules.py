@@ -77,6 +77,19 @@ def attention_score_rule(
     return grad_queries, grad_keys
 
 
+# ---- mixture of experts (LXT's Qwen3-MoE rules) ------------------------------------------------
+def routed_expert_rule(grad_z: Tensor, hidden: Tensor, weight: Tensor, share: float
+                       ) -> tuple[Tensor, Tensor]:
+    """Uniform rule on y = w·(D h) given z = Dᵀ∂y: ∂h = share·w·z, ∂w = (1 − share)·Σᵢ hᵢ zᵢ (share 1: w held)."""
+    grad_hidden = grad_z * (share * weight.float()[..., None])
+    return grad_hidden, (1.0 - share) * (grad_z * hidden.float()).sum(-1)
+
+
+def renormalisation_rule(grad_weights: Tensor, weights: Tensor, total: Tensor) -> Tensor:
+    """Plain gradient of w = s / Σⱼ sⱼ (top-k renormalisation): ∂s = (∂w − Σⱼ wⱼ ∂wⱼ) / Σⱼ sⱼ."""
+    return (grad_weights - (weights * grad_weights).sum(-1, keepdim=True)) / total
+
+
 # ---- additive-position models (BERT, RoBERTa, GPT-2): LayerNorm, GELU, tanh, embedding sum ----
 def layernorm_identity_rule(grad_out: Tensor, inv_std: Tensor, gamma: Tensor | None) -> Tensor:
     """Identity rule on LayerNorm (LXT): σ held constant, the mean not: ∂x = ∂u − mean(∂u), ∂u = ∂y ⊙ γ/σ."""

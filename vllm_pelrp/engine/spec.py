@@ -37,6 +37,20 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP (per tensor-parallel rank for the expert size): a router over
+    ``num_experts`` gated experts, ``top_k`` of them per token, their routing weights
+    renormalised to sum 1 over the chosen ones when ``renormalize`` (Mixtral; Qwen3-MoE's
+    ``norm_topk_prob``). ``dense_layers``: layers that keep a dense gated MLP instead."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """Shapes and constants of a rotary pre-norm decoder (per tensor-parallel rank for heads).
 
@@ -71,6 +85,7 @@ class DecoderSpec:
     rotary_dim: int | None = None
     # the length LongRoPE picks its short or long factors by; None: each input's own (HF)
     rope_table_length: int | None = None
+    moe: MoESpec | None = None  # mixture-of-experts MLPs (every layer but ``moe.dense_layers``)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -106,6 +121,10 @@ class DecoderSpec:
         """Keys a query of layer ``index`` sees (itself included), None: all earlier ones."""
         return self.sliding_window if self.layer_type(index) == SLIDING_ATTENTION else None
 
+    def layer_has_moe(self, index: int) -> bool:
+        """Whether layer ``index``'s MLP is a mixture of experts (else a dense gated MLP)."""
+        return self.moe is not None and index not in self.moe.dense_layers
+
     def layer_rope(self, index: int) -> RopeSpec:
         if self.local_rope is not None and self.layer_type(index) == SLIDING_ATTENTION:
             return self.local_rope
@@ -113,11 +132,30 @@ class DecoderSpec:
 
 
 @dataclass
+class ExpertWeights:
+    """One expert of a mixture of experts: a gated MLP, (out_features, in_features) each."""
+
+    gate_proj: Tensor
+    up_proj: Tensor
+    down_proj: Tensor
+
+
+@dataclass
+class MoEWeights:
+    """A mixture-of-experts MLP: the router (num_experts, hidden) and the experts (views of
+    the source's per-expert or fused tensors)."""
+
+    router: Tensor
+    experts: list[ExpertWeights]
+
+
+@dataclass
 class LayerWeights:
     """One decoder layer; projection weights are (out_features, in_features) as in nn.Linear.
 
     Optional parts are None where the architecture has none: q/k/v biases (Qwen2), per-head q/k
-    norms (Qwen3, Gemma 3), the attention- and MLP-output norms (Gemma's sandwich norms).
+    norms (Qwen3, Gemma 3), the attention- and MLP-output norms (Gemma's sandwich norms). A
+    mixture-of-experts layer has ``moe`` and no dense gate/up/down projections.
     """
 
     attention_norm: Tensor
@@ -126,9 +164,9 @@ class LayerWeights:
     v_proj: Tensor
     o_proj: Tensor
     mlp_norm: Tensor
-    gate_proj: Tensor
-    up_proj: Tensor
-    down_proj: Tensor
+    gate_proj: Tensor | None = None
+    up_proj: Tensor | None = None
+    down_proj: Tensor | None = None
     q_bias: Tensor | None = None
     k_bias: Tensor | None = None
     v_bias: Tensor | None = None
@@ -136,6 +174,7 @@ class LayerWeights:
     k_norm: Tensor | None = None
     attention_output_norm: Tensor | None = None
     mlp_output_norm: Tensor | None = None
+    moe: MoEWeights | None = None
 
 
 @dataclass

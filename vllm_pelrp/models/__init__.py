@@ -18,7 +18,8 @@ from .base import Architecture
 
 # The one table: the model files of this package, the rotary decoders first (error messages list
 # the registry in this order). Everything else is derived from what the files declare.
-MODEL_FILES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert", "roberta", "gpt2")
+MODEL_FILES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3_moe", "mixtral", "bert",
+               "roberta", "gpt2")
 
 
 def _declared() -> dict[str, Architecture | AdditiveArchitecture]:

@@ -26,6 +26,7 @@ from ..engine.spec import (
     DecoderSpec,
     LayerWeights,
     ModelWeights,
+    MoEWeights,
     RopeSpec,
     UnsupportedModelError,
 )
@@ -52,6 +53,8 @@ LLAMA_VLLM_LAYER: dict[str | tuple[str, ...], str] = {
     ("gate_proj", "up_proj"): "mlp.gate_up_proj.weight",
     "down_proj": "mlp.down_proj.weight",
 }
+# the dense MLP's fields: a mixture-of-experts layer has none (``weights_from_state``'s ``experts``)
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 # q/k/v biases (Qwen2)
 QKV_BIAS_HF = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
                "v_bias": "self_attn.v_proj.bias"}
@@ -128,15 +131,27 @@ def layer_from_state(state: Mapping[str, Tensor], at: str, names: Mapping[Any, s
 def weights_from_state(
     state: Mapping[str, Tensor], spec: DecoderSpec, layer_names: Names, prefix: str,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    experts: Callable[[Mapping[str, Tensor], str], MoEWeights] | None = None,
 ) -> ModelWeights:
     """``ModelWeights`` from parameters by name: ``{prefix}layers.{i}.<layer name>``,
     ``{prefix}embed_tokens.weight``, ``{prefix}norm.weight`` and ``lm_head.weight`` (absent:
-    tied to the embeddings). Packed tensors are split into row views; nothing is copied."""
+    tied to the embeddings). Packed tensors are split into row views; nothing is copied.
+    ``experts(state, layer prefix)`` reads a mixture-of-experts layer's MLP
+    (``spec.layer_has_moe``; ``moe_base.py``) in place of the dense MLP's names."""
     shapes = (f"{spec.num_heads} heads / {spec.num_kv_heads} kv heads of dim {spec.head_dim} "
               f"and intermediate size {spec.intermediate_size}")
-    layers = [layer_from_state(state, f"{prefix}layers.{index}.", layer_names, LayerWeights,
-                               lambda field: _rows(spec, field), shapes)
-              for index in range(spec.num_layers)]
+    moe_names = {k: v for k, v in layer_names.items() if not set(
+        (k,) if isinstance(k, str) else k) & set(DENSE_MLP)}
+    layers = []
+    for index in range(spec.num_layers):
+        at, moe = f"{prefix}layers.{index}.", spec.layer_has_moe(index)
+        layer = layer_from_state(state, at, moe_names if moe else layer_names, LayerWeights,
+                                 lambda field: _rows(spec, field), shapes)
+        if moe:
+            if experts is None:
+                raise UnsupportedModelError("mixture-of-experts layers need an experts reader")
+            layer.moe = experts(state, at)
+        layers.append(layer)
     embed = state[prefix + "embed_tokens.weight"]
     return ModelWeights(spec=spec, embed_tokens=embed, layers=layers,
                         final_norm=state[prefix + "norm.weight"],

