@@ -63,14 +63,6 @@ def whole_number(name: str, raw: str) -> int:
     return int(_number(name, raw, integer=True))
 
 
-def nice(name: str, raw: str) -> int:
-    """A whole number from 0 to 19 (a nice value)."""
-    value = whole_number(name, raw)
-    if value > 19:
-        raise ValueError(f"{name}={raw!r} is out of range; allowed: a whole number from 0 to 19")
-    return value
-
-
 def fraction(name: str, raw: str) -> float:
     """A number from 0 to 1."""
     try:
@@ -151,10 +143,6 @@ SETTINGS: dict[str, Setting] = _settings(
             "`auto` (record on CPU, recompute elsewhere; `pelrp serve --explain-activations`)"),
     Setting("VLLM_PELRP_FRESH_CHUNK", True, switch,
             "call the compiled forward on a fresh CPython frame-stack chunk"),
-    Setting("VLLM_PELRP_BACKWARD_NICE", 10, nice,
-            "the nice value of the worker threads that run explanations' backward passes: "
-            "above 0 the engine's threads and vLLM's message queues go first, so generating "
-            "requests do not wait for a backward (Linux; 0 shares the CPU evenly)"),
     Setting("VLLM_PELRP_SPARE_CORES", True, switch,
             "run the backward's layer recomputes on the core vLLM keeps for its scheduler while "
             "no request is generating"),

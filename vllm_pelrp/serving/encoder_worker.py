@@ -24,7 +24,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .background import background_pool
 from .failures import internal_failure
 from .protocol import ENCODER_KIND
 from .served_weights import served_weights
@@ -91,7 +90,8 @@ class EncoderWorkerMixin:
         pooling = served_pooling(config.model_config)
         state.weights, state.spec = weights, spec
         state.encoder_pooling, state.encoder_head = pooling, head
-        state.pool = background_pool(MAX_ENCODER_THREADS, "pelrp-encoder") if tp == 1 else None
+        state.pool = ThreadPoolExecutor(MAX_ENCODER_THREADS, thread_name_prefix="pelrp-encoder") \
+            if tp == 1 else None
         state.info.update(
             kind=ENCODER_KIND, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
             vocab_size=spec.vocab_size,

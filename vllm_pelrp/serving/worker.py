@@ -28,9 +28,8 @@ import torch
 from ..engine.spec import ModelWeights, UnsupportedModelError
 from ..errors import ExplainInputError
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
-from .. import settings
-from .background import background_pool, thread_nice
 from .encoder_worker import EncoderWorkerMixin, is_encoder
+from .. import settings
 from .failures import SetupError, internal_failure
 from .keys import verify_key
 from .memory_budget import budget_info
@@ -66,7 +65,6 @@ class _State:
         self.cancelled: set[str] = set()
         self.recomputed_rows = 0
         self.backward_thread: str | None = None  # the thread the last backward ran on
-        self.backward_nice: int | None = None  # and its nice value (background.py)
         self.lock = threading.Lock()
         self.notifier = TicketNotifier()  # "ticket done" to the API processes (notify.py)
         # tensor parallelism (``_pelrp_setup_tensor_parallel``): this rank's result is the one
@@ -174,7 +172,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                                       verify=lambda key: _verified(state.key_secrets, key))
             state.recorder.install()
         # one thread per backward in flight; the scheduler lets one compute at a time
-        state.pool = background_pool(MAX_BACKWARD_THREADS, "pelrp-backward") if tp == 1 else None
+        state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
+            if tp == 1 else None
         # CPU only: on a GPU the recompute and the backward share the device anyway
         cores = spare_cores() if tp == 1 and state.weights.device.type == "cpu" else set()
         if cores:
@@ -195,7 +194,8 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         spec = arch.spec(self.vllm_config.model_config.hf_config, tp)
         state.weights = served_weights(self.model_runner.get_model(), arch, spec, tp)
         state.spec = spec
-        state.pool = background_pool(MAX_BACKWARD_THREADS, "pelrp-backward") if tp == 1 else None
+        state.pool = ThreadPoolExecutor(MAX_BACKWARD_THREADS, thread_name_prefix="pelrp-backward") \
+            if tp == 1 else None
         state.info.update(
             num_layers=spec.num_layers, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
             positions=spec.position_kind, bytes_per_token=0, cap_bytes=0,
@@ -239,7 +239,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
             return tensor
 
         state.weights.all_reduce = all_reduce
-        state.pool = background_pool(1, "pelrp-backward-tp")
+        state.pool = ThreadPoolExecutor(1, thread_name_prefix="pelrp-backward-tp")
         state.serial = True
         state.info["backward_group"] = backend
 
@@ -348,7 +348,6 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                     backward=state.scheduler.stats(),
                     recomputed_rows=state.recomputed_rows,
                     backward_thread=state.backward_thread,
-                    backward_nice=state.backward_nice,
                     recomputes_on_spare_cores=executor.offloaded if executor else 0,
                     recomputes_inline=executor.inline if executor else 0)
 
@@ -370,7 +369,6 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         if state.error is not None or state.weights is None:
             raise RuntimeError(state.error or "pelrp_setup was not called")
         state.backward_thread = threading.current_thread().name
-        state.backward_nice = thread_nice()
         if claimed is None:
             claimed = self._pelrp_claim(jobs)
         results = []
