@@ -7,12 +7,12 @@ errors of bad targets. Tiny random models (``tiny_additive.py``): seconds. Agree
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 import torch
 
 from explicit_reference_additive import explicit_additive_relevance
+from threaded_ranks import run_ranks
 from tiny_additive import POSITIONS, sinusoidal_table, tiny_additive
 from vllm_pelrp.engine.additive import (
     LogitSeeds,
@@ -347,38 +347,19 @@ def test_two_tensor_parallel_ranks_equal_one(kind):
     state = _vllm_state(kind, model)
     full_spec = arch.spec(model.config, 1)
     rank_spec = arch.spec(model.config, 2)
-    barrier = threading.Barrier(2)
-    slots: list = [None, None]
-
-    def all_reduce_for(rank):
-        def all_reduce(tensor):
-            slots[rank] = tensor.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-        return all_reduce
-
     ids, types = inputs(kind)
     if kind == "gpt2":
         seed = LogitSeeds.from_rows([[(LENGTH - 1, 9)], [(4, 60)]])
     else:
         seed = label_seed(encoder_forward(weights, ids, types), [0, 2], ClassifierHead.of(weights))
     expected = additive_relevance(weights, ids, seed, token_type_ids=types)
-    results: list = [None, None]
 
-    def run(rank):
+    def run(rank, all_reduce):
         shard = arch.weights_from_vllm(_shard(kind, state, full_spec, rank, 2), rank_spec,
-                                       all_reduce=all_reduce_for(rank))
-        results[rank] = additive_relevance(shard, ids, seed, token_type_ids=types)
+                                       all_reduce=all_reduce)
+        return additive_relevance(shard, ids, seed, token_type_ids=types)
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    for result in results:
-        assert result is not None
+    for result in run_ranks(2, run):
         for name in ("token", "positional", "target", "softmax_absorbed", "bias_absorbed",
                      "embedding_bias_absorbed", "head_bias_absorbed"):
             assert torch.allclose(getattr(result, name), getattr(expected, name), rtol=1e-4,

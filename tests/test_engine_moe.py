@@ -4,11 +4,10 @@ block's rules against autograd on LXT's Qwen3-MoE rules, conservation, and the w
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from threaded_ranks import run_ranks
 from tiny_models import save_tiny, tiny_model
 from vllm_pelrp.engine.backward import (
     LogitSeeds,
@@ -256,36 +255,17 @@ def test_two_tensor_parallel_ranks_equal_one(moe_model):
     family, model = moe_model
     arch = architecture_for(model.config)
     expected_weights = arch.weights_from_hf(model)
-    barrier = threading.Barrier(2)
-    slots: list = [None, None]
-
-    def all_reduce_for(rank):
-        def all_reduce(tensor):
-            slots[rank] = tensor.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-        return all_reduce
-
     ids = torch.randint(0, 101, (14,), generator=torch.Generator().manual_seed(5))
     seeds = LogitSeeds.from_rows([[(13, 9)], [(6, 40), (9, 2)]])
     expected = relevance_from_input_ids(expected_weights, ids, seeds, "pa-lrp")
-    results: list = [None, None]
 
-    def run(rank):
+    def run(rank, all_reduce):
         shard = arch.weights_from_vllm(_vllm_state(family, model, 2, rank),
-                                       arch.spec(model.config, 2),
-                                       all_reduce=all_reduce_for(rank))
-        results[rank] = relevance_from_input_ids(shard, ids, seeds, "pa-lrp")
+                                       arch.spec(model.config, 2), all_reduce=all_reduce)
+        return relevance_from_input_ids(shard, ids, seeds, "pa-lrp")
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    results = run_ranks(2, run)
     for result in results:
-        assert result is not None
         for name in ("token", "positional_cos", "positional_sin", "target_logit",
                      "softmax_absorbed"):
             assert torch.allclose(getattr(result, name), getattr(expected, name), rtol=1e-4,
