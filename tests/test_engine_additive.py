@@ -470,3 +470,36 @@ def test_minilm_similarity_conserves_on_the_real_model():
     pa = tokens["pa-lrp"]
     assert torch.allclose(pa.token + pa.positional + pa.token_type, tokens["attnlrp"].token,
                           rtol=1e-4, atol=1e-6)
+
+
+# ---- memory: the fused attention backward, no T×T tensor ----------------------------------------
+@pytest.mark.parametrize("kind, rows", [("bert", 4), ("gpt2", 4)])
+def test_no_t_by_t_tensor_and_the_estimate_bounds_the_peak(kind, rows):
+    """At 300 tokens (more than any other dimension of the tiny model), a forward and backward
+    of ``rows`` targets creates no tensor with two dims ≥ T (the attention runs through the fused
+    kernel), and ``engine/cost.py``'s working set bounds the measured peak."""
+    from memory_probe import SquareShapes, peak_bytes
+
+    from vllm_pelrp.engine.cost import ModelShape, working_set
+
+    length = 300
+    positions = {"n_positions": 512} if kind == "gpt2" else {"max_position_embeddings": 512}
+    model = tiny_additive(kind, **positions)
+    weights = architecture_for(model.config).weights_from_hf(model)
+    ids, types = inputs(kind, length=length)
+    if kind == "gpt2":
+        seed = LogitSeeds.from_rows([[(length - 1 - r, 9)] for r in range(rows)])
+    else:
+        seed = dimension_seed(encoder_forward(weights, ids, types), list(range(rows)),
+                              Pooling("mean"))
+
+    def explain():
+        return additive_relevance(weights, ids, seed, token_type_ids=types)
+
+    with SquareShapes(length) as shapes:
+        explain()
+    assert shapes.found == []
+    measured = peak_bytes(explain)
+    estimate = working_set(ModelShape.of_spec(weights.spec, torch.float32), rows, length,
+                           from_ids=True).total
+    assert measured <= estimate <= 1.6 * measured, (estimate, measured)  # 1.27, 1.34 measured

@@ -46,14 +46,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from .backward import MODES, LogitSeeds
 from .blocks import gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward
-from .rules import (
-    additive_embedding_rule,
-    attention_score_rule,
-    attention_value_rule,
-    softmax_rule,
-)
+from .rules import additive_embedding_rule
 from .spec import UnsupportedModelError
 
 NORM_PLACEMENTS = ("post", "pre")
@@ -303,26 +299,11 @@ class _LayerCache:
     queries: Tensor  # (T, H, D)
     keys: Tensor
     values: Tensor
+    attention_output: Tensor  # (T, H, D), and its per-row log-sum-exp (None off the CPU)
+    attention_logsumexp: Tensor | None
     inv_std_attention: Tensor  # (T, 1) of the attention LayerNorm (before: pre; after: post)
     up: Tensor  # MLP pre-activation (T, I)
     inv_std_mlp: Tensor
-
-
-def _attention_probs(queries: Tensor, keys: Tensor, scale: float, causal: bool) -> Tensor:
-    """softmax(scale·QKᵀ (+ causal mask)) per head, fp32: (H, T, T)."""
-    scores = torch.einsum("thd,shd->hts", queries.float(), keys.float()) * scale
-    if causal:
-        length = scores.shape[-1]
-        blocked = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(blocked, float("-inf"))
-    return torch.softmax(scores, dim=-1)
-
-
-def _attention(queries: Tensor, keys: Tensor, values: Tensor, scale: float, causal: bool
-               ) -> Tensor:
-    """Multi-head attention, (T, H, D) each → (T, H·D) in the values' dtype."""
-    probs = _attention_probs(queries, keys, scale, causal).to(values.dtype)
-    return torch.einsum("hts,shd->thd", probs, values).reshape(queries.shape[0], -1)
 
 
 def layer_forward(weights: AdditiveWeights, index: int, x: Tensor
@@ -345,8 +326,11 @@ def layer_forward(weights: AdditiveWeights, index: int, x: Tensor
     queries = linear(attention_in, layer.q_proj, layer.q_bias).view(length, -1, spec.head_dim)
     keys = linear(attention_in, layer.k_proj, layer.k_bias).view(length, -1, spec.head_dim)
     values = linear(attention_in, layer.v_proj, layer.v_bias).view(length, -1, spec.head_dim)
-    attended = _attention(queries, keys, values, spec.layer_scale(index), spec.causal)
-    attended = weights.reduce(linear(attended, layer.o_proj))
+    # the fused kernel (no T×T tensor), causal (GPT-2) or bidirectional (BERT)
+    attention_output, logsumexp = attention_forward_for_lrp(
+        queries, keys, values, causal=spec.causal, scale=spec.layer_scale(index))
+    attention_output = attention_output.to(values.dtype)
+    attended = weights.reduce(linear(attention_output.reshape(length, -1), layer.o_proj))
     if layer.o_bias is not None:
         attended = attended + layer.o_bias
     if pre:
@@ -364,35 +348,20 @@ def layer_forward(weights: AdditiveWeights, index: int, x: Tensor
         output = hidden + mlp
     else:
         output, inv_std_mlp = layer_norm(hidden + mlp, layer.mlp_norm, layer.mlp_norm_bias, eps)
-    return output, _LayerCache(queries, keys, values, inv_std_attention, up, inv_std_mlp)
+    return output, _LayerCache(queries, keys, values, attention_output, logsumexp,
+                               inv_std_attention, up, inv_std_mlp)
 
 
 def _attention_backward(cache: _LayerCache, grad_attended: Tensor, scale: float, causal: bool,
                         value_share: float, absorbed: Tensor
                         ) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """∂ at the attention output (B, T, H, D) → ∂ at q, k, v (B, T, H, D each, fp32), head by
-    head on explicit T×T probabilities; adds the softmax rule's loss into ``absorbed`` (B,)."""
-    rows, length, num_heads, head_dim = grad_attended.shape
-    grad_values = torch.zeros(rows, length, num_heads, head_dim, device=grad_attended.device)
-    grad_queries = grad_keys = None
-    if value_share != 1.0:
-        grad_queries = torch.zeros_like(grad_values)
-        grad_keys = torch.zeros_like(grad_values)
-    probs = _attention_probs(cache.queries, cache.keys, scale, causal)
-    for head in range(num_heads):
-        head_probs = probs[head][None]  # (1, T, S): one query head per kv head
-        values = cache.values[:, head].float()
-        grad_out = grad_attended[:, :, head][:, None]  # (B, 1, T, D)
-        grad_probs, grad_v = attention_value_rule(grad_out, head_probs, values, value_share)
-        grad_values[:, :, head] = grad_v
-        if grad_probs is None:
-            continue
-        grad_scores = softmax_rule(grad_probs, head_probs)
-        queries = cache.queries[:, head].float()
-        keys = cache.keys[:, head].float()
-        grad_q, grad_k = attention_score_rule(grad_scores, queries[None], keys, scale)
-        grad_queries[:, :, head] = grad_q[:, 0]
-        grad_keys[:, :, head] = grad_k
+    """∂ at the attention output (B, T, H, D) → ∂ at q, k, v (B, T, H, D each, fp32) through the
+    fused attention-LRP backward (``kernels/attention_lrp.py``: AttnLRP's rules as constant
+    factors on the plain backward, no T×T tensor); adds the softmax rule's loss into
+    ``absorbed`` (B,)."""
+    grad_queries, grad_keys, grad_values = attention_lrp_backward(
+        cache.queries, cache.keys, cache.values, grad_attended, value_share, causal=causal,
+        scale=scale, output=cache.attention_output, logsumexp=cache.attention_logsumexp)
     if grad_queries is not None:
         # Σ R(probs) − Σ R(scores) = Σ v ⊙ ∂v − Σ q ⊙ ∂q − Σ k ⊙ ∂k (uniform rules conserve)
         absorbed += ((grad_values * cache.values.float()).sum((1, 2, 3))

@@ -29,8 +29,9 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
   attention's backward starts), C·T·4·(max(4·I, 8·Hq·D) + 4·H) (a mixture of experts: k·Iₑ + E
   in place of I, the chosen experts' widths and the router's); sliding-window
   layers longer than their window run in tiles of queries, each with its band mask and its
-  keys' gradients (O(tile + W) keys, not T); the additive engine runs the attention rules on
-  explicit T×T blocks, for all rows at once, a head at a time (B·T·T·4 each). A recording is
+  keys' gradients (O(tile + W) keys, not T); the additive engine (every layer's cache kept)
+  runs the same fused attention backward, whose gradients for all rows are B·T·Hq·D·4 each for
+  q, k and v, twice while they are cast and transposed. A recording is
   rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
   stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
   stream.
@@ -149,9 +150,8 @@ class ModelShape:
 
     def attention_macs(self, tokens: int) -> int:
         """One layer's attention multiply-adds (QKᵀ and A·V), a(T): the fused kernels skip the
-        masked half of a causal model's T×T; the additive engine's explicit blocks do not."""
-        fused_causal = self.causal and self.kind == ROTARY
-        pairs = tokens * (tokens + 1) // 2 if fused_causal else tokens * tokens
+        masked half of a causal model's T×T."""
+        pairs = tokens * (tokens + 1) // 2 if self.causal else tokens * tokens
         return 2 * self.num_heads * self.head_dim * pairs
 
 
@@ -191,7 +191,9 @@ def layer_cache_bytes(shape: ModelShape, tokens: int) -> int:
     s, t = shape.dtype_bytes, tokens
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     if shape.kind == ADDITIVE:
-        return t * s * (3 * q + shape.intermediate_size + 2 * shape.hidden_size)
+        # q, k, v, the attention's output and log-sum-exp, up, and the layer's temporaries
+        return (t * s * (4 * q + shape.intermediate_size + 2 * shape.hidden_size)
+                + shape.num_heads * t * FP32)
     # q, q̃, output; k, k̃, v; gate, up, act(gate) (and a mixture of experts' router logits,
     # fp32 probabilities, chosen experts, weights and token lists); the log-sum-exp
     return (t * s * (3 * q + 3 * kv + 3 * shape.mlp_width) + shape.num_heads * t * FP32
@@ -208,12 +210,10 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     chunk = min(rows, shape.row_chunk or rows)
     q = shape.num_heads * shape.head_dim
     if shape.kind == ADDITIVE:
-        # every layer cached; the probabilities (H×T×T fp32, the forward's and the backward's)
-        # and, head by head, the rows' ∂A, ∂S and the softmax rule's product (B×T×T fp32 each)
+        # every layer cached; the rows' gradients through the layer, and the fused attention
+        # backward's ∂q, ∂k, ∂v (fp32, twice while cast and transposed): no T×T tensor
         resident = stream + layers * cache
-        probs = shape.num_heads * t * t * FP32
-        transient = (rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 6 * q)
-                     + 2 * probs + 4 * rows * t * t * FP32)
+        transient = rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 12 * q)
         return WorkingSet(resident, transient)
     kept = from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES  # no recompute then
     resident = stream + (layers * cache if kept else 0)
