@@ -135,3 +135,41 @@ def test_the_worker_groups_by_query_and_answers_in_job_order(weights):
             for name in FIELDS:
                 a, b = getattr(mine.relevance(), name), getattr(theirs.relevance(), name)
                 assert torch.allclose(a, b, atol=TOL, rtol=0), name
+
+
+def test_a_cancel_stops_the_encoder_backward_between_layers(weights):
+    """The additive engine calls the worker's checkpoint after each layer's backward (as the
+    rotary engine does): a cancel that arrives during a group's backward stops it at the next
+    layer, that group and every later one answer "cancelled", nothing more is computed."""
+    pooling = Pooling("mean", True)
+    jobs = [*_jobs("pa-lrp", QUERY, DOCUMENTS[:2]),
+            pipeline.EncoderJob(texts=[QUERY], target={"dimension": 3}, mode="pa-lrp")]
+    state = SimpleNamespace(error=None, encoder_pooling=pooling, encoder_head=None,
+                            weights=weights, pool=None, serial=True, cancelled=set())
+    checks: list[bool] = []
+
+    def cancelled(state_, ticket):
+        if len(checks) == 2:  # after the group's start and one layer: the client goes away
+            state.cancelled.add(ticket)
+        checks.append(ticket in state.cancelled)
+        return checks[-1]
+
+    worker = SimpleNamespace(_pelrp=lambda: state, _pelrp_cancelled=cancelled,
+                             _pelrp_encoder_group=EncoderWorkerMixin._pelrp_encoder_group)
+    replies = EncoderWorkerMixin._pelrp_run_encoder(worker, [j.model_dump() for j in jobs], "t")
+    assert [r.get("error") for r in replies] == ["cancelled"] * 3
+    # the first group's start, two layer checkpoints, then the second group's start only
+    assert checks == [False, False, True, True]
+    assert weights.spec.num_layers == 2
+
+
+def test_checkpoints_come_once_per_layer(weights):
+    calls = []
+    job = pipeline.EncoderJob(texts=[QUERY], target={"dimension": 3}, mode="pa-lrp")
+    pipeline.compute_encoder(weights, job, pooling=Pooling("mean"),
+                             checkpoint=lambda: calls.append(1))
+    assert len(calls) == weights.spec.num_layers
+    calls.clear()
+    pipeline.compute_similarities(weights, _jobs("pa-lrp", QUERY, DOCUMENTS[:3]),
+                                  pooling=Pooling("mean", True), checkpoint=lambda: calls.append(1))
+    assert len(calls) == 4 * weights.spec.num_layers  # three documents and the shared query

@@ -504,9 +504,12 @@ def _logit_seed_gradient(weights: AdditiveWeights, final_hidden: Tensor, seeds: 
 
 
 def relevance_from_forward(weights: AdditiveWeights, forward: AdditiveForward,
-                           seed: LogitSeeds | HiddenSeed | Tensor, mode: str = "pa-lrp"
-                           ) -> AdditiveRelevance:
-    """The backward from a ``run_forward`` of the same input: see ``additive_relevance``."""
+                           seed: LogitSeeds | HiddenSeed | Tensor, mode: str = "pa-lrp",
+                           checkpoint: Callable[[], None] | None = None) -> AdditiveRelevance:
+    """The backward from a ``run_forward`` of the same input: see ``additive_relevance``.
+
+    ``checkpoint`` is called after each layer's backward, as in the rotary engine: it may raise
+    to cancel the job, or hand the worker to a waiting explanation (``serving/scheduler.py``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     spec = weights.spec
@@ -538,6 +541,8 @@ def relevance_from_forward(weights: AdditiveWeights, forward: AdditiveForward,
     for index in reversed(range(spec.num_layers)):
         grad = layer_backward(weights, index, forward.caches[index], grad, mode,
                               absorbed[:, index], sharded[:, index], replicated[:, index])
+        if checkpoint is not None:
+            checkpoint()
     embedding_kept = torch.zeros(rows, device=device)
     if spec.norm_placement == "post":
         grad = layer_norm_backward(grad, forward.embedding_inv_std, weights.embedding_norm,

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .failures import internal_failure
+from .failures import JobCancelled, internal_failure
 from .protocol import ENCODER_KIND
 from .served_weights import served_weights
 
@@ -146,17 +146,24 @@ class EncoderWorkerMixin:
         try:
             with state.scheduler.turn(ticket or "") if state.pool is not None and \
                     not state.serial else contextlib.nullcontext() as turn:
+
+                def checkpoint() -> None:
+                    """After each layer's backward (the same points on every rank): stop a
+                    cancelled ticket (agreed under TP), or let a waiting explanation go first."""
+                    if self._pelrp_cancelled(state, ticket):
+                        raise JobCancelled(ticket)
+                    if turn is not None:
+                        turn.checkpoint()
+
                 waited = 0.0
-                for count, group in enumerate(groups):
+                for group in groups:
                     if self._pelrp_cancelled(state, ticket):  # agreed under TP
                         for number in group:
                             out[number] = {"error": "cancelled", "input_error": False}
                         continue
-                    if turn is not None and count:
-                        turn.checkpoint()  # between groups: a waiting explanation may go first
                     started = time.perf_counter()
                     replies = self._pelrp_encoder_group(state, [valid[n] for n in group],
-                                                        ExplainInputError)
+                                                        ExplainInputError, checkpoint)
                     seconds = (time.perf_counter() - started) / len(group)
                     for position, (number, reply) in enumerate(zip(group, replies)):
                         if turn is not None:  # the group's wait, counted once
@@ -170,8 +177,8 @@ class EncoderWorkerMixin:
         return out
 
     @staticmethod
-    def _pelrp_encoder_group(state: Any, jobs: list[Any], input_error: type
-                             ) -> list[dict[str, Any]]:
+    def _pelrp_encoder_group(state: Any, jobs: list[Any], input_error: type,
+                             checkpoint: Any = None) -> list[dict[str, Any]]:
         """Replies of one group of ``shared_query_groups``: results, or errors (the request's
         fault: ``input_error``, with the field; otherwise the engine's, logged)."""
         from ..pipeline import compute_encoder, compute_similarities
@@ -185,11 +192,14 @@ class EncoderWorkerMixin:
         try:
             if len(jobs) > 1:
                 outcomes = compute_similarities(state.weights, jobs,
-                                                pooling=state.encoder_pooling)
+                                                pooling=state.encoder_pooling,
+                                                checkpoint=checkpoint)
             else:
                 outcomes = [compute_encoder(state.weights, jobs[0],
                                             pooling=state.encoder_pooling,
-                                            head=state.encoder_head)]
+                                            head=state.encoder_head, checkpoint=checkpoint)]
+        except JobCancelled:
+            return [{"error": "cancelled", "input_error": False} for _ in jobs]
         except Exception as error:  # noqa: BLE001 - every job of the group failed (logged once)
             reply = failed(error)
             return [dict(reply) for _ in jobs]

@@ -19,6 +19,10 @@ logger = logging.getLogger("vllm_pelrp.serving")
 ERROR_ID_PREFIX = "err-"
 
 
+class JobCancelled(Exception):
+    """Raised at a checkpoint of a backward whose client went away (``pelrp_cancel``)."""
+
+
 class SetupError(RuntimeError):
     """The server is set up in a way that cannot serve explanations (pipeline parallelism, a
     compiled model without the recording op, ...): the message is meant for its clients, who get

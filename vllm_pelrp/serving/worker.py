@@ -30,7 +30,7 @@ from ..errors import ExplainInputError
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
 from .encoder_worker import EncoderWorkerMixin, is_encoder
 from .. import settings
-from .failures import SetupError, internal_failure
+from .failures import JobCancelled, SetupError, internal_failure
 from .keys import verify_key
 from .memory_budget import budget_info
 from .notify import TicketNotifier
@@ -436,10 +436,6 @@ def _jobs(jobs: list[dict[str, Any]]) -> list[BackwardJob | BackwardFailure]:
         except ValueError:  # the API process's fault, not the client's: the text is logged
             out.append(BackwardFailure(error=internal_failure("reading the explanation job")))
     return out
-
-
-class JobCancelled(Exception):
-    pass
 
 
 def _pick(recordings: list, token_ids: list[int], prompt_length: int):
