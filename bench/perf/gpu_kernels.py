@@ -65,24 +65,29 @@ def make_layer_inputs(torch, T, dtype, device, seed=0):
     return q, k, gq, gk, positions
 
 
-def layer_backward(fn, q, k, gq, gk, positions, inv_freq, share, neox):
+def layer_backward(fn, q, k, gq, gk, positions, inv_freq, share, neox, attention_factor=1.0):
     pos_out = None
     gq_out, pos_out = fn(gq, q, positions, inv_freq, input_share=share, neox_style=neox,
-                         positional_out=pos_out)
+                         positional_out=pos_out, attention_factor=attention_factor)
     gk_out, pos_out = fn(gk, k, positions, inv_freq, input_share=share, neox_style=neox,
-                         positional_out=pos_out)
+                         positional_out=pos_out, attention_factor=attention_factor)
     return gq_out, gk_out, pos_out
 
 
-def compare(torch, K, T, dtype, neox, share, fast_trig=False):
-    inv = K.rope_inv_freq(D, THETA, LLAMA3).to(DEVICE)
+def compare(torch, K, T, dtype, neox, share, fast_trig=False, rotary_dim=None,
+            attention_factor=1.0):
+    """Kernel against reference; ``rotary_dim`` < D: partial rotary (Phi-3: the first 3/4 of
+    each head), ``attention_factor``: LongRoPE/YaRN's scaled cos/sin."""
+    inv = K.rope_inv_freq(D, THETA, LLAMA3, rotary_dim=rotary_dim).to(DEVICE)
     q, k, gq, gk, pos = make_layer_inputs(torch, T, dtype, DEVICE)
-    ref = layer_backward(K.rope_lrp_backward_reference, q, k, gq, gk, pos, inv, share, neox)
+    ref = layer_backward(K.rope_lrp_backward_reference, q, k, gq, gk, pos, inv, share, neox,
+                         attention_factor)
     old = os.environ.get(K.rope_lrp.FAST_TRIG_ENV)
     if fast_trig:
         os.environ[K.rope_lrp.FAST_TRIG_ENV] = "1"
     try:
-        tri = layer_backward(K.rope_lrp_backward_triton, q, k, gq, gk, pos, inv, share, neox)
+        tri = layer_backward(K.rope_lrp_backward_triton, q, k, gq, gk, pos, inv, share, neox,
+                             attention_factor)
     finally:
         if old is None:
             os.environ.pop(K.rope_lrp.FAST_TRIG_ENV, None)
@@ -108,6 +113,8 @@ def compare(torch, K, T, dtype, neox, share, fast_trig=False):
         "neox": neox,
         "input_share": share,
         "trig": "tl.cos/tl.sin" if fast_trig else "libdevice",
+        "rotary_dim": rotary_dim or D,
+        "attention_factor": attention_factor,
         "grad_max_abs_err": gerr,
         "grad_rel_err": grel,
         "grad_elems_over_1ulp": n_big,
@@ -175,7 +182,14 @@ def attention_check(torch, K, T, warmup, reps):
     row = {"T": T}
     for name, a, b in zip(("q", "k", "v"), fused, reference):
         row[f"d{name}_rel_err"] = ((a - b).norm() / b.norm()).item()
-    row["ok"] = all(row[f"d{n}_rel_err"] < 2e-2 for n in "qkv")
+    # a sliding window (Gemma 3's local layers, Mistral): query tiles with band masks (SDPA with
+    # a mask on CUDA), against the windowed reference
+    window = max(T // 8, 16)
+    fused_w = K.attention_lrp_backward(q, k, v, grad, 0.5, sliding_window=window)
+    reference_w = K.attention_lrp_backward_reference(q, k, v, grad, 0.5, sliding_window=window)
+    for name, a, b in zip(("q", "k", "v"), fused_w, reference_w):
+        row[f"window_d{name}_rel_err"] = ((a - b).norm() / b.norm()).item()
+    row["ok"] = all(row[f"{p}d{n}_rel_err"] < 2e-2 for n in "qkv" for p in ("", "window_"))
 
     def plain():
         leaves = [x.transpose(0, 1)[None].detach().requires_grad_() for x in (q, k, v)]
@@ -190,6 +204,13 @@ def attention_check(torch, K, T, warmup, reps):
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _style(r: dict) -> str:
+    style = "neox" if r["neox"] else "gptj"
+    if r.get("rotary_dim", D) != D:
+        style += f", rot {r['rotary_dim']}/{D}, ×{r['attention_factor']}"
+    return style
 
 
 def main() -> int:
@@ -232,9 +253,14 @@ def main() -> int:
         (small, torch.float32, True, 0.5, False),  # fp32 tight
         (sizes[-1], torch.bfloat16, True, 0.5, True),  # tl.cos/tl.sin instead of libdevice
     ]
-    for T, dtype, neox, share, fast in check_cfgs:
+    check_cfgs = [(*cfg, None, 1.0) for cfg in check_cfgs]
+    # partial rotary (Phi-3/Phi-4-mini: 3/4 of each head) with a LongRoPE-like cos/sin scale
+    check_cfgs += [(small, torch.bfloat16, True, 0.5, False, 3 * D // 4, 1.19),
+                   (small, torch.float32, True, 0.5, False, 3 * D // 4, 1.19)]
+    for T, dtype, neox, share, fast, rotary_dim, factor in check_cfgs:
         try:
-            res = compare(torch, K, T, dtype, neox, share, fast_trig=fast)
+            res = compare(torch, K, T, dtype, neox, share, fast_trig=fast, rotary_dim=rotary_dim,
+                          attention_factor=factor)
         except Exception as exc:
             traceback.print_exc()
             res = {"T": T, "dtype": str(dtype), "neox": neox, "input_share": share,
@@ -250,10 +276,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["checks"]:
         if "error" in r:
-            print(f"| {r['T']} | {r['dtype']} | {'neox' if r['neox'] else 'gptj'} | "
+            print(f"| {r['T']} | {r['dtype']} | {_style(r)} | "
                   f"{r['input_share']} | {r['trig']} | ERROR: {r['error'][:80]} | | | | False |")
             continue
-        print(f"| {r['T']} | {r['dtype']} | {'neox' if r['neox'] else 'gptj'} | "
+        print(f"| {r['T']} | {r['dtype']} | {_style(r)} | "
               f"{r['input_share']} | {r['trig']} | {r['grad_max_abs_err']:.3g} | "
               f"{r['grad_rel_err']:.3g} | {r['grad_elems_over_1ulp']} | {r['pos_rel_err']:.3g} | "
               f"{r['ok']} |")
@@ -280,12 +306,14 @@ def main() -> int:
             traceback.print_exc()
             report["errors"].append(f"attention T={T}: {type(exc).__name__}: {exc}")
     print("\n## Attention-LRP backward: fused vs T×T reference (bf16 q/k/v, H=32/8, D=128)\n")
-    print("| T | dq rel | dk rel | dv rel | fused ms | reference ms | plain SDPA fwd+bwd ms | ok |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | dq rel | dk rel | dv rel | windowed dq/dk/dv rel | fused ms | reference ms | "
+          "plain SDPA fwd+bwd ms | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["attention"]:
+        windowed = "/".join(f"{r[f'window_d{n}_rel_err']:.2g}" for n in "qkv")
         print(f"| {r['T']} | {r['dq_rel_err']:.2g} | {r['dk_rel_err']:.2g} | "
-              f"{r['dv_rel_err']:.2g} | {r['fused_ms']:.2f} | {r['reference_ms']:.2f} | "
-              f"{r['sdpa_fwd_bwd_ms']:.2f} | {r['ok']} |")
+              f"{r['dv_rel_err']:.2g} | {windowed} | {r['fused_ms']:.2f} | "
+              f"{r['reference_ms']:.2f} | {r['sdpa_fwd_bwd_ms']:.2f} | {r['ok']} |")
 
     # Only the libdevice (default) path gates the exit status; tl.cos is informational.
     report["env"]["libdevice_trig_failed"] = bool(K.rope_lrp._precise_trig_failed)
