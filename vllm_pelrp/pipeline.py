@@ -455,7 +455,7 @@ def compute(
     total = len(job.token_ids)
     device = weights.device
     if isinstance(weights, AdditiveWeights):  # GPT-2 family: a forward from the ids, always
-        return _compute_additive(weights, job, started, checkpoint)
+        return _compute_additive(weights, job, started, checkpoint, row_chunk)
     recomputed = 0
     if layer_inputs is None:
         if forward is None:
@@ -503,7 +503,8 @@ def additive_as_relevance(result: AdditiveRelevance, position_kind: str) -> Rele
 
 
 def _compute_additive(weights: AdditiveWeights, job: BackwardJob, started: float,
-                      checkpoint: Callable[[], None] | None = None) -> BackwardResult:
+                      checkpoint: Callable[[], None] | None = None,
+                      row_chunk: int | None = None) -> BackwardResult:
     """``compute`` for a decoder whose positions are an additive table (GPT-2): a forward of the
     job's ids (there is no recording to read), then the backward of its logit rows."""
     ids = torch.tensor(job.token_ids, device=weights.device)
@@ -516,7 +517,7 @@ def _compute_additive(weights: AdditiveWeights, job: BackwardJob, started: float
     if not rows:
         raise ValueError("the job has no targets")
     result = relevance_from_forward(weights, forward, LogitSeeds.from_rows(rows, weights.device),
-                                    job.mode, checkpoint)
+                                    job.mode, checkpoint, row_chunk)
     return BackwardResult.from_relevance(
         additive_as_relevance(result, weights.spec.position_kind), len(job.token_ids),
         next_token_id=next_token_id, recomputed_rows=len(job.token_ids),
@@ -722,8 +723,8 @@ def _encoder_backward_result(weights: AdditiveWeights, result: AdditiveRelevance
 
 @torch.no_grad()
 def compute_similarities(weights: AdditiveWeights, jobs: Sequence[EncoderJob], *,
-                         pooling: Pooling, checkpoint: Callable[[], None] | None = None
-                         ) -> list[EncoderResult | TargetError]:
+                         pooling: Pooling, checkpoint: Callable[[], None] | None = None,
+                         row_chunk: int | None = None) -> list[EncoderResult | TargetError]:
     """Raw relevance of 'similarity' jobs that share their first text, the query (one group of
     ``shared_query_groups``): one forward of the query; per document its forward, both sides'
     seeds (``similarity_seeds``) and its backward (one row); then one backward of the query with
@@ -753,13 +754,14 @@ def compute_similarities(weights: AdditiveWeights, jobs: Sequence[EncoderJob], *
         except HeadTargetError as error:
             outcomes[number] = TargetError(str(error))
             continue
-        other = relevance_from_forward(weights, document, seeds.second, job.mode, checkpoint)
+        other = relevance_from_forward(weights, document, seeds.second, job.mode, checkpoint,
+                                       row_chunk)
         done.append((number, seeds.first.gradient, float(seeds.cosine),
                      _encoder_backward_result(weights, other, len(job.texts[1]))))
         del document  # one document's forward alive at a time (budget.encoder_need)
     if done:
         seed = HiddenSeed(torch.cat([gradient for _, gradient, _, _ in done]))
-        result = relevance_from_forward(weights, query, seed, first.mode, checkpoint)
+        result = relevance_from_forward(weights, query, seed, first.mode, checkpoint, row_chunk)
         seconds = (time.perf_counter() - started) / len(jobs)
         for row, (number, _, value, other) in enumerate(done):
             mine = _encoder_backward_result(weights, _additive_row(result, row),
@@ -771,7 +773,8 @@ def compute_similarities(weights: AdditiveWeights, jobs: Sequence[EncoderJob], *
 @torch.no_grad()
 def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooling,
                     head: ClassifierHead | None = None,
-                    checkpoint: Callable[[], None] | None = None) -> EncoderResult:
+                    checkpoint: Callable[[], None] | None = None,
+                    row_chunk: int | None = None) -> EncoderResult:
     """Raw relevance of an encoder job: a forward of each text, the target's seed from the head
     (``engine/heads.py``), the backward of each text ('similarity': ``compute_similarities``)."""
     started = time.perf_counter()
@@ -780,7 +783,8 @@ def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooli
     if (kind == "similarity") != (len(job.texts) == 2) or len(job.texts) not in (1, 2):
         raise ValueError(f"a {kind!r} job needs {'two texts' if kind == 'similarity' else 'one text'}")
     if kind == "similarity":
-        outcome = compute_similarities(weights, [job], pooling=pooling, checkpoint=checkpoint)[0]
+        outcome = compute_similarities(weights, [job], pooling=pooling, checkpoint=checkpoint,
+                                       row_chunk=row_chunk)[0]
         if isinstance(outcome, TargetError):
             raise outcome
         return outcome
@@ -803,7 +807,7 @@ def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooli
             value = float(sequence_classification_logits(weights, hidden)[value])
     except HeadTargetError as error:
         raise TargetError(str(error)) from None
-    result = relevance_from_forward(weights, forward, seed, job.mode, checkpoint)
+    result = relevance_from_forward(weights, forward, seed, job.mode, checkpoint, row_chunk)
     return EncoderResult(texts=[_encoder_backward_result(weights, result, len(ids))],
                          value=value, seconds=time.perf_counter() - started)
 

@@ -505,11 +505,14 @@ def _logit_seed_gradient(weights: AdditiveWeights, final_hidden: Tensor, seeds: 
 
 def relevance_from_forward(weights: AdditiveWeights, forward: AdditiveForward,
                            seed: LogitSeeds | HiddenSeed | Tensor, mode: str = "pa-lrp",
-                           checkpoint: Callable[[], None] | None = None) -> AdditiveRelevance:
+                           checkpoint: Callable[[], None] | None = None,
+                           row_chunk: int | None = None) -> AdditiveRelevance:
     """The backward from a ``run_forward`` of the same input: see ``additive_relevance``.
 
-    ``checkpoint`` is called after each layer's backward, as in the rotary engine: it may raise
-    to cancel the job, or hand the worker to a waiting explanation (``serving/scheduler.py``)."""
+    As in the rotary engine, the target rows go through the layers ``row_chunk`` at a time
+    (rows are independent: the result is the same; the gradients alive are one chunk's), and
+    ``checkpoint`` is called after each chunk's pass through a layer: it may raise to cancel the
+    job, or hand the worker to a waiting explanation (``serving/scheduler.py``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     spec = weights.spec
@@ -538,11 +541,19 @@ def relevance_from_forward(weights: AdditiveWeights, forward: AdditiveForward,
     absorbed = torch.zeros(rows, spec.num_layers, device=device)
     sharded = torch.zeros(rows, spec.num_layers, device=device)
     replicated = torch.zeros(rows, spec.num_layers, device=device)
-    for index in reversed(range(spec.num_layers)):
-        grad = layer_backward(weights, index, forward.caches[index], grad, mode,
-                              absorbed[:, index], sharded[:, index], replicated[:, index])
-        if checkpoint is not None:
-            checkpoint()
+    step = rows if not row_chunk else max(1, int(row_chunk))
+    chunks = []
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        chunk = grad[part]
+        for index in reversed(range(spec.num_layers)):
+            chunk = layer_backward(weights, index, forward.caches[index], chunk, mode,
+                                   absorbed[part, index], sharded[part, index],
+                                   replicated[part, index])
+            if checkpoint is not None:
+                checkpoint()
+        chunks.append(chunk)
+    grad = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     embedding_kept = torch.zeros(rows, device=device)
     if spec.norm_placement == "post":
         grad = layer_norm_backward(grad, forward.embedding_inv_std, weights.embedding_norm,
@@ -566,18 +577,20 @@ def relevance_from_forward(weights: AdditiveWeights, forward: AdditiveForward,
 def additive_relevance(weights: AdditiveWeights, input_ids: Tensor,
                        seed: LogitSeeds | HiddenSeed | Tensor, mode: str = "pa-lrp",
                        token_type_ids: Tensor | None = None, positions: Tensor | None = None,
-                       forward: AdditiveForward | None = None) -> AdditiveRelevance:
+                       forward: AdditiveForward | None = None,
+                       row_chunk: int | None = None) -> AdditiveRelevance:
     """PA-LRP relevance of one sequence ``input_ids`` (T,) for B target rows.
 
     ``seed``: ``LogitSeeds`` (LM logits through ln_f and the LM head, GPT-2), a ``HiddenSeed``
     (a head's seed gradient at the final hidden states and its biases' share, ``heads.py``) or a
     plain seed gradient (B, T, hidden) at the final hidden states. ``token_type_ids`` (T,)
     (default 0), ``positions`` (T,): rows of the position table (default ``arange(T)`` plus the
-    spec's offset). ``forward``: a ``run_forward`` of the same input, reused.
+    spec's offset). ``forward``: a ``run_forward`` of the same input, reused. ``row_chunk``:
+    rows per pass through the layers (``relevance_from_forward``).
     """
     if forward is None:
         forward = run_forward(weights, input_ids, token_type_ids, positions)
-    return relevance_from_forward(weights, forward, seed, mode)
+    return relevance_from_forward(weights, forward, seed, mode, row_chunk=row_chunk)
 
 
 def sequence_classification_logits(weights: AdditiveWeights, final_hidden: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
   in place of I, the chosen experts' widths and the router's); sliding-window
   layers longer than their window run in tiles of queries, each with its band mask and its
   keys' gradients (O(tile + W) keys, not T); the additive engine (every layer's cache kept)
-  runs the same fused attention backward, whose gradients for all rows are B·T·Hq·D·4 each for
-  q, k and v, twice while they are cast and transposed. A recording is
+  runs the same fused attention backward in the same row chunks, whose gradients are
+  C·T·Hq·D·4 each for q, k and v, twice while they are cast and transposed. A recording is
   rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
   stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
   stream.
@@ -114,7 +114,7 @@ class ModelShape:
                        sliding, row_chunk, layers_ahead, **experts)
         return cls(ADDITIVE, spec.num_layers, spec.hidden_size, spec.intermediate_size,
                    spec.num_heads, spec.num_heads, spec.head_dim, spec.vocab_size,
-                   dtype_bytes(dtype), bool(spec.causal), None, 0, None, 0)
+                   dtype_bytes(dtype), bool(spec.causal), None, 0, row_chunk, 0)
 
     def to_info(self) -> dict[str, Any]:
         """Plain data for the setup info (through vLLM's msgpack)."""
@@ -210,10 +210,12 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     chunk = min(rows, shape.row_chunk or rows)
     q = shape.num_heads * shape.head_dim
     if shape.kind == ADDITIVE:
-        # every layer cached; the rows' gradients through the layer, and the fused attention
-        # backward's ∂q, ∂k, ∂v (fp32, twice while cast and transposed): no T×T tensor
+        # every layer cached; the seed gradient of every row and the chunks done; one chunk's
+        # gradients through a layer and the fused attention backward's ∂q, ∂k, ∂v (fp32, twice
+        # while cast and transposed): no T×T tensor
         resident = stream + layers * cache
-        transient = rows * t * FP32 * (4 * h + 2 * shape.intermediate_size + 12 * q)
+        transient = (rows * t * FP32 * 2 * h
+                     + chunk * t * FP32 * (2 * h + 2 * shape.intermediate_size + 12 * q))
         return WorkingSet(resident, transient)
     kept = from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES  # no recompute then
     resident = stream + (layers * cache if kept else 0)

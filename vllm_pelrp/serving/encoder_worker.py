@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .failures import JobCancelled, internal_failure
+from .scheduler import ROW_CHUNK
 from .protocol import ENCODER_KIND
 from .served_weights import served_weights
 
@@ -193,11 +194,12 @@ class EncoderWorkerMixin:
             if len(jobs) > 1:
                 outcomes = compute_similarities(state.weights, jobs,
                                                 pooling=state.encoder_pooling,
-                                                checkpoint=checkpoint)
+                                                checkpoint=checkpoint, row_chunk=ROW_CHUNK)
             else:
                 outcomes = [compute_encoder(state.weights, jobs[0],
                                             pooling=state.encoder_pooling,
-                                            head=state.encoder_head, checkpoint=checkpoint)]
+                                            head=state.encoder_head, checkpoint=checkpoint,
+                                            row_chunk=ROW_CHUNK)]
         except JobCancelled:
             return [{"error": "cancelled", "input_error": False} for _ in jobs]
         except Exception as error:  # noqa: BLE001 - every job of the group failed (logged once)

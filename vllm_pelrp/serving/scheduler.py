@@ -24,6 +24,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 DEFAULT_AGING = 0.5
+# target rows per slice of a layer's backward: a short explanation waits for at most one slice
+# (the rotary and the additive engines both take it as ``row_chunk``)
+ROW_CHUNK = 4
 
 
 class Turn:

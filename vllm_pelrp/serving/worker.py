@@ -35,15 +35,13 @@ from .keys import verify_key
 from .memory_budget import budget_info
 from .notify import TicketNotifier
 from .recorder import Recorder, RecordingError, StepClock
-from .scheduler import FairScheduler
+from .scheduler import ROW_CHUNK, FairScheduler
 from .served_weights import served_weights
 from .spare_cores import SpareCoreExecutor, spare_cores
 from .vllm_support import missing_on_runner
 
 logger = logging.getLogger("vllm_pelrp.serving")
 MAX_BACKWARD_THREADS = 64  # backward passes in flight on one worker (one computes at a time)
-# target rows per slice of a layer's backward: a short explanation waits for at most one slice
-ROW_CHUNK = 4
 
 
 class _State:
