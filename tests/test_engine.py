@@ -28,6 +28,16 @@ MODES = ["pa-lrp", "attnlrp", "cp-lrp"]
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
+def _assert_logits_match_hf(model, weights, input_ids) -> None:
+    """The engine's forward (layer inputs, final norm, LM head) gives transformers' logits."""
+    from vllm_pelrp.engine.backward import final_logits
+
+    _, final_hidden = forward_layer_inputs(weights, input_ids)
+    with torch.no_grad():
+        expected = model(input_ids[None]).logits[0]
+    assert torch.allclose(final_logits(weights, final_hidden), expected, atol=1e-4)
+
+
 def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
 
@@ -354,12 +364,7 @@ def test_mistral_sliding_window_forward_matches_hf():
     model = MistralForCausalLM(config).eval()
     input_ids = torch.randint(0, 97, (20,))
     weights = weights_from_hf(model)
-    from vllm_pelrp.engine.backward import final_logits
-
-    _, final_hidden = forward_layer_inputs(weights, input_ids)
-    with torch.no_grad():
-        expected = model(input_ids[None]).logits[0]
-    assert torch.allclose(final_logits(weights, final_hidden), expected, atol=1e-4)
+    _assert_logits_match_hf(model, weights, input_ids)
     # and the backward runs with the window's mask, conserving in cp-lrp
     result = relevance_from_input_ids(weights, input_ids, LogitSeeds.from_rows([[(19, 5)]]), "cp-lrp")
     assert float(result.token.sum()) == pytest.approx(float(result.target_logit[0]), rel=1e-4)
@@ -369,18 +374,13 @@ def test_gemma3_sliding_layers_in_tiles_match_hf_and_reference(monkeypatch):
     """Gemma 3's local layers (window 8) at 26 tokens in tiles of 5 queries: the engine's
     logits equal transformers', its pa-lrp relevance the float64 reference's."""
     from tiny_models import tiny_model
-    from vllm_pelrp.engine.backward import final_logits
     from vllm_pelrp.kernels import attention_lrp
 
     monkeypatch.setattr(attention_lrp, "WINDOW_TILE", 5)
     model = tiny_model("gemma3")
     torch.manual_seed(2)
     input_ids = torch.randint(0, 101, (26,))
-    weights = weights_from_hf(model)
-    _, final_hidden = forward_layer_inputs(weights, input_ids)
-    with torch.no_grad():
-        expected = model(input_ids[None]).logits[0]
-    assert torch.allclose(final_logits(weights, final_hidden), expected, atol=1e-4)
+    _assert_logits_match_hf(model, weights_from_hf(model), input_ids)
     result, reference = engine_and_reference(model, input_ids.tolist(), [9, 25], [3, 77],
                                              "pa-lrp")
     assert_matches_reference(result, reference, "pa-lrp")

@@ -48,7 +48,15 @@ from torch import Tensor
 
 from ..kernels.attention_lrp import attention_forward_for_lrp, attention_lrp_backward
 from .backward import MODES, LogitSeeds
-from .blocks import gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward
+from .blocks import (
+    attention_softmax_loss,
+    gelu,
+    gelu_backward,
+    layer_norm,
+    layer_norm_backward,
+    linear,
+    linear_backward,
+)
 from .rules import additive_embedding_rule
 from .spec import UnsupportedModelError
 
@@ -363,10 +371,8 @@ def _attention_backward(cache: _LayerCache, grad_attended: Tensor, scale: float,
         cache.queries, cache.keys, cache.values, grad_attended, value_share, causal=causal,
         scale=scale, output=cache.attention_output, logsumexp=cache.attention_logsumexp)
     if grad_queries is not None:
-        # Σ R(probs) − Σ R(scores) = Σ v ⊙ ∂v − Σ q ⊙ ∂q − Σ k ⊙ ∂k (uniform rules conserve)
-        absorbed += ((grad_values * cache.values.float()).sum((1, 2, 3))
-                     - (grad_queries * cache.queries.float()).sum((1, 2, 3))
-                     - (grad_keys * cache.keys.float()).sum((1, 2, 3)))
+        absorbed += attention_softmax_loss(cache.queries, cache.keys, cache.values,
+                                           grad_queries, grad_keys, grad_values)
     return grad_queries, grad_keys, grad_values
 
 

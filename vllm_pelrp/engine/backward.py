@@ -39,6 +39,7 @@ from ..kernels.attention_lrp_reference import attention_lrp_backward_reference
 from .blocks import (
     GatedMLPCache,
     MoECache,
+    attention_softmax_loss,
     linear,
     linear_backward,
     mlp_block,
@@ -270,14 +271,8 @@ def _attention_backward(
             logsumexp=cache.attention_logsumexp,
         )
     if grad_queries is not None:
-        # What the softmax rule drops, Σ R(probs) − Σ R(scores), from the uniform rules'
-        # conservation: Σ R(probs) = Σ v ⊙ ∂v (A·V) and Σ R(scores) = Σ q̃ ⊙ ∂q̃ + k̃ ⊙ ∂k̃ (QKᵀ),
-        # so no pass over the T×T probabilities is needed.
-        absorbed += (
-            (grad_values * cache.values.float()).sum((1, 2, 3))
-            - (grad_queries * cache.rotated_queries.float()).sum((1, 2, 3))
-            - (grad_keys * cache.rotated_keys.float()).sum((1, 2, 3))
-        )
+        absorbed += attention_softmax_loss(cache.rotated_queries, cache.rotated_keys,
+                                           cache.values, grad_queries, grad_keys, grad_values)
     return grad_queries, grad_keys, grad_values
 
 

@@ -70,6 +70,17 @@ def linear_backward(grad_out: Tensor, weight: Tensor, bias: Tensor | None,
     return linear_rule(grad_out, weight).float()
 
 
+# ---- attention: what the softmax rule drops ------------------------------------------------
+def attention_softmax_loss(queries: Tensor, keys: Tensor, values: Tensor, grad_queries: Tensor,
+                           grad_keys: Tensor, grad_values: Tensor) -> Tensor:
+    """Σ R(probs) − Σ R(scores) per row (B,), from the uniform rules' conservation:
+    Σ R(probs) = Σ v ⊙ ∂v (A·V) and Σ R(scores) = Σ q ⊙ ∂q + k ⊙ ∂k (QKᵀ), so no pass over
+    the T×T probabilities is needed. Inputs (T, H, D), gradients (B, T, H, D)."""
+    return ((grad_values * values.float()).sum((1, 2, 3))
+            - (grad_queries * queries.float()).sum((1, 2, 3))
+            - (grad_keys * keys.float()).sum((1, 2, 3)))
+
+
 # ---- gated MLP: down(act(gate) ⊙ up) ---------------------------------------------------------
 def activation(spec: DecoderSpec, gate: Tensor) -> Tensor:
     if spec.activation == "gelu_tanh":
@@ -186,13 +197,16 @@ class MixtureOfExperts:
         caches: list[GatedMLPCache | None] = []
         for index, expert in enumerate(self.experts):
             token, slot = torch.nonzero(chosen == index, as_tuple=True)
-            if token.numel() == 0:
-                tokens.append(None), slots.append(None), caches.append(None)
-                continue
-            out, cache = expert.forward(x[token], output_needed)
-            if output is not None:
-                output.index_add_(0, token, (out.float() * top[token, slot, None]).to(x.dtype))
-            tokens.append(token), slots.append(slot), caches.append(cache)
+            if token.numel() == 0:  # no token chose this expert
+                token = slot = cache = None
+            else:
+                out, cache = expert.forward(x[token], output_needed)
+                if output is not None:
+                    output.index_add_(0, token,
+                                      (out.float() * top[token, slot, None]).to(x.dtype))
+            tokens.append(token)
+            slots.append(slot)
+            caches.append(cache)
         return output, MoECache(logits, probs, chosen, top, tokens, slots, caches)
 
     def backward(self, cache: MoECache, grad_out: Tensor, mode: str, absorbed: Tensor) -> Tensor:
