@@ -24,7 +24,7 @@ DOCUMENTS = [[2, 9, 11, 1], [2, 40, 41, 42, 43, 44, 45, 46, 47, 1], [2, 70, 1],
              [2, 17, 33, 5, 1], [2, 88, 12, 13, 14, 99, 1], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1],
              [2, 55, 56, 1], [2, 21, 22, 23, 24, 25, 1]]
 FIELDS = ("token", "position_embedding", "token_type", "target_logit", "softmax_absorbed",
-          "bias_absorbed")
+          "bias_absorbed", "embedding_bias_absorbed", "head_bias_absorbed")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,7 @@ def _per_pair(weights, query: list[int], document: list[int], mode: str, pooling
     first = run_forward(weights, torch.tensor(query))
     second = run_forward(weights, torch.tensor(document))
     seeds = similarity_seeds(first.final_hidden, second.final_hidden, pooling)
-    kind = weights.spec.position_kind
-    return ([pipeline.additive_as_relevance(relevance_from_forward(weights, forward, seed, mode),
-                                            kind)
+    return ([relevance_from_forward(weights, forward, seed, mode)
              for forward, seed in ((first, seeds.first), (second, seeds.second))],
             float(seeds.cosine))
 
@@ -73,7 +71,7 @@ def test_one_query_forward_and_backward_for_all_documents_each_pair_as_alone(
         return forward(w, ids, *args)
 
     def counted_backward(w, passed, seed, *args):
-        backwards.append((len(passed.parts.word), seed.num_rows))
+        backwards.append((len(passed.embedding.parts.word), seed.num_rows))
         return backward(w, passed, seed, *args)
 
     monkeypatch.setattr(pipeline, "run_additive_forward", counted_forward)

@@ -334,7 +334,7 @@ def test_bfloat16_model_runs_in_its_dtype(tiny_llama):
 def test_fused_attention_backward_equals_reference(tiny_llama, monkeypatch, mode, block_bytes):
     """The fused (flash) attention backward equals the rules applied on explicit T×T blocks,
     whole and split into row and query blocks, for several target rows at once."""
-    from vllm_pelrp.engine import backward
+    from vllm_pelrp.engine import attention
     from vllm_pelrp.kernels import attention_lrp_reference
 
     weights = weights_from_hf(tiny_llama)
@@ -343,7 +343,7 @@ def test_fused_attention_backward_equals_reference(tiny_llama, monkeypatch, mode
     layer_inputs, _ = forward_layer_inputs(weights, input_ids)
     positions = torch.arange(150)
     fused = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)
-    monkeypatch.setattr(backward, "ATTENTION_BACKWARD", "reference")
+    monkeypatch.setattr(attention, "ATTENTION_BACKWARD", "reference")
     if block_bytes is not None:
         monkeypatch.setattr(attention_lrp_reference, "BLOCK_BYTES", block_bytes)
     reference = relevance_from_layer_inputs(weights, layer_inputs, positions, seeds, mode)

@@ -131,7 +131,7 @@ def _engine_target(kind, weights, ids, types, target):
 
 def _compare(result, reference, mode, has_types):
     """Engine row 0 against the reference dict; returns the worst relative L2."""
-    assert float(result.target[0]) == pytest.approx(reference["target"], rel=1e-5, abs=1e-6)
+    assert float(result.target_logit[0]) == pytest.approx(reference["target"], rel=1e-5, abs=1e-6)
     errors = {"token": relative_l2(result.token[0], reference["token"]),
               "bias_absorbed": relative_l2(result.bias_absorbed[0], reference["bias_absorbed"])}
     if mode == "pa-lrp":
@@ -155,7 +155,7 @@ def _compare(result, reference, mode, has_types):
     assert max(errors.values()) < TOLERANCE, errors
     # conservation: every unit of the target is somewhere
     total = result.input_relevance + result.absorbed
-    assert torch.allclose(total, result.target, rtol=TOLERANCE, atol=1e-6)
+    assert torch.allclose(total, result.target_logit, rtol=TOLERANCE, atol=1e-6)
     return max(errors.values())
 
 
@@ -207,7 +207,7 @@ def test_similarity_matches_explicit_reference(mode):
     assert float(seeds.cosine) == pytest.approx(float(a @ b), rel=1e-5)
     _compare(side_a, reference["first"], mode, has_types=True)
     _compare(side_b, reference["second"], mode, has_types=True)
-    assert float(side_a.target[0] + side_b.target[0]) == pytest.approx(float(seeds.cosine),
+    assert float(side_a.target_logit[0] + side_b.target_logit[0]) == pytest.approx(float(seeds.cosine),
                                                                         rel=1e-5)
 
 
@@ -229,7 +229,7 @@ def test_pa_lrp_splits_exactly_what_attnlrp_gives_the_token(kind):
     assert torch.allclose(split, attn.token, rtol=1e-5, atol=1e-6)
     assert (pa.positional.abs() > 0).any() and not torch.allclose(pa.token, attn.token)
     for name in ("softmax_absorbed", "bias_absorbed", "embedding_bias_absorbed",
-                 "head_bias_absorbed", "target"):
+                 "head_bias_absorbed", "target_logit"):
         assert torch.equal(getattr(pa, name), getattr(attn, name)), name
     cp = additive_relevance(weights, ids, seed, "cp-lrp", token_type_ids=types)
     assert not torch.allclose(cp.token, attn.token, rtol=1e-3)
@@ -254,7 +254,7 @@ def test_plain_seed_gradient_equals_hidden_seed():
     as_seed = additive_relevance(weights, ids, seed, token_type_ids=types)
     as_tensor = additive_relevance(weights, ids, seed.gradient, token_type_ids=types)
     assert torch.equal(as_seed.token, as_tensor.token)
-    assert torch.equal(as_seed.target, as_tensor.target)
+    assert torch.equal(as_seed.target_logit, as_tensor.target_logit)
 
 
 def test_bfloat16_weights_stay_close_to_float32():
@@ -360,7 +360,7 @@ def test_two_tensor_parallel_ranks_equal_one(kind):
         return additive_relevance(shard, ids, seed, token_type_ids=types)
 
     for result in run_ranks(2, run):
-        for name in ("token", "positional", "target", "softmax_absorbed", "bias_absorbed",
+        for name in ("token", "positional", "target_logit", "softmax_absorbed", "bias_absorbed",
                      "embedding_bias_absorbed", "head_bias_absorbed"):
             assert torch.allclose(getattr(result, name), getattr(expected, name), rtol=1e-4,
                                   atol=1e-6), name
@@ -525,6 +525,8 @@ def test_row_chunks_give_the_same_result_with_a_checkpoint_per_chunk_and_layer(k
     chunked = relevance_from_forward(weights, forward, seed, "pa-lrp",
                                      checkpoint=lambda: calls.append(1), row_chunk=3)
     for name, value in vars(whole).items():
-        if value is not None:
+        if isinstance(value, torch.Tensor):
             assert torch.equal(value, getattr(chunked, name)), name
+        else:
+            assert value == getattr(chunked, name), name
     assert len(calls) == 3 * weights.spec.num_layers

@@ -15,7 +15,7 @@ from vllm_pelrp.engine.backward import (
     forward_layer_inputs,
     relevance_from_input_ids,
 )
-from vllm_pelrp.engine.blocks import MixtureOfExperts
+from vllm_pelrp.engine.blocks import MixtureOfExperts, Sinks
 from vllm_pelrp.engine.spec import DecoderSpec, ExpertWeights, MoESpec, MoEWeights
 from vllm_pelrp.models import architecture_for
 
@@ -116,7 +116,7 @@ def _moe_block(renormalize: bool):
     weights = MoEWeights(rand(experts, hidden), [
         ExpertWeights(rand(size, hidden), rand(size, hidden), rand(hidden, size))
         for _ in range(experts)])
-    return MixtureOfExperts(spec, weights), rand(9, hidden)
+    return MixtureOfExperts(spec.moe, weights, spec.activation), rand(9, hidden)
 
 
 def _lxt_moe_relevance(block: MixtureOfExperts, x: torch.Tensor, grad_out: torch.Tensor,
@@ -129,7 +129,7 @@ def _lxt_moe_relevance(block: MixtureOfExperts, x: torch.Tensor, grad_out: torch
         return 0.5 * t + 0.5 * t.detach()
 
     x = x.clone().requires_grad_(True)
-    moe = block.spec.moe
+    moe = block.moe
     probs = torch.softmax((x @ block.weights.router.T).float(), -1)
     top, chosen = torch.topk(probs, moe.top_k, -1)
     if moe.renormalize:
@@ -157,7 +157,7 @@ def test_block_rules_equal_autograd_on_lxt_rules(renormalize, mode):
     out, cache = block.forward(x)
     grad_out = torch.randn(2, *x.shape, generator=torch.Generator().manual_seed(1))
     absorbed = torch.zeros(2)
-    grad_x = block.backward(cache, grad_out, mode, absorbed)
+    grad_x = block.backward(cache, grad_out, mode, Sinks(absorbed, torch.zeros(2), torch.zeros(2)))
     for row in range(2):
         expected = _lxt_moe_relevance(block, x, grad_out[row], 1.0 if mode == "cp-lrp" else 0.5)
         assert torch.allclose(grad_x[row] * x, expected, rtol=1e-5, atol=1e-7)

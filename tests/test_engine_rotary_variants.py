@@ -41,7 +41,7 @@ def _ids(length, seed=1):
 
 
 def _engine_logits(weights, ids):
-    return final_logits(weights, run_forward(weights, ids).final_hidden)
+    return final_logits(weights, run_forward(weights, ids).last_output)
 
 
 # LongRoPE: 20 tokens use the short factors, 40 (> original_max_position_embeddings 32) the long

@@ -18,7 +18,7 @@ import torch
 from vllm_pelrp import cli
 from vllm_pelrp.assemble import build_explanation, combine_relevance
 from vllm_pelrp.targets import resolve_targets
-from vllm_pelrp.engine.backward import RelevanceResult
+from vllm_pelrp.engine.driver import RelevanceResult
 from vllm_pelrp.explanation import (
     WIRE_FORMAT_VERSION,
     Conservation,

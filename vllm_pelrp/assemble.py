@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .engine.backward import RelevanceResult
+from .engine.driver import RelevanceResult
 from .errors import ExplainInputError
 from .explanation import (
     COMBINATIONS,
@@ -301,9 +301,13 @@ def build_explanation(
     names = {"token", "positional_cos", "positional_sin", "target_logit", "softmax_absorbed",
              *(attribute for attribute, _ in inputs.values()), *(["token_type"] * with_type)}
     cpu = {name: getattr(result, name).detach().float().cpu()[: len(targets)] for name in names}
-    bias = result.bias_absorbed
-    cpu["bias_absorbed"] = (torch.zeros_like(cpu["softmax_absorbed"]) if bias is None
-                            else bias.detach().float().cpu()[: len(targets)])
+    # every bias's share per row (B, 1): the layers', the embedding norm's and the head's
+    bias = torch.zeros(cpu["softmax_absorbed"].shape[0], 1)
+    for part in (result.bias_absorbed, result.embedding_bias_absorbed, result.head_bias_absorbed):
+        if part is not None:
+            part = part.detach().float().cpu()[: len(targets)]
+            bias = bias + (part.sum(-1, keepdim=True) if part.dim() == 2 else part[:, None])
+    cpu["bias_absorbed"] = bias
 
     sums = layer_sums or {}
 

@@ -47,25 +47,23 @@ from .targets import (
     parse_target,
     resolve_targets,
 )
-from .engine.backward import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    ForwardPass,
-    LogitSeeds,
-    RelevanceResult,
-    argmax_next_token,
-    final_logits,
-    relevance_from_layer_inputs,
-    run_forward,
-)
 from .engine.additive import (
-    AdditiveRelevance,
     AdditiveWeights,
-    HiddenSeed,
-    lm_logits,
+    additive_model,
     relevance_from_forward,
+    sequence_classification_logits,
 )
 from .engine.additive import run_forward as run_additive_forward
-from .engine.additive import sequence_classification_logits
+from .engine.backward import rotary_model
+from .engine.driver import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    ForwardPass,
+    HiddenSeed,
+    LogitSeeds,
+    RelevanceResult,
+    relevance,
+)
+from .engine.driver import run_forward as run_block_forward
 from .engine.heads import (
     ClassifierHead,
     HeadTargetError,
@@ -308,6 +306,11 @@ class BackwardResult(BaseModel):
     position_kind: Literal["learned", "absolute"] | None = None
     token_type: Float32Array | None = Field(
         None, description="(B, T): the token-type embedding's relevance (BERT); None without.")
+    embedding_bias_absorbed: Float32Array | None = Field(
+        None, description="(B,): what the embedding's LayerNorm β keeps (BERT); None without.")
+    head_bias_absorbed: Float32Array | None = Field(
+        None, description="(B,): what the head's biases keep (GPT-2's ln_f β; pooler and "
+        "classifier); None without.")
     next_token_id: int | None = None
     seconds: float = Field(0.0, description="Time of the whole job on the worker.")
     recomputed_rows: int = Field(0, description="Positions whose layer inputs were recomputed.")
@@ -344,7 +347,8 @@ class BackwardResult(BaseModel):
             bias_absorbed=array(result.bias_absorbed),
             position_embedding=array(result.position_embedding, True),
             position_kind=result.position_kind, token_type=array(result.token_type, True),
-            **fields)
+            embedding_bias_absorbed=array(result.embedding_bias_absorbed),
+            head_bias_absorbed=array(result.head_bias_absorbed), **fields)
 
     @property
     def has_layers(self) -> bool:
@@ -378,6 +382,8 @@ class BackwardResult(BaseModel):
             position_embedding=optional(self.position_embedding),
             position_kind=self.position_kind,
             token_type=optional(self.token_type),
+            embedding_bias_absorbed=optional(self.embedding_bias_absorbed),
+            head_bias_absorbed=optional(self.head_bias_absorbed),
         )
 
     def layer_sums(self) -> dict[str, LayerSums] | None:
@@ -421,13 +427,9 @@ def job(plan: Plan, key: str | None = None, *, per_layer: bool = False,
 
 
 # ---- 3. the backward --------------------------------------------------------------------------
-def next_token(weights: Any, layer_inputs: Sequence[torch.Tensor], positions: torch.Tensor,
-               forward: ForwardPass | None = None) -> int:
-    """The model's argmax token after the last position: from the forward's last hidden state
-    when there is one, else by running the last layer on its saved input."""
-    if forward is not None:
-        return int(final_logits(weights, forward.final_hidden[-1:])[0].argmax())
-    return argmax_next_token(weights, layer_inputs, positions)
+def block_model(weights: Any):
+    """The engine's blocks of ``weights`` (a rotary decoder's or an additive-position model's)."""
+    return additive_model(weights) if isinstance(weights, AdditiveWeights) else rotary_model(weights)
 
 
 @torch.no_grad()
@@ -447,21 +449,22 @@ def compute(
     ``layer_inputs`` cover every position of ``job.token_ids``, or all but the last (a
     recording: the last completion token was never fed to the model). Without them (and without
     ``forward``, a ``run_forward`` of the same ids) a plain forward runs first and its per-layer
-    caches, when they fit ``cache_budget_bytes``, spare the backward its recomputes. With
-    ``job.next_first`` the argmax next token after the inputs is the first row.
-    ``checkpoint``, ``row_chunk``, ``recompute_executor``: as in
-    ``engine.backward.relevance_from_layer_inputs``."""
+    caches, when they fit ``cache_budget_bytes``, spare the backward its recomputes. A model
+    whose positions are an additive table (GPT-2) is never recorded: it always runs the
+    forward. With ``job.next_first`` the argmax next token after the inputs is the first row.
+    ``checkpoint``, ``row_chunk``, ``recompute_executor``: as in ``engine.driver.relevance``."""
     started = time.perf_counter()
     total = len(job.token_ids)
-    device = weights.device
-    if isinstance(weights, AdditiveWeights):  # GPT-2 family: a forward from the ids, always
-        return _compute_additive(weights, job, started, checkpoint, row_chunk)
+    model = block_model(weights)
+    device = model.device
+    if isinstance(weights, AdditiveWeights) and layer_inputs is not None:
+        raise ValueError("an additive-position model is explained from its token ids")
     recomputed = 0
     if layer_inputs is None:
         if forward is None:
-            forward = run_forward(weights, torch.tensor(job.token_ids, device=device),
-                                  torch.arange(total, device=device), cache_budget_bytes,
-                                  checkpoint)
+            forward = run_block_forward(model, torch.tensor(job.token_ids, device=device),
+                                        cache_budget_bytes=cache_budget_bytes,
+                                        checkpoint=checkpoint)
             recomputed = total
         layer_inputs = forward.layer_inputs
     length = int(layer_inputs[0].shape[0])
@@ -472,56 +475,23 @@ def compute(
     rows = [[(int(p), int(t)) for p, t in row] for row in job.seeds]
     next_token_id = None
     if job.next_first:  # its seed is known only now; it comes first
-        next_token_id = next_token(weights, layer_inputs, positions, forward)
+        if forward is not None:
+            last = forward.last_output
+        else:  # the last layer once more, on its saved input
+            last, _ = model.layers[-1].forward(layer_inputs[-1], model.positions(positions),
+                                               keep_cache=False)
+        next_token_id = int(model.head.logits(last[-1:])[0].argmax())
         rows = [[(length - 1, next_token_id)]] + rows
     if not rows:
         raise ValueError("the job has no targets")
-    result = relevance_from_layer_inputs(weights, layer_inputs, positions,
-                                         LogitSeeds.from_rows(rows, device), job.mode, checkpoint,
-                                         forward=forward, row_chunk=row_chunk,
-                                         recompute_executor=recompute_executor)
+    result = relevance(model, layer_inputs, positions, LogitSeeds.from_rows(rows, device),
+                       job.mode, checkpoint, forward=forward, row_chunk=row_chunk,
+                       recompute_executor=recompute_executor)
     return BackwardResult.from_relevance(result, total, per_layer=job.per_layer,
                                          summary_rows=job.summary_rows,
                                          next_token_id=next_token_id,
                                          recomputed_rows=recomputed,
                                          seconds=time.perf_counter() - started)
-
-
-def additive_as_relevance(result: AdditiveRelevance, position_kind: str) -> RelevanceResult:
-    """The additive engine's result in the shape ``assemble`` reads: no rotary parts (cos/sin
-    (B, 0, T)), the position table's relevance as ``position_embedding``; the embedding
-    LayerNorm's β is booked with layer 0's biases, the head's (ln_f, pooler, classifier) with the
-    last layer's (only their sum reaches the wire)."""
-    rows, length = result.token.shape
-    bias = result.bias_absorbed.clone()
-    bias[:, 0] += result.embedding_bias_absorbed
-    bias[:, -1] += result.head_bias_absorbed
-    empty = result.token.new_zeros(rows, 0, length)
-    return RelevanceResult(result.token, empty, empty, result.target, result.softmax_absorbed,
-                           bias, position_embedding=result.positional,
-                           position_kind=position_kind, token_type=result.token_type)
-
-
-def _compute_additive(weights: AdditiveWeights, job: BackwardJob, started: float,
-                      checkpoint: Callable[[], None] | None = None,
-                      row_chunk: int | None = None) -> BackwardResult:
-    """``compute`` for a decoder whose positions are an additive table (GPT-2): a forward of the
-    job's ids (there is no recording to read), then the backward of its logit rows."""
-    ids = torch.tensor(job.token_ids, device=weights.device)
-    forward = run_additive_forward(weights, ids)
-    rows = [[(int(p), int(t)) for p, t in row] for row in job.seeds]
-    next_token_id = None
-    if job.next_first:
-        next_token_id = int(lm_logits(weights, forward.final_hidden[-1:])[0].argmax())
-        rows = [[(len(job.token_ids) - 1, next_token_id)]] + rows
-    if not rows:
-        raise ValueError("the job has no targets")
-    result = relevance_from_forward(weights, forward, LogitSeeds.from_rows(rows, weights.device),
-                                    job.mode, checkpoint, row_chunk)
-    return BackwardResult.from_relevance(
-        additive_as_relevance(result, weights.spec.position_kind), len(job.token_ids),
-        next_token_id=next_token_id, recomputed_rows=len(job.token_ids),
-        seconds=time.perf_counter() - started)
 
 
 # ---- 4. the explanation -----------------------------------------------------------------------
@@ -709,16 +679,8 @@ def encoder_passes(jobs: Sequence[EncoderPlan | EncoderJob]) -> list[list[tuple[
             for group in shared_query_groups(jobs)]
 
 
-def _additive_row(result: AdditiveRelevance, row: int) -> AdditiveRelevance:
-    """Row ``row`` of a B-row result, as a one-row result."""
-    return AdditiveRelevance(**{name: None if value is None else value[row:row + 1]
-                                for name, value in vars(result).items()})
-
-
-def _encoder_backward_result(weights: AdditiveWeights, result: AdditiveRelevance,
-                             length: int) -> BackwardResult:
-    return BackwardResult.from_relevance(additive_as_relevance(result, weights.spec.position_kind),
-                                         length, recomputed_rows=length)
+def _encoder_backward_result(result: RelevanceResult, length: int) -> BackwardResult:
+    return BackwardResult.from_relevance(result, length, recomputed_rows=length)
 
 
 @torch.no_grad()
@@ -757,15 +719,14 @@ def compute_similarities(weights: AdditiveWeights, jobs: Sequence[EncoderJob], *
         other = relevance_from_forward(weights, document, seeds.second, job.mode, checkpoint,
                                        row_chunk)
         done.append((number, seeds.first.gradient, float(seeds.cosine),
-                     _encoder_backward_result(weights, other, len(job.texts[1]))))
+                     _encoder_backward_result(other, len(job.texts[1]))))
         del document  # one document's forward alive at a time (budget.encoder_need)
     if done:
         seed = HiddenSeed(torch.cat([gradient for _, gradient, _, _ in done]))
         result = relevance_from_forward(weights, query, seed, first.mode, checkpoint, row_chunk)
         seconds = (time.perf_counter() - started) / len(jobs)
         for row, (number, _, value, other) in enumerate(done):
-            mine = _encoder_backward_result(weights, _additive_row(result, row),
-                                            len(first.texts[0]))
+            mine = _encoder_backward_result(result.row(row), len(first.texts[0]))
             outcomes[number] = EncoderResult(texts=[mine, other], value=value, seconds=seconds)
     return outcomes
 
@@ -808,7 +769,7 @@ def compute_encoder(weights: AdditiveWeights, job: EncoderJob, *, pooling: Pooli
     except HeadTargetError as error:
         raise TargetError(str(error)) from None
     result = relevance_from_forward(weights, forward, seed, job.mode, checkpoint, row_chunk)
-    return EncoderResult(texts=[_encoder_backward_result(weights, result, len(ids))],
+    return EncoderResult(texts=[_encoder_backward_result(result, len(ids))],
                          value=value, seconds=time.perf_counter() - started)
 
 

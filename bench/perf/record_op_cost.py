@@ -20,7 +20,7 @@ import time
 import torch
 
 from vllm_pelrp import load_explainer
-from vllm_pelrp.engine.backward import layer_forward, make_rope
+from vllm_pelrp.engine.backward import rotary_model
 from vllm_pelrp.serving.record_pool import RecordingPool, set_pool
 
 
@@ -45,12 +45,13 @@ def main() -> None:
         for layer in range(layers):
             op(hidden, residual if layer else None, layer)
 
-    rope = make_rope(weights.spec, positions, weights.dtype)
+    model = rotary_model(weights)
+    context = model.positions(positions)
 
     def one_step_of_layers() -> None:  # decode rows without their KV cache: a lower bound
         x = hidden
-        for layer in weights.layers:
-            x, _ = layer_forward(weights, layer, x, rope, keep_cache=False)
+        for layer in model.layers:
+            x, _ = layer.forward(x, context, keep_cache=False)
 
     def timed(function, repeats: int) -> float:
         started = time.perf_counter()

@@ -1,12 +1,18 @@
-"""The shared building blocks of every decoder the engine implements: each block's forward (as the
-source framework computes it) and the rule that carries the modified gradient back through it.
+"""The engine's building blocks: each block's forward (as the source framework computes it) and the
+rule that carries the modified gradient back through it.
 
-A model file of ``vllm_pelrp.models`` picks among them through its ``DecoderSpec``; the layer
-forward and backward of ``backward.py`` compose them. The MLP is a block object chosen per layer
-(``mlp_block``: a dense gated MLP or a mixture of experts) whose ``forward`` returns its cache and
-whose ``backward`` applies the rules. LayerNorm with bias and the plain GELU
-activations serve the additive-position models (BERT, GPT-2: ``additive.py``). Nothing here
-knows an architecture's name.
+- norms: ``RMSNorm`` (γ or Gemma's 1 + γ; also per-head q/k norms) and ``LayerNorm`` with bias;
+- linear layers with or without bias;
+- MLPs: ``GatedMLP`` (SiLU, GELU-tanh), ``PlainMLP`` (GELU, GELU-tanh, with biases) and
+  ``MixtureOfExperts``;
+- attention (``attention.py``), the layer that places them around the residual stream
+  (``layer.py``), the embeddings (``embeddings.py``) and the heads that give the seed
+  (``driver.py``).
+
+Every block's ``forward`` returns its output and what its backward reads (its cache); its
+``backward`` takes the modified gradient at its output and returns it at its input, booking what
+does not flow on (a bias's share, the softmax rule's loss, RoPE's positional share) into the
+layer's ``Sinks``. Nothing here knows an architecture's name.
 """
 
 from __future__ import annotations
@@ -30,28 +36,77 @@ from .rules import (
     softmax_rule,
     uniform_product_rule,
 )
-from .spec import DecoderSpec, ExpertWeights, LayerWeights, MoEWeights
+from .spec import ExpertWeights, LayerWeights, MoESpec, MoEWeights
 
 
-# ---- RMSNorm (plain γ, or Gemma's 1 + γ) ---------------------------------------------------------
-def norm_scale(spec: DecoderSpec, gamma: Tensor) -> Tensor:
-    """The factor RMSNorm applies: γ, or (1 + γ) in fp32 for Gemma."""
-    return gamma.float() + spec.norm_offset if spec.norm_offset else gamma
+# ---- where a block's backward books what does not flow on ---------------------------------------
+@dataclass
+class Sinks:
+    """Per target row, what one layer's backward keeps out of the flow (views of the driver's
+    (B, L) tensors, added into in place): ``softmax``, what the softmax rules (attention, a
+    router) drop; ``bias_sharded``, what this rank's slice of a column-parallel bias keeps (q, k,
+    v, MLP up: summed across ranks at the end); ``bias_replicated``, what a bias every rank
+    holds keeps (o, MLP down, LayerNorm β: the same on every rank); ``positional`` (b, T, 2),
+    RoPE's cos and sin shares in pa-lrp (None for a model without rotary positions)."""
+
+    softmax: Tensor
+    bias_sharded: Tensor
+    bias_replicated: Tensor
+    positional: Tensor | None = None
 
 
-def rms_norm(spec: DecoderSpec, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """RMSNorm over the last dim with fp32 statistics, as in HF: LLaMA casts back then scales,
-    Gemma scales in fp32 then casts. Returns (y, 1/rms) with 1/rms fp32, keepdim."""
-    x32 = x.float()
-    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
-    if spec.norm_scale_in_float:
-        return (x32 * inv_rms * norm_scale(spec, gamma).float()).to(x.dtype), inv_rms
-    return norm_scale(spec, gamma) * (x32 * inv_rms).to(x.dtype), inv_rms
+# ---- norms: RMSNorm (γ, or Gemma's 1 + γ) and LayerNorm with bias -------------------------------
+@dataclass
+class RMSNorm:
+    """RMSNorm over the last dim with fp32 statistics, as in HF: LLaMA casts back then scales
+    by γ; Gemma scales by (1 + γ) in fp32 (``offset`` 1, ``scale_in_float``) then casts. Also
+    the per-head q/k norms (Qwen3, Gemma 3) over (T, H, D). No bias."""
+
+    gamma: Tensor
+    eps: float
+    offset: float = 0.0
+    scale_in_float: bool = False
+
+    def scale(self) -> Tensor:
+        """The factor applied: γ, or (1 + γ) in fp32."""
+        return self.gamma.float() + self.offset if self.offset else self.gamma
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, 1/rms), 1/rms fp32 keepdim."""
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_float:
+            return (x32 * inv_rms * self.scale().float()).to(x.dtype), inv_rms
+        return self.scale() * (x32 * inv_rms).to(x.dtype), inv_rms
+
+    def backward(self, grad_out: Tensor, inv_rms: Tensor, kept: Tensor | None = None) -> Tensor:
+        """Identity rule (1/rms held constant)."""
+        return rmsnorm_identity_rule(grad_out, inv_rms, self.scale())
 
 
-def rms_norm_backward(spec: DecoderSpec, grad_out: Tensor, inv_rms: Tensor, gamma: Tensor) -> Tensor:
-    """Identity rule (1/rms held constant) through ``rms_norm``."""
-    return rmsnorm_identity_rule(grad_out, inv_rms, norm_scale(spec, gamma))
+@dataclass
+class LayerNorm:
+    """LayerNorm over the last dim as torch.nn.LayerNorm computes it (BERT, GPT-2)."""
+
+    gamma: Tensor | None
+    beta: Tensor | None
+    eps: float
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, 1/σ), 1/σ fp32 keepdim (biased variance, as LayerNorm)."""
+        y = F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
+        inv_std = torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + self.eps)
+        return y, inv_std
+
+    def backward(self, grad_out: Tensor, inv_std: Tensor, kept: Tensor | None = None) -> Tensor:
+        """Identity rule (σ held, the mean not: LXT); β keeps Σ β ⊙ ∂y, added to ``kept`` (B,).
+        ``grad_out`` is (B, T, hidden)."""
+        if self.beta is not None and kept is not None:
+            kept += bias_relevance(grad_out, self.beta)
+        return layernorm_identity_rule(grad_out, inv_std, self.gamma)
+
+
+Norm = RMSNorm | LayerNorm
 
 
 # ---- linear, with or without bias ---------------------------------------------------------------
@@ -81,18 +136,21 @@ def attention_softmax_loss(queries: Tensor, keys: Tensor, values: Tensor, grad_q
             - (grad_keys * keys.float()).sum((1, 2, 3)))
 
 
-# ---- gated MLP: down(act(gate) ⊙ up) ---------------------------------------------------------
-def activation(spec: DecoderSpec, gate: Tensor) -> Tensor:
-    if spec.activation == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh")
-    return F.silu(gate)
+# ---- activations, each with its identity rule ---------------------------------------------------
+def activation(name: str, x: Tensor) -> Tensor:
+    """``silu``, ``gelu`` (erf) or ``gelu_tanh``, as the source framework computes it."""
+    if name == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
-def activation_backward(spec: DecoderSpec, grad_out: Tensor, gate: Tensor) -> Tensor:
-    """Identity rule through the gate's activation (SiLU or GELU-tanh)."""
-    if spec.activation == "gelu_tanh":
-        return gelu_tanh_identity_rule(grad_out, gate)
-    return silu_identity_rule(grad_out, gate)
+def activation_backward(name: str, grad_out: Tensor, x: Tensor) -> Tensor:
+    """Identity rule through ``activation``: ∂x = ∂y ⊙ act(x)/x."""
+    if name == "silu":
+        return silu_identity_rule(grad_out, x)
+    if name == "gelu_tanh":
+        return gelu_tanh_identity_rule(grad_out, x)
+    return gelu_identity_rule(grad_out, x)
 
 
 def tensor_bytes(cache: object) -> int:
@@ -106,6 +164,10 @@ def tensor_bytes(cache: object) -> int:
     return 0
 
 
+# ---- MLP blocks: gated, plain, mixture of experts -----------------------------------------------
+# Each returns this rank's partial output (the layer sums it across ranks, then adds
+# ``output_bias``) and takes the gradient at its (replicated) output; its input gradient is again
+# this rank's part.
 @dataclass
 class GatedMLPCache:
     """What a gated MLP's backward reads: the gate and up projections and act(gate)."""
@@ -116,17 +178,20 @@ class GatedMLPCache:
 
 
 class GatedMLP:
-    """The dense MLP block, down(act(gate) ⊙ up) over (out, in) weights (a layer's, or one
-    expert's). Under tensor parallelism its output and its input gradient are this rank's
-    partial sums (the caller all-reduces them)."""
+    """The gated MLP block, down(act(gate) ⊙ up) over (out, in) weights (a layer's, or one
+    expert's): the uniform rule on the product, the identity rule on the activation, the
+    ε-rule (the gradient) through the projections. No biases."""
 
-    def __init__(self, spec: DecoderSpec, weights: LayerWeights | ExpertWeights) -> None:
-        self.spec, self.weights = spec, weights
+    output_bias = None
+
+    def __init__(self, weights: LayerWeights | ExpertWeights, activation_name: str = "silu"
+                 ) -> None:
+        self.weights, self.activation = weights, activation_name
 
     def hidden(self, x: Tensor) -> GatedMLPCache:
         gate = x @ self.weights.gate_proj.T
         up = x @ self.weights.up_proj.T
-        return GatedMLPCache(gate, up, activation(self.spec, gate))
+        return GatedMLPCache(gate, up, activation(self.activation, gate))
 
     def forward(self, x: Tensor, output_needed: bool = True
                 ) -> tuple[Tensor | None, GatedMLPCache]:
@@ -138,18 +203,49 @@ class GatedMLP:
         return (cache.activated * cache.up) @ self.weights.down_proj.T, cache
 
     def backward_from_product(self, cache: GatedMLPCache, grad_product: Tensor) -> Tensor:
-        """∂ at act(gate) ⊙ up → ∂ at the input: uniform rule on the product, identity rule on
-        the activation, ε-rule (the gradient) through gate and up."""
+        """∂ at act(gate) ⊙ up → ∂ at the input."""
         grad_act, grad_up = uniform_product_rule(grad_product, cache.activated, cache.up)
-        grad_gate = activation_backward(self.spec, grad_act, cache.gate)
+        grad_gate = activation_backward(self.activation, grad_act, cache.gate)
         return (linear_rule(grad_gate, self.weights.gate_proj).float()
                 + linear_rule(grad_up, self.weights.up_proj).float())
 
-    def backward(self, cache: GatedMLPCache, grad_out: Tensor, mode: str, absorbed: Tensor
+    def backward(self, cache: GatedMLPCache, grad_out: Tensor, mode: str, sinks: Sinks
                  ) -> Tensor:
-        """∂ at the output (B, T, hidden) → ∂ at the input, fp32 (nothing absorbed)."""
+        """∂ at the output (B, T, hidden) → ∂ at the input, fp32 (nothing kept)."""
         grad_product = linear_rule(grad_out, self.weights.down_proj).float()
         return self.backward_from_product(cache, grad_product)
+
+
+@dataclass
+class PlainMLPCache:
+    """The up projection (the activation's input) of a plain MLP."""
+
+    up: Tensor
+
+
+class PlainMLP:
+    """The non-gated MLP block, W₂·act(W₁x + b₁) (+ b₂) (BERT: erf GELU, GPT-2: GELU-tanh): the
+    identity rule on the activation, the ε-rule through both linears; b₁ (this rank's slice)
+    keeps its share into ``bias_sharded``, b₂ (``output_bias``, added after the ranks' sum)
+    into ``bias_replicated``."""
+
+    def __init__(self, up: Tensor, up_bias: Tensor | None, down: Tensor,
+                 down_bias: Tensor | None, activation_name: str) -> None:
+        self.up, self.up_bias, self.down = up, up_bias, down
+        self.output_bias, self.activation = down_bias, activation_name
+
+    def forward(self, x: Tensor, output_needed: bool = True
+                ) -> tuple[Tensor | None, PlainMLPCache]:
+        up = linear(x, self.up, self.up_bias)
+        if not output_needed:
+            return None, PlainMLPCache(up)
+        return linear(activation(self.activation, up), self.down), PlainMLPCache(up)
+
+    def backward(self, cache: PlainMLPCache, grad_out: Tensor, mode: str, sinks: Sinks
+                 ) -> Tensor:
+        grad_act = linear_backward(grad_out, self.down, self.output_bias, sinks.bias_replicated)
+        grad_up = activation_backward(self.activation, grad_act, cache.up)
+        return linear_backward(grad_up, self.up, self.up_bias, sinks.bias_sharded)
 
 
 @dataclass
@@ -175,17 +271,18 @@ class MixtureOfExperts:
     the uniform rule on expert output × routing weight, the identity rule on the gated
     activation (``GatedMLP``), and the routing weight's share back through the renormalisation
     and the softmax by their gradients (AttnLRP's softmax rule), then the router (ε-rule). What
-    the routing path drops, Σ R(w) − Σ R(logits), is added to ``absorbed``. ``cp-lrp`` holds the
-    routing weights constant, as it holds the attention's probabilities: all relevance flows
-    through the experts and nothing is absorbed."""
+    the routing path drops, Σ R(w) − Σ R(logits), is added to ``sinks.softmax``. ``cp-lrp``
+    holds the routing weights constant, as it holds the attention's probabilities: all
+    relevance flows through the experts and nothing is absorbed."""
 
-    def __init__(self, spec: DecoderSpec, weights: MoEWeights) -> None:
-        assert spec.moe is not None
-        self.spec, self.weights = spec, weights
-        self.experts = [GatedMLP(spec, expert) for expert in weights.experts]
+    output_bias = None
+
+    def __init__(self, moe: MoESpec, weights: MoEWeights, activation_name: str = "silu") -> None:
+        self.moe, self.weights = moe, weights
+        self.experts = [GatedMLP(expert, activation_name) for expert in weights.experts]
 
     def forward(self, x: Tensor, output_needed: bool = True) -> tuple[Tensor | None, MoECache]:
-        moe = self.spec.moe
+        moe = self.moe
         logits = x @ self.weights.router.T
         probs = torch.softmax(logits.float(), dim=-1)
         top, chosen = torch.topk(probs, moe.top_k, dim=-1)
@@ -209,9 +306,9 @@ class MixtureOfExperts:
             caches.append(cache)
         return output, MoECache(logits, probs, chosen, top, tokens, slots, caches)
 
-    def backward(self, cache: MoECache, grad_out: Tensor, mode: str, absorbed: Tensor) -> Tensor:
+    def backward(self, cache: MoECache, grad_out: Tensor, mode: str, sinks: Sinks) -> Tensor:
         """∂ at the output (B, T, hidden) → ∂ at the input, fp32; adds the routing path's loss
-        into ``absorbed`` (B,)."""
+        into ``sinks.softmax`` (B,)."""
         share = 1.0 if mode == "cp-lrp" else 0.5  # the experts' share of w · expert(x)
         grad_x = torch.zeros(grad_out.shape, dtype=torch.float32, device=grad_out.device)
         grad_weights = torch.zeros(*grad_out.shape[:2], cache.chosen.shape[-1],
@@ -228,7 +325,7 @@ class MixtureOfExperts:
         if share == 1.0:
             return grad_x
         grad_top = grad_weights
-        if self.spec.moe.renormalize:
+        if self.moe.renormalize:
             top = cache.probs.gather(-1, cache.chosen)
             grad_top = renormalisation_rule(grad_weights, cache.routing_weights,
                                             top.sum(-1, keepdim=True))
@@ -236,45 +333,9 @@ class MixtureOfExperts:
                                  device=grad_out.device)
         grad_probs.scatter_(-1, cache.chosen.expand(grad_out.shape[0], -1, -1), grad_top)
         grad_logits = softmax_rule(grad_probs, cache.probs)
-        absorbed += ((grad_weights * cache.routing_weights).sum((1, 2))
-                     - (grad_logits * cache.logits.float()).sum((1, 2)))
+        sinks.softmax += ((grad_weights * cache.routing_weights).sum((1, 2))
+                          - (grad_logits * cache.logits.float()).sum((1, 2)))
         return grad_x + linear_rule(grad_logits, self.weights.router).float()
 
 
-def mlp_block(spec: DecoderSpec, layer: LayerWeights) -> GatedMLP | MixtureOfExperts:
-    """A layer's MLP block: a mixture of experts where the layer has one, else the gated MLP."""
-    if layer.moe is not None:
-        return MixtureOfExperts(spec, layer.moe)
-    return GatedMLP(spec, layer)
-
-
-# ---- LayerNorm with bias (BERT, GPT-2): the mean flows, σ is held ------------------------------
-def layer_norm(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
-               ) -> tuple[Tensor, Tensor]:
-    """LayerNorm over the last dim as torch.nn.LayerNorm computes it. Returns (y, 1/σ), 1/σ fp32
-    keepdim (biased variance, as LayerNorm)."""
-    y = F.layer_norm(x, (x.shape[-1],), gamma, beta, eps)
-    inv_std = torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + eps)
-    return y, inv_std
-
-
-def layer_norm_backward(grad_out: Tensor, inv_std: Tensor, gamma: Tensor | None,
-                        beta: Tensor | None, kept: Tensor | None) -> Tensor:
-    """Identity rule (σ held, the mean not: LXT) through ``layer_norm``; β keeps its share
-    Σ β ⊙ ∂y, added to ``kept`` (B,). ``grad_out`` is (B, T, hidden)."""
-    if beta is not None and kept is not None:
-        kept += bias_relevance(grad_out, beta)
-    return layernorm_identity_rule(grad_out, inv_std, gamma)
-
-
-# ---- non-gated MLP activations (BERT: erf GELU; GPT-2: GELU-tanh) -----------------------------
-def gelu(x: Tensor, approximate: bool) -> Tensor:
-    """GELU, exact (erf) or the tanh approximation (GPT-2's gelu_new)."""
-    return F.gelu(x, approximate="tanh" if approximate else "none")
-
-
-def gelu_backward(grad_out: Tensor, x: Tensor, approximate: bool) -> Tensor:
-    """Identity rule through ``gelu``."""
-    if approximate:
-        return gelu_tanh_identity_rule(grad_out, x)
-    return gelu_identity_rule(grad_out, x)
+MLP = GatedMLP | PlainMLP | MixtureOfExperts

@@ -7,11 +7,12 @@ Work (``explanation_flops``), for B target rows over T tokens, L layers, one lay
 multiply-adds per token m = H·(Hq + 2·Hkv)·D + Hq·D·H + 3·H·I (attention projections, a gated MLP;
 a mixture-of-experts layer's MLP instead costs its router and the k experts a token chose,
 H·E + 3·k·H·Iₑ, and m is the mean over the layers) and its attention multiply-adds
-a(T) = 2·Hq·D·T(T+1)/2 (causal; T² in the additive engine):
+a(T) = 2·Hq·D·T(T+1)/2 (causal; T² when bidirectional):
 
-- the recompute: each layer's forward once, from its saved input (``engine/backward.py``:
-  ``relevance_from_layer_inputs``), 2·L·(T·m + a(T)), and as much again when there is no
-  recording (the forward from the token ids: ``/v1/explain``, prefix-cache rows, GPT-2, encoders);
+- the recompute: each layer's forward once, from its saved input (``engine/driver.py``:
+  ``driver.relevance``), 2·L·(T·m + a(T)), and as much again when there is no
+  recording (the forward from the token ids: ``/v1/explain``, prefix-cache rows, GPT-2, encoders;
+  an additive model's recompute is skipped when its forward kept every layer's cache);
 - the backward, per target row: a linear layer's input gradient is one product the size of its
   forward (no weight gradient is ever formed), 2·T·m per layer; the attention's fused backward
   recomputes the scores and forms ∂P, ∂V, ∂Q, ∂K: 2.5× its forward, 5·a(T) per layer.
@@ -20,8 +21,8 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
 
 - resident (held from admission to the end): the residual stream, every layer's input, L·T·H·s
   (the recording, or the forward's), plus, from token ids, every layer's cache when they fit
-  ``backward.DEFAULT_CACHE_BUDGET_BYTES`` (then no recompute); an additive model keeps every
-  layer's cache always (``additive.run_forward``);
+  ``driver.DEFAULT_CACHE_BUDGET_BYTES`` (then no recompute); an additive model always starts
+  from the ids;
 - transient (one backward at a time per job): the gradient at the residual stream for all rows
   (B·T·H·4, twice while a layer's output replaces it), the positional relevance (B·L·T·2·4),
   one layer's recomputed cache (two with the recompute one layer ahead on spare cores), and one
@@ -29,8 +30,8 @@ Memory (``working_set``), in the model's dtype (s bytes) and fp32 (4 bytes) for 
   attention's backward starts), C·T·4·(max(4·I, 8·Hq·D) + 4·H) (a mixture of experts: k·Iₑ + E
   in place of I, the chosen experts' widths and the router's); sliding-window
   layers longer than their window run in tiles of queries, each with its band mask and its
-  keys' gradients (O(tile + W) keys, not T); the additive engine (every layer's cache kept)
-  runs the same fused attention backward in the same row chunks, whose gradients are
+  keys' gradients (O(tile + W) keys, not T); an additive model runs the same driver and fused
+  attention backward in the same row chunks, whose gradients are
   C·T·Hq·D·4 each for q, k and v, twice while they are cast and transposed. A recording is
   rebuilt once before its backward when a prefix-cache hit left rows to recompute (a second
   stream for a moment: ``worker._recorded_inputs``), so its transient part is at least a
@@ -50,7 +51,7 @@ from typing import Any, Mapping
 ROTARY, ADDITIVE = "rotary", "additive"
 FP32 = 4
 GIGA = 1e9
-# engine/backward.py's DEFAULT_CACHE_BUDGET_BYTES (not imported: this module needs no torch)
+# engine/driver.py's DEFAULT_CACHE_BUDGET_BYTES (not imported: this module needs no torch)
 FORWARD_CACHE_BUDGET_BYTES = 512 * 2**20
 # kernels/attention_lrp.py's WINDOW_TILE: queries per tile of a sliding-window layer
 WINDOW_TILE = 128
@@ -73,8 +74,7 @@ def dtype_bytes(dtype: Any) -> int:
 class ModelShape:
     """The shapes an explanation's cost depends on (per tensor-parallel rank for heads and the
     MLP, as the engine's specs are). ``kind``: ``rotary`` (``DecoderSpec``: recorded residual
-    stream, recompute per layer, fused attention) or ``additive`` (``AdditiveSpec``: every layer
-    cached, explicit per-head attention). ``sliding_layers`` of ``sliding_window`` keys."""
+    stream) or ``additive`` (``AdditiveSpec``: always from the token ids). ``sliding_layers`` of ``sliding_window`` keys."""
 
     kind: str
     num_layers: int
@@ -162,7 +162,11 @@ def explanation_flops(shape: ModelShape, rows: int, tokens: int, *, from_ids: bo
     forward = 2 * layers * (tokens * shape.linear_macs_per_token + shape.attention_macs(tokens))
     backward_row = layers * (2 * tokens * shape.linear_macs_per_token
                              + 5 * shape.attention_macs(tokens))
-    forwards = 1 + int(from_ids) if shape.kind == ROTARY else 1  # additive: one cached forward
+    if shape.kind == ROTARY:
+        forwards = 1 + int(from_ids)
+    else:  # from the ids: one forward, and the recompute unless every layer's cache was kept
+        kept = shape.num_layers * layer_cache_bytes(shape, tokens) <= FORWARD_CACHE_BUDGET_BYTES
+        forwards = 1 + int(not kept)
     return float(forwards * forward + rows * backward_row)
 
 
@@ -185,9 +189,8 @@ class WorkingSet:
 
 
 def layer_cache_bytes(shape: ModelShape, tokens: int) -> int:
-    """One layer's forward quantities that its backward reads (``backward._LayerCache``, as
-    ``backward._cache_bytes`` counts it; additive: ``additive._LayerCache`` and the layer's
-    temporaries)."""
+    """One layer's forward quantities that its backward reads (``layer.LayerCache``, as
+    ``blocks.tensor_bytes`` counts it; additive: with the layer's temporaries)."""
     s, t = shape.dtype_bytes, tokens
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     if shape.kind == ADDITIVE:
@@ -210,12 +213,14 @@ def working_set(shape: ModelShape, rows: int, tokens: int, *, from_ids: bool) ->
     chunk = min(rows, shape.row_chunk or rows)
     q = shape.num_heads * shape.head_dim
     if shape.kind == ADDITIVE:
-        # every layer cached; the seed gradient of every row and the chunks done; one chunk's
-        # gradients through a layer and the fused attention backward's ∂q, ∂k, ∂v (fp32, twice
-        # while cast and transposed): no T×T tensor
-        resident = stream + layers * cache
-        transient = (rows * t * FP32 * 2 * h
-                     + chunk * t * FP32 * (2 * h + 2 * shape.intermediate_size + 12 * q))
+        # always from the ids: every layer's cache kept when all fit the forward's budget, else
+        # one recomputed at a time; the gradient at the residual stream for all rows (and its
+        # next); one chunk's gradients through a layer and the fused attention backward's ∂q,
+        # ∂k, ∂v (fp32, twice while cast and transposed): no T×T tensor
+        kept = layers * cache <= FORWARD_CACHE_BUDGET_BYTES
+        resident = stream + (layers * cache if kept else 0)
+        transient = (2 * rows * t * h * FP32 + (0 if kept else cache)
+                     + chunk * t * FP32 * (max(4 * shape.intermediate_size, 8 * q) + 4 * h))
         return WorkingSet(resident, transient)
     kept = from_ids and layers * cache <= FORWARD_CACHE_BUDGET_BYTES  # no recompute then
     resident = stream + (layers * cache if kept else 0)

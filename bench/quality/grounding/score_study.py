@@ -63,7 +63,7 @@ def logprob_relevance(ex, ids: list[int], prompt_length: int, answer: list[int])
     positions = torch.arange(len(ids))
     forward = run_forward(ex.weights, torch.tensor(ids), positions)
     predicting = list(range(prompt_length - 1, prompt_length - 1 + len(answer)))
-    probs = final_logits(ex.weights, forward.final_hidden[predicting]).softmax(-1)
+    probs = final_logits(ex.weights, forward.last_output[predicting]).softmax(-1)
     top_p, top_ids = probs.topk(TOP_K, -1)
     pos, tok, weight = [], [], []
     for j, p in enumerate(predicting):
