@@ -105,7 +105,8 @@ class RelevanceResult:
     additive position table's relevance, ``position_kind`` what the table is (``learned`` or
     ``absolute``); ``token_type`` (B, T): the token-type embedding's (BERT);
     ``embedding_bias_absorbed`` / ``head_bias_absorbed`` (B,): what the embedding's norm and
-    the head (final norm, pooler, classifier) keep."""
+    the head (final norm, pooler, classifier) keep; ``pixel`` (B, C, H, W): an image's pixels'
+    relevance (their sum over a patch is that patch's ``token`` relevance)."""
 
     token: Tensor
     positional_cos: Tensor
@@ -118,6 +119,7 @@ class RelevanceResult:
     token_type: Tensor | None = None
     embedding_bias_absorbed: Tensor | None = None
     head_bias_absorbed: Tensor | None = None
+    pixel: Tensor | None = None
 
     @property
     def positional(self) -> Tensor:
@@ -258,17 +260,16 @@ def run_forward(model: BlockModel, input_ids: Tensor, positions: Tensor | None =
                 token_type_ids: Tensor | None = None, embedding_positions: Tensor | None = None,
                 cache_budget_bytes: int = 0, checkpoint: Callable[[], None] | None = None
                 ) -> ForwardPass:
-    """Plain forward of one sequence. ``positions`` (T,): the attention's (RoPE) positions,
+    """Plain forward of one sequence (token ids; an image for a patch embedding). ``positions`` (T,): the attention's (RoPE) positions,
     default 0…T−1; ``embedding_positions``: the rows of an additive position table (default:
     the embedding's own). Keeps the per-layer backward caches only if all of them together fit
     ``cache_budget_bytes`` (judged after the first layer). ``checkpoint`` is called after each
     layer."""
-    input_ids = torch.as_tensor(input_ids, device=model.device)
+    hidden, embedding_cache = model.embedding.forward(
+        torch.as_tensor(input_ids, device=model.device), embedding_positions, token_type_ids)
     if positions is None:
-        positions = torch.arange(input_ids.shape[-1], device=model.device)
+        positions = torch.arange(hidden.shape[0], device=model.device)
     context = model.positions(positions)
-    hidden, embedding_cache = model.embedding.forward(input_ids, embedding_positions,
-                                                      token_type_ids)
     layer_inputs: list[Tensor] = []
     caches: list[LayerCache | None] | None = [] if cache_budget_bytes > 0 else None
     for layer in model.layers:
@@ -387,4 +388,4 @@ def relevance(
         softmax_absorbed=model.reduce(absorbed), bias_absorbed=bias,
         position_embedding=inputs.position, position_kind=model.embedding.position_kind,
         token_type=inputs.token_type, embedding_bias_absorbed=inputs.kept,
-        head_bias_absorbed=head_kept)
+        head_bias_absorbed=head_kept, pixel=inputs.pixel)

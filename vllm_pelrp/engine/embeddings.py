@@ -3,6 +3,12 @@ relevance at that input splits among the embedding's parts.
 
 - ``TokenEmbedding``: E[token] × scale (Gemma: √hidden). Positions enter later, in the
   attention (RoPE), so all relevance at the input is the token's: R = Σ_d x ⊙ ∂x.
+- ``PatchEmbedding`` (ViT, DeiT): an image cut into p×p patches, each embedded by the patch
+  projection (a conv with kernel = stride = p: a linear map on the flattened patch), a class
+  token in front, and the learned position table added to all of them. The ε-rule on the
+  projection gives each pixel x ⊙ (Wᵀ g) and the bias its share; a patch's relevance is the
+  sum over its pixels, the class token's is cls ⊙ g, and the positional relevance P ⊙ g per
+  patch position, as a grid (``PatchEmbedding.grid``).
 - ``AdditiveEmbedding``: x = E[token] + P[position] (+ T[token type]), optionally followed by a
   LayerNorm (BERT). P is a learned table (BERT, GPT-2, RoBERTa with its offset) or a fixed
   sinusoidal one (``kind="absolute"``). The ε-rule on the sum is exact in gradient×input form:
@@ -26,13 +32,14 @@ POSITION_KINDS = ("learned", "absolute")
 @dataclass
 class InputRelevance:
     """The relevance of an embedding's parts per target row, (B, T) each: ``position`` and
-    ``token_type`` None where the embedding has none; ``kept`` (B,): what its norm's β keeps
-    (None without)."""
+    ``token_type`` None where the embedding has none; ``kept`` (B,): what its norm's β or its
+    projection's bias keeps (None without); ``pixel`` (B, C, H, W): an image's pixels."""
 
     token: Tensor
     position: Tensor | None = None
     token_type: Tensor | None = None
     kept: Tensor | None = None
+    pixel: Tensor | None = None
 
 
 class TokenEmbedding:
@@ -169,3 +176,83 @@ class AdditiveEmbedding:
             position = torch.zeros_like(word)
             token_type = None if token_type is None else torch.zeros_like(word)
         return InputRelevance(word, position, token_type, kept)
+
+
+@dataclass
+class PatchEmbeddingCache:
+    patches: Tensor  # (N, C·p·p): the flattened patches, in the projection's order
+    image_shape: tuple[int, ...]
+    position: Tensor  # (1 + N, hidden): the position table's rows
+
+
+class PatchEmbedding:
+    """A ViT's input: ``projection`` (hidden, C, p, p) and its bias, the class token (hidden,),
+    the learned position table (1 + N, hidden) for an ``image_size`` image. Token 0 is the class
+    token, tokens 1…N the patches in row-major order. Another image size would need the table
+    interpolated: refused (``ValueError`` naming the size the model takes)."""
+
+    position_kind = "learned"
+
+    def __init__(self, projection: Tensor, bias: Tensor | None, class_token: Tensor,
+                 position: Tensor, image_size: tuple[int, int]) -> None:
+        self.hidden, self.channels, self.patch = projection.shape[0], projection.shape[1], \
+            projection.shape[2]
+        if projection.shape[2] != projection.shape[3]:
+            raise ValueError(f"square patches only, got {tuple(projection.shape[2:])}")
+        self.weight = projection.reshape(self.hidden, -1)
+        self.bias, self.class_token, self.position = bias, class_token.reshape(-1), position
+        self.image_size = tuple(image_size)
+        self.grid_shape = (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
+        patches = self.grid_shape[0] * self.grid_shape[1]
+        if position.shape[0] != 1 + patches:
+            raise ValueError(f"a position table of {position.shape[0]} rows for {patches} "
+                             "patches and the class token")
+
+    def flatten(self, pixels: Tensor) -> Tensor:
+        """(C, H, W) → (N, C·p·p), patch n = row n // w, column n % w of the grid."""
+        p = self.patch
+        channels, height, width = pixels.shape
+        return (pixels.unfold(1, p, p).unfold(2, p, p)  # (C, h, w, p, p)
+                .permute(1, 2, 0, 3, 4).reshape(-1, channels * p * p))
+
+    def forward(self, pixels: Tensor, positions: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> tuple[Tensor, PatchEmbeddingCache]:
+        pixels = torch.as_tensor(pixels, device=self.weight.device)
+        expected = (self.channels, *self.image_size)
+        if pixels.shape != expected:
+            raise ValueError(f"an image of shape {tuple(pixels.shape)}; this model takes "
+                             f"{expected} (channels, height, width): resize it, position "
+                             "tables are not interpolated")
+        if positions is not None or token_type_ids is not None:
+            raise ValueError("a ViT's positions are its patches' places; nothing to override")
+        patches = self.flatten(pixels.to(self.weight.dtype))
+        embedded = patches @ self.weight.T
+        if self.bias is not None:
+            embedded = embedded + self.bias
+        tokens = torch.cat([self.class_token[None].to(embedded.dtype), embedded])
+        return tokens + self.position, PatchEmbeddingCache(patches, tuple(pixels.shape),
+                                                           self.position)
+
+    def relevance(self, grad: Tensor, layer_input: Tensor, cache: PatchEmbeddingCache,
+                  mode: str) -> InputRelevance:
+        if cache is None:
+            raise ValueError("a patch embedding's relevance needs its forward (the patches)")
+        rows = grad.shape[0]
+        position = (cache.position.float() * grad).sum(-1)  # (B, 1 + N)
+        grad_patches = grad[:, 1:]  # the projection's output, (B, N, hidden)
+        kept = torch.zeros(rows, device=grad.device)
+        if self.bias is not None:
+            kept += (grad_patches * self.bias.float()).sum((1, 2))
+        pixel_flat = cache.patches.float() * (grad_patches @ self.weight.float())  # (B, N, Cpp)
+        token = torch.cat([(self.class_token.float() * grad[:, 0]).sum(-1, keepdim=True),
+                           pixel_flat.sum(-1)], dim=1)
+        if mode != "pa-lrp":  # all of R(x_t) is the token's (the bias keeps its share)
+            token, position = token + position, torch.zeros_like(position)
+        p, (h, w) = self.patch, self.grid_shape
+        pixel = (pixel_flat.reshape(rows, h, w, self.channels, p, p)
+                 .permute(0, 3, 1, 4, 2, 5).reshape(rows, self.channels, h * p, w * p))
+        return InputRelevance(token, position, None, kept, pixel)
+
+    def grid(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token values (..., 1 + N) → (the class token's (...), the patches' (..., h, w))."""
+        return values[..., 0], values[..., 1:].reshape(*values.shape[:-1], *self.grid_shape)
