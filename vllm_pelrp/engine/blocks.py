@@ -29,6 +29,7 @@ from .rules import (
     gelu_tanh_identity_rule,
     layernorm_identity_rule,
     linear_rule,
+    quick_gelu_identity_rule,
     renormalisation_rule,
     rmsnorm_identity_rule,
     routed_expert_rule,
@@ -138,9 +139,12 @@ def attention_softmax_loss(queries: Tensor, keys: Tensor, values: Tensor, grad_q
 
 # ---- activations, each with its identity rule ---------------------------------------------------
 def activation(name: str, x: Tensor) -> Tensor:
-    """``silu``, ``gelu`` (erf) or ``gelu_tanh``, as the source framework computes it."""
+    """``silu``, ``gelu`` (erf), ``gelu_tanh`` or ``quick_gelu`` (CLIP), as the source framework
+    computes it."""
     if name == "silu":
         return F.silu(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
     return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
@@ -150,6 +154,8 @@ def activation_backward(name: str, grad_out: Tensor, x: Tensor) -> Tensor:
         return silu_identity_rule(grad_out, x)
     if name == "gelu_tanh":
         return gelu_tanh_identity_rule(grad_out, x)
+    if name == "quick_gelu":
+        return quick_gelu_identity_rule(grad_out, x)
     return gelu_identity_rule(grad_out, x)
 
 

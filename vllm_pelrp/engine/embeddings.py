@@ -183,18 +183,22 @@ class PatchEmbeddingCache:
     patches: Tensor  # (N, C·p·p): the flattened patches, in the projection's order
     image_shape: tuple[int, ...]
     position: Tensor  # (1 + N, hidden): the position table's rows
+    inv_std: Tensor | None = None  # of the LayerNorm after the sum (CLIP), if any
 
 
 class PatchEmbedding:
     """A ViT's input: ``projection`` (hidden, C, p, p) and its bias, the class token (hidden,),
-    the learned position table (1 + N, hidden) for an ``image_size`` image. Token 0 is the class
+    the learned position table (1 + N, hidden) for an ``image_size`` image, and an optional
+    LayerNorm on the sum (CLIP's ``pre_layrnorm``: its β keeps its share). Token 0 is the class
     token, tokens 1…N the patches in row-major order. Another image size would need the table
     interpolated: refused (``ValueError`` naming the size the model takes)."""
 
     position_kind = "learned"
 
     def __init__(self, projection: Tensor, bias: Tensor | None, class_token: Tensor,
-                 position: Tensor, image_size: tuple[int, int]) -> None:
+                 position: Tensor, image_size: tuple[int, int],
+                 norm: LayerNorm | None = None) -> None:
+        self.norm = norm
         self.hidden, self.channels, self.patch = projection.shape[0], projection.shape[1], \
             projection.shape[2]
         if projection.shape[2] != projection.shape[3]:
@@ -229,18 +233,22 @@ class PatchEmbedding:
         embedded = patches @ self.weight.T
         if self.bias is not None:
             embedded = embedded + self.bias
-        tokens = torch.cat([self.class_token[None].to(embedded.dtype), embedded])
-        return tokens + self.position, PatchEmbeddingCache(patches, tuple(pixels.shape),
-                                                           self.position)
+        tokens = torch.cat([self.class_token[None].to(embedded.dtype), embedded]) + self.position
+        cache = PatchEmbeddingCache(patches, tuple(pixels.shape), self.position)
+        if self.norm is not None:
+            tokens, cache.inv_std = self.norm.forward(tokens)
+        return tokens, cache
 
     def relevance(self, grad: Tensor, layer_input: Tensor, cache: PatchEmbeddingCache,
                   mode: str) -> InputRelevance:
         if cache is None:
             raise ValueError("a patch embedding's relevance needs its forward (the patches)")
         rows = grad.shape[0]
+        kept = torch.zeros(rows, device=grad.device)
+        if self.norm is not None:
+            grad = self.norm.backward(grad, cache.inv_std, kept)
         position = (cache.position.float() * grad).sum(-1)  # (B, 1 + N)
         grad_patches = grad[:, 1:]  # the projection's output, (B, N, hidden)
-        kept = torch.zeros(rows, device=grad.device)
         if self.bias is not None:
             kept += (grad_patches * self.bias.float()).sum((1, 2))
         pixel_flat = cache.patches.float() * (grad_patches @ self.weight.float())  # (B, N, Cpp)

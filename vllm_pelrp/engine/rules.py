@@ -104,6 +104,11 @@ def gelu_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
     return grad_out * (0.5 * (1.0 + torch.erf(gate.float() * 0.7071067811865476)))
 
 
+def quick_gelu_identity_rule(grad_out: Tensor, gate: Tensor) -> Tensor:
+    """Identity rule on quick GELU x·σ(1.702x) (CLIP): ∂x = ∂y ⊙ σ(1.702x)."""
+    return grad_out * torch.sigmoid(1.702 * gate.float())
+
+
 def tanh_identity_rule(grad_out: Tensor, pre: Tensor) -> Tensor:
     """Identity rule on tanh: ∂x = ∂y ⊙ tanh(x)/x (1 − x²/3 near 0, 1 at x = 0)."""
     x = pre.float()

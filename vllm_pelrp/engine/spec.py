@@ -1,13 +1,14 @@
 """Model description the engine runs on: plain weight tensors, no framework objects.
 
-One ``DecoderSpec`` describes every pre-norm rotary decoder the engine implements, as a choice
-among the shared blocks of ``blocks.py``: RMSNorm (γ or Gemma's 1 + γ), linear layers with or
-without bias, a gated MLP (SiLU or GELU-tanh), attention with optional per-head q/k RMSNorm, a
-query scale other than 1/√d and sliding-window layers, and RoPE (default, llama3, linear,
-LongRoPE, YaRN; a different θ on local and global layers; on all of each head or only its first
-``rotary_dim`` dims). The files of ``vllm_pelrp.models`` (one per
-architecture) build it from a Hugging Face config and name the weights; the tensors are views of
-the source weights, nothing is copied.
+One ``DecoderSpec`` describes every pre-norm rotary decoder the engine implements: RMSNorm (γ or
+Gemma's 1 + γ), linear layers with or without bias, a gated MLP (SiLU or GELU-tanh) or a mixture
+of experts, attention with optional per-head q/k RMSNorm, a query scale other than 1/√d and
+sliding-window layers, and RoPE (default, llama3, linear, LongRoPE, YaRN; a different θ on local
+and global layers; on all of each head or only its first ``rotary_dim`` dims). The files of
+``vllm_pelrp.models`` (one per architecture) build it from a Hugging Face config and name the
+weights; the tensors are views of the source weights, nothing is copied. One builder reads it,
+``backward.rotary_model``, which picks the blocks (``blocks.py``, ``attention.py``,
+``layer.py``); the layers themselves do not branch on it.
 """
 
 from __future__ import annotations

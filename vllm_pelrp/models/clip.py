@@ -1,0 +1,171 @@
+"""CLIP (``CLIPModel``: both towers; ``CLIPVisionModel``: the image tower alone), built from the
+engine's blocks, and its image–text similarity as a target explained on both sides.
+
+- Image tower: a patch embedding (class embedding, bias-free patch projection, learned position
+  table) followed by ``pre_layrnorm``; pre-LayerNorm layers (bidirectional attention with
+  biases, a quick-GELU MLP); ``post_layernorm`` on the class token, then ``visual_projection``.
+- Text tower: token + learned position embeddings; the same layers with causal attention;
+  ``final_layer_norm``; the state at the first end-of-text token (the largest id for the legacy
+  ``eos_token_id`` 2), then ``text_projection``.
+- Target ``similarity``: cos(a, b) of the projected embeddings. As the text encoders'
+  similarity: 1/‖a‖ and 1/‖b‖ held constant, the uniform rule on the dot product, so each side
+  explains half the cosine (``clip_similarity_seeds``). The logit scale is left out (a
+  constant factor).
+
+Offline only for now (not in the serving registry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..engine.attention import Attention
+from ..engine.blocks import LayerNorm, PlainMLP
+from ..engine.driver import BlockModel, ForwardPass, Head, HiddenSeed
+from ..engine.embeddings import AdditiveEmbedding, PatchEmbedding
+from ..engine.layer import TransformerLayer
+from ..engine.spec import UnsupportedModelError
+
+ARCHITECTURES = ("CLIPModel", "CLIPVisionModel")
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+@dataclass
+class CLIPBlocks:
+    """Both towers' blocks (``text`` None for ``CLIPVisionModel``) and the projections."""
+
+    vision: BlockModel
+    text: BlockModel | None = None
+    visual_projection: Tensor | None = None
+    text_projection: Tensor | None = None
+    eos_token_id: int | None = None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def _layers(state: dict[str, Tensor], prefix: str, config: Any, causal: bool
+            ) -> list[TransformerLayer]:
+    if config.hidden_act not in ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {config.hidden_act!r}; supported: "
+                                    f"{', '.join(ACTIVATIONS)}")
+    head_dim = config.hidden_size // config.num_attention_heads
+    eps = config.layer_norm_eps
+    layers = []
+    for index in range(config.num_hidden_layers):
+        at = f"{prefix}encoder.layers.{index}"
+
+        def weight(name: str) -> Tensor:
+            return state[f"{at}.{name}.weight"]
+
+        def bias(name: str) -> Tensor | None:
+            return state.get(f"{at}.{name}.bias")
+
+        attention = Attention(
+            weight("self_attn.q_proj"), weight("self_attn.k_proj"), weight("self_attn.v_proj"),
+            weight("self_attn.out_proj"), head_dim, q_bias=bias("self_attn.q_proj"),
+            k_bias=bias("self_attn.k_proj"), v_bias=bias("self_attn.v_proj"),
+            o_bias=bias("self_attn.out_proj"), causal=causal)
+        mlp = PlainMLP(weight("mlp.fc1"), bias("mlp.fc1"), weight("mlp.fc2"), bias("mlp.fc2"),
+                       ACTIVATIONS[config.hidden_act])
+        layers.append(TransformerLayer(
+            LayerNorm(weight("layer_norm1"), bias("layer_norm1"), eps), attention,
+            LayerNorm(weight("layer_norm2"), bias("layer_norm2"), eps), mlp))
+    return layers
+
+
+def _norm(state: dict[str, Tensor], name: str, eps: float) -> LayerNorm:
+    return LayerNorm(state[f"{name}.weight"], state.get(f"{name}.bias"), eps)
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def clip_from_hf(model: Any) -> CLIPBlocks:
+    """The blocks of a Hugging Face ``CLIPModel`` or ``CLIPVisionModel`` (views of its weights)."""
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    config = model.config
+    vision_config = getattr(config, "vision_config", config)
+    eps = vision_config.layer_norm_eps
+    # CLIPModel keeps the tower under vision_model.; transformers 5's CLIPVisionModel does not
+    prefix = "vision_model." if "vision_model.pre_layrnorm.weight" in state else ""
+    embedding = PatchEmbedding(
+        state[f"{prefix}embeddings.patch_embedding.weight"],
+        state.get(f"{prefix}embeddings.patch_embedding.bias"),
+        state[f"{prefix}embeddings.class_embedding"],
+        state[f"{prefix}embeddings.position_embedding.weight"],
+        _pair(vision_config.image_size), norm=_norm(state, f"{prefix}pre_layrnorm", eps))
+    weight = state[f"{prefix}embeddings.patch_embedding.weight"]
+    vision = BlockModel(embedding, _layers(state, prefix, vision_config, causal=False),
+                        Head(_norm(state, f"{prefix}post_layernorm", eps)), weight.dtype,
+                        weight.device, _identity, has_biases=True)
+    if not hasattr(config, "text_config"):
+        return CLIPBlocks(vision)
+    text_config = config.text_config
+    prefix = "text_model."
+    words = state[f"{prefix}embeddings.token_embedding.weight"]
+    text = BlockModel(
+        AdditiveEmbedding(words, state[f"{prefix}embeddings.position_embedding.weight"]),
+        _layers(state, prefix, text_config, causal=True),
+        Head(_norm(state, f"{prefix}final_layer_norm", text_config.layer_norm_eps)),
+        words.dtype, words.device, _identity, has_biases=True)
+    return CLIPBlocks(vision, text, state["visual_projection.weight"],
+                      state["text_projection.weight"], text_config.eos_token_id)
+
+
+def text_pool_position(clip: CLIPBlocks, input_ids: Tensor) -> int:
+    """The token whose final state is the text's embedding: the first end-of-text token (the
+    largest id when ``eos_token_id`` is the legacy 2), as Hugging Face pools."""
+    ids = torch.as_tensor(input_ids)
+    if clip.eos_token_id == 2:
+        return int(ids.argmax())
+    found = (ids == clip.eos_token_id).nonzero()
+    if len(found) == 0:
+        raise ValueError(f"the text has no end-of-text token (id {clip.eos_token_id}): "
+                         "tokenize it with the model's tokenizer")
+    return int(found[0, 0])
+
+
+def image_embedding(clip: CLIPBlocks, image_forward: ForwardPass) -> Tensor:
+    """The projected image embedding (projection dim,), fp32, before normalisation."""
+    return (image_forward.final_hidden[0] @ clip.visual_projection.T).float()
+
+
+def text_embedding(clip: CLIPBlocks, text_forward: ForwardPass, input_ids: Tensor) -> Tensor:
+    """The projected text embedding (projection dim,), fp32, before normalisation."""
+    position = text_pool_position(clip, input_ids)
+    return (text_forward.final_hidden[position] @ clip.text_projection.T).float()
+
+
+@dataclass(frozen=True)
+class SimilaritySeeds:
+    """The image side's and the text side's seeds, and the cosine they explain half each."""
+
+    image: HiddenSeed
+    text: HiddenSeed
+    cosine: float
+
+
+def clip_similarity_seeds(clip: CLIPBlocks, image_forward: ForwardPass,
+                          text_forward: ForwardPass, input_ids: Tensor) -> SimilaritySeeds:
+    """Seeds of cos(a, b), a = P_v·h_image[0], b = P_t·h_text[eos], at each side's final
+    hidden states: with c = 1/(‖a‖‖b‖) held, ∂a = ½ c b and ∂b = ½ c a (uniform rule on a·b),
+    then back through the (bias-free) projections."""
+    a, b = image_embedding(clip, image_forward), text_embedding(clip, text_forward, input_ids)
+    norm = float(a.norm() * b.norm())
+    if norm == 0.0:
+        raise ValueError("an embedding of norm 0: its cosine is undefined")
+    c = 1.0 / norm
+    image_hidden, text_hidden = image_forward.final_hidden, text_forward.final_hidden
+    image_grad = torch.zeros(1, *image_hidden.shape, device=image_hidden.device)
+    image_grad[0, 0] = 0.5 * c * (b @ clip.visual_projection.float())
+    text_grad = torch.zeros(1, *text_hidden.shape, device=text_hidden.device)
+    text_grad[0, text_pool_position(clip, input_ids)] = 0.5 * c * (
+        a @ clip.text_projection.float())
+    return SimilaritySeeds(HiddenSeed(image_grad), HiddenSeed(text_grad), float(c * (a @ b)))
