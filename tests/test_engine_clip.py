@@ -98,8 +98,8 @@ def _reference(model, image, ids):
     cosine = dot / (a.norm() * b.norm()).detach()
     (0.5 * cosine + 0.5 * cosine.detach()).backward()  # the uniform rule on a·b
     patches = (pixels * pixels.grad).detach().unfold(1, 8, 8).unfold(2, 8, 8).sum((0, 3, 4))
-    return {"cosine": float(cosine),
-            "image_token": torch.cat([(cls * cls.grad).sum().reshape(1), patches.flatten()]),
+    return {"cosine": float(cosine.detach()),
+            "image_token": torch.cat([(cls * cls.grad).sum().reshape(1), patches.flatten()]).detach(),
             "image_position": (table * table.grad).sum(-1).detach(),
             "text_token": (words * words.grad).sum(-1).detach(),
             "text_position": (places * places.grad).sum(-1).detach()}

@@ -190,12 +190,13 @@ class PatchEmbedding:
     """A ViT's input: ``projection`` (hidden, C, p, p) and its bias, the class token (hidden,),
     the learned position table (1 + N, hidden) for an ``image_size`` image, and an optional
     LayerNorm on the sum (CLIP's ``pre_layrnorm``: its β keeps its share). Token 0 is the class
-    token, tokens 1…N the patches in row-major order. Another image size would need the table
+    token, tokens 1…N the patches in row-major order; without a class token (``None``, SigLIP)
+    the table has N rows and token n is patch n. Another image size would need the table
     interpolated: refused (``ValueError`` naming the size the model takes)."""
 
     position_kind = "learned"
 
-    def __init__(self, projection: Tensor, bias: Tensor | None, class_token: Tensor,
+    def __init__(self, projection: Tensor, bias: Tensor | None, class_token: Tensor | None,
                  position: Tensor, image_size: tuple[int, int],
                  norm: LayerNorm | None = None) -> None:
         self.norm = norm
@@ -204,13 +205,15 @@ class PatchEmbedding:
         if projection.shape[2] != projection.shape[3]:
             raise ValueError(f"square patches only, got {tuple(projection.shape[2:])}")
         self.weight = projection.reshape(self.hidden, -1)
-        self.bias, self.class_token, self.position = bias, class_token.reshape(-1), position
+        self.bias, self.position = bias, position
+        self.class_token = None if class_token is None else class_token.reshape(-1)
+        self.prefix = 0 if class_token is None else 1  # tokens before the patches
         self.image_size = tuple(image_size)
         self.grid_shape = (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
         patches = self.grid_shape[0] * self.grid_shape[1]
-        if position.shape[0] != 1 + patches:
+        if position.shape[0] != self.prefix + patches:
             raise ValueError(f"a position table of {position.shape[0]} rows for {patches} "
-                             "patches and the class token")
+                             f"patches{' and the class token' if self.prefix else ''}")
 
     def flatten(self, pixels: Tensor) -> Tensor:
         """(C, H, W) → (N, C·p·p), patch n = row n // w, column n % w of the grid."""
@@ -233,7 +236,9 @@ class PatchEmbedding:
         embedded = patches @ self.weight.T
         if self.bias is not None:
             embedded = embedded + self.bias
-        tokens = torch.cat([self.class_token[None].to(embedded.dtype), embedded]) + self.position
+        if self.class_token is not None:
+            embedded = torch.cat([self.class_token[None].to(embedded.dtype), embedded])
+        tokens = embedded + self.position
         cache = PatchEmbeddingCache(patches, tuple(pixels.shape), self.position)
         if self.norm is not None:
             tokens, cache.inv_std = self.norm.forward(tokens)
@@ -247,13 +252,15 @@ class PatchEmbedding:
         kept = torch.zeros(rows, device=grad.device)
         if self.norm is not None:
             grad = self.norm.backward(grad, cache.inv_std, kept)
-        position = (cache.position.float() * grad).sum(-1)  # (B, 1 + N)
-        grad_patches = grad[:, 1:]  # the projection's output, (B, N, hidden)
+        position = (cache.position.float() * grad).sum(-1)  # (B, prefix + N)
+        grad_patches = grad[:, self.prefix:]  # the projection's output, (B, N, hidden)
         if self.bias is not None:
             kept += (grad_patches * self.bias.float()).sum((1, 2))
         pixel_flat = cache.patches.float() * (grad_patches @ self.weight.float())  # (B, N, Cpp)
-        token = torch.cat([(self.class_token.float() * grad[:, 0]).sum(-1, keepdim=True),
-                           pixel_flat.sum(-1)], dim=1)
+        token = pixel_flat.sum(-1)
+        if self.class_token is not None:
+            token = torch.cat([(self.class_token.float() * grad[:, 0]).sum(-1, keepdim=True),
+                               token], dim=1)
         if mode != "pa-lrp":  # all of R(x_t) is the token's (the bias keeps its share)
             token, position = token + position, torch.zeros_like(position)
         p, (h, w) = self.patch, self.grid_shape
@@ -262,5 +269,7 @@ class PatchEmbedding:
         return InputRelevance(token, position, None, kept, pixel)
 
     def grid(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token values (..., 1 + N) → (the class token's (...), the patches' (..., h, w))."""
-        return values[..., 0], values[..., 1:].reshape(*values.shape[:-1], *self.grid_shape)
+        """Per-token values (..., prefix + N) → (the class token's (...), None without one; the
+        patches' (..., h, w))."""
+        first = values[..., 0] if self.prefix else None
+        return first, values[..., self.prefix:].reshape(*values.shape[:-1], *self.grid_shape)
