@@ -147,3 +147,32 @@ def test_bad_inputs_name_what_is_allowed(vit):
         vit_seed(vision, hidden, {"label": 5})
     with pytest.raises(ValueError, match=r"allowed: \{'label': i\}"):
         vit_seed(vision, hidden, {"similarity": 1})
+
+
+def test_cp_lrp_equals_lxt_main_torchvision_vit_rules():
+    """Our cp-lrp (fp32) on a ViT whose weights map one to one onto torchvision's layout equals
+    LXT main's torchvision-ViT rules (``cp_LRP``, LRP-0 on conv and linear layers; float64,
+    stored with its commit in tests/artifacts/lxt_main_vit_cp.json by
+    references/lxt_main_vit.py), at every pixel; plain gradient×input differs from both."""
+    import json
+    from pathlib import Path
+
+    from tiny_vision import hf_vit, image, torchvision_vit
+
+    art = json.loads((Path(__file__).parent / "artifacts" / "lxt_main_vit_cp.json").read_text())
+    model = hf_vit(art["seed"])
+    vision = vit_from_hf(model)
+    pixels = image()
+    forward = run_forward(vision.blocks, pixels)
+    with torch.no_grad():
+        assert (classifier_logits(vision, forward.final_hidden)
+                - torchvision_vit(art["seed"])(pixels[None])[0]).abs().max() < 1e-5
+    seed = vit_seed(vision, forward.final_hidden, {"label": art["label"]})
+    result = relevance(vision.blocks, forward.layer_inputs, forward.positions, seed, "cp-lrp",
+                       forward=forward)
+    lxt = torch.tensor(art["pixel_relevance"], dtype=torch.float64)
+    assert float(result.target_logit[0]) == pytest.approx(art["logit"], rel=1e-5)
+    assert _relative(result.pixel[0], lxt) < 1e-5
+    plain = pixels.clone().requires_grad_(True)
+    model(pixel_values=plain[None]).logits[0, art["label"]].backward()
+    assert _relative((plain * plain.grad).detach(), lxt) > 1e-2  # the rules are not the plain gradient
