@@ -30,12 +30,12 @@ def vit():
     return model, vit_from_hf(model), image
 
 
-def _reference(model, image: torch.Tensor, label: int, mode: str) -> dict[str, torch.Tensor]:
+def _reference(model, image: torch.Tensor, label: int, mode: str, prefix: str = "vit"
+               ) -> dict[str, torch.Tensor]:
     """The rules as autograd on a float64 copy of HF's computation (LXT's efficient AttnLRP):
     LayerNorm with σ detached, GELU by x·(gelu(x)/x) detached, the uniform rule on Q·Kᵀ and
     A·V by halving their gradient (cp-lrp: A detached), the softmax by its plain gradient;
     relevance = input ⊙ gradient at the pixels, the class token and the position table."""
-    vit = model.vit
     double = {name: p.detach().double() for name, p in model.named_parameters()}
     config = model.config
 
@@ -51,33 +51,38 @@ def _reference(model, image: torch.Tensor, label: int, mode: str) -> dict[str, t
         return x @ double[f"{prefix}.weight"].T + double[f"{prefix}.bias"]
 
     pixels = image.double().requires_grad_(True)
-    cls = double["vit.embeddings.cls_token"].reshape(-1).clone().requires_grad_(True)
-    table = double["vit.embeddings.position_embeddings"][0].clone().requires_grad_(True)
+    names = ["cls_token"] + (["distillation_token"] if prefix == "deit" else [])
+    tokens = [double[f"{prefix}.embeddings.{name}"].reshape(-1).clone().requires_grad_(True)
+              for name in names]
+    table = double[f"{prefix}.embeddings.position_embeddings"][0].clone().requires_grad_(True)
     conv = torch.nn.functional.conv2d(pixels[None],
-                                      double["vit.embeddings.patch_embeddings.projection.weight"],
-                                      double["vit.embeddings.patch_embeddings.projection.bias"],
+                                      double[f"{prefix}.embeddings.patch_embeddings.projection.weight"],
+                                      double[f"{prefix}.embeddings.patch_embeddings.projection.bias"],
                                       stride=config.patch_size)
-    x = torch.cat([cls[None], conv.flatten(2)[0].T]) + table
+    x = torch.cat([torch.stack(tokens), conv.flatten(2)[0].T]) + table
     heads = config.num_attention_heads
     for index in range(config.num_hidden_layers):
-        prefix = f"vit.layers.{index}"
-        h = layer_norm(x, f"{prefix}.layernorm_before")
-        q, k, v = (linear(h, f"{prefix}.attention.{name}").view(len(h), heads, -1).transpose(0, 1)
+        at = f"{prefix}.layers.{index}"
+        h = layer_norm(x, f"{at}.layernorm_before")
+        q, k, v = (linear(h, f"{at}.attention.{name}").view(len(h), heads, -1).transpose(0, 1)
                    for name in ("q_proj", "k_proj", "v_proj"))
         scores = halve(q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5
         probs = torch.softmax(scores, -1)
         attended = probs.detach() @ v if mode == "cp-lrp" else halve(probs @ v)
-        x = x + linear(attended.transpose(0, 1).reshape(len(h), -1), f"{prefix}.attention.o_proj")
-        up = linear(layer_norm(x, f"{prefix}.layernorm_after"), f"{prefix}.mlp.fc1")
+        x = x + linear(attended.transpose(0, 1).reshape(len(h), -1), f"{at}.attention.o_proj")
+        up = linear(layer_norm(x, f"{at}.layernorm_after"), f"{at}.mlp.fc1")
         act = up * (torch.nn.functional.gelu(up) / up).detach()
-        x = x + linear(act, f"{prefix}.mlp.fc2")
-    final = layer_norm(x, "vit.layernorm")
-    logit = final[0] @ double["classifier.weight"][label] + double["classifier.bias"][label]
+        x = x + linear(act, f"{at}.mlp.fc2")
+    final = layer_norm(x, f"{prefix}.layernorm")
+    heads = [(0, "classifier")] if prefix == "vit" else [(0, "cls_classifier"),
+                                                          (1, "distillation_classifier")]
+    logit = sum(final[token] @ double[f"{name}.weight"][label] + double[f"{name}.bias"][label]
+                for token, name in heads) / len(heads)
     logit.backward()
     patch = config.patch_size
     pixel = (pixels * pixels.grad).detach()
     patches = pixel.unfold(1, patch, patch).unfold(2, patch, patch).sum((0, 3, 4)).flatten()
-    token = torch.cat([(cls * cls.grad).sum().reshape(1), patches])
+    token = torch.cat([torch.stack([(t * t.grad).sum() for t in tokens]), patches])
     position = (table * table.grad).sum(-1)
     if mode != "pa-lrp":
         token, position = token + position, torch.zeros_like(position)
@@ -176,3 +181,40 @@ def test_cp_lrp_equals_lxt_main_torchvision_vit_rules():
     plain = pixels.clone().requires_grad_(True)
     model(pixel_values=plain[None]).logits[0, art["label"]].backward()
     assert _relative((plain * plain.grad).detach(), lxt) > 1e-2  # the rules are not the plain gradient
+
+
+def test_deit_with_its_distillation_token_and_teacher_head():
+    """DeiT: a distillation token after the class token, and the mean of two classifiers (one
+    on each): its logits equal HF's, its relevance the float64 autograd reference in every mode,
+    both prefix tokens' relevance apart from the patches'."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    from vllm_pelrp.image_explanation import ImageTarget, build_image_explanation
+
+    torch.manual_seed(0)
+    model = DeiTForImageClassificationWithTeacher(DeiTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=8, num_labels=4, layer_norm_eps=1e-6)).eval()
+    with torch.no_grad():
+        for name in ("cls_token", "distillation_token", "position_embeddings"):
+            getattr(model.deit.embeddings, name).normal_(0, 0.5)
+    vision = vit_from_hf(model)
+    image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    forward = run_forward(vision.blocks, image)
+    with torch.no_grad():
+        expected = model(pixel_values=image[None]).logits[0]
+    assert (classifier_logits(vision, forward.final_hidden) - expected).abs().max() < 1e-5
+    for mode in MODES:
+        seed = vit_seed(vision, forward.final_hidden, {"label": 1})
+        result = relevance(vision.blocks, forward.layer_inputs, forward.positions, seed, mode,
+                           forward=forward)
+        reference = _reference(model, image, 1, mode, prefix="deit")
+        assert _relative(result.token[0], reference["token"]) < 1e-4, mode
+        assert _relative(result.pixel[0], reference["pixel"]) < 1e-4, mode
+        total = result.input_relevance + result.absorbed
+        assert torch.allclose(total, result.target_logit, rtol=1e-4, atol=1e-6), mode
+    explanation = build_image_explanation(
+        result, vision.embedding, model="deit", mode="cp-lrp",
+        target=ImageTarget(kind="label", index=1, value=float(expected[1]), description="label 1"))
+    assert explanation.distillation_token_relevance == pytest.approx(float(result.token[0, 1]))
+    assert explanation.patch_relevance.rows == 2 and explanation.patch_relevance.columns == 2

@@ -82,6 +82,9 @@ class ImageExplanation(BaseModel):
                                             "(the learned table's; 0 outside pa-lrp).")
     class_token_relevance: float | None = None
     class_positional_relevance: float | None = None
+    distillation_token_relevance: float | None = Field(None, description="DeiT's second "
+                                                       "prefix token, with its position's.")
+    distillation_positional_relevance: float | None = None
     pixel_relevance: list[list[float]] = Field(description="H × W, summed over the channels.")
     conservation: ImageConservation
     text: TextSide | None = None
@@ -105,14 +108,19 @@ def _grid(values) -> PatchGrid:
 def build_image_explanation(result, embedding, *, model: str, mode: str, target: ImageTarget,
                             row: int = 0) -> ImageExplanation:
     """Row ``row`` of the engine's ``RelevanceResult`` of a ``PatchEmbedding`` model."""
-    cls, patches = embedding.grid(result.token[row].detach().cpu())
-    cls_position, positions = embedding.grid(result.position_embedding[row].detach().cpu())
+    token = result.token[row].detach().cpu()
+    position = result.position_embedding[row].detach().cpu()
+    cls, patches = embedding.grid(token)
+    cls_position, positions = embedding.grid(position)
+    distilled = embedding.prefix > 1
     return ImageExplanation(
         model=model, mode=mode, target=target, image_size=tuple(embedding.image_size),
         patch_size=embedding.patch, patch_relevance=_grid(patches),
         positional_relevance=_grid(positions),
         class_token_relevance=None if cls is None else float(cls),
         class_positional_relevance=None if cls_position is None else float(cls_position),
+        distillation_token_relevance=float(token[1]) if distilled else None,
+        distillation_positional_relevance=float(position[1]) if distilled else None,
         pixel_relevance=result.pixel[row].detach().cpu().sum(0).double().tolist(),
         conservation=_conservation(result, row, float(result.target_logit[row])))
 

@@ -190,15 +190,16 @@ class PatchEmbedding:
     """A ViT's input: ``projection`` (hidden, C, p, p) and its bias, the class token (hidden,),
     the learned position table (1 + N, hidden) for an ``image_size`` image, and an optional
     LayerNorm on the sum (CLIP's ``pre_layrnorm``: its β keeps its share). Token 0 is the class
-    token, tokens 1…N the patches in row-major order; without a class token (``None``, SigLIP)
-    the table has N rows and token n is patch n. Another image size would need the table
+    token, tokens 1…N the patches in row-major order; with a distillation token (DeiT) that is
+    token 1 and the patches follow; without a class token (``None``, SigLIP) the table has N rows
+    and token n is patch n. Another image size would need the table
     interpolated: refused (``ValueError`` naming the size the model takes)."""
 
     position_kind = "learned"
 
     def __init__(self, projection: Tensor, bias: Tensor | None, class_token: Tensor | None,
                  position: Tensor, image_size: tuple[int, int],
-                 norm: LayerNorm | None = None) -> None:
+                 norm: LayerNorm | None = None, distillation_token: Tensor | None = None) -> None:
         self.norm = norm
         self.hidden, self.channels, self.patch = projection.shape[0], projection.shape[1], \
             projection.shape[2]
@@ -206,8 +207,12 @@ class PatchEmbedding:
             raise ValueError(f"square patches only, got {tuple(projection.shape[2:])}")
         self.weight = projection.reshape(self.hidden, -1)
         self.bias, self.position = bias, position
-        self.class_token = None if class_token is None else class_token.reshape(-1)
-        self.prefix = 0 if class_token is None else 1  # tokens before the patches
+        if distillation_token is not None and class_token is None:
+            raise ValueError("a distillation token comes after a class token")
+        tokens = [t.reshape(-1) for t in (class_token, distillation_token) if t is not None]
+        # the tokens before the patches, (prefix, hidden): the class token, the distillation one
+        self.prefix_tokens = torch.stack(tokens) if tokens else None
+        self.prefix = len(tokens)
         self.image_size = tuple(image_size)
         self.grid_shape = (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
         patches = self.grid_shape[0] * self.grid_shape[1]
@@ -236,8 +241,8 @@ class PatchEmbedding:
         embedded = patches @ self.weight.T
         if self.bias is not None:
             embedded = embedded + self.bias
-        if self.class_token is not None:
-            embedded = torch.cat([self.class_token[None].to(embedded.dtype), embedded])
+        if self.prefix_tokens is not None:
+            embedded = torch.cat([self.prefix_tokens.to(embedded.dtype), embedded])
         tokens = embedded + self.position
         cache = PatchEmbeddingCache(patches, tuple(pixels.shape), self.position)
         if self.norm is not None:
@@ -258,9 +263,9 @@ class PatchEmbedding:
             kept += (grad_patches * self.bias.float()).sum((1, 2))
         pixel_flat = cache.patches.float() * (grad_patches @ self.weight.float())  # (B, N, Cpp)
         token = pixel_flat.sum(-1)
-        if self.class_token is not None:
-            token = torch.cat([(self.class_token.float() * grad[:, 0]).sum(-1, keepdim=True),
-                               token], dim=1)
+        if self.prefix_tokens is not None:
+            prefix = (self.prefix_tokens.float() * grad[:, :self.prefix]).sum(-1)  # (B, prefix)
+            token = torch.cat([prefix, token], dim=1)
         if mode != "pa-lrp":  # all of R(x_t) is the token's (the bias keeps its share)
             token, position = token + position, torch.zeros_like(position)
         p, (h, w) = self.patch, self.grid_shape

@@ -1,11 +1,14 @@
-"""ViT image classifiers and encoders (``ViTForImageClassification``, ``ViTModel``; the
-non-distilled DeiT checkpoints use them), built from the engine's blocks.
+"""ViT and DeiT image classifiers and encoders (``ViTForImageClassification``, ``ViTModel``; the
+non-distilled DeiT checkpoints use them; ``DeiTForImageClassificationWithTeacher``,
+``DeiTForImageClassification``, ``DeiTModel``, whose embeddings add a distillation token after
+the class token), built from the engine's blocks.
 
 A patch embedding (``engine.embeddings.PatchEmbedding``: the class token, the patches through
 the projection, the learned position table added), pre-LayerNorm encoder layers (LayerNorm,
 bidirectional attention with biases and no positional rule, a plain GELU MLP), the final
 LayerNorm; the head's targets are seeds at its output (``vit_seed``): a class logit
-(``{"label": i}``, the classifier on the class token) or a dimension of the class token's
+(``{"label": i}``: the classifier on the class token; with the teacher, DeiT's mean of that and
+the distillation classifier on the distillation token) or a dimension of the class token's
 final state (``{"dimension": k}``). Offline only for now: the model is not in the serving
 registry (``models.MODEL_FILES``) and has no vLLM weight names.
 """
@@ -25,18 +28,28 @@ from ..engine.embeddings import PatchEmbedding
 from ..engine.layer import TransformerLayer
 from ..engine.spec import UnsupportedModelError
 
-ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
+ARCHITECTURES = ("ViTForImageClassification", "ViTModel", "DeiTForImageClassificationWithTeacher",
+                 "DeiTForImageClassification", "DeiTModel")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 TARGET_HELP = "{'label': i} (a classifier's logit) or {'dimension': k} (of the class token)"
 
 
 @dataclass
+class Classifier:
+    """A linear classifier on one token's final state: (num_labels, hidden) and its bias."""
+
+    token: int
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+@dataclass
 class VisionModel:
-    """A ViT's blocks, and its classifier (num_labels, hidden) and bias where it has one."""
+    """A ViT's blocks, and its classifiers (none for an encoder; DeiT with the teacher: two,
+    whose logits are averaged)."""
 
     blocks: BlockModel
-    classifier: Tensor | None = None
-    classifier_bias: Tensor | None = None
+    classifiers: list[Classifier]
     label_names: dict[int, str] | None = None
 
     @property
@@ -55,7 +68,7 @@ def vit_from_hf(model: Any) -> VisionModel:
     if config.hidden_act not in ACTIVATIONS:
         raise UnsupportedModelError(f"activation {config.hidden_act!r}; supported: "
                                     f"{', '.join(ACTIVATIONS)}")
-    backbone = getattr(model, "vit", model)
+    backbone = getattr(model, "vit", None) or getattr(model, "deit", None) or model
     state = {name: tensor.detach() for name, tensor in backbone.state_dict().items()}
     eps = config.layer_norm_eps
     heads = config.num_attention_heads
@@ -64,7 +77,7 @@ def vit_from_hf(model: Any) -> VisionModel:
         state["embeddings.patch_embeddings.projection.weight"],
         state.get("embeddings.patch_embeddings.projection.bias"),
         state["embeddings.cls_token"], state["embeddings.position_embeddings"][0],
-        _pair(config.image_size))
+        _pair(config.image_size), distillation_token=state.get("embeddings.distillation_token"))
 
     def norm(prefix: str) -> LayerNorm:
         return LayerNorm(state[f"{prefix}.weight"], state.get(f"{prefix}.bias"), eps)
@@ -91,11 +104,13 @@ def vit_from_hf(model: Any) -> VisionModel:
     projection = state["embeddings.patch_embeddings.projection.weight"]
     blocks = BlockModel(embedding, layers, Head(norm("layernorm")), projection.dtype,
                         projection.device, lambda tensor: tensor, has_biases=True)
-    classifier = getattr(model, "classifier", None)
+    heads = [(0, getattr(model, "classifier", None) or getattr(model, "cls_classifier", None)),
+             (1, getattr(model, "distillation_classifier", None))]
+    classifiers = [Classifier(token, head.weight.detach(),
+                              None if head.bias is None else head.bias.detach())
+                   for token, head in heads if isinstance(head, torch.nn.Linear)]
     return VisionModel(
-        blocks,
-        None if classifier is None else classifier.weight.detach(),
-        None if classifier is None or classifier.bias is None else classifier.bias.detach(),
+        blocks, classifiers,
         {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()})
 
 
@@ -107,15 +122,18 @@ def vit_seed(vision: VisionModel, final_hidden: Tensor, target: dict[str, int]) 
     (kind, index), = target.items()
     gradient = torch.zeros(1, *final_hidden.shape, device=final_hidden.device)
     if kind == "label":
-        if vision.classifier is None:
+        if not vision.classifiers:
             raise ValueError("this model has no classifier; {'label': i} needs "
                              "ViTForImageClassification (a ViTModel allows {'dimension': k})")
-        labels = vision.classifier.shape[0]
+        labels = vision.classifiers[0].weight.shape[0]
         if not 0 <= int(index) < labels:
             raise ValueError(f"label {index} is out of range: allowed 0 to {labels - 1}")
-        gradient[0, 0] = vision.classifier[int(index)].float()
-        bias = None if vision.classifier_bias is None else \
-            vision.classifier_bias[int(index)].float().reshape(1)
+        share = 1.0 / len(vision.classifiers)  # DeiT with the teacher: the mean of two
+        bias = torch.zeros(1, device=final_hidden.device)
+        for classifier in vision.classifiers:
+            gradient[0, classifier.token] += share * classifier.weight[int(index)].float()
+            if classifier.bias is not None:
+                bias += share * classifier.bias[int(index)].float()
         return HiddenSeed(gradient, bias)
     if kind == "dimension":
         if not 0 <= int(index) < final_hidden.shape[1]:
@@ -127,8 +145,10 @@ def vit_seed(vision: VisionModel, final_hidden: Tensor, target: dict[str, int]) 
 
 
 def classifier_logits(vision: VisionModel, final_hidden: Tensor) -> Tensor:
-    """ViTForImageClassification's logits (num_labels,), fp32, from the final hidden states."""
-    if vision.classifier is None:
+    """The classifier's logits (num_labels,), fp32, from the final hidden states (DeiT with the
+    teacher: the mean of its two classifiers')."""
+    if not vision.classifiers:
         raise ValueError("this model has no classifier")
-    logits = final_hidden[0] @ vision.classifier.T
-    return (logits if vision.classifier_bias is None else logits + vision.classifier_bias).float()
+    logits = [final_hidden[c.token] @ c.weight.T + (0 if c.bias is None else c.bias)
+              for c in vision.classifiers]
+    return (sum(logits) / len(logits)).float()
