@@ -23,15 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.attention import Attention
-from ..engine.blocks import LayerNorm, PlainMLP
 from ..engine.driver import BlockModel, ForwardPass, Head, HiddenSeed
 from ..engine.embeddings import AdditiveEmbedding, PatchEmbedding
-from ..engine.layer import TransformerLayer
-from ..engine.spec import UnsupportedModelError
+from .encoder_layers import identity, layer_norm, pair, pre_norm_layers
 
 ARCHITECTURES = ("CLIPModel", "CLIPVisionModel")
-ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -45,46 +41,10 @@ class CLIPBlocks:
     eos_token_id: int | None = None
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-def _layers(state: dict[str, Tensor], prefix: str, config: Any, causal: bool
-            ) -> list[TransformerLayer]:
-    if config.hidden_act not in ACTIVATIONS:
-        raise UnsupportedModelError(f"activation {config.hidden_act!r}; supported: "
-                                    f"{', '.join(ACTIVATIONS)}")
-    head_dim = config.hidden_size // config.num_attention_heads
-    eps = config.layer_norm_eps
-    layers = []
-    for index in range(config.num_hidden_layers):
-        at = f"{prefix}encoder.layers.{index}"
-
-        def weight(name: str) -> Tensor:
-            return state[f"{at}.{name}.weight"]
-
-        def bias(name: str) -> Tensor | None:
-            return state.get(f"{at}.{name}.bias")
-
-        attention = Attention(
-            weight("self_attn.q_proj"), weight("self_attn.k_proj"), weight("self_attn.v_proj"),
-            weight("self_attn.out_proj"), head_dim, q_bias=bias("self_attn.q_proj"),
-            k_bias=bias("self_attn.k_proj"), v_bias=bias("self_attn.v_proj"),
-            o_bias=bias("self_attn.out_proj"), causal=causal)
-        mlp = PlainMLP(weight("mlp.fc1"), bias("mlp.fc1"), weight("mlp.fc2"), bias("mlp.fc2"),
-                       ACTIVATIONS[config.hidden_act])
-        layers.append(TransformerLayer(
-            LayerNorm(weight("layer_norm1"), bias("layer_norm1"), eps), attention,
-            LayerNorm(weight("layer_norm2"), bias("layer_norm2"), eps), mlp))
-    return layers
-
-
-def _norm(state: dict[str, Tensor], name: str, eps: float) -> LayerNorm:
-    return LayerNorm(state[f"{name}.weight"], state.get(f"{name}.bias"), eps)
-
-
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
+# CLIP's layer parameter names, by role (``encoder_layers.ROLES``)
+LAYER_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+               "o": "self_attn.out_proj", "norm1": "layer_norm1", "norm2": "layer_norm2",
+               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 def clip_from_hf(model: Any) -> CLIPBlocks:
@@ -100,11 +60,13 @@ def clip_from_hf(model: Any) -> CLIPBlocks:
         state.get(f"{prefix}embeddings.patch_embedding.bias"),
         state[f"{prefix}embeddings.class_embedding"],
         state[f"{prefix}embeddings.position_embedding.weight"],
-        _pair(vision_config.image_size), norm=_norm(state, f"{prefix}pre_layrnorm", eps))
+        pair(vision_config.image_size), norm=layer_norm(state, f"{prefix}pre_layrnorm", eps))
     weight = state[f"{prefix}embeddings.patch_embedding.weight"]
-    vision = BlockModel(embedding, _layers(state, prefix, vision_config, causal=False),
-                        Head(_norm(state, f"{prefix}post_layernorm", eps)), weight.dtype,
-                        weight.device, _identity, has_biases=True)
+    vision = BlockModel(
+        embedding, pre_norm_layers(state, prefix + "encoder.layers.{}", LAYER_NAMES,
+                                   vision_config),
+        Head(layer_norm(state, f"{prefix}post_layernorm", eps)), weight.dtype, weight.device,
+        identity, has_biases=True)
     if not hasattr(config, "text_config"):
         return CLIPBlocks(vision)
     text_config = config.text_config
@@ -112,9 +74,10 @@ def clip_from_hf(model: Any) -> CLIPBlocks:
     words = state[f"{prefix}embeddings.token_embedding.weight"]
     text = BlockModel(
         AdditiveEmbedding(words, state[f"{prefix}embeddings.position_embedding.weight"]),
-        _layers(state, prefix, text_config, causal=True),
-        Head(_norm(state, f"{prefix}final_layer_norm", text_config.layer_norm_eps)),
-        words.dtype, words.device, _identity, has_biases=True)
+        pre_norm_layers(state, prefix + "encoder.layers.{}", LAYER_NAMES, text_config,
+                        causal=True),
+        Head(layer_norm(state, f"{prefix}final_layer_norm", text_config.layer_norm_eps)),
+        words.dtype, words.device, identity, has_biases=True)
     return CLIPBlocks(vision, text, state["visual_projection.weight"],
                       state["text_projection.weight"], text_config.eos_token_id)
 

@@ -27,7 +27,8 @@ from ..engine.blocks import LayerNorm, activation, activation_backward, linear, 
 from ..engine.driver import BlockModel, ForwardPass, Head, HiddenSeed
 from ..engine.embeddings import AdditiveEmbedding, PatchEmbedding
 from ..engine.rules import attention_score_rule, attention_value_rule, softmax_rule
-from .clip import ACTIVATIONS, _identity, _layers, _norm, _pair
+from .clip import LAYER_NAMES
+from .encoder_layers import activation_of, identity, layer_norm, pair, pre_norm_layers
 
 ARCHITECTURES = ("SiglipModel", "SiglipVisionModel")
 
@@ -125,21 +126,23 @@ def siglip_from_hf(model: Any) -> SiglipBlocks:
     weight = state[f"{prefix}embeddings.patch_embedding.weight"]
     embedding = PatchEmbedding(weight, state.get(f"{prefix}embeddings.patch_embedding.bias"),
                                None, state[f"{prefix}embeddings.position_embedding.weight"],
-                               _pair(vision_config.image_size))
-    vision = BlockModel(embedding, _layers(state, prefix, vision_config, causal=False),
-                        Head(_norm(state, f"{prefix}post_layernorm", eps)), weight.dtype,
-                        weight.device, _identity, has_biases=True)
+                               pair(vision_config.image_size))
+    vision = BlockModel(
+        embedding, pre_norm_layers(state, prefix + "encoder.layers.{}", LAYER_NAMES,
+                                   vision_config),
+        Head(layer_norm(state, f"{prefix}post_layernorm", eps)), weight.dtype, weight.device,
+        identity, has_biases=True)
     pooling = AttentionPoolingHead(state, f"{prefix}head.", vision_config.num_attention_heads,
-                                   eps, ACTIVATIONS[vision_config.hidden_act])
+                                   eps, activation_of(vision_config))
     if not hasattr(config, "text_config"):
         return SiglipBlocks(vision, pooling)
     text_config = config.text_config
     words = state["text_model.embeddings.token_embedding.weight"]
     text = BlockModel(
         AdditiveEmbedding(words, state["text_model.embeddings.position_embedding.weight"]),
-        _layers(state, "text_model.", text_config, causal=False),
-        Head(_norm(state, "text_model.final_layer_norm", text_config.layer_norm_eps)),
-        words.dtype, words.device, _identity, has_biases=True)
+        pre_norm_layers(state, "text_model.encoder.layers.{}", LAYER_NAMES, text_config),
+        Head(layer_norm(state, "text_model.final_layer_norm", text_config.layer_norm_eps)),
+        words.dtype, words.device, identity, has_biases=True)
     return SiglipBlocks(vision, pooling, text, state["text_model.head.weight"],
                         state["text_model.head.bias"])
 

@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.attention import Attention
-from ..engine.blocks import LayerNorm, PlainMLP
 from ..engine.driver import BlockModel, Head, HiddenSeed
 from ..engine.embeddings import PatchEmbedding
-from ..engine.layer import TransformerLayer
-from ..engine.spec import UnsupportedModelError
+from .encoder_layers import identity, layer_norm, pair, pre_norm_layers
 
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel", "DeiTForImageClassificationWithTeacher",
                  "DeiTForImageClassification", "DeiTModel")
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# ViT's and DeiT's layer parameter names (transformers 5), by role (``encoder_layers.ROLES``)
+LAYER_NAMES = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+               "o": "attention.o_proj", "norm1": "layernorm_before", "norm2": "layernorm_after",
+               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 TARGET_HELP = "{'label': i} (a classifier's logit) or {'dimension': k} (of the class token)"
 
 
@@ -57,53 +57,21 @@ class VisionModel:
         return self.blocks.embedding
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
 def vit_from_hf(model: Any) -> VisionModel:
-    """The blocks of a Hugging Face ``ViTForImageClassification`` or ``ViTModel`` (transformers
-    5's module names), as views of its weights."""
+    """The blocks of a Hugging Face ViT or DeiT (``ARCHITECTURES``; transformers 5's module
+    names), as views of its weights."""
     config = model.config
-    if config.hidden_act not in ACTIVATIONS:
-        raise UnsupportedModelError(f"activation {config.hidden_act!r}; supported: "
-                                    f"{', '.join(ACTIVATIONS)}")
     backbone = getattr(model, "vit", None) or getattr(model, "deit", None) or model
     state = {name: tensor.detach() for name, tensor in backbone.state_dict().items()}
-    eps = config.layer_norm_eps
-    heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
     embedding = PatchEmbedding(
         state["embeddings.patch_embeddings.projection.weight"],
         state.get("embeddings.patch_embeddings.projection.bias"),
         state["embeddings.cls_token"], state["embeddings.position_embeddings"][0],
-        _pair(config.image_size), distillation_token=state.get("embeddings.distillation_token"))
-
-    def norm(prefix: str) -> LayerNorm:
-        return LayerNorm(state[f"{prefix}.weight"], state.get(f"{prefix}.bias"), eps)
-
-    layers = []
-    for index in range(config.num_hidden_layers):
-        prefix = f"layers.{index}"
-
-        def weight(name: str) -> Tensor:
-            return state[f"{prefix}.{name}.weight"]
-
-        def bias(name: str) -> Tensor | None:
-            return state.get(f"{prefix}.{name}.bias")
-
-        attention = Attention(
-            weight("attention.q_proj"), weight("attention.k_proj"), weight("attention.v_proj"),
-            weight("attention.o_proj"), head_dim, q_bias=bias("attention.q_proj"),
-            k_bias=bias("attention.k_proj"), v_bias=bias("attention.v_proj"),
-            o_bias=bias("attention.o_proj"), causal=False)
-        mlp = PlainMLP(weight("mlp.fc1"), bias("mlp.fc1"), weight("mlp.fc2"), bias("mlp.fc2"),
-                       ACTIVATIONS[config.hidden_act])
-        layers.append(TransformerLayer(norm(f"{prefix}.layernorm_before"), attention,
-                                       norm(f"{prefix}.layernorm_after"), mlp))
+        pair(config.image_size), distillation_token=state.get("embeddings.distillation_token"))
     projection = state["embeddings.patch_embeddings.projection.weight"]
-    blocks = BlockModel(embedding, layers, Head(norm("layernorm")), projection.dtype,
-                        projection.device, lambda tensor: tensor, has_biases=True)
+    blocks = BlockModel(embedding, pre_norm_layers(state, "layers.{}", LAYER_NAMES, config),
+                        Head(layer_norm(state, "layernorm", config.layer_norm_eps)),
+                        projection.dtype, projection.device, identity, has_biases=True)
     heads = [(0, getattr(model, "classifier", None) or getattr(model, "cls_classifier", None)),
              (1, getattr(model, "distillation_classifier", None))]
     classifiers = [Classifier(token, head.weight.detach(),
@@ -115,8 +83,9 @@ def vit_from_hf(model: Any) -> VisionModel:
 
 
 def vit_seed(vision: VisionModel, final_hidden: Tensor, target: dict[str, int]) -> HiddenSeed:
-    """The seed of ``target`` at the final hidden states (1 + N, hidden): ``{"label": i}``
-    (W_c[i] at the class token; the classifier's bias keeps b_c[i]) or ``{"dimension": k}``."""
+    """The seed of ``target`` at the final hidden states (prefix + N, hidden): ``{"label": i}``
+    (W_c[i] at the class token, DeiT's teacher head half of each classifier's row at its
+    token; the biases keep their share) or ``{"dimension": k}`` (of the class token)."""
     if not isinstance(target, dict) or len(target) != 1:
         raise ValueError(f"unknown image target {target!r}; allowed: {TARGET_HELP}")
     (kind, index), = target.items()
