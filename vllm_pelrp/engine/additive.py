@@ -57,7 +57,7 @@ from .driver import (
     relevance,
     run_forward as run_block_forward,
 )
-from .embeddings import AdditiveEmbedding, EmbeddingParts, sinusoidal_positions
+from .embeddings import AdditiveEmbedding, sinusoidal_positions
 from .layer import TransformerLayer
 from .spec import UnsupportedModelError
 from ..vocabulary import MODES
@@ -227,18 +227,6 @@ def additive_model(weights: AdditiveWeights) -> BlockModel:
 
 
 # ---- entry points ---------------------------------------------------------------------------------
-def default_positions(spec: AdditiveSpec, length: int, device=None) -> Tensor:
-    """Table rows of positions 0…T−1: ``arange(T) + position_offset``."""
-    return torch.arange(length, device=device) + spec.position_offset
-
-
-def embedding_parts(weights: AdditiveWeights, input_ids: Tensor,
-                    token_type_ids: Tensor | None = None,
-                    positions: Tensor | None = None) -> EmbeddingParts:
-    """Look up the addends; ``positions`` (T,) are table rows (default: ``default_positions``)."""
-    return additive_embedding(weights).parts(input_ids, positions, token_type_ids)
-
-
 def run_forward(weights: AdditiveWeights, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 positions: Tensor | None = None,
                 cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
@@ -308,8 +296,7 @@ def sequence_classification_logits(weights: AdditiveWeights, final_hidden: Tenso
 
 __all__ = [
     "AdditiveSpec", "AdditiveLayerWeights", "AdditiveWeights", "ForwardPass", "HiddenSeed",
-    "EmbeddingParts", "LogitSeeds", "MODES", "RelevanceResult", "additive_model",
+    "LogitSeeds", "MODES", "RelevanceResult", "additive_model",
     "additive_relevance", "relevance_from_forward", "run_forward", "encoder_forward",
-    "lm_logits", "sequence_classification_logits", "sinusoidal_positions", "embedding_parts",
-    "default_positions",
+    "lm_logits", "sequence_classification_logits", "sinusoidal_positions",
 ]

@@ -88,11 +88,6 @@ def rotary_model(weights: ModelWeights) -> BlockModel:
         has_biases=spec.qkv_bias)
 
 
-def embed(weights: ModelWeights, input_ids: Tensor) -> Tensor:
-    """Layer 0's input: the token embeddings, times the spec's embedding scale."""
-    return TokenEmbedding(weights.embed_tokens, weights.spec.embed_scale).forward(input_ids)[0]
-
-
 def run_forward(
     weights: ModelWeights, input_ids: Tensor, positions: Tensor | None = None,
     cache_budget_bytes: int = 0, checkpoint: Callable[[], None] | None = None,
