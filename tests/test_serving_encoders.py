@@ -182,8 +182,9 @@ def test_requests_without_explain_run_vllms_own_route():
 
 
 def test_pelrp_serve_starts_the_pooling_runner_for_encoders(tmp_path):
-    """An encoder checkpoint gets ``--runner pooling`` and no ``--max-model-len`` default (vLLM
-    takes its position table's); a decoder keeps the defaults; the user's ``--runner`` wins."""
+    """An encoder checkpoint (CLIP too) gets ``--runner pooling`` and no ``--max-model-len``
+    default (vLLM takes its position table's); a decoder keeps the defaults; the user's
+    ``--runner`` wins."""
     from tiny_additive import tiny_config
 
     from vllm_pelrp import cli
@@ -204,6 +205,14 @@ def test_pelrp_serve_starts_the_pooling_runner_for_encoders(tmp_path):
     assert "--runner" not in decoder and "--max-model-len" in decoder
     given = command("--model", str(tmp_path / "bert"), "--runner", "generate")
     assert given.count("--runner") == 1 and "generate" in given
+    from transformers import CLIPConfig  # an image–text model: pooling, its own lengths
+
+    config = CLIPConfig()
+    config.architectures = ["CLIPModel"]
+    config.save_pretrained(tmp_path / "clip")
+    image_text = command("--model", str(tmp_path / "clip"))
+    assert image_text[image_text.index("--runner") + 1] == "pooling"
+    assert "--max-model-len" not in image_text
 
 
 def test_worker_reads_the_served_pooling_and_cuts_padded_tables():

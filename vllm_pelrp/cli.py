@@ -4,6 +4,7 @@
     pelrp explain - --target per_token --html out.html < prompt.txt
     pelrp explain --messages-json chat.json --completion "Paris." --json out.json
     pelrp explain --model all-MiniLM-L6-v2 "A cat sits." --similarity "A feline rests." --html s.html
+    pelrp explain-image cat.png --model CLIP_DIR --similarity "a cat" --png cat_explained.png
     pelrp serve --port 8000 --dtype float32      # vLLM server with explanations (docs/serving.md)
 
 Subcommands are argparse subparsers; ``main`` returns the exit status (2 for usage and input
@@ -202,6 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a cross-encoder's second text (PROMPT first), with --label or "
                           "--dimension")
     ex.set_defaults(func=cmd_explain)
+
+    im = sub.add_parser(
+        "explain-image",
+        help="explain a CLIP or SigLIP image embedding: patch, pixel and positional relevance",
+        description="Explain an image–text model's image (offline, the server's pipeline): a "
+                    "dimension of the image embedding, or its cosine with a text (both sides "
+                    "explained, half each).")
+    im.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, …)")
+    im.add_argument("--model", metavar="DIR", required=True,
+                    help="a CLIPModel or SiglipModel checkpoint directory (Hugging Face's files)")
+    target = im.add_mutually_exclusive_group(required=True)
+    target.add_argument("--similarity", metavar="TEXT",
+                        help="the cosine of the image's and TEXT's embeddings")
+    target.add_argument("--dimension", type=_non_negative_int, metavar="K",
+                        help="dimension K of the image embedding (before normalisation)")
+    im.add_argument("--mode", choices=MODES, default="pa-lrp",
+                    help="attribution rules (default pa-lrp)")
+    im.add_argument("--png", metavar="FILE", help="write the image with the patches' relevance "
+                    "overlaid, and the positions' map beside it, to FILE")
+    im.add_argument("--html", metavar="FILE", help="write a self-contained HTML page to FILE "
+                    "(with the text's tokens coloured)")
+    im.add_argument("--json", metavar="FILE", help="write the ImageExplanation JSON to FILE "
+                    "('-': stdout)")
+    im.set_defaults(func=cmd_explain_image)
 
     sv = sub.add_parser(
         "serve",
@@ -442,9 +467,11 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     else:
         model = str(Path(args.model).expanduser())
     from .serving.encoder_worker import is_encoder_checkpoint
+    from .serving.image_worker import is_image_text_checkpoint
 
-    encoder = is_encoder_checkpoint(model)
-    if encoder and not _given(extra, "--runner"):  # BERT family: vLLM's pooling runner
+    # BERT family, CLIP, SigLIP: vLLM's pooling runner
+    encoder = is_encoder_checkpoint(model) or is_image_text_checkpoint(model)
+    if encoder and not _given(extra, "--runner"):
         extra += ["--runner", "pooling"]
     # an encoder's length is its position table's (vLLM derives it): no default
     for flag, value in ({} if encoder else SERVE_DEFAULTS).items():
@@ -476,6 +503,62 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def _given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def cmd_explain_image(args: argparse.Namespace) -> int:
+    """``pelrp explain-image``: the explanation's summary in the terminal, and the files."""
+    from PIL import Image, UnidentifiedImageError
+    from rich.table import Table
+
+    from .engine.spec import UnsupportedModelError
+    from .image_pipeline import ImageExplainer, ImageInputError
+    from .image_render import render_html, render_png
+
+    err = _err_console()
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as error:
+        raise CliError(f"cannot read the image {args.image}: {error}") from None
+    target = {"similarity": args.similarity} if args.similarity is not None \
+        else {"dimension": args.dimension}
+    with err.status("[bold]loading model…", spinner="dots") as status:
+        try:
+            explainer = ImageExplainer(args.model)
+            status.update(f"[bold]explaining ({args.mode})…")
+            explanation, pixels = explainer.explain(image, target, args.mode)
+        except (UnsupportedModelError, ImageInputError, OSError) as error:
+            raise CliError(str(error)) from None
+    if args.json == "-":
+        sys.stdout.write(explanation.model_dump_json(indent=1) + "\n")
+    elif args.json:
+        Path(args.json).write_text(explanation.model_dump_json(indent=1))
+    if args.png:
+        Path(args.png).write_bytes(render_png(explanation, pixels))
+    if args.html:
+        Path(args.html).write_text(render_html(explanation, pixels))
+    table = Table(title=f"{explanation.model} · {explanation.mode}", show_header=False)
+    table.add_row("target", explanation.target.description)
+    grid = explanation.patch_relevance
+    cells = [(value, r, c) for r, row in enumerate(grid.values) for c, value in enumerate(row)]
+    top = sorted(cells, key=lambda cell: -abs(cell[0]))[:3]
+    table.add_row("patches", f"{grid.rows}×{grid.columns} of {explanation.patch_size} px; most "
+                  "relevant (row, column): " + ", ".join(f"({r}, {c}) {v:+.4g}"
+                                                         for v, r, c in top))
+    positions = explanation.positional_relevance.values
+    table.add_row("positions", f"Σ {sum(map(sum, positions)):+.4g}")
+    if explanation.class_token_relevance is not None:
+        table.add_row("class token", f"{explanation.class_token_relevance:+.4g}")
+    conservation = explanation.conservation
+    table.add_row("conservation", f"{conservation.explained:+.6g} explained; relative error "
+                  f"excluding the softmax {conservation.relative_error_excluding_softmax:.1e}")
+    if explanation.text is not None:
+        table.add_row("text", " ".join(f"{t}({v:+.3g})" for t, v in zip(
+            explanation.text.tokens, explanation.text.token_relevance)))
+    from rich.console import Console
+
+    (err if args.json == "-" else Console()).print(table)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ engine's blocks, and its image–text similarity as a target explained on both s
   explains half the cosine (``clip_similarity_seeds``). The logit scale is left out (a
   constant factor).
 
-Offline only for now (not in the serving registry).
+Served: ``clip_from_served`` reads vLLM's ``CLIPEmbeddingModel`` (``serving/image_worker.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..engine.driver import BlockModel, ForwardPass, Head, HiddenSeed
 from ..engine.embeddings import AdditiveEmbedding, PatchEmbedding
-from .encoder_layers import identity, layer_norm, pair, pre_norm_layers
+from .encoder_layers import hf_names, identity, layer_norm, pair, pre_norm_layers
 
 ARCHITECTURES = ("CLIPModel", "CLIPVisionModel")
 
@@ -49,8 +49,21 @@ LAYER_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
 
 def clip_from_hf(model: Any) -> CLIPBlocks:
     """The blocks of a Hugging Face ``CLIPModel`` or ``CLIPVisionModel`` (views of its weights)."""
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    config = model.config
+    return clip_from_state({name: t.detach() for name, t in model.state_dict().items()},
+                           model.config)
+
+
+def clip_from_served(served: dict[str, Tensor], config: Any) -> CLIPBlocks:
+    """The blocks of vLLM's ``CLIPEmbeddingModel`` (``served_state``: its parameters by vLLM's
+    names, the linear weights as loaded), on one rank."""
+    text = config.text_config
+    return clip_from_state(hf_names(served, {
+        "text_model.embeddings.token_embedding.weight": text.vocab_size,
+        "text_model.embeddings.position_embedding.weight": text.max_position_embeddings}), config)
+
+
+def clip_from_state(state: dict[str, Tensor], config: Any) -> CLIPBlocks:
+    """The blocks of a ``CLIPModel`` or ``CLIPVisionModel`` state dict (Hugging Face's names)."""
     vision_config = getattr(config, "vision_config", config)
     eps = vision_config.layer_norm_eps
     # CLIPModel keeps the tower under vision_model.; transformers 5's CLIPVisionModel does not

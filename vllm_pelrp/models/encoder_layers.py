@@ -1,6 +1,7 @@
 """What the image model files share (``vit.py``, ``clip.py``, ``siglip.py``): their pre-LayerNorm
-encoder layers, read from a Hugging Face state dict by each file's own parameter names, and a
-LayerNorm by name. The blocks are the engine's (``engine/layer.py``: pre placement)."""
+encoder layers, read from a Hugging Face state dict by each file's own parameter names, a
+LayerNorm by name, and the Hugging Face names of a state served by vLLM (``hf_names``). The
+blocks are the engine's (``engine/layer.py``: pre placement)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,21 @@ def pre_norm_layers(state: Mapping[str, Tensor], layers: str, names: Mapping[str
         built.append(TransformerLayer(LayerNorm(weight["norm1"], bias["norm1"], eps), attention,
                                       LayerNorm(weight["norm2"], bias["norm2"], eps), mlp))
     return built
+
+
+def hf_names(served: Mapping[str, Tensor], tables: Mapping[str, int]) -> dict[str, Tensor]:
+    """A state dict as vLLM's CLIP and SigLIP modules hold it, under Hugging Face's names: each
+    fused ``qkv_proj`` split into ``q_proj``, ``k_proj`` and ``v_proj`` (equal thirds: these
+    models have no grouped keys), and each table named in ``tables`` (parameter name → rows) cut
+    to its rows (vLLM pads vocabulary-parallel tables). One rank only."""
+    state: dict[str, Tensor] = {}
+    for name, tensor in served.items():
+        if ".qkv_proj." in name:
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                state[name.replace("qkv_proj", part)] = piece
+        else:
+            state[name] = tensor[:tables[name]] if name in tables else tensor
+    return state
 
 
 def pair(value: Any) -> tuple[int, int]:

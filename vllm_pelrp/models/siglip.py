@@ -11,7 +11,7 @@ the engine's blocks, and its image–text similarity explained on both sides.
   dot product: half the cosine to each side (as CLIP, ``clip.py``). The logit scale and bias
   are left out.
 
-Offline only for now (not in the serving registry).
+Served: ``siglip_from_served`` reads vLLM's ``SiglipEmbeddingModel`` (``serving/image_worker.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..engine.driver import BlockModel, ForwardPass, Head, HiddenSeed
 from ..engine.embeddings import AdditiveEmbedding, PatchEmbedding
 from ..engine.rules import attention_score_rule, attention_value_rule, softmax_rule
 from .clip import LAYER_NAMES
-from .encoder_layers import activation_of, identity, layer_norm, pair, pre_norm_layers
+from .encoder_layers import activation_of, hf_names, identity, layer_norm, pair, pre_norm_layers
 
 ARCHITECTURES = ("SiglipModel", "SiglipVisionModel")
 
@@ -118,8 +118,22 @@ class SiglipBlocks:
 
 def siglip_from_hf(model: Any) -> SiglipBlocks:
     """The blocks of a Hugging Face ``SiglipModel`` or ``SiglipVisionModel``."""
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    config = model.config
+    return siglip_from_state({name: t.detach() for name, t in model.state_dict().items()},
+                             model.config)
+
+
+def siglip_from_served(served: dict[str, Tensor], config: Any) -> SiglipBlocks:
+    """The blocks of vLLM's ``SiglipEmbeddingModel`` (``served_state``: its parameters by vLLM's
+    names, the linear weights as loaded), on one rank."""
+    text = config.text_config
+    return siglip_from_state(hf_names(served, {
+        "text_model.embeddings.token_embedding.weight": text.vocab_size,
+        "text_model.embeddings.position_embedding.weight": text.max_position_embeddings}), config)
+
+
+def siglip_from_state(state: dict[str, Tensor], config: Any) -> SiglipBlocks:
+    """The blocks of a ``SiglipModel`` or ``SiglipVisionModel`` state dict (Hugging Face's
+    names)."""
     vision_config = getattr(config, "vision_config", config)
     eps = vision_config.layer_norm_eps
     prefix = "vision_model." if "vision_model.post_layernorm.weight" in state else ""
