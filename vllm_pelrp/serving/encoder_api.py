@@ -17,6 +17,8 @@ compact form with ``top_k``):
   embeddings: the explanation is the query's, its ``other`` the document's, each conserving half
   of the cosine (``target.value`` is the score). A cross-encoder's (a sequence classifier with
   one label) is the pair's label-0 logit (``target.value``; the score is its sigmoid).
+- ``/v1/embeddings`` on an image–text model (CLIP, SigLIP): an image in chat ``messages``,
+  explained by ``image_api.py``.
 - ``POST /v1/explain`` on an encoder server takes ``prompt`` (text or token ids), an encoder
   ``target`` and, for a cross-encoder, ``text_pair``.
 
@@ -47,6 +49,8 @@ from ..errors import ExplainInputError, PromptError, TargetError
 from ..explanation import EncoderTargetSpec, Explanation
 from .budget import GFLOP_ENV, encoder_need, shown_gflop
 from .http import call_vllm, dumps, error_response, refused
+from .image_api import image_embeddings
+from .image_worker import IMAGE_KIND
 from .metrics import get_metrics, observed
 from .protocol import (
     ENCODER_KIND,
@@ -385,6 +389,9 @@ class EncoderHandlers:
         service = _service(raw_request)
         if service is None:
             return error_response("explanations are not initialised on this server", 500)
+        if service.info.get("kind") == IMAGE_KIND:  # CLIP, SigLIP: an image (image_api.py)
+            return await image_embeddings(service, self.original["embeddings"], request,
+                                          raw_request, raw)
         try:
             options = parse_options(raw, "embeddings")
             _check_encoder(service)

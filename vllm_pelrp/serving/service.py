@@ -157,6 +157,10 @@ class ExplainService:
             logger.info("vllm-pelrp: encoder explanations ready (%s pooling%s)",
                         self.info.get("pooling"), ", normalised" if self.info.get("normalize")
                         else "")
+        elif self.info.get("kind") == "image":  # CLIP, SigLIP (image_worker.py)
+            logger.info("vllm-pelrp: image explanations ready (%s, %s×%s pixels, patch %s)",
+                        self.info.get("family"), *self.info.get("image_size", (0, 0)),
+                        self.info.get("patch_size"))
         else:
             logger.info("vllm-pelrp: explanations ready (%s bytes recorded per token, cap %.0f "
                         "MiB)", self.info["bytes_per_token"], self.info["cap_bytes"] / 2**20)

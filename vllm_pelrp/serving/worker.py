@@ -29,6 +29,7 @@ from ..engine.spec import ModelWeights, UnsupportedModelError
 from ..errors import ExplainInputError
 from ..pipeline import BackwardFailure, BackwardJob, BackwardResult, compute
 from .encoder_worker import EncoderWorkerMixin, is_encoder
+from .image_worker import ImageWorkerMixin
 from .. import settings
 from .failures import JobCancelled, SetupError, internal_failure
 from .keys import verify_key
@@ -51,6 +52,7 @@ class _State:
         self.recorder: Recorder | None = None
         self.weights = None
         self.spec = None
+        self.image_model = None  # an image–text model's blocks (image_worker.py)
         self.error: str | None = None
         self.info: dict[str, Any] = {}
         self.pool: ThreadPoolExecutor | None = None
@@ -73,9 +75,9 @@ class _State:
         self.serial = False
 
 
-class PelrpWorkerExtension(EncoderWorkerMixin):
+class PelrpWorkerExtension(EncoderWorkerMixin, ImageWorkerMixin):
     """Mixed into vLLM's worker class; methods are called with ``collective_rpc("pelrp_…")``
-    (encoder models: ``encoder_worker.py``)."""
+    (encoder models: ``encoder_worker.py``; image–text models: ``image_worker.py``)."""
 
     # ---- setup ------------------------------------------------------------------------------
     def _pelrp(self) -> _State:
@@ -97,11 +99,13 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         if key_secret and key_secret not in state.key_secrets and \
                 len(state.key_secrets) < _api_processes(self.vllm_config):
             state.key_secrets.append(key_secret)
-        if state.recorder is None and state.weights is None and state.error is None:
+        if state.recorder is None and state.weights is None and state.image_model is None \
+                and state.error is None:
             try:
                 self._pelrp_setup(state)
-                state.info.update(budget_info(state.spec, state.weights, ROW_CHUNK,
-                                              int(state.recompute_executor is not None)))
+                if state.weights is not None:  # an image model's cost is bounded by its size
+                    state.info.update(budget_info(state.spec, state.weights, ROW_CHUNK,
+                                                  int(state.recompute_executor is not None)))
             except (SetupError, UnsupportedModelError) as error:  # the server's setup: told
                 state.error = f"{type(error).__name__}: {error}"  # to clients, in 400s
             except Exception:  # noqa: BLE001 - its text stays in the log
@@ -116,6 +120,7 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
                     key_accepted=bool(key_secret) and key_secret in state.key_secrets)
 
     def _pelrp_setup(self, state: _State) -> None:
+        from ..image_pipeline import image_text_family
         from ..models import architecture_for
         from .plugin import activations_source
 
@@ -132,6 +137,9 @@ class PelrpWorkerExtension(EncoderWorkerMixin):
         }
         if config.parallel_config.pipeline_parallel_size != 1:
             raise SetupError("pipeline parallelism is not supported by the explanation plugin")
+        family = image_text_family(hf_config)
+        if family is not None:  # CLIP, SigLIP: image_worker.py
+            return self._pelrp_setup_image(state, family, tp)
         arch = architecture_for(hf_config)
         if is_encoder(arch, hf_config):  # no recording: encoder_worker.py
             return self._pelrp_setup_encoder(state, arch, tp)
