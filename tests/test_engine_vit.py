@@ -143,6 +143,22 @@ def test_pa_lrp_splits_what_attnlrp_gives_the_patch(vit):
     assert grid.shape == (3, 2) and cls.shape == ()
 
 
+def test_mean_pooling_dimension_equals_hf_and_conserves(vit):
+    """{'mean_dimension': k}: the patch tokens' mean of HF's last_hidden_state (BEiT's and MAE's
+    pooling), 1/N at each patch; the prefix tokens get relevance only through attention."""
+    model, vision, image = vit
+    with torch.no_grad():
+        hidden = model.vit(pixel_values=image[None]).last_hidden_state[0]
+    expected = hidden[1:].mean(0)[7]
+    forward = run_forward(vision.blocks, image)
+    seed = vit_seed(vision, forward.final_hidden, {"mean_dimension": 7})
+    result = relevance(vision.blocks, forward.layer_inputs, forward.positions, seed, "pa-lrp",
+                       forward=forward)
+    assert float(result.target_logit[0]) == pytest.approx(float(expected), abs=1e-5)
+    total = result.input_relevance + result.absorbed
+    assert torch.allclose(total, result.target_logit, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_inputs_name_what_is_allowed(vit):
     _, vision, image = vit
     with pytest.raises(ValueError, match=r"this model takes \(3, 24, 16\).*not interpolated"):

@@ -96,6 +96,30 @@ def test_dimension_target_equals_hf_and_conserves(family, mode, request):
         assert not torch.tensor(explanation.positional_relevance.values).any()
 
 
+@pytest.mark.parametrize("target", ["dimension", "similarity"])
+def test_clip_mean_pooling_is_every_tokens_mean_and_conserves(clip, target):  # noqa: F811
+    """image_pooling "mean" (vLLM's MEAN pooling of CLIP): the projection of the mean of every
+    token's post-LayerNorm state, the class token included."""
+    model, _, image = clip
+    explainer = ImageTextModel.from_hf(model)
+    explainer.blocks.image_pooling = "mean"
+    with torch.no_grad():
+        states = model.vision_model(pixel_values=image[None]).last_hidden_state[0]
+        pooled = model.vision_model.post_layernorm(states).mean(0)
+        embedding = model.visual_projection(pooled)
+        text = model.get_text_features(input_ids=CLIP_IDS[None])
+    text = getattr(text, "pooler_output", text)[0]
+    job = _job(image, {"dimension": 3}) if target == "dimension" else \
+        _job(image, {"similarity": CLIP_IDS.tolist()}, CLIP_IDS)
+    explanation = explain_image(explainer, job, model_name="m")
+    expected = float(embedding[3]) if target == "dimension" else float(
+        torch.nn.functional.cosine_similarity(embedding, text, dim=0))
+    assert explanation.target.value == pytest.approx(expected, abs=1e-5)
+    assert explanation.conservation.relative_error_excluding_softmax < 1e-4
+    cls = explain_image(ImageTextModel.from_hf(model), job, model_name="m")
+    assert explanation.target.value != pytest.approx(cls.target.value, abs=1e-4)
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_blocks_from_vllm_names_explain_as_hf(family, request):
     model, _, image = request.getfixturevalue(family)

@@ -71,22 +71,29 @@ def _image_request(url: str, explain=None, model: str | None = None) -> dict:
     return body
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+# served variants: CLIP pooled by its class token (vLLM's default), CLIP pooled by vLLM's MEAN
+# pooler (every token's mean), SigLIP (its attention-pooling head)
+VARIANTS = {"clip": ("clip", []), "clip-mean": ("clip", [
+    "--pooler-config", '{"seq_pooling_type": "MEAN"}']), "siglip": ("siglip", [])}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
 def served_model(request, tmp_path_factory):
-    """(family, base URL, checkpoint dir) of ``pelrp serve`` on a random checkpoint."""
+    """(family, image pooling, base URL, checkpoint dir) of ``pelrp serve`` on a random
+    checkpoint."""
     from _live_server import stop_server, wait_until_serving
     from test_serving import _start_command
 
-    family = request.param
-    directory = tmp_path_factory.mktemp(f"tiny-{family}")
+    family, extra = VARIANTS[request.param]
+    directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
     (save_tiny_clip if family == "clip" else save_tiny_siglip)(directory)
-    log = tmp_path_factory.mktemp("logs") / f"{family}.log"
+    log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
     process, base = _start_command(
         ["--model", str(directory), "--eager", "--dtype", "float32",  # vLLM takes the lengths
-         "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0"], log)
+         "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0", *extra], log)
     try:
         wait_until_serving(process, base, log)
-        yield family, base, directory
+        yield family, "mean" if extra else "cls", base, directory
     finally:
         stop_server(process)
 
@@ -104,12 +111,14 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
     from vllm_pelrp.models.siglip import image_embedding as siglip_image_embedding
     from vllm_pelrp.pipeline import Float32Array
 
-    family, base, directory = served_model
+    family, pooling, base, directory = served_model
     generator = torch.Generator().manual_seed(3)
     image = Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=generator,
                                           dtype=torch.uint8).numpy())  # resized and cropped
     url = _data_url(image)
     model = ImageTextModel.from_hf(AutoModel.from_pretrained(directory).eval())
+    if family == "clip":
+        model.blocks.image_pooling = pooling
     pixels = AutoImageProcessor.from_pretrained(directory)(
         image, return_tensors="pt").pixel_values[0]
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -160,7 +169,7 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
 def test_bad_image_requests_get_400s_naming_what_is_allowed(served_model):
     from PIL import Image
 
-    family, base, _ = served_model
+    family, _, base, _ = served_model
     size = 512 if family == "clip" else 64  # the image embedding's
     url = _data_url(Image.new("RGB", (32, 32), (10, 200, 30)))
     cases = [

@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dimension K of the image embedding (before normalisation)")
     im.add_argument("--mode", choices=MODES, default="pa-lrp",
                     help="attribution rules (default pa-lrp)")
+    im.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                    help="CLIP's image embedding: the class token's (default, CLIP's own) or "
+                         "every token's mean (vLLM's MEAN pooling)")
     im.add_argument("--png", metavar="FILE", help="write the image with the patches' relevance "
                     "overlaid, and the positions' map beside it, to FILE")
     im.add_argument("--html", metavar="FILE", help="write a self-contained HTML page to FILE "
@@ -524,7 +527,7 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
         else {"dimension": args.dimension}
     with err.status("[bold]loading model…", spinner="dots") as status:
         try:
-            explainer = ImageExplainer(args.model)
+            explainer = ImageExplainer(args.model, image_pooling=args.pooling)
             status.update(f"[bold]explaining ({args.mode})…")
             explanation, pixels = explainer.explain(image, target, args.mode)
         except (UnsupportedModelError, ImageInputError, OSError) as error:

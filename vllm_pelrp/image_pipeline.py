@@ -7,7 +7,7 @@
 
 Targets, as the text encoders' (``{'dimension': k}``, ``{'similarity': text}``):
 - ``{"dimension": k}``: dimension k of the image embedding before normalisation (CLIP: the
-  projected class token; SigLIP: the attention-pooling head's output, whose probe and biases
+  projected class token, or every token's mean as vLLM's MEAN pooling; SigLIP: the attention-pooling head's output, whose probe and biases
   keep their share);
 - ``{"similarity": ids}``: the cosine of the image's and the text's embeddings, half of it
   explained on each side (``clip_similarity_seeds``, ``siglip_similarity_seeds``); the text's
@@ -63,11 +63,13 @@ class ImageTextModel:
         raise UnsupportedModelError(_unsupported(model.config))
 
     @classmethod
-    def from_served(cls, served: dict[str, torch.Tensor], config: Any) -> "ImageTextModel":
-        """vLLM's ``CLIPEmbeddingModel`` or ``SiglipEmbeddingModel``, from its parameters."""
+    def from_served(cls, served: dict[str, torch.Tensor], config: Any,
+                    image_pooling: str = "cls") -> "ImageTextModel":
+        """vLLM's ``CLIPEmbeddingModel`` or ``SiglipEmbeddingModel``, from its parameters
+        (``image_pooling``: CLIP's, "cls" or "mean"; SigLIP pools with its head)."""
         family = image_text_family(config)
         if family == "clip":
-            return cls(family, clip_model.clip_from_served(served, config))
+            return cls(family, clip_model.clip_from_served(served, config, image_pooling))
         if family == "siglip":
             return cls(family, siglip_model.siglip_from_served(served, config))
         raise UnsupportedModelError(_unsupported(config))
@@ -92,8 +94,8 @@ class ImageTextModel:
         hidden = image.final_hidden
         if self.family == "clip":
             projection = self.blocks.visual_projection
-            gradient = torch.zeros(1, *hidden.shape, device=hidden.device)
-            gradient[0, 0] = projection[dimension].float()
+            weights = clip_model.image_pooling_weights(self.blocks, image)
+            gradient = (weights[:, None] * projection[dimension].float())[None]
             value = float(clip_model.image_embedding(self.blocks, image)[dimension])
             return HiddenSeed(gradient), value
         pooling = self.blocks.pooling
@@ -184,7 +186,7 @@ class ImageExplainer:
     """Offline: a CLIP or SigLIP checkpoint directory (Hugging Face's files), explained by the
     same pipeline as the server (``image_job``, ``explain_image``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, image_pooling: str = "cls") -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path)
@@ -192,6 +194,10 @@ class ImageExplainer:
             raise UnsupportedModelError(_unsupported(config))
         self.name = str(path)
         self.model = ImageTextModel.from_hf(AutoModel.from_pretrained(path).eval())
+        if image_pooling not in ("cls", "mean"):
+            raise ValueError(f"image pooling {image_pooling!r}; allowed: cls, mean")
+        if self.model.family == "clip":
+            self.model.blocks.image_pooling = image_pooling
         self.processor = AutoImageProcessor.from_pretrained(path)
         has_text = self.model.blocks.text is not None
         self.tokenizer = AutoTokenizer.from_pretrained(path) if has_text else None

