@@ -6,8 +6,9 @@ weights ship offline):
   processor) and ids;
 - ``pelrp serve`` explains an image sent to ``/v1/embeddings`` as a data URL: the served
   explanation equals the offline pipeline's (``image_pipeline.explain_image`` on Hugging
-  Face's model), for a dimension of the embedding and for the image–text similarity, and bad
-  requests get 400s naming what is allowed while the server keeps serving."""
+  Face's model), for a dimension of the embedding and for the image–text similarity, the web
+  view's store keeps it under its id, and bad requests get 400s naming what is allowed while
+  the server keeps serving."""
 
 from __future__ import annotations
 
@@ -140,6 +141,9 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
         assert item["embedding"] == plain.json()["data"][0]["embedding"]
         served = ImageExplanation.model_validate(item["explanation"])
         assert served.model == str(directory)
+        stored = httpx.get(f"{base}/v1/explanations/{served.id}", timeout=60)  # the web view's
+        assert stored.status_code == 200 and ImageExplanation.model_validate(
+            stored.json()) == served
         offline = explain_image(model, ImageJob(
             pixels=Float32Array.from_tensor(pixels), target=job_target, text_tokens=tokens,
             mode=mode), model_name=served.model)

@@ -414,6 +414,90 @@ def test_page_draws_a_similarity_side_by_side(page_only_server, browser):
     page.close()
 
 
+def _image_explanation():
+    """A CLIP image–text explanation (random weights: test_engine_clip's model), as served."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from vllm_pelrp.image_pipeline import ImageJob, ImageTextModel, explain_image
+    from vllm_pelrp.pipeline import Float32Array
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, vocab_size=50, max_position_embeddings=16,
+                         eos_token_id=9, bos_token_id=1, pad_token_id=0),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, image_size=16, patch_size=4),
+        projection_dim=8)).eval()
+    ids = [1, 12, 30, 9]
+    image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    job = ImageJob(pixels=Float32Array.from_tensor(image), target={"similarity": ids},
+                   text_tokens=["<|startoftext|>", "red</w>", "cat</w>", "<|endoftext|>"])
+    return explain_image(ImageTextModel.from_hf(model), job, model_name="clip")
+
+
+def test_store_keeps_and_summarizes_an_image_explanation():
+    wire = _image_explanation().model_dump(mode="json")
+    store = RecentExplanations()
+    key = store.add(wire, owner="key:a")
+    assert ID_PATTERN.match(key) and wire["id"] == key
+    assert json.loads(store.get(key, "key:a"))["patch_relevance"] == wire["patch_relevance"]
+    assert store.get(key, "key:b") is None  # another key's explanation stays unseen
+    summary = store.summaries("key:a", ids=[key])[0]
+    assert summary["kind"] == "image" and summary["num_tokens"] == 16
+    assert summary["prompt"] == "image 16×16" and summary["other"] == "red cat"
+    assert summary["target_kind"] == "similarity"
+
+
+def test_page_draws_an_image_explanation(page_only_server, browser):
+    """An image explanation reopened by id: the patches', positions' and pixels' grids as
+    canvases coloured by sign, the text's tokens, both sides' conservation; then a text
+    explanation on the same page shows the token view again."""
+    from test_render import make_explanation
+
+    url, store = page_only_server
+    explanation = _image_explanation()
+    key = store.add(explanation.model_dump(mode="json"))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{url}/pelrp?id={key}")
+    page.wait_for_selector("#result[data-state=done]")
+    assert page.is_visible("#image-view") and not page.is_visible("#text-view")
+    sizes = page.evaluate("""() => Array.from(document.querySelectorAll('#image-grids figure'),
+        f => [f.dataset.grid, f.querySelector('canvas').width, f.querySelector('canvas').height])""")
+    assert sizes == [["patches", 4, 4], ["positions", 4, 4], ["pixels", 16, 16]]
+    values = explanation.patch_relevance.values
+    r, c = max(((r, c) for r in range(4) for c in range(4)), key=lambda rc: abs(values[rc[0]][rc[1]]))
+    red, _, blue = page.evaluate(
+        """([r, c]) => Array.from(document.querySelector('[data-grid=patches] canvas')
+        .getContext('2d').getImageData(c, r, 1, 1).data).slice(0, 3)""", [r, c])
+    assert (red > blue) == (values[r][c] > 0)  # the strongest patch in its sign's colour
+    assert page.locator("#image-text-tokens .chip").count() == 4
+    assert "cat" in page.inner_text("#image-text-tokens")
+    conservation = page.inner_text("#conservation")
+    assert "image" in conservation and "text" in conservation
+    assert f"{explanation.conservation.explained:.6f}" in conservation
+    assert f"cosine similarity {explanation.target.value:.4f}" in page.inner_text("#result-meta")
+    assert "class token" in page.inner_text("#image-prefix")
+    page.wait_for_selector("#recent-list li a")
+    assert "image 16×16 ≈ red cat" in page.inner_text("#recent-list")
+    assert "16 patches" in page.inner_text("#recent-list")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webview_image.png"), full_page=True)
+
+    rotary = make_explanation()
+    other = store.add(json.loads(rotary.model_dump_json()))
+    page.fill("#open-id", other)
+    page.click("#open-form button")
+    page.wait_for_selector(f'#result-id:text("{other}")')
+    assert page.is_visible("#text-view") and not page.is_visible("#image-view")
+    assert page.locator("#heatmap [data-part=prompt] .tok").count() == rotary.prompt_length
+    assert errors == []
+    page.close()
+
+
 # --- the HTML file (Explanation.to_html): the same script, offline, no server ----------------------
 def _open_file(browser, tmp_path, explanation, name, top_k=10):
     """Open ``explanation.to_html()`` from disk in a context with the network off; every request

@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-IMAGE_WIRE_FORMAT_VERSION = "1.0"
+IMAGE_WIRE_FORMAT_VERSION = "1.1"  # 1.1 adds `id` (the web view's)
 
 
 class PatchGrid(BaseModel):
@@ -71,6 +71,9 @@ class ImageExplanation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     wire_format_version: str = IMAGE_WIRE_FORMAT_VERSION
+    id: str | None = Field(None, description="The server's id of a served explanation: open it "
+                           "in the web view (GET /pelrp?id=…, /v1/explanations/{id}); null "
+                           "offline.")
     model: str
     mode: Literal["pa-lrp", "attnlrp", "cp-lrp"]
     target: ImageTarget

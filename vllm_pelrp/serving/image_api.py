@@ -13,8 +13,8 @@ with ``mode`` ('pa-lrp', 'attnlrp', 'cp-lrp'). The request is answered by vLLM's
 (the model's Hugging Face image processor), the text tokenized with the model's tokenizer, and
 the worker computes the explanation (``image_worker.py``). Decoding, processing and tokenizing
 run on the service's threads, never on the event loop; no torch tensor is built here (the pixels
-travel as a ``Float32Array`` message). The metrics count image explanations like any other;
-the web view's store keeps text explanations only.
+travel as a ``Float32Array`` message). The metrics count image explanations like any other,
+and the web view keeps them for the request's API key like any other (its ``id``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import binascii
 import io
 import json
 import threading
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -36,9 +35,10 @@ from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 from ..image_explanation import ImageExplanation
 from ..image_pipeline import ImageInputError, ImageJob, image_job
 from .http import call_vllm, dumps, error_response, refused
-from .metrics import get_metrics
+from .metrics import observed
 from .protocol import Mode, describe_errors
 from .service import ExplainError, ExplainService
+from .webview import owner_of
 
 IMAGE_TARGETS = "{'dimension': k} (of the image embedding) or {'similarity': 'text'}"
 DATA_URL = "data:image/png;base64,..."
@@ -153,6 +153,15 @@ def make_job(service: ExplainService, url: str, options: ImageExplainOptions) ->
         raise ExplainError(str(error), param=f"explain.{error.param}") from None
 
 
+@observed  # metrics, and the web view's store under the request's key (serving/metrics.py)
+async def explain_image_job(service: ExplainService, job: ImageJob, options: ImageExplainOptions,
+                            owner: str | None = None, user: str | None = None
+                            ) -> dict[str, Any]:
+    """The worker's reply to ``job``: an ``ImageExplanation`` dict (given its ``id`` by the
+    store) or ``{"error", "param", "input_error"}``."""
+    return (await service.on_worker("pelrp_image_submit", [job]))["results"][0]
+
+
 async def image_embeddings(service: ExplainService, vllm_handler: Any, request: Any,
                            raw_request: Request, raw: Any) -> Response:
     """``/v1/embeddings`` with ``explain`` on an image–text model (see the module docstring)."""
@@ -166,14 +175,11 @@ async def image_embeddings(service: ExplainService, vllm_handler: Any, request: 
     response = await call_vllm(vllm_handler, request, raw_request)
     if not isinstance(response, JSONResponse) or response.status_code != 200:
         return response
-    started = time.perf_counter()
     try:
-        reply = (await service.on_worker("pelrp_image_submit", [job]))["results"][0]
+        reply = await explain_image_job(service, job, options, owner=owner_of(raw_request),
+                                        user=getattr(request, "user", None))
     except ExplainError as error:
-        get_metrics().explanations.labels(mode=job.mode, outcome="error").inc()
         return refused(error)
-    # the metrics count it as any explanation; the web view's store keeps text explanations only
-    get_metrics().observe(job.mode, time.perf_counter() - started, [reply])
     if "error" in reply:
         if reply.get("input_error"):
             param = reply.get("param")

@@ -62,6 +62,7 @@ STATIC_FILES = {"pelrp.js": "text/javascript; charset=utf-8",
 ID_PATTERN = re.compile(r"^expl-[0-9a-f]{32}$")
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
 _ENCODER_SPECIAL = re.compile(r"\[(?:CLS|SEP|PAD)\]|</?s>")  # BERT's and RoBERTa's markers
+_IMAGE_TEXT_SPECIAL = re.compile(r"<\|(?:startoftext|endoftext)\|>")  # CLIP's text markers
 
 
 def new_explanation_id() -> str:
@@ -85,9 +86,31 @@ def _last_message(prompt: str) -> str:
     return prompt
 
 
+def _image_summary(explanation: dict[str, Any], created: float) -> dict[str, Any]:
+    """``summarize`` of an ``ImageExplanation``: the image's size, its patch count, and a
+    similarity's text (as ``other``)."""
+    grid = explanation["patch_relevance"]
+    height, width = explanation.get("image_size") or (0, 0)
+    target = explanation.get("target") or {}
+    side = explanation.get("text") or None
+    other = None
+    if side:
+        words = "".join(side.get("tokens") or []).replace("</w>", " ").replace("▁", " ")
+        other = _preview(_IMAGE_TEXT_SPECIAL.sub(" ", words), 120)
+    return {"id": explanation["id"], "created": created, "kind": "image",
+            "model": explanation.get("model"), "mode": explanation.get("mode"),
+            "target": target.get("description"), "target_kind": target.get("kind"),
+            "target_value": target.get("value"), "num_tokens": grid["rows"] * grid["columns"],
+            "prompt_length": 0, "prompt": f"image {height}×{width}", "completion": "",
+            "other": other, "grounding_score": None, "low_grounding": None, "num_sources": 0}
+
+
 def summarize(explanation: dict[str, Any], created: float) -> dict[str, Any]:
-    """The line the page lists for a stored explanation. An encoder's (wire format 2.1) has its
-    target's kind and value, and for a similarity the other text (``other``)."""
+    """The line the page lists for a stored explanation (``kind`` "text" or "image"). An
+    encoder's (wire format 2.1) has its target's kind and value, and for a similarity the other
+    text (``other``); an image's, its size and patch count (``_image_summary``)."""
+    if "patch_relevance" in explanation:  # an ImageExplanation: patches, not tokens
+        return _image_summary(explanation, created)
     tokens = explanation.get("tokens") or []
     length = int(explanation.get("prompt_length") or 0)
     text = explanation.get("text") or ""
@@ -97,6 +120,7 @@ def summarize(explanation: dict[str, Any], created: float) -> dict[str, Any]:
     summary = {
         "id": explanation["id"],
         "created": created,
+        "kind": "text",
         "model": explanation.get("model"),
         "mode": explanation.get("mode"),
         "target": target.get("description"),
@@ -164,8 +188,9 @@ class RecentExplanations:
             user: str | None = None) -> str | None:
         """Give a full explanation (wire dict, changed in place) its ``id`` unless it has one,
         and keep it for ``owner``, noting the end ``user`` the request named (the operator
-        listing shows it). Compact explanations (no ``tokens``) are left alone."""
-        if "tokens" not in explanation:
+        listing shows it). Compact explanations (no ``tokens``) are left alone; an image
+        explanation (``patch_relevance``) is kept like a full one."""
+        if "tokens" not in explanation and "patch_relevance" not in explanation:
             return None
         if not explanation.get("id"):
             explanation["id"] = new_explanation_id()

@@ -217,7 +217,8 @@
       const preview = document.createElement("span");
       preview.className = "preview";
       preview.textContent = item.other !== undefined && item.other !== null
-        ? `${item.prompt} ≈ ${item.other}` : `${item.prompt} → ${item.completion}`;
+        ? `${item.prompt} ≈ ${item.other}`
+        : item.kind === "image" ? item.prompt : `${item.prompt} → ${item.completion}`;
       preview.title = preview.textContent;
       const meta = document.createElement("span");
       meta.className = "muted";
@@ -226,7 +227,8 @@
         : ` · grounding ${item.grounding_score.toFixed(2)}${item.low_grounding ? " (low)" : ""}`;
       const target = ENCODER_TARGETS.includes(item.target_kind) && item.target_value !== null &&
         item.target_value !== undefined ? ` · ${item.target_kind} ${Number(item.target_value).toFixed(3)}` : "";
-      meta.textContent = `${when} · ${item.mode} · ${item.num_tokens} tokens${target}${grounded}`;
+      const size = item.kind === "image" ? `${item.num_tokens} patches` : `${item.num_tokens} tokens`;
+      meta.textContent = `${when} · ${item.mode} · ${size}${target}${grounded}`;
       li.append(link, preview, meta);
       list.append(li);
     }
@@ -341,7 +343,113 @@
     return owner;
   }
 
+  // ---- image explanations (ImageExplanation, wire format 1.x): grids, not tokens ------------
+  const isImage = (explanation) => Boolean(explanation.patch_relevance);
+
+  // one canvas per grid, a pixel per cell (CSS scales it without smoothing); hovering a cell
+  // gives its value
+  function drawGrid(box, name, rows, columns, values) {
+    const top = Math.max(0, ...values.flat().map((v) => Math.abs(v)));
+    const figure = element("figure");
+    figure.dataset.grid = name;
+    const canvas = document.createElement("canvas");
+    canvas.width = columns;
+    canvas.height = rows;
+    canvas.style.height = `${Math.round(240 * rows / columns)}px`;
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#ffffff";
+    context.fillRect(0, 0, columns, rows);
+    values.forEach((row, r) => row.forEach((value, c) => {
+      context.fillStyle = colour(scaled(value, top), 1);
+      context.fillRect(c, r, 1, 1);
+    }));
+    canvas.addEventListener("mousemove", (event) => {
+      const area = canvas.getBoundingClientRect();
+      const c = Math.min(columns - 1, Math.floor((event.clientX - area.left) / area.width * columns));
+      const r = Math.min(rows - 1, Math.floor((event.clientY - area.top) / area.height * rows));
+      canvas.title = `${name} row ${r}, column ${c}: ${number(values[r][c], 6)}`;
+    });
+    figure.append(element("figcaption", "", `${name} · ${rows}×${columns} · max |R| ${number(top, 6)}`),
+                  canvas);
+    box.append(figure);
+  }
+
+  function tokenChips(box, tokens, values) {
+    box.replaceChildren();
+    const top = Math.max(0, ...values.map((v) => Math.abs(v)));
+    tokens.forEach((token, i) => {
+      const node = chip(token, scaled(values[i], top), `${token}: ${number(values[i], 6)}`);
+      node.dataset.index = i;
+      box.append(node);
+    });
+  }
+
+  function renderImage(explanation) {
+    current = explanation;
+    const section = $("result");
+    section.hidden = false;
+    section.dataset.state = "rendering";
+    $("result-id").textContent = explanation.id || "";
+    $("text-view").hidden = true;
+    $("grounding").hidden = true;
+    $("image-view").hidden = false;
+    const [height, width] = explanation.image_size;
+    $("result-meta").textContent = `${explanation.model} · ${explanation.mode} · ` +
+      `${explanation.target.description} · image ${height}×${width}, patches of ` +
+      `${explanation.patch_size} px`;
+    const grids = $("image-grids");
+    grids.replaceChildren();
+    const patches = explanation.patch_relevance;
+    const positions = explanation.positional_relevance;
+    drawGrid(grids, "patches", patches.rows, patches.columns, patches.values);
+    drawGrid(grids, "positions", positions.rows, positions.columns, positions.values);
+    drawGrid(grids, "pixels", height, width, explanation.pixel_relevance);
+    const given = (value) => value !== null && value !== undefined;
+    const prefix = [];
+    if (given(explanation.class_token_relevance)) {
+      prefix.push(`class token ${number(explanation.class_token_relevance, 6)} (its position ` +
+                  `${number(explanation.class_positional_relevance, 6)})`);
+    }
+    if (given(explanation.distillation_token_relevance)) {
+      prefix.push(`distillation token ${number(explanation.distillation_token_relevance, 6)}`);
+    }
+    $("image-prefix").textContent = prefix.join(" · ");
+    const text = explanation.text;
+    $("image-text").hidden = !text;
+    if (text) {
+      tokenChips($("image-text-tokens"), text.tokens, text.token_relevance);
+      tokenChips($("image-text-positions"), text.tokens.map((_, i) => `#${i}`),
+                 text.positional_relevance);
+    }
+    const table = $("conservation");
+    table.replaceChildren();
+    tableHead(table, ["", "image", ...(text ? ["text"] : [])]);
+    const sides = [explanation.conservation, ...(text ? [text.conservation] : [])];
+    for (const [label, field] of [["explained", "explained"], ["Σ input relevance", "input_sum"],
+                                  ["softmax absorbed", "softmax_absorbed"],
+                                  ["bias absorbed", "bias_absorbed"]]) {
+      const tr = element("tr");
+      tr.append(element("td", "", label));
+      for (const side of sides) tr.append(element("td", "num", number(side[field], 6)));
+      table.append(tr);
+    }
+    const tr = element("tr");
+    tr.append(element("td", "", "relative error excl. softmax"));
+    for (const side of sides) {
+      tr.append(element("td", "num", Number(side.relative_error_excluding_softmax).toExponential(1)));
+    }
+    table.append(tr);
+    section.dataset.state = "done";
+    section.dataset.explanationId = explanation.id || "";
+  }
+
   function render(explanation) {
+    if (isImage(explanation)) {
+      renderImage(explanation);
+      return;
+    }
+    $("text-view").hidden = false;
+    $("image-view").hidden = true;
     current = explanation;
     state.row = -1;
     const section = $("result");
