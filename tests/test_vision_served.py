@@ -141,6 +141,8 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
         assert item["embedding"] == plain.json()["data"][0]["embedding"]
         served = ImageExplanation.model_validate(item["explanation"])
         assert served.model == str(directory)
+        seen = Image.open(io.BytesIO(base64.b64decode(served.image.split(",", 1)[1])))
+        assert seen.size == tuple(reversed(served.image_size))  # what the grids overlay
         stored = httpx.get(f"{base}/v1/explanations/{served.id}", timeout=60)  # the web view's
         assert stored.status_code == 200 and ImageExplanation.model_validate(
             stored.json()) == served

@@ -434,7 +434,20 @@ def _image_explanation():
     image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
     job = ImageJob(pixels=Float32Array.from_tensor(image), target={"similarity": ids},
                    text_tokens=["<|startoftext|>", "red</w>", "cat</w>", "<|endoftext|>"])
-    return explain_image(ImageTextModel.from_hf(model), job, model_name="clip")
+    explanation = explain_image(ImageTextModel.from_hf(model), job, model_name="clip")
+    from PIL import Image
+
+    from vllm_pelrp.image_pipeline import processed_image_url
+
+    class Identity:  # the picture is already the model's size
+        def __call__(self, picture, **_):
+            import numpy as np
+
+            return {"pixel_values": np.asarray(picture).transpose(2, 0, 1)[None]}
+
+    picture = Image.fromarray((image.permute(1, 2, 0).clamp(-1, 1) * 100 + 128).byte().numpy())
+    explanation.image = processed_image_url(picture, Identity())
+    return explanation
 
 
 def test_store_keeps_and_summarizes_an_image_explanation():
@@ -468,6 +481,9 @@ def test_page_draws_an_image_explanation(page_only_server, browser):
     sizes = page.evaluate("""() => Array.from(document.querySelectorAll('#image-grids figure'),
         f => [f.dataset.grid, f.querySelector('canvas').width, f.querySelector('canvas').height])""")
     assert sizes == [["patches", 4, 4], ["positions", 4, 4], ["pixels", 16, 16]]
+    # the patches over the image the model saw (its PNG decoded by the browser)
+    assert page.evaluate("""() => { const img = document.querySelector(
+        '[data-grid=patches] .overlay img'); return img.complete && img.naturalWidth; }""") == 16
     values = explanation.patch_relevance.values
     r, c = max(((r, c) for r in range(4) for c in range(4)), key=lambda rc: abs(values[rc[0]][rc[1]]))
     red, _, blue = page.evaluate(

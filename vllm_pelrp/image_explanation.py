@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-IMAGE_WIRE_FORMAT_VERSION = "1.1"  # 1.1 adds `id` (the web view's)
+IMAGE_WIRE_FORMAT_VERSION = "1.1"  # 1.1 adds `id` (the web view's) and `image`
 
 
 class PatchGrid(BaseModel):
@@ -91,6 +91,10 @@ class ImageExplanation(BaseModel):
     pixel_relevance: list[list[float]] = Field(description="H × W, summed over the channels.")
     conservation: ImageConservation
     text: TextSide | None = None
+    image: str | None = Field(None, description="The image as the model saw it (after its "
+                              "processor's resizing and cropping, before normalisation), a PNG "
+                              "data URL the grids overlay: patch (r, c) covers its pixels "
+                              "[r·patch_size, (r+1)·patch_size) × [c·patch_size, …).")
 
 
 def _conservation(result, row: int, explained: float) -> ImageConservation:

@@ -182,6 +182,21 @@ def image_job(image: Any, target: dict[str, int | str], mode: str, *, processor:
         target={kind: value}, text_tokens=tokens, mode=mode)
 
 
+def processed_image_url(image: Any, processor: Any) -> str:
+    """The image as the model sees it (the processor's resizing and cropping, not its
+    normalisation) as a PNG data URL: what an explanation's grids overlay."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = processor(image.convert("RGB"), do_rescale=False, do_normalize=False,
+                       return_tensors="np")["pixel_values"][0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0).clip(0, 255).astype("uint8")).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 class ImageExplainer:
     """Offline: a CLIP or SigLIP checkpoint directory (Hugging Face's files), explained by the
     same pipeline as the server (``image_job``, ``explain_image``)."""
@@ -213,7 +228,9 @@ class ImageExplainer:
         """The explanation of ``target`` on the PIL ``image``, and the processed pixels (C, H, W)
         it explains (what ``image_render`` draws)."""
         job = self.job(image, target, mode)
-        return explain_image(self.model, job, model_name=self.name), job.pixels.to_tensor()
+        explanation = explain_image(self.model, job, model_name=self.name)
+        explanation.image = processed_image_url(image, self.processor)
+        return explanation, job.pixels.to_tensor()
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
 from ..image_explanation import ImageExplanation
-from ..image_pipeline import ImageInputError, ImageJob, image_job
+from ..image_pipeline import ImageInputError, ImageJob, image_job, processed_image_url
 from .http import call_vllm, dumps, error_response, refused
 from .metrics import observed
 from .protocol import Mode, describe_errors
@@ -132,9 +132,11 @@ class ImageProcessors:
 PROCESSORS = ImageProcessors()
 
 
-def make_job(service: ExplainService, url: str, options: ImageExplainOptions) -> ImageJob:
+def make_job(service: ExplainService, url: str, options: ImageExplainOptions
+             ) -> tuple[ImageJob, str]:
     """The worker's job: the data URL's image decoded, then ``image_pipeline.image_job`` (the
-    model's image processor, as vLLM's; the text tokenized with the model's tokenizer)."""
+    model's image processor, as vLLM's; the text tokenized with the model's tokenizer); and the
+    image as the model sees it (``processed_image_url``), which the explanation carries."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -144,22 +146,26 @@ def make_job(service: ExplainService, url: str, options: ImageExplainOptions) ->
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as error:
         raise ExplainError(f"the image data URL does not hold an image ({type(error).__name__})"
                            f"; send {DATA_URL}", param="messages") from None
+    processor = PROCESSORS.get(service.engine.model_config.model)
     try:
-        return image_job(image, dict(options.target), options.mode,
-                         processor=PROCESSORS.get(service.engine.model_config.model),
-                         tokenizer=service.tokenizer if service.info.get("has_text") else None,
-                         max_text_tokens=int(service.info.get("max_text_tokens") or 0))
+        job = image_job(image, dict(options.target), options.mode, processor=processor,
+                        tokenizer=service.tokenizer if service.info.get("has_text") else None,
+                        max_text_tokens=int(service.info.get("max_text_tokens") or 0))
+        return job, processed_image_url(image, processor)
     except ImageInputError as error:
         raise ExplainError(str(error), param=f"explain.{error.param}") from None
 
 
 @observed  # metrics, and the web view's store under the request's key (serving/metrics.py)
 async def explain_image_job(service: ExplainService, job: ImageJob, options: ImageExplainOptions,
-                            owner: str | None = None, user: str | None = None
+                            image: str, owner: str | None = None, user: str | None = None
                             ) -> dict[str, Any]:
-    """The worker's reply to ``job``: an ``ImageExplanation`` dict (given its ``id`` by the
-    store) or ``{"error", "param", "input_error"}``."""
-    return (await service.on_worker("pelrp_image_submit", [job]))["results"][0]
+    """The worker's reply to ``job``: an ``ImageExplanation`` dict with ``image`` (given its
+    ``id`` by the store) or ``{"error", "param", "input_error"}``."""
+    reply = (await service.on_worker("pelrp_image_submit", [job]))["results"][0]
+    if "error" not in reply:
+        reply["image"] = image
+    return reply
 
 
 async def image_embeddings(service: ExplainService, vllm_handler: Any, request: Any,
@@ -169,14 +175,15 @@ async def image_embeddings(service: ExplainService, vllm_handler: Any, request: 
         service.check_available()
         options = parse_options(raw)
         url = image_url(request)
-        job = await service.offload(make_job, service, url, options)
+        job, seen = await service.offload(make_job, service, url, options)
     except ExplainError as error:
         return refused(error)
     response = await call_vllm(vllm_handler, request, raw_request)
     if not isinstance(response, JSONResponse) or response.status_code != 200:
         return response
     try:
-        reply = await explain_image_job(service, job, options, owner=owner_of(raw_request),
+        reply = await explain_image_job(service, job, options, seen,
+                                        owner=owner_of(raw_request),
                                         user=getattr(request, "user", None))
     except ExplainError as error:
         return refused(error)

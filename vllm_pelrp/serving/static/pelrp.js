@@ -348,7 +348,7 @@
 
   // one canvas per grid, a pixel per cell (CSS scales it without smoothing); hovering a cell
   // gives its value
-  function drawGrid(box, name, rows, columns, values) {
+  function drawGrid(box, name, rows, columns, values, underlay) {
     const top = Math.max(0, ...values.flat().map((v) => Math.abs(v)));
     const figure = element("figure");
     figure.dataset.grid = name;
@@ -369,8 +369,17 @@
       const r = Math.min(rows - 1, Math.floor((event.clientY - area.top) / area.height * rows));
       canvas.title = `${name} row ${r}, column ${c}: ${number(values[r][c], 6)}`;
     });
-    figure.append(element("figcaption", "", `${name} · ${rows}×${columns} · max |R| ${number(top, 6)}`),
-                  canvas);
+    figure.append(element("figcaption", "", `${name} · ${rows}×${columns} · max |R| ${number(top, 6)}`));
+    if (underlay) {  // the image as the model saw it, the grid over it
+      const stack = element("div", "overlay");
+      const picture = document.createElement("img");
+      picture.src = underlay;
+      picture.alt = "the explained image";
+      stack.append(picture, canvas);
+      figure.append(stack);
+    } else {
+      figure.append(canvas);
+    }
     box.append(figure);
   }
 
@@ -401,7 +410,9 @@
     grids.replaceChildren();
     const patches = explanation.patch_relevance;
     const positions = explanation.positional_relevance;
-    drawGrid(grids, "patches", patches.rows, patches.columns, patches.values);
+    const image = typeof explanation.image === "string" &&
+      explanation.image.startsWith("data:image/png;base64,") ? explanation.image : null;
+    drawGrid(grids, "patches", patches.rows, patches.columns, patches.values, image);
     drawGrid(grids, "positions", positions.rows, positions.columns, positions.values);
     drawGrid(grids, "pixels", height, width, explanation.pixel_relevance);
     const given = (value) => value !== null && value !== undefined;
