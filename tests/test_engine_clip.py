@@ -41,8 +41,9 @@ def clip():
     return model, clip_from_hf(model), image
 
 
-def _tower(double, prefix, config, x, causal):
-    """One tower's layers as autograd on the rules (LXT's efficient AttnLRP, float64)."""
+def _tower(double, prefix, config, x, causal, mode="pa-lrp"):
+    """One tower's layers as autograd on the rules (LXT's efficient AttnLRP, float64; cp-lrp:
+    the attention probabilities detached)."""
     def halve(t):
         return 0.5 * t + 0.5 * t.detach()
 
@@ -64,7 +65,7 @@ def _tower(double, prefix, config, x, causal):
                    for name in ("q_proj", "k_proj", "v_proj"))
         scores = halve(q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5
         probs = torch.softmax(scores + mask if causal else scores, -1)
-        attended = halve(probs @ v)
+        attended = probs.detach() @ v if mode == "cp-lrp" else halve(probs @ v)
         x = x + linear(attended.transpose(0, 1).reshape(length, -1), f"{at}.self_attn.out_proj")
         up = linear(layer_norm(x, f"{at}.layer_norm2"), f"{at}.mlp.fc1")
         act = up * torch.sigmoid(1.702 * up).detach()  # quick GELU, identity rule
@@ -72,7 +73,9 @@ def _tower(double, prefix, config, x, causal):
     return x, layer_norm
 
 
-def _reference(model, image, ids):
+def _reference(model, image, ids, mode="pa-lrp"):
+    """Both sides' relevance of the cosine, float64 autograd on the rules; outside pa-lrp the
+    positions' relevance is folded into their tokens' (the tables are not split off)."""
     config = model.config
     double = {name: p.detach().double() for name, p in model.named_parameters()}
     pixels = image.double().requires_grad_(True)
@@ -86,23 +89,30 @@ def _reference(model, image, ids):
     std = ((x - mean).pow(2).mean(-1, keepdim=True) + config.vision_config.layer_norm_eps).sqrt()
     x = ((x - mean) / std.detach() * double["vision_model.pre_layrnorm.weight"]
          + double["vision_model.pre_layrnorm.bias"])
-    x, layer_norm = _tower(double, "vision_model", config.vision_config, x, causal=False)
+    x, layer_norm = _tower(double, "vision_model", config.vision_config, x, causal=False,
+                           mode=mode)
     a = layer_norm(x, "vision_model.post_layernorm")[0] @ double["visual_projection.weight"].T
     words = double["text_model.embeddings.token_embedding.weight"][ids].clone().requires_grad_(True)
     places = double["text_model.embeddings.position_embedding.weight"][:len(ids)].clone()
     places.requires_grad_(True)
-    y, layer_norm = _tower(double, "text_model", config.text_config, words + places, causal=True)
+    y, layer_norm = _tower(double, "text_model", config.text_config, words + places, causal=True,
+                           mode=mode)
     position = int((ids == EOS).nonzero()[0, 0])
     b = layer_norm(y, "text_model.final_layer_norm")[position] @ double["text_projection.weight"].T
     dot = (a * b).sum()
     cosine = dot / (a.norm() * b.norm()).detach()
     (0.5 * cosine + 0.5 * cosine.detach()).backward()  # the uniform rule on a·b
     patches = (pixels * pixels.grad).detach().unfold(1, 8, 8).unfold(2, 8, 8).sum((0, 3, 4))
-    return {"cosine": float(cosine.detach()),
-            "image_token": torch.cat([(cls * cls.grad).sum().reshape(1), patches.flatten()]).detach(),
-            "image_position": (table * table.grad).sum(-1).detach(),
-            "text_token": (words * words.grad).sum(-1).detach(),
-            "text_position": (places * places.grad).sum(-1).detach()}
+    out = {"cosine": float(cosine.detach()),
+           "image_token": torch.cat([(cls * cls.grad).sum().reshape(1), patches.flatten()]).detach(),
+           "image_position": (table * table.grad).sum(-1).detach(),
+           "text_token": (words * words.grad).sum(-1).detach(),
+           "text_position": (places * places.grad).sum(-1).detach()}
+    if mode != "pa-lrp":
+        for side in ("image", "text"):
+            out[f"{side}_token"] = out[f"{side}_token"] + out[f"{side}_position"]
+            out[f"{side}_position"] = torch.zeros_like(out[f"{side}_position"])
+    return out
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,16 +130,17 @@ def test_both_towers_equal_hf(clip):
     assert (b - out.text_embeds[0]).abs().max() < 1e-5
 
 
-def test_similarity_on_both_sides_equals_float64_autograd_and_conserves(clip):
+@pytest.mark.parametrize("mode", ["pa-lrp", "attnlrp", "cp-lrp"])
+def test_similarity_on_both_sides_equals_float64_autograd_and_conserves(clip, mode):
     model, blocks, image = clip
     image_forward, text_forward = run_forward(blocks.vision, image), run_forward(blocks.text, IDS)
     seeds = clip_similarity_seeds(blocks, image_forward, text_forward, IDS)
     sides = {side: relevance(model_blocks, forward.layer_inputs, forward.positions, seed,
-                             "pa-lrp", forward=forward)
+                             mode, forward=forward)
              for side, model_blocks, forward, seed in (
                  ("image", blocks.vision, image_forward, seeds.image),
                  ("text", blocks.text, text_forward, seeds.text))}
-    reference = _reference(model, image, IDS)
+    reference = _reference(model, image, IDS, mode)
     assert seeds.cosine == pytest.approx(reference["cosine"], abs=1e-5)
     for side, result in sides.items():
         assert float(result.target_logit[0]) == pytest.approx(seeds.cosine / 2, rel=1e-5)

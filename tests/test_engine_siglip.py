@@ -61,21 +61,24 @@ def _attend(q, k, v, mode="pa-lrp"):  # (h, Tq, d), (h, T, d): the rules as auto
     return probs.detach() @ v if mode == "cp-lrp" else _halve(probs @ v)
 
 
-def _tower(double, prefix, config, x):
+def _tower(double, prefix, config, x, mode="pa-lrp"):
     heads, eps = config.num_attention_heads, config.layer_norm_eps
     for index in range(config.num_hidden_layers):
         at = f"{prefix}.encoder.layers.{index}"
         h = _layer_norm(double, x, f"{at}.layer_norm1", eps)
         q, k, v = (_linear(double, h, f"{at}.self_attn.{n}").view(len(h), heads, -1).transpose(0, 1)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        attended = _attend(q, k, v).transpose(0, 1).reshape(len(h), -1)
+        attended = _attend(q, k, v, mode).transpose(0, 1).reshape(len(h), -1)
         x = x + _linear(double, attended, f"{at}.self_attn.out_proj")
         up = _linear(double, _layer_norm(double, x, f"{at}.layer_norm2", eps), f"{at}.mlp.fc1")
         x = x + _linear(double, _act(up), f"{at}.mlp.fc2")
     return x
 
 
-def _reference(model, image, ids):
+def _reference(model, image, ids, mode="pa-lrp"):
+    """Both sides' relevance of the cosine, float64 autograd on the rules (cp-lrp: the
+    attention probabilities detached, the pooling head's too); outside pa-lrp the positions'
+    relevance is folded into their tokens'."""
     config = model.config
     vc, tc = config.vision_config, config.text_config
     double = {name: p.detach().double() for name, p in model.named_parameters()}
@@ -85,7 +88,7 @@ def _reference(model, image, ids):
                                       double["vision_model.embeddings.patch_embedding.weight"],
                                       double["vision_model.embeddings.patch_embedding.bias"],
                                       stride=vc.patch_size)
-    x = _tower(double, "vision_model", vc, conv.flatten(2)[0].T + table)
+    x = _tower(double, "vision_model", vc, conv.flatten(2)[0].T + table, mode)
     x = _layer_norm(double, x, "vision_model.post_layernorm", vc.layer_norm_eps)
     heads = vc.num_attention_heads
     w, b = double["vision_model.head.attention.in_proj_weight"], \
@@ -95,7 +98,7 @@ def _reference(model, image, ids):
     q = (probe @ wq.T + bq).view(1, heads, -1).transpose(0, 1)
     k = (x @ wk.T + bk).view(len(x), heads, -1).transpose(0, 1)
     v = (x @ wv.T + bv).view(len(x), heads, -1).transpose(0, 1)
-    r = _linear(double, _attend(q, k, v).transpose(0, 1).reshape(1, -1),
+    r = _linear(double, _attend(q, k, v, mode).transpose(0, 1).reshape(1, -1),
                 "vision_model.head.attention.out_proj")
     up = _linear(double, _layer_norm(double, r, "vision_model.head.layernorm", vc.layer_norm_eps),
                  "vision_model.head.mlp.fc1")
@@ -103,17 +106,22 @@ def _reference(model, image, ids):
     words = double["text_model.embeddings.token_embedding.weight"][ids].clone().requires_grad_(True)
     places = double["text_model.embeddings.position_embedding.weight"][:len(ids)].clone()
     places.requires_grad_(True)
-    y = _tower(double, "text_model", tc, words + places)
+    y = _tower(double, "text_model", tc, words + places, mode)
     y = _layer_norm(double, y, "text_model.final_layer_norm", tc.layer_norm_eps)
     text = _linear(double, y[-1], "text_model.head")
     cosine = (a * text).sum() / (a.norm() * text.norm()).detach()
     _halve(cosine).backward()
-    return {"cosine": float(cosine.detach()),
-            "image_token": (pixels * pixels.grad).detach().unfold(1, 8, 8).unfold(2, 8, 8)
-            .sum((0, 3, 4)).flatten(),
-            "image_position": (table * table.grad).sum(-1).detach(),
-            "text_token": (words * words.grad).sum(-1).detach(),
-            "text_position": (places * places.grad).sum(-1).detach()}
+    out = {"cosine": float(cosine.detach()),
+           "image_token": (pixels * pixels.grad).detach().unfold(1, 8, 8).unfold(2, 8, 8)
+           .sum((0, 3, 4)).flatten(),
+           "image_position": (table * table.grad).sum(-1).detach(),
+           "text_token": (words * words.grad).sum(-1).detach(),
+           "text_position": (places * places.grad).sum(-1).detach()}
+    if mode != "pa-lrp":
+        for side in ("image", "text"):
+            out[f"{side}_token"] = out[f"{side}_token"] + out[f"{side}_position"]
+            out[f"{side}_position"] = torch.zeros_like(out[f"{side}_position"])
+    return out
 
 
 def _relative(a, b):
@@ -131,19 +139,20 @@ def test_both_towers_equal_hf(siglip):
     assert (b - out.text_embeds[0]).abs().max() < 1e-5
 
 
-def test_similarity_on_both_sides_equals_float64_autograd_and_conserves(siglip):
+@pytest.mark.parametrize("mode", ["pa-lrp", "attnlrp", "cp-lrp"])
+def test_similarity_on_both_sides_equals_float64_autograd_and_conserves(siglip, mode):
     model, blocks, image = siglip
     image_forward, text_forward = run_forward(blocks.vision, image), run_forward(blocks.text, IDS)
-    seeds = siglip_similarity_seeds(blocks, image_forward, text_forward)
-    reference = _reference(model, image, IDS)
+    seeds = siglip_similarity_seeds(blocks, image_forward, text_forward, mode)
+    reference = _reference(model, image, IDS, mode)
     assert seeds.cosine == pytest.approx(reference["cosine"], abs=1e-5)
     for side, model_blocks, forward, seed in (("image", blocks.vision, image_forward, seeds.image),
                                               ("text", blocks.text, text_forward, seeds.text)):
-        result = relevance(model_blocks, forward.layer_inputs, forward.positions, seed, "pa-lrp",
+        result = relevance(model_blocks, forward.layer_inputs, forward.positions, seed, mode,
                            forward=forward)
         assert float(result.target_logit[0]) == pytest.approx(seeds.cosine / 2, rel=1e-5)
         assert _relative(result.token[0], reference[f"{side}_token"]) < 1e-4, side
         assert _relative(result.position_embedding[0], reference[f"{side}_position"]) < 1e-4, side
-        assert result.position_embedding.abs().sum() > 0
+        assert (result.position_embedding.abs().sum() > 0) == (mode == "pa-lrp")
         total = result.input_relevance + result.absorbed
         assert torch.allclose(total, result.target_logit, rtol=1e-4, atol=1e-6), side
