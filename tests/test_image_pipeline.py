@@ -3,7 +3,8 @@ Its wire explanation carries the float64 references' numbers (``test_engine_clip
 ``test_engine_siglip``) on both sides; a dimension target conserves and equals Hugging Face's
 embedding; the blocks built from vLLM's parameter names (fused ``qkv_proj``, padded tables)
 give the same explanation as Hugging Face's; bad jobs are refused, naming what is allowed;
-``pelrp explain-image`` writes what the pipeline gives, as JSON, PNG and HTML.
+``pelrp explain-image`` writes what the pipeline gives, as JSON, PNG and HTML, for CLIP and
+for a ViT classifier.
 Random weights of small models: no CLIP or SigLIP weights ship offline."""
 
 from __future__ import annotations
@@ -174,3 +175,53 @@ def test_cli_explain_image_writes_the_pipelines_explanation(tmp_path, capsys):
     assert cli.main(["explain-image", str(picture), "--model", str(tmp_path),
                      "--dimension", "512"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_cli_explains_a_vit_classifier(tmp_path, capsys):
+    """ViT and DeiT go through the same pipeline offline: a class logit equals HF's and its
+    explanation is the engine's (``vit_seed``, ``relevance``); a mean-pooled dimension equals
+    HF's patch mean; similarity is refused naming the ViT targets."""
+    import json
+
+    from PIL import Image
+    from tiny_vision import IMAGE, hf_vit
+    from transformers import ViTImageProcessor
+
+    from vllm_pelrp import cli
+    from vllm_pelrp.engine.driver import relevance, run_forward
+    from vllm_pelrp.image_explanation import ImageExplanation
+    from vllm_pelrp.image_pipeline import ImageExplainer
+    from vllm_pelrp.models.vit import vit_seed
+
+    model = hf_vit()
+    model.config.architectures = ["ViTForImageClassification"]
+    model.save_pretrained(tmp_path)
+    processor = ViTImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    processor.save_pretrained(tmp_path)
+    picture = tmp_path / "picture.png"
+    generator = torch.Generator().manual_seed(5)
+    Image.fromarray(torch.randint(0, 256, (20, 24, 3), generator=generator,
+                                  dtype=torch.uint8).numpy()).save(picture)
+    out = tmp_path / "out.json"
+    assert cli.main(["explain-image", str(picture), "--model", str(tmp_path), "--label", "2",
+                     "--json", str(out)]) == 0
+    written = ImageExplanation.model_validate(json.loads(out.read_text()))
+    pixels = processor(Image.open(picture), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits[0]
+        hidden = model.vit(pixel_values=pixels).last_hidden_state[0]
+    assert written.target.kind == "label" and written.target.index == 2
+    assert written.target.value == pytest.approx(float(logits[2]), abs=1e-5)
+    explainer = ImageExplainer(str(tmp_path))
+    forward = run_forward(explainer.model.vision, pixels[0])
+    result = relevance(explainer.model.vision, forward.layer_inputs, forward.positions,
+                       vit_seed(explainer.model.blocks, forward.final_hidden, {"label": 2}),
+                       "pa-lrp", forward=forward)
+    _, grid = explainer.model.vision.embedding.grid(result.token[0])
+    assert _relative(torch.tensor(written.patch_relevance.values), grid) < 1e-6
+    assert written.conservation.relative_error_excluding_softmax < 1e-4
+    mean, _ = explainer.explain(Image.open(picture), {"mean_dimension": 4})
+    assert mean.target.value == pytest.approx(float(hidden[1:].mean(0)[4]), abs=1e-5)
+    assert cli.main(["explain-image", str(picture), "--model", str(tmp_path), "--similarity",
+                     "a cat"]) == 2
+    assert "{'label': i}" in capsys.readouterr().err

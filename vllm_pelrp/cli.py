@@ -5,6 +5,7 @@
     pelrp explain --messages-json chat.json --completion "Paris." --json out.json
     pelrp explain --model all-MiniLM-L6-v2 "A cat sits." --similarity "A feline rests." --html s.html
     pelrp explain-image cat.png --model CLIP_DIR --similarity "a cat" --png cat_explained.png
+    pelrp explain-image digit.png --model VIT_DIR --label 3 --html digit.html
     pelrp serve --port 8000 --dtype float32      # vLLM server with explanations (docs/serving.md)
 
 Subcommands are argparse subparsers; ``main`` returns the exit status (2 for usage and input
@@ -206,18 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser(
         "explain-image",
-        help="explain a CLIP or SigLIP image embedding: patch, pixel and positional relevance",
-        description="Explain an image–text model's image (offline, the server's pipeline): a "
-                    "dimension of the image embedding, or its cosine with a text (both sides "
-                    "explained, half each).")
+        help="explain an image (CLIP, SigLIP, ViT, DeiT): patch, pixel and positional relevance",
+        description="Explain an image model's output on an image (offline, the server's "
+                    "pipeline): CLIP and SigLIP, a dimension of the image embedding or its "
+                    "cosine with a text (both sides explained, half each); ViT and DeiT, a "
+                    "class logit or a dimension of the class token or of the patches' mean.")
     im.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, …)")
     im.add_argument("--model", metavar="DIR", required=True,
-                    help="a CLIPModel or SiglipModel checkpoint directory (Hugging Face's files)")
+                    help="a CLIPModel, SiglipModel, ViT or DeiT checkpoint directory (Hugging "
+                         "Face's files)")
     target = im.add_mutually_exclusive_group(required=True)
     target.add_argument("--similarity", metavar="TEXT",
                         help="the cosine of the image's and TEXT's embeddings")
     target.add_argument("--dimension", type=_non_negative_int, metavar="K",
-                        help="dimension K of the image embedding (before normalisation)")
+                        help="dimension K of the image embedding (before normalisation; ViT: "
+                             "of the class token's final state)")
+    target.add_argument("--label", type=_non_negative_int, metavar="I",
+                        help="a ViT's or DeiT's class logit")
+    target.add_argument("--mean-dimension", type=_non_negative_int, metavar="K",
+                        help="dimension K of a ViT's patch tokens' mean final state")
     im.add_argument("--mode", choices=MODES, default="pa-lrp",
                     help="attribution rules (default pa-lrp)")
     im.add_argument("--pooling", choices=("cls", "mean"), default="cls",
@@ -523,8 +531,9 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise CliError(f"cannot read the image {args.image}: {error}") from None
-    target = {"similarity": args.similarity} if args.similarity is not None \
-        else {"dimension": args.dimension}
+    target = next({name: value} for name, value in (
+        ("similarity", args.similarity), ("dimension", args.dimension), ("label", args.label),
+        ("mean_dimension", args.mean_dimension)) if value is not None)
     with err.status("[bold]loading model…", spinner="dots") as status:
         try:
             explainer = ImageExplainer(args.model, image_pooling=args.pooling)

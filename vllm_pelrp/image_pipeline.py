@@ -1,6 +1,6 @@
-"""The one explain pipeline of image–text models (CLIP, SigLIP), offline and on a worker: an
-``ImageJob`` (the image's pixels as the model's processor gives them, a target, a mode) in, an
-``ImageExplanation`` (``image_explanation.py``) out. No vLLM and no HTTP here: the worker
+"""The one explain pipeline of image models (ViT and DeiT classifiers offline; CLIP and SigLIP
+offline and on a worker): an ``ImageJob`` (the image's pixels as the model's processor gives
+them, a target, a mode) in, an ``ImageExplanation`` (``image_explanation.py``) out. No vLLM and no HTTP here: the worker
 (``serving/image_worker.py``) builds the model from the served weights and calls
 ``explain_image``; the API (``serving/image_api.py``) decodes the image and makes the job with
 ``image_job``, as the offline ``ImageExplainer`` (and ``pelrp explain-image``) does.
@@ -11,7 +11,10 @@ Targets, as the text encoders' (``{'dimension': k}``, ``{'similarity': text}``):
   keep their share);
 - ``{"similarity": ids}``: the cosine of the image's and the text's embeddings, half of it
   explained on each side (``clip_similarity_seeds``, ``siglip_similarity_seeds``); the text's
-  relevance comes in ``text``.
+  relevance comes in ``text``;
+- ViT and DeiT: ``{"label": i}`` (a class logit; DeiT with the teacher, the mean of its two
+  classifiers), ``{"dimension": k}`` (of the class token's final state) or
+  ``{"mean_dimension": k}`` (of the patch tokens' mean) (``models/vit.py``: ``vit_seed``).
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from .engine.spec import UnsupportedModelError
 from .image_explanation import ImageExplanation, ImageTarget, build_image_explanation, text_side
 from .models import clip as clip_model
 from .models import siglip as siglip_model
+from .models import vit as vit_model
 from .pipeline import Float32Array
 
 # Hugging Face architectures served as image–text embedding models (vLLM's pooling runner)
 IMAGE_TEXT_ARCHITECTURES = {"CLIPModel": "clip", "SiglipModel": "siglip"}
+# and the image classifiers and encoders explained offline (vLLM serves none of them)
+VIT_ARCHITECTURES = vit_model.ARCHITECTURES
 
 
 def image_text_family(config: Any) -> str | None:
@@ -47,14 +53,17 @@ def image_text_family(config: Any) -> str | None:
 
 @dataclass
 class ImageTextModel:
-    """A CLIP or SigLIP model's blocks, behind one interface for the pipeline."""
+    """A CLIP, SigLIP or ViT/DeiT model's blocks, behind one interface for the pipeline."""
 
-    family: Literal["clip", "siglip"]
-    blocks: clip_model.CLIPBlocks | siglip_model.SiglipBlocks
+    family: Literal["clip", "siglip", "vit"]
+    blocks: clip_model.CLIPBlocks | siglip_model.SiglipBlocks | vit_model.VisionModel
 
     @classmethod
     def from_hf(cls, model: Any) -> "ImageTextModel":
-        """Views of a Hugging Face ``CLIPModel`` or ``SiglipModel``."""
+        """Views of a Hugging Face ``CLIPModel``, ``SiglipModel`` or ViT/DeiT model."""
+        if set(getattr(model.config, "architectures", None) or ()) & set(VIT_ARCHITECTURES) \
+                or type(model).__name__ in VIT_ARCHITECTURES:
+            return cls("vit", vit_model.vit_from_hf(model))
         family = image_text_family(model.config)
         if family == "clip":
             return cls(family, clip_model.clip_from_hf(model))
@@ -76,7 +85,11 @@ class ImageTextModel:
 
     @property
     def vision(self) -> BlockModel:
-        return self.blocks.vision
+        return self.blocks.blocks if self.family == "vit" else self.blocks.vision
+
+    @property
+    def text(self) -> BlockModel | None:
+        return None if self.family == "vit" else self.blocks.text
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -87,6 +100,17 @@ class ImageTextModel:
         if self.family == "clip":
             return int(self.blocks.visual_projection.shape[0])
         return int(self.vision.embedding.position.shape[-1])
+
+    def vit_seed(self, image: ForwardPass, target: dict[str, int]) -> tuple[HiddenSeed, float]:
+        """A ViT's or DeiT's seed (``vit_seed``) and the target's value."""
+        try:
+            seed = vit_model.vit_seed(self.blocks, image.final_hidden, target)
+        except ValueError as error:  # an index out of range, a label without a classifier
+            raise ImageInputError(str(error), "target") from None
+        value = float((seed.gradient[0] * image.final_hidden.float()).sum())
+        if seed.head_bias is not None:
+            value += float(seed.head_bias.sum())
+        return seed, value
 
     def dimension_seed(self, image: ForwardPass, dimension: int, mode: str
                        ) -> tuple[HiddenSeed, float]:
@@ -117,8 +141,8 @@ class ImageTextModel:
 def _unsupported(config: Any) -> str:
     names = list(getattr(config, "architectures", None) or [])
     return (f"architecture {names[0] if names else getattr(config, 'model_type', None)} is not "
-            f"an image–text model explained here; supported: "
-            f"{', '.join(IMAGE_TEXT_ARCHITECTURES)}")
+            f"an image model explained here; supported: {', '.join(IMAGE_TEXT_ARCHITECTURES)} "
+            f"(served and offline), {', '.join(VIT_ARCHITECTURES)} (offline)")
 
 
 # ---- the message from the API to the worker ---------------------------------------------------
@@ -129,7 +153,8 @@ class ImageJob(BaseModel):
 
     pixels: Float32Array = Field(description="(channels, height, width), as the model's image "
                                  "processor gives them (what vLLM embeds).")
-    target: dict[Literal["dimension", "similarity"], Annotated[int, Field(ge=0)] | list[int]]
+    target: dict[Literal["dimension", "similarity", "label", "mean_dimension"],
+                 Annotated[int, Field(ge=0)] | list[int]]
     text_tokens: list[str] | None = Field(None, description="'similarity': the text's tokens "
                                           "as shown (one per id).")
     mode: Literal["pa-lrp", "attnlrp", "cp-lrp"] = "pa-lrp"
@@ -162,16 +187,20 @@ def image_job(image: Any, target: dict[str, int | str], mode: str, *, processor:
     """The job of a PIL ``image`` (converted to RGB, then the model's Hugging Face image
     processor: what vLLM embeds) and ``target`` (``{"dimension": k}`` or ``{"similarity":
     "text"}``, the text tokenized with its special tokens, at most ``max_text_tokens``)."""
-    if len(target) != 1 or next(iter(target)) not in ("dimension", "similarity"):
-        raise ImageInputError("the target is one of {'dimension': k} or {'similarity': 'text'}",
-                              "target")
+    if len(target) != 1 or next(iter(target)) not in (
+            "dimension", "similarity", "label", "mean_dimension"):
+        raise ImageInputError("the target is one of {'dimension': k} or {'similarity': 'text'} "
+                              "(CLIP, SigLIP), {'label': i}, {'dimension': k} or "
+                              "{'mean_dimension': k} (ViT, DeiT)", "target")
     pixels = processor(image.convert("RGB"), return_tensors="np")["pixel_values"][0]
     kind, value = next(iter(target.items()))
     tokens = None
     if kind == "similarity":
         if tokenizer is None:
-            raise ImageInputError("this model has no text tower: the target is "
-                                  "{'dimension': k}", "target")
+            raise ImageInputError("this model has no text tower for {'similarity': 'text'}: a "
+                                  "vision tower takes {'dimension': k}, a ViT or DeiT "
+                                  "{'label': i}, {'dimension': k} or {'mean_dimension': k}",
+                                  "target")
         ids = list(tokenizer(value)["input_ids"])
         if max_text_tokens and len(ids) > max_text_tokens:
             raise ImageInputError(f"the text is {len(ids)} tokens; this model's text tower "
@@ -198,25 +227,29 @@ def processed_image_url(image: Any, processor: Any) -> str:
 
 
 class ImageExplainer:
-    """Offline: a CLIP or SigLIP checkpoint directory (Hugging Face's files), explained by the
-    same pipeline as the server (``image_job``, ``explain_image``)."""
+    """Offline: a CLIP, SigLIP, ViT or DeiT checkpoint directory (Hugging Face's files),
+    explained by the same pipeline as the server (``image_job``, ``explain_image``)."""
 
     def __init__(self, path: str, image_pooling: str = "cls") -> None:
+        import transformers
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path)
-        if image_text_family(config) is None:
+        names = list(getattr(config, "architectures", None) or [])
+        vit = [n for n in names if n in VIT_ARCHITECTURES]
+        if image_text_family(config) is None and not vit:
             raise UnsupportedModelError(_unsupported(config))
         self.name = str(path)
-        self.model = ImageTextModel.from_hf(AutoModel.from_pretrained(path).eval())
+        loader = getattr(transformers, vit[0]) if vit else AutoModel
+        self.model = ImageTextModel.from_hf(loader.from_pretrained(path).eval())
         if image_pooling not in ("cls", "mean"):
             raise ValueError(f"image pooling {image_pooling!r}; allowed: cls, mean")
         if self.model.family == "clip":
             self.model.blocks.image_pooling = image_pooling
         self.processor = AutoImageProcessor.from_pretrained(path)
-        has_text = self.model.blocks.text is not None
+        has_text = self.model.text is not None
         self.tokenizer = AutoTokenizer.from_pretrained(path) if has_text else None
-        self.max_text_tokens = int(self.model.blocks.text.embedding.position.shape[0]) \
+        self.max_text_tokens = int(self.model.text.embedding.position.shape[0]) \
             if has_text else None
 
     def job(self, image: Any, target: dict[str, int | str], mode: str = "pa-lrp") -> ImageJob:
@@ -245,7 +278,22 @@ def explain_image(model: ImageTextModel, job: ImageJob, *, model_name: str,
     kind, value = next(iter(job.target.items()))
     image = run_forward(model.vision, pixels)
     text_result = None
-    if kind == "dimension":
+    if model.family == "vit":
+        if kind == "similarity":
+            raise ImageInputError("a ViT has no text tower: the target is {'label': i}, "
+                                  "{'dimension': k} or {'mean_dimension': k}", "target")
+        seed, target_value = model.vit_seed(image, {kind: value})
+        names = model.blocks.label_names or {}
+        what = {"label": f"logit of label {value}"
+                + (f" ({names[value]!r})" if value in names else ""),
+                "dimension": f"dimension {value} of the class token's final state",
+                "mean_dimension": f"dimension {value} of the patch tokens' mean final state"}[kind]
+        target = ImageTarget(kind="label" if kind == "label" else "dimension", index=value,
+                             value=target_value, description=f"{what}: {target_value:.4f}")
+    elif kind in ("label", "mean_dimension"):
+        raise ImageInputError(f"{{'{kind}': ...}} is a ViT's target; this model takes "
+                              "{'dimension': k} or {'similarity': 'text'}", "target")
+    elif kind == "dimension":
         if value >= model.embedding_size:
             raise ImageInputError(f"dimension {value} is out of range: the image embedding has "
                                   f"{model.embedding_size} (0..{model.embedding_size - 1})",
@@ -255,7 +303,7 @@ def explain_image(model: ImageTextModel, job: ImageJob, *, model_name: str,
                              description=f"dimension {value} of the image embedding (before "
                              f"normalisation): {target_value:.4f}")
     else:
-        if model.blocks.text is None:
+        if model.text is None:
             raise ImageInputError("this model has no text tower: 'similarity' needs one",
                                   "target.similarity")
         ids = torch.tensor(value, device=model.vision.device)
