@@ -18,7 +18,7 @@ from test_engine_clip import clip  # noqa: F401 - fixture
 from test_engine_siglip import IDS as SIGLIP_IDS
 from test_engine_siglip import _reference as siglip_reference
 from test_engine_siglip import siglip  # noqa: F401 - fixture
-from vllm_pelrp.image_pipeline import ImageInputError, ImageJob, ImageTextModel, explain_image
+from vllm_pelrp.image_pipeline import ImageInputError, ImageJob, ImageModel, explain_image
 from vllm_pelrp.pipeline import Float32Array
 
 
@@ -58,7 +58,7 @@ def test_similarity_explanation_carries_the_float64_reference_on_both_sides(fami
     model, _, image = request.getfixturevalue(family)
     ids = CLIP_IDS if family == "clip" else SIGLIP_IDS
     reference = (clip_reference if family == "clip" else siglip_reference)(model, image, ids)
-    explanation = explain_image(ImageTextModel.from_hf(model),
+    explanation = explain_image(ImageModel.from_hf(model),
                                 _job(image, {"similarity": ids.tolist()}, ids), model_name=family)
     assert explanation.target.value == pytest.approx(reference["cosine"], abs=1e-5)
     grid = torch.tensor(explanation.patch_relevance.values).flatten()
@@ -85,7 +85,7 @@ def test_dimension_target_equals_hf_and_conserves(family, mode, request):
         embedding = model.get_image_features(pixel_values=image[None])
     embedding = getattr(embedding, "pooler_output", embedding)[0]
     dimension = int(embedding.abs().argmax())
-    explanation = explain_image(ImageTextModel.from_hf(model),
+    explanation = explain_image(ImageModel.from_hf(model),
                                 _job(image, {"dimension": dimension}, mode=mode),
                                 model_name=family)
     assert explanation.target.kind == "dimension" and explanation.target.index == dimension
@@ -102,7 +102,7 @@ def test_clip_mean_pooling_is_every_tokens_mean_and_conserves(clip, target):  # 
     """image_pooling "mean" (vLLM's MEAN pooling of CLIP): the projection of the mean of every
     token's post-LayerNorm state, the class token included."""
     model, _, image = clip
-    explainer = ImageTextModel.from_hf(model)
+    explainer = ImageModel.from_hf(model)
     explainer.blocks.image_pooling = "mean"
     with torch.no_grad():
         states = model.vision_model(pixel_values=image[None]).last_hidden_state[0]
@@ -117,7 +117,7 @@ def test_clip_mean_pooling_is_every_tokens_mean_and_conserves(clip, target):  # 
         torch.nn.functional.cosine_similarity(embedding, text, dim=0))
     assert explanation.target.value == pytest.approx(expected, abs=1e-5)
     assert explanation.conservation.relative_error_excluding_softmax < 1e-4
-    cls = explain_image(ImageTextModel.from_hf(model), job, model_name="m")
+    cls = explain_image(ImageModel.from_hf(model), job, model_name="m")
     assert explanation.target.value != pytest.approx(cls.target.value, abs=1e-4)
 
 
@@ -125,16 +125,16 @@ def test_clip_mean_pooling_is_every_tokens_mean_and_conserves(clip, target):  # 
 def test_blocks_from_vllm_names_explain_as_hf(family, request):
     model, _, image = request.getfixturevalue(family)
     ids = CLIP_IDS if family == "clip" else SIGLIP_IDS
-    served = ImageTextModel.from_served(_served_names(model), model.config)
+    served = ImageModel.from_served(_served_names(model), model.config)
     job = _job(image, {"similarity": ids.tolist()}, ids)
     ours, theirs = explain_image(served, job, model_name="m"), \
-        explain_image(ImageTextModel.from_hf(model), job, model_name="m")
+        explain_image(ImageModel.from_hf(model), job, model_name="m")
     assert ours == theirs
 
 
 def test_bad_jobs_are_refused_naming_what_is_allowed(clip):  # noqa: F811
     model, _, image = clip
-    explainer = ImageTextModel.from_hf(model)
+    explainer = ImageModel.from_hf(model)
     with pytest.raises(ImageInputError, match=r"out of range.*has 8 \(0\.\.7\)"):
         explain_image(explainer, _job(image, {"dimension": 8}), model_name="m")
     with pytest.raises(ImageInputError, match="takes 16×16"):

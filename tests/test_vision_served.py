@@ -107,7 +107,7 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
 
     from vllm_pelrp.engine.driver import run_forward
     from vllm_pelrp.image_explanation import ImageExplanation
-    from vllm_pelrp.image_pipeline import ImageJob, ImageTextModel, explain_image
+    from vllm_pelrp.image_pipeline import ImageJob, ImageModel, explain_image
     from vllm_pelrp.models.clip import image_embedding as clip_image_embedding
     from vllm_pelrp.models.siglip import image_embedding as siglip_image_embedding
     from vllm_pelrp.pipeline import Float32Array
@@ -117,7 +117,7 @@ def test_served_image_explanations_equal_the_offline_pipeline(served_model):
     image = Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=generator,
                                           dtype=torch.uint8).numpy())  # resized and cropped
     url = _data_url(image)
-    model = ImageTextModel.from_hf(AutoModel.from_pretrained(directory).eval())
+    model = ImageModel.from_hf(AutoModel.from_pretrained(directory).eval())
     if family == "clip":
         model.blocks.image_pooling = pooling
     pixels = AutoImageProcessor.from_pretrained(directory)(

@@ -419,7 +419,7 @@ def _image_explanation():
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from vllm_pelrp.image_pipeline import ImageJob, ImageTextModel, explain_image
+    from vllm_pelrp.image_pipeline import ImageJob, ImageModel, explain_image
     from vllm_pelrp.pipeline import Float32Array
 
     torch.manual_seed(0)
@@ -434,7 +434,7 @@ def _image_explanation():
     image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
     job = ImageJob(pixels=Float32Array.from_tensor(image), target={"similarity": ids},
                    text_tokens=["<|startoftext|>", "red</w>", "cat</w>", "<|endoftext|>"])
-    explanation = explain_image(ImageTextModel.from_hf(model), job, model_name="clip")
+    explanation = explain_image(ImageModel.from_hf(model), job, model_name="clip")
     from PIL import Image
 
     from vllm_pelrp.image_pipeline import processed_image_url

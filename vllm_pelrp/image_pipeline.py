@@ -1,14 +1,15 @@
 """The one explain pipeline of image models (ViT and DeiT classifiers offline; CLIP and SigLIP
 offline and on a worker): an ``ImageJob`` (the image's pixels as the model's processor gives
-them, a target, a mode) in, an ``ImageExplanation`` (``image_explanation.py``) out. No vLLM and no HTTP here: the worker
-(``serving/image_worker.py``) builds the model from the served weights and calls
-``explain_image``; the API (``serving/image_api.py``) decodes the image and makes the job with
-``image_job``, as the offline ``ImageExplainer`` (and ``pelrp explain-image``) does.
+them, a target, a mode) in, an ``ImageExplanation`` (``image_explanation.py``) out. No vLLM
+and no HTTP here: the worker (``serving/image_worker.py``) builds the model from the served
+weights and calls ``explain_image``; the API (``serving/image_api.py``) decodes the image and
+makes the job with ``image_job``, as the offline ``ImageExplainer`` (and ``pelrp
+explain-image``) does.
 
 Targets, as the text encoders' (``{'dimension': k}``, ``{'similarity': text}``):
 - ``{"dimension": k}``: dimension k of the image embedding before normalisation (CLIP: the
-  projected class token, or every token's mean as vLLM's MEAN pooling; SigLIP: the attention-pooling head's output, whose probe and biases
-  keep their share);
+  projected class token, or every token's mean as vLLM's MEAN pooling; SigLIP: the
+  attention-pooling head's output, whose probe and biases keep their share);
 - ``{"similarity": ids}``: the cosine of the image's and the text's embeddings, half of it
   explained on each side (``clip_similarity_seeds``, ``siglip_similarity_seeds``); the text's
   relevance comes in ``text``;
@@ -52,14 +53,15 @@ def image_text_family(config: Any) -> str | None:
 
 
 @dataclass
-class ImageTextModel:
-    """A CLIP, SigLIP or ViT/DeiT model's blocks, behind one interface for the pipeline."""
+class ImageModel:
+    """An image model's blocks (CLIP, SigLIP, ViT/DeiT), behind one interface for the
+    pipeline."""
 
     family: Literal["clip", "siglip", "vit"]
     blocks: clip_model.CLIPBlocks | siglip_model.SiglipBlocks | vit_model.VisionModel
 
     @classmethod
-    def from_hf(cls, model: Any) -> "ImageTextModel":
+    def from_hf(cls, model: Any) -> "ImageModel":
         """Views of a Hugging Face ``CLIPModel``, ``SiglipModel`` or ViT/DeiT model."""
         if set(getattr(model.config, "architectures", None) or ()) & set(VIT_ARCHITECTURES) \
                 or type(model).__name__ in VIT_ARCHITECTURES:
@@ -73,7 +75,7 @@ class ImageTextModel:
 
     @classmethod
     def from_served(cls, served: dict[str, torch.Tensor], config: Any,
-                    image_pooling: str = "cls") -> "ImageTextModel":
+                    image_pooling: str = "cls") -> "ImageModel":
         """vLLM's ``CLIPEmbeddingModel`` or ``SiglipEmbeddingModel``, from its parameters
         (``image_pooling``: CLIP's, "cls" or "mean"; SigLIP pools with its head)."""
         family = image_text_family(config)
@@ -241,7 +243,7 @@ class ImageExplainer:
             raise UnsupportedModelError(_unsupported(config))
         self.name = str(path)
         loader = getattr(transformers, vit[0]) if vit else AutoModel
-        self.model = ImageTextModel.from_hf(loader.from_pretrained(path).eval())
+        self.model = ImageModel.from_hf(loader.from_pretrained(path).eval())
         if image_pooling not in ("cls", "mean"):
             raise ValueError(f"image pooling {image_pooling!r}; allowed: cls, mean")
         if self.model.family == "clip":
@@ -267,7 +269,7 @@ class ImageExplainer:
 
 
 @torch.no_grad()
-def explain_image(model: ImageTextModel, job: ImageJob, *, model_name: str,
+def explain_image(model: ImageModel, job: ImageJob, *, model_name: str,
                   checkpoint: Any = None) -> ImageExplanation:
     """The explanation of ``job``'s target on ``model`` (see the module docstring)."""
     pixels = job.pixels.to_tensor().to(model.vision.device)

