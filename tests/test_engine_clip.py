@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_vision import fold_positions
 from vllm_pelrp.engine.driver import relevance, run_forward
 from vllm_pelrp.models.clip import (
     clip_from_hf,
@@ -108,11 +109,7 @@ def _reference(model, image, ids, mode="pa-lrp"):
            "image_position": (table * table.grad).sum(-1).detach(),
            "text_token": (words * words.grad).sum(-1).detach(),
            "text_position": (places * places.grad).sum(-1).detach()}
-    if mode != "pa-lrp":
-        for side in ("image", "text"):
-            out[f"{side}_token"] = out[f"{side}_token"] + out[f"{side}_position"]
-            out[f"{side}_position"] = torch.zeros_like(out[f"{side}_position"])
-    return out
+    return fold_positions(out, ("image", "text"), mode)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -195,3 +195,13 @@ def save_tiny_siglip(directory) -> None:
     model.config.architectures = ["SiglipModel"]
     model.save_pretrained(directory)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def fold_positions(relevance: dict, sides, mode: str) -> dict:
+    """A float64 reference's relevance outside pa-lrp: each side's position-table relevance
+    folded into its tokens' (the tables are not split off), in place."""
+    if mode != "pa-lrp":
+        for side in sides:
+            relevance[f"{side}_token"] = relevance[f"{side}_token"] + relevance[f"{side}_position"]
+            relevance[f"{side}_position"] = torch.zeros_like(relevance[f"{side}_position"])
+    return relevance

@@ -309,13 +309,13 @@ def explain_image(model: ImageModel, job: ImageJob, *, model_name: str,
             raise ImageInputError("this model has no text tower: 'similarity' needs one",
                                   "target.similarity")
         ids = torch.tensor(value, device=model.vision.device)
-        text = run_forward(model.blocks.text, ids)
+        text = run_forward(model.text, ids)
         try:
             seeds = model.similarity_seeds(image, text, ids, job.mode)
         except ValueError as error:  # no end-of-text token, an embedding of norm 0
             raise ImageInputError(str(error), "target.similarity") from None
         seed = seeds.image
-        text_result = relevance(model.blocks.text, text.layer_inputs, text.positions, seeds.text,
+        text_result = relevance(model.text, text.layer_inputs, text.positions, seeds.text,
                                 job.mode, checkpoint, forward=text)
         target = ImageTarget(kind="similarity", value=seeds.cosine,
                              description=f"cosine similarity {seeds.cosine:.4f} of the image's "

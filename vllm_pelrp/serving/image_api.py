@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
-import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -112,24 +112,13 @@ def image_url(request: Any) -> str:
     return url
 
 
-class ImageProcessors:
-    """The served model's Hugging Face image processor, loaded once, shared by the threads
-    (it keeps no state between calls)."""
+@functools.lru_cache(maxsize=1)
+def image_processor(path: str) -> Any:
+    """The served model's Hugging Face image processor, loaded once (it keeps no state between
+    calls, so the service's threads share it)."""
+    from transformers import AutoImageProcessor
 
-    def __init__(self) -> None:
-        self._processor = None
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> Any:
-        with self._lock:
-            if self._processor is None:
-                from transformers import AutoImageProcessor
-
-                self._processor = AutoImageProcessor.from_pretrained(path)
-            return self._processor
-
-
-PROCESSORS = ImageProcessors()
+    return AutoImageProcessor.from_pretrained(path)
 
 
 def make_job(service: ExplainService, url: str, options: ImageExplainOptions
@@ -146,7 +135,7 @@ def make_job(service: ExplainService, url: str, options: ImageExplainOptions
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as error:
         raise ExplainError(f"the image data URL does not hold an image ({type(error).__name__})"
                            f"; send {DATA_URL}", param="messages") from None
-    processor = PROCESSORS.get(service.engine.model_config.model)
+    processor = image_processor(service.engine.model_config.model)
     try:
         job = image_job(image, dict(options.target), options.mode, processor=processor,
                         tokenizer=service.tokenizer if service.info.get("has_text") else None,

@@ -17,7 +17,6 @@ and collected with ``pelrp_poll`` (the decoder path's tickets); each reply is an
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,9 +71,9 @@ class ImageWorkerMixin:
             image_pooling=getattr(model.blocks, "image_pooling", "head"),
             image_size=list(model.image_size),
             patch_size=embedding.patch, embedding_size=model.embedding_size,
-            has_text=model.blocks.text is not None,
-            max_text_tokens=0 if model.blocks.text is None else int(
-                model.blocks.text.embedding.position.shape[0]),
+            has_text=model.text is not None,
+            max_text_tokens=0 if model.text is None else int(
+                model.text.embedding.position.shape[0]),
             num_layers=len(model.vision.layers),
             hidden_size=embedding.hidden, bytes_per_token=0, cap_bytes=0, compiled=False,
             spare_cores=[])
@@ -124,6 +123,5 @@ class ImageWorkerMixin:
                         out.append({"error": internal_failure("the image explanation", error),
                                     "input_error": False})
         finally:
-            with contextlib.suppress(KeyError):
-                state.cancelled.discard(ticket)
+            state.cancelled.discard(ticket)
         return out
